@@ -1,0 +1,32 @@
+# llm-gateway: `make run` builds and serves on ./config.yaml; `make test` runs the whole suite.
+# `make check` is what CI runs first: formatting and clippy with warnings denied.
+
+CARGO  ?= cargo
+CONFIG ?= config.yaml
+MUSL   := x86_64-unknown-linux-musl
+
+.PHONY: build run test check static clean
+
+build:
+	$(CARGO) build --release
+
+run: build
+	./target/release/llm-gateway --config $(CONFIG) server
+
+test:
+	$(CARGO) test --all-targets
+
+check:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# A fully static binary (no libc needed at run time). ring, under rustls, compiles C, so the
+# musl target needs Debian's musl-tools as well as the Rust target.
+static:
+	rustup target list --installed | grep -q '^$(MUSL)$$' || rustup target add $(MUSL)
+	command -v musl-gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq musl-tools)
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL)
+	@ls -l target/$(MUSL)/release/llm-gateway
+
+clean:
+	$(CARGO) clean

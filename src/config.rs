@@ -1,0 +1,640 @@
+//! config.yaml: raw serde structs (unknown keys are errors with line and column), validated once
+//! into `Config`, whose fields need no further checking. Secrets are opened here, through
+//! `secret::SecretKey`, and nowhere else.
+//!
+//! Operator-owned settings and machine-managed lists (`accounts`, `client_keys`) share one file;
+//! `store` rewrites only the managed sections so operator comments elsewhere survive.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::Level;
+use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
+
+/// Where the config lives when neither `--config` nor `LLM_GATEWAY_CONFIG` says.
+pub const DEFAULT_PATH: &str = "config.yaml";
+pub const PATH_ENV: &str = "LLM_GATEWAY_CONFIG";
+
+// ---------------------------------------------------------------------------------------------
+// Raw: exactly what the file says.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    pub auth: RawAuth,
+    pub log: RawLog,
+    pub secret_key_file: Option<String>,
+    pub accounts: Option<Vec<RawAccount>>,
+    pub client_keys: Option<Vec<RawClientKey>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+    pub accept_queue: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub header_timeout: Option<Dur>,
+    pub body_timeout: Option<Dur>,
+    pub keepalive_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub base_url: Option<String>,
+    pub connect_timeout: Option<Dur>,
+    pub read_timeout: Option<Dur>,
+    pub write_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub open: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub access: Option<bool>,
+}
+
+/// One upstream account as stored. Written back by `store`, so field order is the file's order.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub kind: AccountKind,
+    /// `enc:v1:…` (or, written by hand, a plain key that the next write seals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// The name of an environment variable holding the key, for container deployments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    #[default]
+    ApiKey,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::ApiKey => "api_key",
+        }
+    }
+}
+
+/// A gateway (client) key as stored: only its SHA-256, never the key.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientKey {
+    pub id: String,
+    pub name: String,
+    /// `sha256:<hex>` of the full key.
+    pub hash: String,
+    /// The first characters of the key, to recognise it in lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A duration written as `500ms`, `30s`, `5m`, `1h`, or a whole number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let millis = match unit.trim() {
+            "ms" => n,
+            "" | "s" => n.checked_mul(1000)?,
+            "m" => n.checked_mul(60_000)?,
+            "h" => n.checked_mul(3_600_000)?,
+            _ => return None,
+        };
+        Some(Duration::from_millis(millis))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 500ms, 30s, 5m or 1h")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|v| Dur(Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
+                Dur::parse(v).map(Dur).ok_or_else(|| {
+                    E::custom(format!(
+                        "invalid duration {v:?}: use a number with ms, s, m or h, such as 30s"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated: what the rest of the program uses.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    /// Serve without gateway keys. Deliberate, and warned about at every start.
+    pub auth_open: bool,
+    pub log_level: Level,
+    pub access_log: bool,
+    pub accounts: Vec<Account>,
+    pub client_keys: Vec<ClientKey>,
+    /// Things worth telling the operator that do not stop the gateway.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: String,
+    /// The most worker threads; each serves one connection at a time.
+    pub workers: usize,
+    /// Accepted connections waiting for a worker before new ones get 503.
+    pub accept_queue: usize,
+    pub max_body_bytes: u64,
+    /// The whole request head must arrive within this.
+    pub header_timeout: Duration,
+    /// The longest a request body may stall between reads.
+    pub body_timeout: Duration,
+    /// How long an idle keep-alive connection is kept.
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Scheme, host and optional port and path prefix, without a trailing slash.
+    pub base_url: String,
+    pub connect_timeout: Duration,
+    /// The longest the upstream may stay silent: before the response head and between reads
+    /// of its body. There is deliberately no total timeout: a long healthy stream is fine.
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub kind: AccountKind,
+    pub credential: Credential,
+    pub enabled: bool,
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Credential {
+    ApiKey(Secret),
+    /// The account cannot be used; the text says why (e.g. an unset environment variable).
+    Unusable(String),
+}
+
+impl Account {
+    /// The credential as shown to people: masked, or why it is missing.
+    pub fn key_display(&self) -> String {
+        match &self.credential {
+            Credential::ApiKey(s) => s.mask(),
+            Credential::Unusable(why) => format!("({why})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientKey {
+    pub id: String,
+    pub name: String,
+    pub hash: [u8; 32],
+    pub prefix: String,
+    pub enabled: bool,
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file exists but could not be read, or the lock could not be taken.
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The YAML does not parse or has an unknown key; the message carries line and column.
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or inconsistent.
+    Invalid { path: PathBuf, message: String },
+    /// The file could not be written; the old file is intact.
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A secret could not be opened or sealed.
+    Secret(SecretError),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            ConfigError::Parse { path, message } => write!(f, "{}: {message}", path.display()),
+            ConfigError::Invalid { path, message } => write!(f, "{}: {message}", path.display()),
+            ConfigError::Write { path, error } => write!(
+                f,
+                "{}: could not write ({error}); the previous file is unchanged",
+                path.display()
+            ),
+            ConfigError::Secret(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<SecretError> for ConfigError {
+    fn from(e: SecretError) -> ConfigError {
+        ConfigError::Secret(e)
+    }
+}
+
+/// The config path: `--config`, else `$LLM_GATEWAY_CONFIG`, else `./config.yaml`.
+pub fn resolve_path(flag: Option<&str>) -> PathBuf {
+    flag.map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os(PATH_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+/// Reads the file; a missing file is an empty one (every setting has a safe default).
+pub fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(ConfigError::Io {
+            path: path.to_path_buf(),
+            error,
+        }),
+    }
+}
+
+pub fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    let blank = text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.trim() == "---");
+    if blank {
+        return Ok(RawConfig::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads and validates the config at `path`, opening its secrets.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_text(path)?;
+    let mut config = validate(path, parse_raw(path, text.as_deref().unwrap_or(""))?)?;
+    if text.is_none() {
+        config.warnings.push(format!(
+            "no config file at {}; using built-in defaults",
+            path.display()
+        ));
+    }
+    Ok(config)
+}
+
+/// Where the secret key is looked for, given the raw config at `path`.
+pub fn key_source(path: &Path, raw: &RawConfig) -> KeySource {
+    let name = raw.secret_key_file.as_deref().unwrap_or("gateway.key");
+    let dir = path.parent().unwrap_or(Path::new(""));
+    KeySource::from_env(dir.join(name))
+}
+
+/// The id an account written by hand without one gets: stable, derived from its name.
+pub fn derived_account_id(name: &str) -> String {
+    format!(
+        "acc_{}",
+        &crate::encoding::hex(&secret::sha256(name.as_bytes()))[..8]
+    )
+}
+
+pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut warnings = Vec::new();
+
+    let s = &raw.server;
+    let listen = s.listen.clone().unwrap_or_else(|| "127.0.0.1:8080".into());
+    if !listen.contains(':') {
+        return Err(invalid(format!(
+            "server.listen {listen:?} needs a port, such as 127.0.0.1:8080"
+        )));
+    }
+    let workers = s.workers.unwrap_or(1280);
+    if !(1..=65_536).contains(&workers) {
+        return Err(invalid(format!(
+            "server.workers must be between 1 and 65536, not {workers}"
+        )));
+    }
+    let dur = |d: Option<Dur>, default: u64| d.map_or(Duration::from_secs(default), |d| d.0);
+    let server = ServerSettings {
+        listen,
+        workers,
+        accept_queue: s.accept_queue.unwrap_or(256),
+        max_body_bytes: s.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+        header_timeout: dur(s.header_timeout, 10),
+        body_timeout: dur(s.body_timeout, 30),
+        keepalive_timeout: dur(s.keepalive_timeout, 60),
+    };
+    for (name, d) in [
+        ("server.header_timeout", server.header_timeout),
+        ("server.body_timeout", server.body_timeout),
+        ("server.keepalive_timeout", server.keepalive_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(format!("{name} must be more than zero")));
+        }
+    }
+
+    let u = &raw.upstream;
+    let base_url = u
+        .base_url
+        .clone()
+        .unwrap_or_else(|| "https://api.anthropic.com".into())
+        .trim_end_matches('/')
+        .to_string();
+    let uri: Result<ureq::http::Uri, _> = base_url.parse();
+    match uri {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.host().is_some()
+                && uri.query().is_none() => {}
+        _ => {
+            return Err(invalid(format!(
+                "upstream.base_url {base_url:?} is not an http:// or https:// URL without a query"
+            )));
+        }
+    }
+    let upstream = UpstreamSettings {
+        base_url,
+        connect_timeout: dur(u.connect_timeout, 10),
+        read_timeout: dur(u.read_timeout, 600),
+        write_timeout: dur(u.write_timeout, 60),
+    };
+
+    let log_level = match raw.log.level.as_deref() {
+        None => Level::Info,
+        Some(text) => Level::parse(text).ok_or_else(|| {
+            invalid(format!(
+                "log.level {text:?} is not one of error, warn, info, debug"
+            ))
+        })?,
+    };
+
+    // Secrets: the key is loaded only if some value is sealed.
+    let keys = key_source(path, &raw);
+    let accounts_raw = raw.accounts.unwrap_or_default();
+    let needs_key = accounts_raw
+        .iter()
+        .any(|a| a.api_key.as_deref().is_some_and(secret::is_sealed));
+    let key = if needs_key {
+        Some(keys.load()?.ok_or(SecretError::NoKey {
+            file: keys.file.clone(),
+        })?)
+    } else {
+        None
+    };
+
+    let mut accounts = Vec::with_capacity(accounts_raw.len());
+    for a in accounts_raw {
+        accounts.push(
+            validate_account(a, key.as_ref(), &mut warnings).map_err(|e| match e {
+                AccountError::Secret(e) => ConfigError::Secret(e),
+                AccountError::Invalid(m) => invalid(m),
+            })?,
+        );
+    }
+    let mut ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(invalid(format!("two accounts have the id {}", w[0])));
+    }
+
+    let mut client_keys = Vec::new();
+    for k in raw.client_keys.unwrap_or_default() {
+        let hash = k
+            .hash
+            .strip_prefix("sha256:")
+            .and_then(crate::encoding::hex_decode)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "client key {}: hash must be sha256:<64 hex digits>",
+                    k.id
+                ))
+            })?;
+        client_keys.push(ClientKey {
+            id: k.id,
+            name: k.name,
+            hash,
+            prefix: k.prefix.unwrap_or_default(),
+            enabled: k.enabled,
+            created_at: k.created_at,
+        });
+    }
+
+    let auth_open = raw.auth.open.unwrap_or(false);
+    if auth_open {
+        warnings.push(
+            "auth.open is true: anyone who can reach the listener can spend these accounts".into(),
+        );
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        server,
+        upstream,
+        auth_open,
+        log_level,
+        access_log: raw.log.access.unwrap_or(true),
+        accounts,
+        client_keys,
+        warnings,
+    })
+}
+
+enum AccountError {
+    Secret(SecretError),
+    Invalid(String),
+}
+
+fn validate_account(
+    a: RawAccount,
+    key: Option<&SecretKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Account, AccountError> {
+    if a.name.trim().is_empty() {
+        return Err(AccountError::Invalid("an account has an empty name".into()));
+    }
+    let id = a.id.clone().unwrap_or_else(|| derived_account_id(&a.name));
+    let credential = match (&a.api_key, &a.api_key_env) {
+        (Some(_), Some(_)) => {
+            return Err(AccountError::Invalid(format!(
+                "account {id}: give api_key or api_key_env, not both"
+            )));
+        }
+        (None, None) => {
+            return Err(AccountError::Invalid(format!(
+                "account {id}: needs api_key or api_key_env"
+            )));
+        }
+        (Some(value), None) if secret::is_sealed(value) => {
+            // `needs_key` guarantees a key whenever a sealed value exists.
+            let key = key.ok_or(AccountError::Invalid(format!(
+                "account {id}: sealed key but no secret key"
+            )))?;
+            Credential::ApiKey(
+                key.open(&id, "api_key", value)
+                    .map_err(AccountError::Secret)?,
+            )
+        }
+        (Some(value), None) => {
+            warnings.push(format!(
+                "account {id} ({}) has its api_key in clear in the config file; it will be sealed at the next write",
+                a.name
+            ));
+            Credential::ApiKey(Secret::new(value.trim()))
+        }
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
+            _ => Credential::Unusable(format!("environment variable {var} is not set")),
+        },
+    };
+    Ok(Account {
+        id,
+        name: a.name,
+        kind: a.kind,
+        credential,
+        enabled: a.enabled,
+        created_at: a.created_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let path = Path::new("/nonexistent/config.yaml");
+        validate(path, parse_raw(path, text)?)
+    }
+
+    #[test]
+    fn durations_parse_in_every_form() {
+        assert_eq!(Dur::parse("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(Dur::parse("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(Dur::parse("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(Dur::parse("12"), Some(Duration::from_secs(12)));
+        assert_eq!(Dur::parse("1d"), None);
+        assert_eq!(Dur::parse("s"), None);
+        assert_eq!(Dur::parse("99999999999999999999h"), None);
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_give_defaults() {
+        for text in ["", "# nothing\n\n", "---\n"] {
+            let c = parse(text).expect("defaults");
+            assert_eq!(c.server.listen, "127.0.0.1:8080");
+            assert_eq!(c.upstream.base_url, "https://api.anthropic.com");
+            assert_eq!(c.server.max_body_bytes, 32 * 1024 * 1024);
+            assert!(!c.auth_open);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let err = parse("server:\n  listen: 127.0.0.1:1\n  wrokers: 3\n").expect_err("typo");
+        let text = err.to_string();
+        assert!(text.contains("wrokers"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_errors() {
+        assert!(parse("server:\n  workers: many\n").is_err());
+        assert!(parse("server:\n  workers: 0\n").is_err());
+        assert!(parse("server:\n  header_timeout: 1d\n").is_err());
+        assert!(parse("upstream:\n  base_url: ftp://x\n").is_err());
+        assert!(parse("server:\n  listen: nowhere\n").is_err());
+        assert!(parse("log:\n  level: loud\n").is_err());
+    }
+
+    #[test]
+    fn plain_keys_are_accepted_with_a_warning_and_env_keys_resolve() {
+        let c = parse(
+            "accounts:\n  - name: Hand\n    api_key: sk-ant-handwritten-000000001234\n  - name: Env\n    api_key_env: LLM_GATEWAY_TEST_UNSET_VARIABLE\n",
+        )
+        .expect("valid");
+        assert_eq!(c.accounts[0].id, derived_account_id("Hand"));
+        assert_eq!(c.accounts[0].key_display(), "sk-ant-…1234");
+        assert!(c.warnings.iter().any(|w| w.contains("in clear")));
+        assert!(!c.warnings.iter().any(|w| w.contains("handwritten")));
+        assert!(matches!(c.accounts[1].credential, Credential::Unusable(_)));
+    }
+
+    #[test]
+    fn duplicate_account_ids_are_rejected() {
+        let err = parse(
+            "accounts:\n  - {id: a, name: x, api_key: sk-ant-1}\n  - {id: a, name: y, api_key: sk-ant-2}\n",
+        )
+        .expect_err("duplicate");
+        assert!(err.to_string().contains("two accounts"));
+    }
+}

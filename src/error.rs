@@ -1,0 +1,143 @@
+//! Errors on the downstream boundary: each variant knows its HTTP status and the Anthropic
+//! error type, and renders the JSON body a client of the Anthropic API expects.
+
+use std::fmt;
+
+#[derive(Debug, Clone)]
+pub enum ApiError {
+    /// The request is malformed (bad JSON, wrong types). Downstream's fault. 400.
+    BadRequest(String),
+    /// No or wrong gateway key. 401.
+    Unauthorized(String),
+    /// No such route. 404.
+    NotFound(String),
+    /// A known path with the wrong method; `allow` lists the right ones. 405.
+    MethodNotAllowed { allow: &'static str },
+    /// The request could not be read as HTTP (too large, too slow, bad framing).
+    Http { status: u16, message: String },
+    /// No account can carry the request and none will recover by itself. 503.
+    NoAccount(String),
+    /// The upstream could not be reached or broke before answering. 502.
+    UpstreamUnreachable(String),
+    /// The upstream did not answer within the configured timeout. 504.
+    UpstreamTimeout(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::Http { status, .. } => *status,
+            ApiError::NoAccount(_) => 503,
+            ApiError::UpstreamUnreachable(_) => 502,
+            ApiError::UpstreamTimeout(_) => 504,
+        }
+    }
+
+    /// The `error.type` of Anthropic's error object for this status.
+    pub fn error_type(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// `{"type":"error","error":{"type":…,"message":…}}`.
+    pub fn anthropic_body(&self) -> Vec<u8> {
+        anthropic_error_json(self.error_type(), &self.to_string()).into_bytes()
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::NotFound(m)
+            | ApiError::NoAccount(m)
+            | ApiError::Http { message: m, .. } => f.write_str(m),
+            ApiError::MethodNotAllowed { allow } => {
+                write!(f, "method not allowed on this path; use {allow}")
+            }
+            ApiError::UpstreamUnreachable(m) => write!(f, "upstream unreachable: {m}"),
+            ApiError::UpstreamTimeout(m) => write!(f, "upstream timed out: {m}"),
+        }
+    }
+}
+
+/// Anthropic's error object, fields in Anthropic's order.
+pub fn anthropic_error_json(error_type: &str, message: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        r#type: &'static str,
+        error: Detail<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Detail<'a> {
+        r#type: &'a str,
+        message: &'a str,
+    }
+    let body = Body {
+        r#type: "error",
+        error: Detail {
+            r#type: error_type,
+            message,
+        },
+    };
+    // Serialising two strings cannot fail.
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_types_match_anthropic() {
+        let cases = [
+            (
+                ApiError::BadRequest("x".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::Unauthorized("x".into()),
+                401,
+                "authentication_error",
+            ),
+            (ApiError::NotFound("x".into()), 404, "not_found_error"),
+            (
+                ApiError::MethodNotAllowed { allow: "POST" },
+                405,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::Http {
+                    status: 413,
+                    message: "x".into(),
+                },
+                413,
+                "request_too_large",
+            ),
+            (ApiError::NoAccount("x".into()), 503, "api_error"),
+            (ApiError::UpstreamUnreachable("x".into()), 502, "api_error"),
+            (ApiError::UpstreamTimeout("x".into()), 504, "api_error"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status(), status);
+            let body: serde_json::Value =
+                serde_json::from_slice(&error.anthropic_body()).expect("json");
+            assert_eq!(body["type"], "error");
+            assert_eq!(body["error"]["type"], kind);
+        }
+    }
+}

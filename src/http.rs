@@ -1,0 +1,671 @@
+//! The downstream wire: HTTP/1.1 requests read from a client connection with httparse, under
+//! hard limits (head size and total head time, body size and idle time), and responses written
+//! back with Content-Length, chunked, or close-delimited framing.
+//!
+//! Why in-tree and not tiny_http: see ARCHITECTURE.md. Nothing here allocates what the client
+//! merely declares: a body buffer grows with bytes actually received.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// The largest request head accepted; more is 431.
+pub const MAX_HEAD: usize = 32 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+pub struct Limits {
+    pub max_body: u64,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+pub struct Request {
+    pub method: String,
+    /// Origin-form target: path and optional `?query`.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Names lowercased, in arrival order; values as sent.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    /// Whether the client allows the connection to be reused after this request.
+    pub keep_alive: bool,
+}
+
+impl Request {
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    /// The first value of header `name` (lowercase), if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+}
+
+/// Why no request could be read. Every variant but `Closed` and `Io` is answered, then the
+/// connection is closed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client closed or idled out between requests: there is nobody to answer.
+    Closed,
+    /// The head did not arrive completely within the header timeout.
+    HeadTimeout,
+    /// The head exceeded MAX_HEAD or had too many header fields.
+    HeadTooLarge,
+    /// The declared or received body exceeds the configured limit.
+    BodyTooLarge,
+    /// The body stalled longer than the body timeout.
+    BodyTimeout,
+    /// The request violates HTTP/1.1 framing (or would allow request smuggling).
+    Malformed(&'static str),
+    /// A framing feature we do not implement, such as a transfer coding other than chunked.
+    NotImplemented(&'static str),
+    /// Expect with something other than 100-continue.
+    ExpectationFailed,
+    /// The connection failed; there is nobody to answer.
+    Io,
+}
+
+impl ReadError {
+    /// The status and message to answer with, or `None` when there is nobody to answer.
+    pub fn answer(&self, max_body: u64) -> Option<(u16, String)> {
+        Some(match self {
+            ReadError::Closed | ReadError::Io => return None,
+            ReadError::HeadTimeout => (408, "the request head did not arrive in time".into()),
+            ReadError::HeadTooLarge => (
+                431,
+                format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
+            ),
+            ReadError::BodyTooLarge => (
+                413,
+                format!("the request body is larger than the gateway's limit of {max_body} bytes"),
+            ),
+            ReadError::BodyTimeout => (408, "the request body stalled".into()),
+            ReadError::Malformed(why) => (400, format!("malformed HTTP request: {why}")),
+            ReadError::NotImplemented(why) => (501, format!("not supported: {why}")),
+            ReadError::ExpectationFailed => (417, "only Expect: 100-continue is supported".into()),
+        })
+    }
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A client connection and the bytes read from it but not yet consumed (pipelining).
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    served: u64,
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::new(),
+            served: 0,
+        }
+    }
+
+    /// Reads more bytes into `buf`, waiting at most `wait`. `Ok(0)` is end of stream.
+    fn fill(&mut self, wait: Duration) -> io::Result<usize> {
+        self.stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let start = self.buf.len();
+        self.buf.resize(start + READ_CHUNK, 0);
+        let result = loop {
+            match self.stream.read(&mut self.buf[start..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        self.buf.truncate(start + *result.as_ref().unwrap_or(&0));
+        result
+    }
+
+    /// Reads the next request, head and body.
+    pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
+        let first = self.served == 0;
+        let started = Instant::now();
+        if self.buf.is_empty() {
+            // A fresh connection has the header timeout to start; a reused one the keep-alive.
+            let wait = if first {
+                limits.header_timeout
+            } else {
+                limits.keepalive_timeout
+            };
+            match self.fill(wait) {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => return Err(ReadError::Closed),
+                Err(_) => return Err(ReadError::Io),
+            }
+        }
+        // The whole head must arrive within the header timeout of its first byte (or of the
+        // accept, for a new connection): a client trickling one byte a second is cut.
+        let deadline = if first { started } else { Instant::now() } + limits.header_timeout;
+        let (mut request, framing, head_len) = loop {
+            match parse_head(&self.buf)? {
+                Some(parsed) => break parsed,
+                None if self.buf.len() >= MAX_HEAD => return Err(ReadError::HeadTooLarge),
+                None => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::HeadTimeout);
+            }
+            match self.fill(left) {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => return Err(ReadError::HeadTimeout),
+                Err(_) => return Err(ReadError::Io),
+            }
+        };
+        self.buf.drain(..head_len);
+
+        let body_len = match framing {
+            Framing::None => None,
+            Framing::Length(n) if n > limits.max_body => return Err(ReadError::BodyTooLarge),
+            Framing::Length(n) => Some(n),
+            Framing::Chunked => Some(1),
+        };
+        if let Some(expect) = request.header("expect") {
+            if !expect.eq_ignore_ascii_case("100-continue") {
+                return Err(ReadError::ExpectationFailed);
+            }
+            // Ask for the body only if we will read it and it has not started arriving.
+            if body_len.is_some_and(|n| n > 0) && self.buf.is_empty() && request.minor_version == 1
+            {
+                self.stream
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .map_err(|_| ReadError::Io)?;
+            }
+        }
+        request.body = match framing {
+            Framing::None => Vec::new(),
+            Framing::Length(n) => self.read_exact_body(n, limits)?,
+            Framing::Chunked => self.read_chunked_body(limits)?,
+        };
+        self.served += 1;
+        Ok(request)
+    }
+
+    fn need(&mut self, limits: &Limits) -> Result<(), ReadError> {
+        match self.fill(limits.body_timeout) {
+            Ok(0) => Err(ReadError::Closed),
+            Ok(_) => Ok(()),
+            Err(e) if is_timeout(&e) => Err(ReadError::BodyTimeout),
+            Err(_) => Err(ReadError::Io),
+        }
+    }
+
+    fn read_exact_body(&mut self, n: u64, limits: &Limits) -> Result<Vec<u8>, ReadError> {
+        // n <= max_body, which fits in memory by configuration.
+        let n = n as usize;
+        let mut body = Vec::with_capacity(n.min(1024 * 1024));
+        loop {
+            let take = (n - body.len()).min(self.buf.len());
+            body.extend_from_slice(&self.buf[..take]);
+            self.buf.drain(..take);
+            if body.len() == n {
+                return Ok(body);
+            }
+            self.need(limits)?;
+        }
+    }
+
+    /// One CRLF- (or LF-) terminated line, without its terminator.
+    fn read_line(&mut self, limits: &Limits) -> Result<Vec<u8>, ReadError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > 4096 {
+                return Err(ReadError::Malformed("chunk header line too long"));
+            }
+            self.need(limits)?;
+        }
+    }
+
+    fn read_chunked_body(&mut self, limits: &Limits) -> Result<Vec<u8>, ReadError> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.read_line(limits)?;
+            let size = parse_chunk_size(&line)?;
+            if size == 0 {
+                // Trailers: read and discard up to the blank line, within the head limit.
+                let mut trailer_bytes = 0;
+                loop {
+                    let line = self.read_line(limits)?;
+                    if line.is_empty() {
+                        return Ok(body);
+                    }
+                    trailer_bytes += line.len();
+                    if trailer_bytes > MAX_HEAD {
+                        return Err(ReadError::HeadTooLarge);
+                    }
+                }
+            }
+            if body.len() as u64 + size > limits.max_body {
+                return Err(ReadError::BodyTooLarge);
+            }
+            let chunk = self.read_exact_body(size, limits)?;
+            body.extend_from_slice(&chunk);
+            if !self.read_line(limits)?.is_empty() {
+                return Err(ReadError::Malformed("chunk data longer than its size"));
+            }
+        }
+    }
+
+    /// Before closing after an error answer: stop sending, then read and discard what the client
+    /// is still sending (bounded in time and bytes), so the close does not reset the connection
+    /// and destroy the answer before the client reads it.
+    pub fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut discarded = 0usize;
+        let mut sink = [0u8; 8192];
+        while discarded < 4 * 1024 * 1024 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match self.stream.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    }
+
+    /// Starts a response. `keep_alive` is what the request allows; the responder may still close.
+    pub fn respond(&mut self, minor_version: u8, keep_alive: bool) -> Responder<'_> {
+        Responder {
+            conn: self,
+            minor_version,
+            keep_alive,
+        }
+    }
+}
+
+/// Parses a complete head from `buf`: `Ok(None)` if more bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
+        Err(_) => return Err(ReadError::Malformed("invalid request head")),
+    };
+    if head_len > MAX_HEAD {
+        return Err(ReadError::HeadTooLarge);
+    }
+    let method = req.method.unwrap_or_default().to_string();
+    let target = req.path.unwrap_or_default().to_string();
+    if !target.starts_with('/') {
+        return Err(ReadError::Malformed("the request target must be a path"));
+    }
+    let minor_version = req.version.unwrap_or(1);
+    let headers: Vec<(String, Vec<u8>)> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect();
+
+    let values = |name: &str| list_values(&headers, name);
+    let codings = values("transfer-encoding");
+    let lengths = values("content-length");
+    let has_cl = headers.iter().any(|(n, _)| n == "content-length");
+    let framing = if !codings.is_empty() {
+        if has_cl {
+            return Err(ReadError::Malformed(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if minor_version == 0 {
+            return Err(ReadError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if codings.iter().any(|c| c != "chunked") || codings.len() > 1 {
+            return Err(ReadError::NotImplemented(
+                "transfer codings other than a single chunked",
+            ));
+        }
+        Framing::Chunked
+    } else if has_cl {
+        let mut parsed = lengths.iter().map(|v| {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            // More digits than u64 holds is simply too large.
+            Some(v.parse::<u64>().unwrap_or(u64::MAX))
+        });
+        let first = parsed.next().flatten();
+        match first {
+            Some(n) if parsed.all(|p| p == Some(n)) => Framing::Length(n),
+            _ => {
+                return Err(ReadError::Malformed(
+                    "invalid or conflicting Content-Length",
+                ));
+            }
+        }
+    } else {
+        Framing::None
+    };
+
+    let connection = values("connection");
+    let keep_alive = if minor_version == 0 {
+        connection.iter().any(|c| c == "keep-alive")
+    } else {
+        !connection.iter().any(|c| c == "close")
+    };
+    Ok(Some((
+        Request {
+            method,
+            target,
+            minor_version,
+            headers,
+            body: Vec::new(),
+            keep_alive,
+        },
+        framing,
+        head_len,
+    )))
+}
+
+/// The comma-separated values of every `name` header, trimmed and lowercased.
+fn list_values(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .flat_map(|(_, v)| v.split(|&b| b == b','))
+        .map(|v| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
+    let digits = line.split(|&b| b == b';').next().unwrap_or(&[]);
+    let digits = String::from_utf8_lossy(digits);
+    let digits = digits.trim();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(ReadError::Malformed("invalid chunk size"));
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| ReadError::Malformed("invalid chunk size"))
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        529 => "Overloaded",
+        _ => "",
+    }
+}
+
+/// Writes one response on a connection. Consumed by the method that sends the body; its result
+/// says whether the connection may serve another request.
+pub struct Responder<'a> {
+    conn: &'a mut Conn,
+    minor_version: u8,
+    keep_alive: bool,
+}
+
+/// A response head under construction: status line and headers, framing added on send.
+pub struct Head {
+    buf: Vec<u8>,
+}
+
+impl Head {
+    pub fn new(status: u16) -> Head {
+        let mut buf = Vec::with_capacity(512);
+        buf.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+        Head { buf }
+    }
+
+    /// Adds a header. Values come from httparse or `http::HeaderValue`, so hold no CR or LF;
+    /// anything else is dropped rather than risk response splitting.
+    pub fn header(&mut self, name: &str, value: &[u8]) -> &mut Head {
+        if value.iter().any(|&b| b == b'\r' || b == b'\n') || name.is_empty() {
+            return self;
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(b": ");
+        self.buf.extend_from_slice(value);
+        self.buf.extend_from_slice(b"\r\n");
+        self
+    }
+}
+
+impl<'a> Responder<'a> {
+    fn finish_head(&self, head: &mut Head, framing: &str) {
+        head.buf.extend_from_slice(framing.as_bytes());
+        if !self.keep_alive {
+            head.buf.extend_from_slice(b"connection: close\r\n");
+        } else if self.minor_version == 0 {
+            head.buf.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        head.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends a complete response with Content-Length in one write. Returns whether the
+    /// connection may be reused.
+    pub fn send(self, mut head: Head, body: &[u8]) -> bool {
+        self.finish_head(&mut head, &format!("content-length: {}\r\n", body.len()));
+        head.buf.extend_from_slice(body);
+        let stream = &mut self.conn.stream;
+        stream.write_all(&head.buf).is_ok() && self.keep_alive
+    }
+
+    /// Starts a body of unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+    pub fn stream(mut self, mut head: Head) -> io::Result<BodyWriter<'a>> {
+        let chunked = self.minor_version == 1;
+        if chunked {
+            self.finish_head(&mut head, "transfer-encoding: chunked\r\n");
+        } else {
+            self.keep_alive = false;
+            self.finish_head(&mut head, "");
+        }
+        self.conn.stream.write_all(&head.buf)?;
+        Ok(BodyWriter {
+            stream: &mut self.conn.stream,
+            chunked,
+            keep_alive: self.keep_alive,
+            scratch: Vec::new(),
+            remaining: None,
+        })
+    }
+
+    /// Starts a body of known length, copied through as it arrives.
+    pub fn stream_with_length(self, mut head: Head, len: u64) -> io::Result<BodyWriter<'a>> {
+        self.finish_head(&mut head, &format!("content-length: {len}\r\n"));
+        self.conn.stream.write_all(&head.buf)?;
+        Ok(BodyWriter {
+            stream: &mut self.conn.stream,
+            chunked: false,
+            keep_alive: self.keep_alive,
+            scratch: Vec::new(),
+            remaining: Some(len),
+        })
+    }
+}
+
+/// Writes body bytes as they come; each `write` reaches the socket before it returns.
+pub struct BodyWriter<'a> {
+    stream: &'a mut TcpStream,
+    chunked: bool,
+    keep_alive: bool,
+    scratch: Vec<u8>,
+    /// For a Content-Length body, the bytes still owed.
+    remaining: Option<u64>,
+}
+
+impl BodyWriter<'_> {
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if let Some(left) = &mut self.remaining {
+            *left = left.saturating_sub(data.len() as u64);
+        }
+        if !self.chunked {
+            return self.stream.write_all(data);
+        }
+        // One write per chunk: size line, data and CRLF together.
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        self.scratch.extend_from_slice(data);
+        self.scratch.extend_from_slice(b"\r\n");
+        self.stream.write_all(&self.scratch)
+    }
+
+    /// Ends the body properly. Returns whether the connection may be reused.
+    pub fn finish(self) -> bool {
+        if self.chunked {
+            return self.stream.write_all(b"0\r\n\r\n").is_ok() && self.keep_alive;
+        }
+        self.keep_alive && self.remaining.is_none_or(|left| left == 0)
+    }
+
+    /// Ends the body without its terminator, so the client sees a truncated response rather
+    /// than a complete one. The connection must then be closed.
+    pub fn abort(self) -> bool {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(Request, Framing, usize)>, ReadError> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_simple_request() {
+        let text = "POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-Api-Key: k\r\n\r\nhello";
+        let (req, framing, len) = head(text).expect("valid").expect("complete");
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path(), "/v1/messages");
+        assert_eq!(req.target, "/v1/messages?beta=true");
+        assert_eq!(req.header("x-api-key"), Some("k"));
+        assert!(req.keep_alive);
+        assert!(matches!(framing, Framing::Length(5)));
+        assert_eq!(len, text.len() - "hello".len());
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost:"), Ok(None)));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_rejected() {
+        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(head(both), Err(ReadError::Malformed(_))));
+        let conflicting = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(head(conflicting), Err(ReadError::Malformed(_))));
+        let list = "POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n";
+        assert!(matches!(head(list), Err(ReadError::Malformed(_))));
+        let signed = "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n";
+        assert!(matches!(head(signed), Err(ReadError::Malformed(_))));
+        let gzip = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert!(matches!(head(gzip), Err(ReadError::NotImplemented(_))));
+        let old = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(head(old), Err(ReadError::Malformed(_))));
+    }
+
+    #[test]
+    fn equal_duplicate_lengths_and_huge_lengths_parse() {
+        let dup = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        assert!(matches!(head(dup), Ok(Some((_, Framing::Length(3), _)))));
+        let huge = "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+        assert!(matches!(
+            head(huge),
+            Ok(Some((_, Framing::Length(u64::MAX), _)))
+        ));
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        let close = head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!close.expect("ok").expect("complete").0.keep_alive);
+        let old = head("GET / HTTP/1.0\r\n\r\n");
+        assert!(!old.expect("ok").expect("complete").0.keep_alive);
+        let old_ka = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(old_ka.expect("ok").expect("complete").0.keep_alive);
+    }
+
+    #[test]
+    fn absolute_targets_and_garbage_are_malformed() {
+        assert!(matches!(
+            head("GET http://x/ HTTP/1.1\r\n\r\n"),
+            Err(ReadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head("\x01\x02 nonsense\r\n\r\n"),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn chunk_sizes_parse_strictly() {
+        assert_eq!(parse_chunk_size(b"1a").ok(), Some(26));
+        assert_eq!(parse_chunk_size(b"1A;ext=1").ok(), Some(26));
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b"zz").is_err());
+        assert!(parse_chunk_size(b"ffffffffffffffffff").is_err());
+    }
+
+    #[test]
+    fn head_values_with_line_breaks_are_dropped() {
+        let mut h = Head::new(200);
+        h.header("x-a", b"ok").header("x-b", b"bad\r\nx-evil: 1");
+        let text = String::from_utf8(h.buf).expect("ascii");
+        assert!(text.contains("x-a: ok"));
+        assert!(!text.contains("evil"));
+    }
+}

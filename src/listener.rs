@@ -1,0 +1,163 @@
+//! The listener and its worker pool: one thread accepts; at most `workers` threads serve
+//! connections, started on demand and retired after a minute idle, so an idle gateway stays
+//! small. When every worker is busy, connections wait in a bounded queue; past that they get
+//! an immediate 503 with `retry-after` instead of hanging. Accept errors (EMFILE under load)
+//! are logged and survived.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Idle workers beyond this many retire after `IDLE_RETIRE`.
+const KEEP_IDLE: usize = 4;
+const IDLE_RETIRE: Duration = Duration::from_secs(60);
+/// Worker stacks: serde_json caps nesting at 128, and TLS needs tens of KiB; 256 KiB of address
+/// space each, of which only touched pages cost memory.
+const WORKER_STACK: usize = 256 * 1024;
+
+pub struct PoolSettings {
+    pub workers: usize,
+    pub queue: usize,
+}
+
+struct State {
+    queue: VecDeque<TcpStream>,
+    /// Workers waiting for a connection.
+    idle: usize,
+    /// Workers alive.
+    total: usize,
+}
+
+struct Pool {
+    state: Mutex<State>,
+    ready: Condvar,
+    settings: PoolSettings,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked while holding the lock left the queue consistent (it only
+        // pushes and pops), so the poison flag carries no information here.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Accepts connections forever, handing each to `serve` on a worker thread.
+pub fn run<F>(listener: TcpListener, settings: PoolSettings, serve: F)
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let pool = Arc::new(Pool {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            idle: 0,
+            total: 0,
+        }),
+        ready: Condvar::new(),
+        settings,
+    });
+    let serve = Arc::new(serve);
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => dispatch(&pool, &serve, stream),
+            Err(e) => {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                ) {
+                    continue;
+                }
+                // Out of descriptors or memory: say so at most once a second, back off briefly
+                // so the workers can release some, and keep accepting.
+                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    error!("accept failed: {e}; retrying");
+                    last_error_log = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn dispatch<F>(pool: &Arc<Pool>, serve: &Arc<F>, stream: TcpStream)
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let mut state = pool.lock();
+    if state.idle > state.queue.len() {
+        state.queue.push_back(stream);
+        drop(state);
+        pool.ready.notify_one();
+        return;
+    }
+    if state.total < pool.settings.workers {
+        state.total += 1;
+        drop(state);
+        let (p, s) = (Arc::clone(pool), Arc::clone(serve));
+        let spawned = std::thread::Builder::new()
+            .name("worker".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker(&p, &*s, stream));
+        if let Err(e) = spawned {
+            pool.lock().total -= 1;
+            warn!("could not start a worker thread: {e}");
+        }
+        return;
+    }
+    if state.queue.len() < pool.settings.queue {
+        state.queue.push_back(stream);
+        return;
+    }
+    let workers = state.total;
+    drop(state);
+    reject(stream, workers);
+}
+
+fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
+    serve(first);
+    loop {
+        let mut state = pool.lock();
+        let stream = loop {
+            if let Some(stream) = state.queue.pop_front() {
+                break stream;
+            }
+            state.idle += 1;
+            let (guard, wait) = pool
+                .ready
+                .wait_timeout(state, IDLE_RETIRE)
+                .unwrap_or_else(|p| p.into_inner());
+            state = guard;
+            state.idle -= 1;
+            if wait.timed_out() && state.queue.is_empty() && state.idle >= KEEP_IDLE {
+                state.total -= 1;
+                return;
+            }
+        };
+        drop(state);
+        serve(stream);
+    }
+}
+
+/// Answers 503 without a worker. The socket is fresh, so the tiny response fits its send
+/// buffer and a non-blocking write never stalls the accept loop.
+fn reject(mut stream: TcpStream, workers: usize) {
+    let body = crate::error::anthropic_error_json(
+        "overloaded_error",
+        &format!("the gateway is at its limit of {workers} busy workers; retry shortly"),
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = stream.write_all(response.as_bytes());
+        // Drain what the client already sent so closing does not reset the connection and
+        // discard our answer before it is read.
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}

@@ -1,0 +1,27 @@
+//! llm-gateway: one static binary that pools a team's Anthropic accounts behind one endpoint.
+//! `main` only hands over to the command line; ARCHITECTURE.md maps the modules.
+
+#![forbid(unsafe_code)]
+
+#[macro_use]
+mod log;
+
+mod accounts;
+mod auth;
+mod cli;
+mod config;
+mod encoding;
+mod error;
+mod http;
+mod listener;
+mod router;
+mod secret;
+mod server;
+mod sse;
+mod store;
+mod time;
+mod upstream;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

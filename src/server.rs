@@ -1,0 +1,170 @@
+//! `llm-gateway server`: builds the running gateway from the validated config, binds, announces
+//! the address, watches config.yaml for account and key changes, and runs the listener.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::accounts::Accounts;
+use crate::auth::ClientKeys;
+use crate::config::{self, Config};
+use crate::error::ApiError;
+use crate::http::{Conn, Limits};
+use crate::listener::{self, PoolSettings};
+use crate::log;
+use crate::router;
+use crate::upstream::Upstream;
+
+/// Everything a worker needs to serve a request, shared by all workers.
+pub struct Gateway {
+    pub accounts: Accounts,
+    pub clients: ClientKeys,
+    pub upstream: Upstream,
+    pub limits: Limits,
+    pub access_log: bool,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> Gateway {
+        let s = &config.server;
+        Gateway {
+            accounts: Accounts::new(config.accounts.clone()),
+            clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
+            upstream: Upstream::new(&config.upstream, s.workers),
+            limits: Limits {
+                max_body: s.max_body_bytes,
+                header_timeout: s.header_timeout,
+                body_timeout: s.body_timeout,
+                keepalive_timeout: s.keepalive_timeout,
+            },
+            access_log: config.access_log,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: String,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot listen on {}: {}", self.addr, self.error)
+    }
+}
+
+/// Runs the server until the process is stopped.
+pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
+    log::set_level(config.log_level);
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    if config.auth_open {
+        warn!(
+            "AUTH IS OPEN (auth.open: true): every request is served without a gateway key. \
+             A loopback address does not make this safe when a local proxy forwards to it."
+        );
+    }
+    let addr = listen.unwrap_or_else(|| config.server.listen.clone());
+    let listener = TcpListener::bind(&addr).map_err(|error| BindError {
+        addr: addr.clone(),
+        error,
+    })?;
+    let local = listener.local_addr().map_err(|error| BindError {
+        addr: addr.clone(),
+        error,
+    })?;
+    let gateway = Arc::new(Gateway::new(&config));
+    info!(
+        "serving {} accounts to {} client keys, upstream {}, up to {} workers",
+        gateway.accounts.len(),
+        config.client_keys.len(),
+        config.upstream.base_url,
+        config.server.workers
+    );
+    if config.client_keys.is_empty() && !config.auth_open {
+        warn!(
+            "no client keys: every request will get 401 until you run `llm-gateway add-client-key`"
+        );
+    }
+    // The one line scripts and tests wait for.
+    println!("llm-gateway listening on http://{local}");
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+
+    let watched = Arc::clone(&gateway);
+    let path = config.path.clone();
+    let _ = std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || watch_config(&watched, path));
+
+    let settings = PoolSettings {
+        workers: config.server.workers,
+        queue: config.server.accept_queue,
+    };
+    listener::run(listener, settings, move |stream| {
+        serve_connection(&gateway, stream)
+    });
+    Ok(())
+}
+
+/// Serves requests on one connection until it closes, errs or stops being reusable.
+fn serve_connection(gw: &Gateway, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    // A client that stops reading a response for this long is given up on.
+    let _ = stream.set_write_timeout(Some(gw.limits.body_timeout.max(Duration::from_secs(10))));
+    let mut conn = Conn::new(stream);
+    loop {
+        match conn.read_request(&gw.limits) {
+            Ok(req) => {
+                if !router::handle(gw, req, &mut conn) {
+                    break;
+                }
+            }
+            Err(e) => {
+                if let Some((status, message)) = e.answer(gw.limits.max_body) {
+                    let error = ApiError::Http { status, message };
+                    router::send_error(conn.respond(1, false), &error);
+                    conn.linger();
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// Every half second, if config.yaml changed, reload its accounts and client keys. Settings
+/// that need a restart (listen address, workers) are left as they are.
+fn watch_config(gw: &Gateway, path: PathBuf) {
+    // Writers replace the file by rename, so the inode changes even within one mtime tick.
+    let stamp = |p: &PathBuf| -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    };
+    let mut last = stamp(&path);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match config::load(&path) {
+            Ok(fresh) => {
+                gw.accounts.replace(fresh.accounts.clone());
+                gw.clients.replace(fresh.client_keys.clone());
+                info!(
+                    "config reloaded: {} accounts, {} client keys",
+                    fresh.accounts.len(),
+                    fresh.client_keys.len()
+                );
+            }
+            Err(e) => error!("config changed but cannot be loaded, keeping the previous one: {e}"),
+        }
+    }
+}

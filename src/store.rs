@@ -1,0 +1,302 @@
+//! The one way config.yaml is changed, by the CLI or the server: take an exclusive lock, re-read,
+//! change the machine-managed sections, seal any clear secret, check the result parses back to
+//! exactly what was meant, write a temp file, fsync, rename over, fsync the directory.
+//!
+//! Only the top-level `accounts:` and `client_keys:` blocks are rewritten; every other line of
+//! the file, operator comments included, is kept byte for byte. Comments inside those two blocks
+//! are not kept (the file says so on the section line).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, ConfigError, RawAccount, RawClientKey};
+use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
+
+/// The machine-managed part of the config, as a change sees and edits it.
+pub struct Managed {
+    pub accounts: Vec<RawAccount>,
+    pub client_keys: Vec<RawClientKey>,
+    sealer: Sealer,
+}
+
+impl Managed {
+    /// Seals `value` for `(owner, field)`, creating the key file on first use.
+    pub fn seal(
+        &mut self,
+        owner: &str,
+        field: &str,
+        value: &Secret,
+    ) -> Result<String, SecretError> {
+        self.sealer.seal(owner, field, value)
+    }
+}
+
+/// Loads (or creates) the secret key the first time something needs sealing.
+struct Sealer {
+    source: KeySource,
+    key: Option<SecretKey>,
+}
+
+impl Sealer {
+    fn seal(&mut self, owner: &str, field: &str, value: &Secret) -> Result<String, SecretError> {
+        if let Some(key) = &self.key {
+            return Ok(key.seal(owner, field, value));
+        }
+        let key = self.source.load_or_create()?;
+        let sealed = key.seal(owner, field, value);
+        self.key = Some(key);
+        Ok(sealed)
+    }
+}
+
+/// Why a change was refused before anything was written.
+pub enum ChangeError<E> {
+    Config(ConfigError),
+    /// The change itself declined (e.g. no such account).
+    Change(E),
+}
+
+impl<E> From<ConfigError> for ChangeError<E> {
+    fn from(e: ConfigError) -> Self {
+        ChangeError::Config(e)
+    }
+}
+
+impl<E> From<SecretError> for ChangeError<E> {
+    fn from(e: SecretError) -> Self {
+        ChangeError::Config(ConfigError::Secret(e))
+    }
+}
+
+/// Applies `change` to the managed sections of the config at `path` and writes the result
+/// atomically. Concurrent callers (threads or processes) are serialised by a lock file beside
+/// the config; each sees the others' completed changes.
+pub fn update<T, E>(
+    path: &Path,
+    change: impl FnOnce(&mut Managed) -> Result<T, ChangeError<E>>,
+) -> Result<T, ChangeError<E>> {
+    let _lock = lock(path)?;
+    let text = config::read_text(path)?.unwrap_or_default();
+    let raw = config::parse_raw(path, &text)?;
+    let sealer = Sealer {
+        source: config::key_source(path, &raw),
+        key: None,
+    };
+    // Refuse to touch a file whose secrets this key cannot open: a write would mix two keys.
+    config::validate(path, config::parse_raw(path, &text)?)?;
+
+    let mut managed = Managed {
+        accounts: raw.accounts.unwrap_or_default(),
+        client_keys: raw.client_keys.unwrap_or_default(),
+        sealer,
+    };
+    let out = change(&mut managed)?;
+    seal_clear_values(&mut managed)?;
+
+    let mut new_text = replace_section(&text, "accounts", &render("accounts", &managed.accounts));
+    new_text = replace_section(
+        &new_text,
+        "client_keys",
+        &render("client_keys", &managed.client_keys),
+    );
+
+    // Never write what would not read back as intended.
+    let check = config::parse_raw(path, &new_text)?;
+    if check.accounts.unwrap_or_default() != managed.accounts
+        || check.client_keys.unwrap_or_default() != managed.client_keys
+    {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: "could not locate the top-level accounts:/client_keys: sections to rewrite; \
+                      write top-level keys in block style (key: value at column 0)"
+                .into(),
+        }
+        .into());
+    }
+    config::validate(path, config::parse_raw(path, &new_text)?)?;
+    write_atomically(path, new_text.as_bytes()).map_err(|error| ConfigError::Write {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    Ok(out)
+}
+
+/// Gives hand-written accounts their id and seals any key written in clear.
+fn seal_clear_values(m: &mut Managed) -> Result<(), SecretError> {
+    for a in &mut m.accounts {
+        let id =
+            a.id.get_or_insert_with(|| config::derived_account_id(&a.name))
+                .clone();
+        if let Some(value) = a.api_key.as_deref().filter(|v| !secret::is_sealed(v)) {
+            let sealed = m.sealer.seal(&id, "api_key", &Secret::new(value.trim()))?;
+            a.api_key = Some(sealed);
+        }
+    }
+    Ok(())
+}
+
+struct FileLock(std::fs::File);
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Takes the exclusive lock on `.<config name>.lock` beside the config. The lock is not on the
+/// config itself because the config is replaced by rename: a lock on the old inode would not
+/// exclude a writer that opened the new one.
+fn lock(path: &Path) -> Result<FileLock, ConfigError> {
+    let io = |error| ConfigError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path: PathBuf = path.with_file_name(format!(".{name}.lock"));
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&lock_path).map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(FileLock(file))
+}
+
+/// temp file (0600) → write → fsync → rename over `path` → fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = secret::temp_sibling(path);
+    let result = (|| {
+        let mut f = secret::create_private(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        secret::sync_parent(path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `key:` followed by the list, indented two spaces; `key: []` when empty.
+fn render<T: serde::Serialize>(key: &str, items: &[T]) -> String {
+    let note = "# managed by llm-gateway; comments inside this list are not kept";
+    if items.is_empty() {
+        return format!("{key}: []  {note}\n");
+    }
+    // Serialising plain structs of strings and bools cannot fail.
+    let body = serde_yaml::to_string(items).unwrap_or_default();
+    let mut out = format!("{key}:  {note}\n");
+    for line in body.lines() {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Replaces the top-level block `key:` in `text` by `section`, or appends `section` if there is
+/// none. A block is its key line and every following line that is indented or starts a
+/// sequence item, up to the next top-level line; comment and blank lines that trail the block
+/// belong to whatever follows and are kept.
+fn replace_section(text: &str, key: &str, section: &str) -> String {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let is_key_line = |l: &str| {
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+    };
+    let Some(start) = lines.iter().position(|l| is_key_line(l)) else {
+        let mut out = text.to_string();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(section);
+        return out;
+    };
+    let mut end = start + 1;
+    for (i, line) in lines.iter().enumerate().skip(start + 1) {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if line.starts_with([' ', '\t', '-']) && !line.starts_with("---") {
+            end = i + 1;
+        } else {
+            break;
+        }
+    }
+    let mut out = lines[..start].concat();
+    out.push_str(section);
+    out.push_str(&lines[end..].concat());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_named_block_and_keeps_comments() {
+        let text = "# top comment\nserver:\n  listen: 1.2.3.4:5 # inline\n\naccounts:\n  - id: a\n    name: x\n  # inner\n  - id: b\n    name: y\n\n# about auth\nauth:\n  open: false\n";
+        let out = replace_section(text, "accounts", "accounts: []\n");
+        assert_eq!(
+            out,
+            "# top comment\nserver:\n  listen: 1.2.3.4:5 # inline\n\naccounts: []\n\n# about auth\nauth:\n  open: false\n"
+        );
+    }
+
+    #[test]
+    fn handles_sequences_at_column_zero_and_flow_lists() {
+        let text = "accounts:\n- id: a\n  name: x\nlog:\n  level: info\n";
+        assert_eq!(
+            replace_section(text, "accounts", "accounts: []\n"),
+            "accounts: []\nlog:\n  level: info\n"
+        );
+        let text = "accounts: []\nlog: {}\n";
+        assert_eq!(
+            replace_section(text, "accounts", "accounts: X\n"),
+            "accounts: X\nlog: {}\n"
+        );
+    }
+
+    #[test]
+    fn appends_a_missing_block_and_ignores_lookalike_keys() {
+        assert_eq!(
+            replace_section("server: {}", "accounts", "accounts: []\n"),
+            "server: {}\naccounts: []\n"
+        );
+        let text = "accounts_old: 1\n";
+        assert_eq!(
+            replace_section(text, "accounts", "accounts: []\n"),
+            "accounts_old: 1\naccounts: []\n"
+        );
+    }
+
+    #[test]
+    fn rendered_sections_parse_back() {
+        let accounts = vec![RawAccount {
+            id: Some("acc_1".into()),
+            name: "Team: \"prod\" #1".into(),
+            kind: config::AccountKind::ApiKey,
+            api_key: Some("enc:v1:AAAA".into()),
+            api_key_env: None,
+            enabled: false,
+            created_at: None,
+        }];
+        let text = replace_section("server: {}\n", "accounts", &render("accounts", &accounts));
+        let raw = config::parse_raw(Path::new("x"), &text).expect("parses");
+        assert_eq!(raw.accounts.expect("present"), accounts);
+    }
+}

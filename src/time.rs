@@ -1,0 +1,63 @@
+//! Wall-clock helpers: Unix seconds now, and RFC 3339 UTC timestamps for logs and the config
+//! file (no date crate needed for one conversion).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds and milliseconds since the Unix epoch.
+pub fn now_unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn now_unix() -> u64 {
+    now_unix_millis() / 1000
+}
+
+/// `2026-11-26T07:04:00Z`.
+pub fn rfc3339(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    let s = unix % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// `2026-11-26T07:04:00.123Z`, for log lines.
+pub fn rfc3339_millis(unix_millis: u64) -> String {
+    let base = rfc3339(unix_millis / 1000);
+    format!("{}.{:03}Z", &base[..base.len() - 1], unix_millis % 1000)
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_676_640), "2026-11-26T07:04:00Z");
+        assert_eq!(
+            rfc3339_millis(1_795_676_640_123),
+            "2026-11-26T07:04:00.123Z"
+        );
+    }
+}

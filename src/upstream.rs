@@ -1,0 +1,340 @@
+//! The upstream side: one ureq agent whose connection pool is sized to the workers, the
+//! forwarding of a downstream request with the account's credential, and the relay of the
+//! response back downstream (byte for byte; SSE event by event, flushed after every read).
+
+use std::io::Read;
+
+use ureq::http::{self, HeaderMap};
+use ureq::{Agent, Body};
+
+use crate::config::{Account, Credential, UpstreamSettings};
+use crate::error::ApiError;
+use crate::http::{Head, Request, Responder};
+use crate::sse;
+
+/// Bodies up to this size are read whole and sent with the head in one write.
+const BUFFER_WHOLE: u64 = 256 * 1024;
+const COPY_CHUNK: usize = 16 * 1024;
+
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+pub struct Upstream {
+    agent: Agent,
+    base_url: String,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones the
+/// gateway sets itself.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+    )
+}
+
+/// Request headers never forwarded: hop-by-hop, the client's credentials, and what the
+/// gateway sets for the upstream itself.
+fn withheld_from_upstream(name: &str) -> bool {
+    hop_by_hop(name)
+        || matches!(
+            name,
+            "host" | "x-api-key" | "authorization" | "cookie" | "expect" | "accept-encoding"
+        )
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings, pool_size: usize) -> Upstream {
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
+            .accept(ureq::config::AutoHeaderValue::None)
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_per_read(Some(settings.read_timeout))
+            .timeout_per_write(Some(settings.write_timeout))
+            .max_idle_connections(pool_size)
+            .max_idle_connections_per_host(pool_size)
+            .input_buffer_size(64 * 1024)
+            .output_buffer_size(64 * 1024)
+            .max_response_header_size(64 * 1024)
+            .build();
+        Upstream {
+            agent: config.into(),
+            base_url: settings.base_url.clone(),
+        }
+    }
+
+    /// Sends `req` upstream with `account`'s credential. Errors here happened before any byte
+    /// of a response: the caller may answer or try another account.
+    pub fn forward(
+        &self,
+        req: &Request,
+        account: &Account,
+    ) -> Result<http::Response<Body>, ApiError> {
+        let Credential::ApiKey(key) = &account.credential else {
+            return Err(ApiError::NoAccount(format!(
+                "account {} has no usable credential",
+                account.id
+            )));
+        };
+        let tokens = connection_tokens(&req.headers);
+        let mut builder = http::Request::builder()
+            .method(req.method.as_str())
+            .uri(format!("{}{}", self.base_url, req.target));
+        for (name, value) in &req.headers {
+            if !withheld_from_upstream(name) && !tokens.iter().any(|t| t == name) {
+                builder = builder.header(name.as_str(), value.as_slice());
+            }
+        }
+        if req.header("anthropic-version").is_none() {
+            builder = builder.header("anthropic-version", ANTHROPIC_VERSION);
+        }
+        builder = builder
+            .header("x-api-key", key.expose())
+            .header("accept-encoding", "identity");
+        let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
+        let result = if req.method == "GET" || req.method == "HEAD" {
+            self.agent.run(builder.body(()).map_err(invalid)?)
+        } else {
+            self.agent
+                .run(builder.body(req.body.as_slice()).map_err(invalid)?)
+        };
+        result.map_err(|e| upstream_error(&e))
+    }
+}
+
+/// Names listed in `Connection:`, which are hop-by-hop too.
+fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == "connection")
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .into_owned()
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn upstream_error(e: &ureq::Error) -> ApiError {
+    match e {
+        ureq::Error::Timeout(_) => ApiError::UpstreamTimeout(e.to_string()),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            ApiError::UpstreamTimeout(e.to_string())
+        }
+        ureq::Error::Http(_) | ureq::Error::BadUri(_) => {
+            ApiError::BadRequest(format!("the request cannot be forwarded: {e}"))
+        }
+        _ => ApiError::UpstreamUnreachable(e.to_string()),
+    }
+}
+
+/// How a relayed response ended, for the access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    /// The upstream broke or ended early; the client was told (SSE error event) or saw a
+    /// truncated body.
+    UpstreamBroke(String),
+    /// The client went away mid-response.
+    ClientGone,
+}
+
+/// Copies `response` downstream. Returns how it ended and whether the connection may be reused.
+pub fn relay(
+    response: http::Response<Body>,
+    out: Responder<'_>,
+) -> Result<(Outcome, bool), (ApiError, Responder<'_>)> {
+    let (parts, body) = response.into_parts();
+    let mut head = Head::new(parts.status.as_u16());
+    let tokens: Vec<String> = parts
+        .headers
+        .get_all("connection")
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (name, value) in &parts.headers {
+        let name = name.as_str();
+        if !hop_by_hop(name) && !tokens.iter().any(|t| t == name) {
+            head.header(name, value.as_bytes());
+        }
+    }
+    let is_sse = header_str(&parts.headers, "content-type")
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let length =
+        header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    let mut reader = body.into_reader();
+
+    if is_sse {
+        return Ok(relay_sse(reader, out, head));
+    }
+    match length {
+        Some(n) if n <= BUFFER_WHOLE => {
+            // Small bodies: read whole, then one write; a short body is still an error we can
+            // report properly, since nothing has been sent yet.
+            let mut buf = Vec::with_capacity(n as usize);
+            match reader.by_ref().take(n).read_to_end(&mut buf) {
+                Ok(got) if got as u64 == n => {
+                    let keep = out.send(head, &buf);
+                    Ok((Outcome::Complete, keep))
+                }
+                Ok(got) => Err((
+                    ApiError::UpstreamUnreachable(format!(
+                        "the upstream closed after {got} of {n} body bytes"
+                    )),
+                    out,
+                )),
+                Err(e) => Err((io_error(&e), out)),
+            }
+        }
+        _ => Ok(relay_stream(reader, out, head, length)),
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn io_error(e: &std::io::Error) -> ApiError {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) {
+        ApiError::UpstreamTimeout(e.to_string())
+    } else {
+        ApiError::UpstreamUnreachable(e.to_string())
+    }
+}
+
+/// A body of unknown or large length, copied as it arrives.
+fn relay_stream(
+    mut reader: impl Read,
+    out: Responder<'_>,
+    head: Head,
+    length: Option<u64>,
+) -> (Outcome, bool) {
+    let writer = match length {
+        Some(n) => out.stream_with_length(head, n),
+        None => out.stream(head),
+    };
+    let Ok(mut writer) = writer else {
+        return (Outcome::ClientGone, false);
+    };
+    let mut buf = vec![0u8; COPY_CHUNK];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                let keep = writer.finish();
+                return (Outcome::Complete, keep);
+            }
+            Ok(n) => {
+                if writer.write(&buf[..n]).is_err() {
+                    return (Outcome::ClientGone, false);
+                }
+            }
+            Err(e) => {
+                // Headers are gone: the only honest signal left is a truncated body.
+                return (Outcome::UpstreamBroke(e.to_string()), writer.abort());
+            }
+        }
+    }
+}
+
+/// An SSE body, forwarded event by event. If the upstream ends without `message_stop` (or an
+/// `error` event of its own), the client gets an `event: error` rather than a silent cut.
+fn relay_sse(mut reader: impl Read, out: Responder<'_>, head: Head) -> (Outcome, bool) {
+    let Ok(mut writer) = out.stream(head) else {
+        return (Outcome::ClientGone, false);
+    };
+    let mut framer = sse::Framer::default();
+    let mut finished = false;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let broke = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => {
+                let sent = framer.push(&buf[..n], |events| {
+                    finished |= sse::event_names(events)
+                        .any(|name| name == b"message_stop" || name == b"error");
+                    writer.write(events)
+                });
+                if sent.is_err() {
+                    return (Outcome::ClientGone, false);
+                }
+            }
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    if finished && broke.is_none() {
+        return (Outcome::Complete, writer.finish());
+    }
+    let why = match &broke {
+        Some(e) => format!("the upstream stream broke before message_stop: {e}"),
+        None if framer.has_partial() => {
+            "the upstream ended the stream in the middle of an event".to_string()
+        }
+        None => "the upstream ended the stream before message_stop".to_string(),
+    };
+    if finished {
+        // The message was complete; a break after it loses nothing.
+        return (Outcome::Complete, writer.finish());
+    }
+    if writer.write(&sse::error_event("api_error", &why)).is_err() {
+        return (Outcome::ClientGone, false);
+    }
+    writer.finish();
+    // The response is complete as HTTP, but the connection saw a failure: do not reuse it.
+    (Outcome::UpstreamBroke(why), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_are_withheld() {
+        for name in [
+            "x-api-key",
+            "authorization",
+            "cookie",
+            "connection",
+            "transfer-encoding",
+            "host",
+            "content-length",
+            "accept-encoding",
+        ] {
+            assert!(withheld_from_upstream(name), "{name}");
+        }
+        for name in [
+            "anthropic-beta",
+            "anthropic-version",
+            "user-agent",
+            "x-custom",
+        ] {
+            assert!(!withheld_from_upstream(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn connection_tokens_are_collected() {
+        let headers = vec![("connection".to_string(), b"keep-alive, X-Secret".to_vec())];
+        assert_eq!(connection_tokens(&headers), ["keep-alive", "x-secret"]);
+    }
+}
