@@ -329,9 +329,39 @@ pub fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     if blank {
         return Ok(RawConfig::default());
     }
-    serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    serde_yaml::from_str(text).map_err(|e| {
+        let mut message = e.to_string();
+        // serde_yaml prints no position for errors at the very start of the document (an
+        // unknown top-level key): find the key ourselves.
+        if !message.contains(" at line ") {
+            let position = unknown_field(&message)
+                .and_then(|f| key_position(text, f))
+                .or_else(|| e.location().map(|l| (l.line(), l.column())));
+            if let Some((line, column)) = position {
+                message.push_str(&format!(" at line {line} column {column}"));
+            }
+        }
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        }
+    })
+}
+
+/// The field named in serde's "unknown field `x`" message.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.split("unknown field `").nth(1)?;
+    rest.split('`').next()
+}
+
+/// 1-based line and column of the first `key:` in `text`.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let indent = line.len() - line.trim_start().len();
+        let rest = line.trim_start().strip_prefix(key)?;
+        rest.trim_start()
+            .starts_with(':')
+            .then_some((i + 1, indent + 1))
     })
 }
 
@@ -604,6 +634,12 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("wrokers"), "{text}");
         assert!(text.contains("line 3"), "{text}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_gets_a_position_too() {
+        let err = parse("# hi\nserverr:\n  listen: x\n").expect_err("typo");
+        assert!(err.to_string().contains("line 2 column 1"), "{err}");
     }
 
     #[test]

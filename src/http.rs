@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// The largest request head accepted; more is 431.
 pub const MAX_HEAD: usize = 32 * 1024;
 const MAX_HEADERS: usize = 128;
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
 
 pub struct Limits {
     pub max_body: u64,
@@ -397,7 +397,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError
 }
 
 /// The comma-separated values of every `name` header, trimmed and lowercased.
-fn list_values(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+pub fn list_values(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
     headers
         .iter()
         .filter(|(n, _)| n == name)

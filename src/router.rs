@@ -19,7 +19,7 @@ enum Route {
 
 fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let (allow, route) = match path {
-        "/health" => ("GET, HEAD", Route::Health),
+        "/health" => ("GET", Route::Health),
         "/v1/messages" | "/v1/messages/count_tokens" => {
             ("POST", Route::Forward { json_body: true })
         }

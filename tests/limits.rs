@@ -1,0 +1,339 @@
+//! Limits and failures: error shapes, size limits, timeouts, slow clients and ambiguous framing.
+
+use std::io::Write;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    ACCOUNT_KEY, Config, Conn, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error,
+    assert_exit, call, refused_base_url,
+};
+
+/// The gateway's configured `header_timeout` and `body_timeout` (see `Config::yaml`).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Slack on top of a configured timeout before the test calls it missed.
+const MARGIN: Duration = Duration::from_millis(2500);
+
+#[test]
+fn request_errors_are_anthropic_shaped() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+
+    let malformed = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth(), ("content-type", "application/json")],
+        br#"{"model": "claude-sonnet-4-5", "messages": ["#,
+    );
+    assert_error(&malformed, 400, Some("invalid_request_error"));
+
+    let unknown = call(gw.addr(), "GET", "/v1/nope", &[gw.auth()], b"");
+    assert_error(&unknown, 404, Some("not_found_error"));
+    let unknown_post = call(
+        gw.addr(),
+        "POST",
+        "/v2/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_error(&unknown_post, 404, Some("not_found_error"));
+
+    let wrong_method = call(gw.addr(), "GET", "/v1/messages", &[gw.auth()], b"");
+    assert_error(&wrong_method, 405, None);
+    let wrong_method = call(gw.addr(), "DELETE", "/v1/models", &[gw.auth()], b"");
+    assert_error(&wrong_method, 405, None);
+
+    assert!(
+        up.requests().is_empty(),
+        "none of these may reach the upstream"
+    );
+}
+
+#[test]
+fn no_enabled_account_gives_503() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+
+    let mut none = Gateway::new(&Config::new(up.base_url()));
+    none.add_client_key("tests");
+    none.start();
+    let resp = call(
+        none.addr(),
+        "POST",
+        "/v1/messages",
+        &[none.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_error(&resp, 503, None);
+
+    let mut disabled = Gateway::new(&Config::new(up.base_url()));
+    for name in ["first", "second"] {
+        let id = disabled.add_api_key(name, ACCOUNT_KEY);
+        let out = disabled.run_cli(&["disable-account", "--account-id", &id]);
+        assert_exit(&out, 0, "disable-account");
+    }
+    disabled.add_client_key("tests");
+    disabled.start();
+    let resp = call(
+        disabled.addr(),
+        "POST",
+        "/v1/messages",
+        &[disabled.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_error(&resp, 503, None);
+
+    assert!(up.requests().is_empty(), "no account, no upstream request");
+}
+
+#[test]
+fn upstream_refusing_connections_gives_502() {
+    let gw = Gateway::started(&Config::new(refused_base_url()));
+    let resp = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_error(&resp, 502, None);
+}
+
+#[test]
+fn upstream_that_never_answers_gives_504_after_read_timeout() {
+    let up = FakeUpstream::start(|_| Reply::Hang);
+    let gw = Gateway::started(&Config::new(up.base_url()).read_timeout("1s"));
+
+    let started = Instant::now();
+    let resp = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    let took = started.elapsed();
+
+    assert_error(&resp, 504, None);
+    assert!(
+        took >= Duration::from_millis(900),
+        "504 before read_timeout elapsed: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "504 long after read_timeout: {took:?}"
+    );
+    assert!(
+        !up.requests().is_empty(),
+        "the request did reach the upstream"
+    );
+}
+
+#[test]
+fn oversized_body_is_refused_without_reading_it() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+
+    // The body is never sent: a 413 can only come from the declared length.
+    let mut conn = Conn::open(gw.addr());
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {}\r\n\
+         content-type: application/json\r\ncontent-length: 2000000\r\n\r\n",
+        gw.client_key()
+    );
+    conn.send(head.as_bytes());
+    let resp = conn.read_response();
+    assert_error(&resp, 413, Some("request_too_large"));
+
+    for declared in [
+        "1099511627776",
+        "18446744073709551615",
+        "18446744073709551616",
+    ] {
+        let mut conn = Conn::open(gw.addr());
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {}\r\n\
+             content-length: {declared}\r\n\r\n",
+            gw.client_key()
+        );
+        conn.send(head.as_bytes());
+        let resp = conn.read_response();
+        assert!(
+            resp.status == 413 || resp.status == 400,
+            "content-length {declared}: expected 413 or 400, got {} {}",
+            resp.status,
+            resp.text()
+        );
+        assert_error(&resp, resp.status, None);
+    }
+
+    assert!(
+        up.requests().is_empty(),
+        "oversized requests must not reach the upstream"
+    );
+    let health = call(gw.addr(), "GET", "/health", &[], b"");
+    assert_eq!(health.status, 200, "gateway keeps serving");
+    let ok = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_eq!(ok.status, 200, "gateway keeps proxying: {}", ok.text());
+}
+
+#[test]
+fn oversized_head_gives_431() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+
+    let filler = "a".repeat(1000);
+    let mut head = format!(
+        "GET /v1/models HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {}\r\n",
+        gw.client_key()
+    );
+    for i in 0..34 {
+        head.push_str(&format!("x-filler-{i}: {filler}\r\n"));
+    }
+    head.push_str("\r\n");
+    assert!(head.len() > 32 * 1024 + 512);
+
+    let mut conn = Conn::open(gw.addr());
+    conn.send(head.as_bytes());
+    let resp = conn.read_response();
+    assert_error(&resp, 431, None);
+    assert!(up.requests().is_empty());
+
+    let health = call(gw.addr(), "GET", "/health", &[], b"");
+    assert_eq!(health.status, 200, "gateway keeps serving");
+}
+
+#[test]
+fn stalled_clients_do_not_block_others() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+
+    // Half a head, then nothing.
+    let half_started = Instant::now();
+    let mut half_head = Conn::open(gw.addr());
+    half_head.send(b"POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-");
+
+    // A full head promising 100 bytes, 10 of them sent.
+    let mut stalled_body = Conn::open(gw.addr());
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {}\r\n\
+         content-length: 100\r\n\r\n{{\"model\":",
+        gw.client_key()
+    );
+    stalled_body.send(head.as_bytes());
+    let body_stalled_at = Instant::now();
+
+    // A head dribbled one byte every 100 ms: 2 s buys only 20 bytes of it.
+    let dribble_started = Instant::now();
+    let mut dribbler = Conn::open(gw.addr());
+    let mut writer = dribbler.writer();
+    let dribble = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-slow: {}\r\n\r\n",
+        "z".repeat(200)
+    );
+    let dribble_thread = thread::spawn(move || {
+        for byte in dribble.bytes() {
+            // Pacing a deliberately slow client, not synchronisation.
+            if writer.write_all(&[byte]).is_err() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+
+    // Meanwhile a normal client is served at once.
+    let started = Instant::now();
+    let resp = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    let took = started.elapsed();
+    assert_eq!(resp.status, 200, "body: {}", resp.text());
+    assert!(
+        took < Duration::from_secs(1),
+        "normal request took {took:?} next to stalled clients"
+    );
+
+    let resp = stalled_body.read_response();
+    let waited = body_stalled_at.elapsed();
+    assert_error(&resp, 408, None);
+    assert!(
+        waited < CLIENT_TIMEOUT + MARGIN,
+        "408 for the stalled body after {waited:?}"
+    );
+
+    for (what, conn, since) in [
+        ("half head", &mut half_head, half_started),
+        ("dribbled head", &mut dribbler, dribble_started),
+    ] {
+        let got = conn.read_until_closed();
+        let waited = since.elapsed();
+        assert!(
+            waited < CLIENT_TIMEOUT + MARGIN,
+            "{what} connection cut only after {waited:?}"
+        );
+        assert!(
+            got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+            "{what}: if anything is sent before closing, it is a 408: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The dribbler's writes end when the connection is gone; the join cannot outlast its 20 s script.
+    let _ = dribble_thread.join();
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "only the normal request reached the upstream"
+    );
+}
+
+#[test]
+fn ambiguous_framing_is_rejected() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let key = gw.client_key().to_string();
+
+    let both = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n\
+         content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let dup = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n\
+         content-length: 2\r\ncontent-length: 3\r\n\r\n{{}}"
+    );
+    let list = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n\
+         content-length: 2, 3\r\n\r\n{{}}"
+    );
+    for (what, raw) in [("CL + TE", both), ("duplicate CL", dup), ("CL list", list)] {
+        let mut conn = Conn::open(gw.addr());
+        conn.send(raw.as_bytes());
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 400, "{what}: {}", resp.text());
+        assert_error(&resp, 400, Some("invalid_request_error"));
+    }
+    assert!(
+        up.requests().is_empty(),
+        "ambiguous requests must not reach the upstream"
+    );
+
+    let ok = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_eq!(ok.status, 200);
+}
