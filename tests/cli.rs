@@ -480,14 +480,25 @@ fn client_key_clear_text_is_printed_once_and_stored_hashed() {
     );
     let list = gw.run_cli(&["list-accounts", "--json"]);
     assert_exit(&list, 0, "list-accounts");
+    // Not part of the contract, but if it exists it must not reveal keys either.
+    let list_keys = gw.run_cli(&["list-client-keys", "--json"]);
     for key in [&json_key, &plain_key] {
         let secret = &key["lgw_".len()..];
         assert!(
             !config.contains(secret),
             "config.yaml holds client key {key}"
         );
-        assert!(!String::from_utf8_lossy(&list.stdout).contains(secret));
-        assert!(!String::from_utf8_lossy(&list.stderr).contains(secret));
+        for (what, out) in [("list-accounts", &list), ("list-client-keys", &list_keys)] {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                !text.contains(secret),
+                "{what} shows client key {key}: {text}"
+            );
+        }
     }
 
     // Both stored hashes authenticate, and the server does not log the keys.

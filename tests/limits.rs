@@ -15,6 +15,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Slack on top of a configured timeout before the test calls it missed.
 const MARGIN: Duration = Duration::from_millis(2500);
 
+/// Earlier than this, a client timeout fired before its configured 2 s.
+const EARLY: Duration = Duration::from_millis(1500);
+
 #[test]
 fn request_errors_are_anthropic_shaped() {
     let up = FakeUpstream::json(200, r#"{"ok":true}"#);
@@ -272,6 +275,10 @@ fn stalled_clients_do_not_block_others() {
         waited < CLIENT_TIMEOUT + MARGIN,
         "408 for the stalled body after {waited:?}"
     );
+    assert!(
+        waited >= EARLY,
+        "408 for the stalled body after {waited:?}, before body_timeout"
+    );
 
     for (what, conn, since) in [
         ("half head", &mut half_head, half_started),
@@ -282,6 +289,10 @@ fn stalled_clients_do_not_block_others() {
         assert!(
             waited < CLIENT_TIMEOUT + MARGIN,
             "{what} connection cut only after {waited:?}"
+        );
+        assert!(
+            waited >= EARLY,
+            "{what} connection cut after {waited:?}, before header_timeout"
         );
         assert!(
             got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
