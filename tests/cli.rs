@@ -550,3 +550,54 @@ fn server_listen_flag_overrides_config() {
     }
     drop(occupied);
 }
+
+/// Issue 2: a running server applies accounts and keys changed by the CLI, without a restart.
+#[test]
+fn running_server_applies_cli_changes() {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let mut gw = Gateway::new(&Config::new(up.base_url()));
+    let account = gw.add_api_key("only", "sk-ant-api03-ReloadedAccount-rrrr");
+    assert_exit(
+        &gw.run_cli(&["disable-account", "--account-id", &account]),
+        0,
+        "disable",
+    );
+    gw.add_client_key("first");
+    gw.start();
+    let post = |key: &str| {
+        call(
+            gw.addr(),
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", key)],
+            MESSAGE_BODY.as_bytes(),
+        )
+        .status
+    };
+    let first = gw.client_key().to_string();
+    assert_eq!(post(&first), 503, "the only account is disabled");
+
+    assert_exit(
+        &gw.run_cli(&["enable-account", "--account-id", &account]),
+        0,
+        "enable",
+    );
+    let out = gw.run_cli(&["add-client-key", "--name", "second", "--json"]);
+    assert_exit(&out, 0, "add-client-key");
+    let second = stdout_json(&out, "add-client-key")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+
+    // The server polls the file; wait for the change to show, within a bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while post(&second) != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not apply the CLI's changes within 5 s"
+        );
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(post(&first), 200, "the first key still works");
+    assert_eq!(up.requests().len(), 2);
+}

@@ -348,3 +348,98 @@ fn ambiguous_framing_is_rejected() {
     );
     assert_eq!(ok.status, 200);
 }
+
+/// Issue 2: when every worker is busy and the accept queue is full, a new connection gets an
+/// immediate 503 with `retry-after` instead of hanging; queued connections are served later.
+#[test]
+fn saturated_pool_answers_503_and_serves_the_queue_later() {
+    let mut gates = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..2 {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        gates.push(tx);
+        receivers.push(rx);
+    }
+    let events = crate::support::sse_events(1);
+    let event_count = events.len();
+    let up = FakeUpstream::start(move |_| match receivers.pop() {
+        Some(gate) => Reply::Sse {
+            events: events.clone(),
+            gate: Some(gate),
+            framing: crate::support::Framing::Chunked,
+        },
+        None => Reply::json(200, r#"{"queued":"served"}"#),
+    });
+    let yaml = Config::new(up.base_url())
+        .yaml()
+        .replace("workers: 32", "workers: 2\n  accept_queue: 1");
+    let mut gw = Gateway::with_yaml(&yaml);
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    gw.add_client_key("tests");
+    gw.start();
+    let request = |stream: bool| {
+        let body = if stream {
+            r#"{"model":"m","stream":true}"#
+        } else {
+            MESSAGE_BODY
+        };
+        crate::support::request_bytes(
+            "POST",
+            "/v1/messages",
+            &[gw.auth(), ("connection", "close")],
+            body.as_bytes(),
+        )
+    };
+
+    // Two streams hold both workers: their first event has arrived, the rest is gated.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut conn = Conn::open(gw.addr());
+        conn.send(&request(true));
+        let (status, headers) = conn.read_head();
+        assert_eq!(status, 200);
+        let mut sse = conn.into_sse(&headers);
+        assert!(sse.next_event().is_some(), "first event of a held stream");
+        streams.push(sse);
+    }
+    // A third connection waits in the queue; a fourth is refused at once.
+    let mut queued = Conn::open(gw.addr());
+    queued.send(&request(false));
+    let refused_at = Instant::now();
+    let mut refused = Conn::open(gw.addr());
+    refused.send(&request(false));
+    let resp = refused.read_response();
+    assert!(
+        refused_at.elapsed() < Duration::from_secs(1),
+        "the refusal must not wait for a worker"
+    );
+    let body = assert_error(&resp, 503, Some("overloaded_error"));
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2 busy workers")
+    );
+
+    // Releasing the streams frees the workers, and the queued request is served.
+    for gate in &gates {
+        for _ in 1..event_count {
+            let _ = gate.send(());
+        }
+    }
+    for mut sse in streams {
+        let mut last = None;
+        while let Some(event) = sse.next_event() {
+            last = event.field("event").map(str::to_string);
+        }
+        assert_eq!(
+            last.as_deref(),
+            Some("message_stop"),
+            "held streams complete"
+        );
+    }
+    let resp = queued.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), r#"{"queued":"served"}"#);
+}
