@@ -28,6 +28,7 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     pub auth: RawAuth,
     pub log: RawLog,
+    pub oauth: RawOAuth,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -62,6 +63,19 @@ pub struct RawAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawOAuth {
+    pub authorize_url: Option<String>,
+    pub token_url: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub scopes: Option<String>,
+    pub system_prompt: Option<String>,
+    pub refresh_lead: Option<Dur>,
+    pub refresh_min_interval: Option<Dur>,
+    pub token_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     pub level: Option<String>,
     pub access: Option<bool>,
@@ -84,8 +98,92 @@ pub struct RawAccount {
     pub api_key_env: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Why the gateway disabled the account (a ban it recognised), for people to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+    /// OAuth accounts only, from here on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// Unix seconds when the access token expires, and when it was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_email: Option<String>,
+    /// Set when the token endpoint answered invalid_grant: a person must log in again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub needs_login: bool,
+    /// A pending `oauth-start`: sealed state and PKCE verifier, and when they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_verifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_expires_at: Option<u64>,
+}
+
+impl RawAccount {
+    /// A new account of `kind` with nothing but its identity set.
+    pub fn new(id: String, name: String, kind: AccountKind) -> RawAccount {
+        RawAccount {
+            id: Some(id),
+            name,
+            kind,
+            api_key: None,
+            api_key_env: None,
+            enabled: true,
+            disabled_reason: None,
+            created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
+            client_id: None,
+            client_secret: None,
+            access_token: None,
+            refresh_token: None,
+            expires_at: None,
+            issued_at: None,
+            scopes: None,
+            organization_uuid: None,
+            organization_name: None,
+            account_uuid: None,
+            account_email: None,
+            needs_login: false,
+            login_state: None,
+            login_verifier: None,
+            login_expires_at: None,
+        }
+    }
+
+    /// The fields that hold secrets, by name, for sealing and opening.
+    pub fn secret_fields(&mut self) -> [(&'static str, &mut Option<String>); 6] {
+        [
+            ("api_key", &mut self.api_key),
+            ("client_secret", &mut self.client_secret),
+            ("access_token", &mut self.access_token),
+            ("refresh_token", &mut self.refresh_token),
+            ("login_state", &mut self.login_state),
+            ("login_verifier", &mut self.login_verifier),
+        ]
+    }
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -93,12 +191,14 @@ pub struct RawAccount {
 pub enum AccountKind {
     #[default]
     ApiKey,
+    Oauth,
 }
 
 impl AccountKind {
     pub fn as_str(self) -> &'static str {
         match self {
             AccountKind::ApiKey => "api_key",
+            AccountKind::Oauth => "oauth",
         }
     }
 }
@@ -183,6 +283,7 @@ pub struct Config {
     pub path: PathBuf,
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
+    pub oauth: OAuthSettings,
     /// Serve without gateway keys. Deliberate, and warned about at every start.
     pub auth_open: bool,
     pub log_level: Level,
@@ -220,6 +321,27 @@ pub struct UpstreamSettings {
     pub write_timeout: Duration,
 }
 
+/// The OAuth protocol constants; defaults are Anthropic's (see shared/spec), all overridable
+/// because Anthropic moves endpoints and tests use fakes.
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    pub authorize_url: String,
+    pub token_url: String,
+    pub redirect_uri: String,
+    /// Space-separated.
+    pub scopes: String,
+    /// Injected as the first system block of every request an OAuth account carries.
+    pub system_prompt: String,
+    /// Refresh this long before expiry (at most half the token's lifetime).
+    pub refresh_lead: Duration,
+    /// Never refresh one account twice within this.
+    pub refresh_min_interval: Duration,
+    /// Timeout of one call to the token endpoint.
+    pub token_timeout: Duration,
+}
+
+pub const DEFAULT_SYSTEM_PROMPT: &str = "你是 Claude Code，Anthropic的官方CLI工具";
+
 #[derive(Debug, Clone)]
 pub struct Account {
     pub id: String,
@@ -227,22 +349,80 @@ pub struct Account {
     pub kind: AccountKind,
     pub credential: Credential,
     pub enabled: bool,
+    pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub enum Credential {
     ApiKey(Secret),
+    OAuth(Box<OAuth>),
     /// The account cannot be used; the text says why (e.g. an unset environment variable).
     Unusable(String),
 }
 
+/// An OAuth account's credential as stored: client, tokens, pending login, identity.
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    /// None until the first successful login.
+    pub tokens: Option<Tokens>,
+    /// The token endpoint refused the refresh token (invalid_grant): log in again.
+    pub needs_login: bool,
+    pub pending: Option<PendingLogin>,
+    pub scopes: Option<String>,
+    pub organization: Option<String>,
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub access: Secret,
+    pub refresh: Secret,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// Unix seconds; 0 when unknown.
+    pub issued_at: u64,
+}
+
+/// What `oauth-start` left for `oauth-callback`.
+#[derive(Debug, Clone)]
+pub struct PendingLogin {
+    pub state: Secret,
+    pub verifier: Secret,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
 impl Account {
-    /// The credential as shown to people: masked, or why it is missing.
+    /// The credential as shown to people: masked, or its state.
     pub fn key_display(&self) -> String {
         match &self.credential {
             Credential::ApiKey(s) => s.mask(),
+            Credential::OAuth(o) => match &o.tokens {
+                _ if o.needs_login => "(needs login: run oauth-start)".into(),
+                None => "(not logged in: run oauth-start)".into(),
+                Some(t) => {
+                    let now = crate::time::now_unix();
+                    if t.expires_at > now {
+                        format!(
+                            "token, expires in {}",
+                            crate::time::human_duration(t.expires_at - now)
+                        )
+                    } else {
+                        "token expired (refreshed on next use)".into()
+                    }
+                }
+            },
             Credential::Unusable(why) => format!("({why})"),
+        }
+    }
+
+    pub fn oauth(&self) -> Option<&OAuth> {
+        match &self.credential {
+            Credential::OAuth(o) => Some(o),
+            _ => None,
         }
     }
 }
@@ -459,6 +639,44 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         write_timeout: dur(u.write_timeout, 60),
     };
 
+    let o = &raw.oauth;
+    let url = |value: &Option<String>, default: &str, name: &str| -> Result<String, ConfigError> {
+        let v = value.clone().unwrap_or_else(|| default.to_string());
+        if v.starts_with("https://") || v.starts_with("http://") {
+            Ok(v)
+        } else {
+            Err(invalid(format!("oauth.{name} {v:?} is not an http(s) URL")))
+        }
+    };
+    let oauth = OAuthSettings {
+        authorize_url: url(
+            &o.authorize_url,
+            "https://claude.ai/oauth/authorize",
+            "authorize_url",
+        )?,
+        token_url: url(
+            &o.token_url,
+            "https://platform.claude.com/v1/oauth/token",
+            "token_url",
+        )?,
+        redirect_uri: url(
+            &o.redirect_uri,
+            "https://platform.claude.com/oauth/code/callback",
+            "redirect_uri",
+        )?,
+        scopes: o
+            .scopes
+            .clone()
+            .unwrap_or_else(|| "org:create_api_key user:profile user:inference".into()),
+        system_prompt: o
+            .system_prompt
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.into()),
+        refresh_lead: dur(o.refresh_lead, 600),
+        refresh_min_interval: dur(o.refresh_min_interval, 30),
+        token_timeout: dur(o.token_timeout, 30),
+    };
+
     let log_level = match raw.log.level.as_deref() {
         None => Level::Info,
         Some(text) => Level::parse(text).ok_or_else(|| {
@@ -471,9 +689,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     // Secrets: the key is loaded only if some value is sealed.
     let keys = key_source(path, &raw);
     let accounts_raw = raw.accounts.unwrap_or_default();
-    let needs_key = accounts_raw
-        .iter()
-        .any(|a| a.api_key.as_deref().is_some_and(secret::is_sealed));
+    let needs_key = accounts_raw.iter().any(|a| {
+        let mut a = a.clone();
+        a.secret_fields()
+            .iter()
+            .any(|(_, v)| v.as_deref().is_some_and(secret::is_sealed))
+    });
     let key = if needs_key {
         Some(keys.load()?.ok_or(SecretError::NoKey {
             file: keys.file.clone(),
@@ -530,6 +751,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         server,
         upstream,
+        oauth,
         auth_open,
         log_level,
         access_log: raw.log.access.unwrap_or(true),
@@ -544,8 +766,36 @@ enum AccountError {
     Invalid(String),
 }
 
+/// Opens one secret field: sealed values with the key, clear ones (written by hand) with a
+/// warning, since the next write seals them.
+fn open_field(
+    id: &str,
+    field: &str,
+    value: Option<&String>,
+    key: Option<&SecretKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Secret>, AccountError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if secret::is_sealed(value) {
+        // `needs_key` guarantees a key whenever a sealed value exists.
+        let key = key.ok_or(AccountError::Invalid(format!(
+            "account {id}: sealed {field} but no secret key"
+        )))?;
+        return key
+            .open(id, field, value)
+            .map(Some)
+            .map_err(AccountError::Secret);
+    }
+    warnings.push(format!(
+        "account {id} has its {field} in clear in the config file; it will be sealed at the next write"
+    ));
+    Ok(Some(Secret::new(value.trim())))
+}
+
 fn validate_account(
-    a: RawAccount,
+    mut a: RawAccount,
     key: Option<&SecretKey>,
     warnings: &mut Vec<String>,
 ) -> Result<Account, AccountError> {
@@ -553,38 +803,68 @@ fn validate_account(
         return Err(AccountError::Invalid("an account has an empty name".into()));
     }
     let id = a.id.clone().unwrap_or_else(|| derived_account_id(&a.name));
-    let credential = match (&a.api_key, &a.api_key_env) {
-        (Some(_), Some(_)) => {
-            return Err(AccountError::Invalid(format!(
-                "account {id}: give api_key or api_key_env, not both"
-            )));
-        }
-        (None, None) => {
-            return Err(AccountError::Invalid(format!(
-                "account {id}: needs api_key or api_key_env"
-            )));
-        }
-        (Some(value), None) if secret::is_sealed(value) => {
-            // `needs_key` guarantees a key whenever a sealed value exists.
-            let key = key.ok_or(AccountError::Invalid(format!(
-                "account {id}: sealed key but no secret key"
-            )))?;
-            Credential::ApiKey(
-                key.open(&id, "api_key", value)
-                    .map_err(AccountError::Secret)?,
-            )
-        }
-        (Some(value), None) => {
-            warnings.push(format!(
-                "account {id} ({}) has its api_key in clear in the config file; it will be sealed at the next write",
-                a.name
-            ));
-            Credential::ApiKey(Secret::new(value.trim()))
-        }
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
-            _ => Credential::Unusable(format!("environment variable {var} is not set")),
+    let mut open =
+        |field: &str, value: &Option<String>| open_field(&id, field, value.as_ref(), key, warnings);
+    let credential = match a.kind {
+        AccountKind::ApiKey => match (open("api_key", &a.api_key)?, &a.api_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: give api_key or api_key_env, not both"
+                )));
+            }
+            (None, None) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: needs api_key or api_key_env"
+                )));
+            }
+            (Some(key), None) => Credential::ApiKey(key),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
+                _ => Credential::Unusable(format!("environment variable {var} is not set")),
+            },
         },
+        AccountKind::Oauth => {
+            let client_id = a
+                .client_id
+                .take()
+                .filter(|c| !c.trim().is_empty())
+                .ok_or_else(|| {
+                    AccountError::Invalid(format!("account {id}: an oauth account needs client_id"))
+                })?;
+            let tokens = match (
+                open("access_token", &a.access_token)?,
+                open("refresh_token", &a.refresh_token)?,
+            ) {
+                (Some(access), Some(refresh)) => Some(Tokens {
+                    access,
+                    refresh,
+                    expires_at: a.expires_at.unwrap_or(0),
+                    issued_at: a.issued_at.unwrap_or(0),
+                }),
+                _ => None,
+            };
+            let pending = match (
+                open("login_state", &a.login_state)?,
+                open("login_verifier", &a.login_verifier)?,
+            ) {
+                (Some(state), Some(verifier)) => Some(PendingLogin {
+                    state,
+                    verifier,
+                    expires_at: a.login_expires_at.unwrap_or(0),
+                }),
+                _ => None,
+            };
+            Credential::OAuth(Box::new(OAuth {
+                client_id,
+                client_secret: open("client_secret", &a.client_secret)?,
+                tokens,
+                needs_login: a.needs_login,
+                pending,
+                scopes: a.scopes.take(),
+                organization: a.organization_name.take().or(a.organization_uuid.take()),
+                email: a.account_email.take(),
+            }))
+        }
     };
     Ok(Account {
         id,
@@ -592,6 +872,7 @@ fn validate_account(
         kind: a.kind,
         credential,
         enabled: a.enabled,
+        disabled_reason: a.disabled_reason,
         created_at: a.created_at,
     })
 }

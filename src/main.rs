@@ -7,6 +7,7 @@
 mod log;
 
 mod accounts;
+mod anthropic;
 mod auth;
 mod cli;
 mod config;
@@ -14,6 +15,9 @@ mod encoding;
 mod error;
 mod http;
 mod listener;
+mod oauth;
+mod processor;
+mod refresh;
 mod router;
 mod secret;
 mod server;

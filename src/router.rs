@@ -3,10 +3,17 @@
 
 use std::time::Instant;
 
+use crate::accounts::Entry;
+use crate::anthropic;
+use crate::config::Credential;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
+use crate::processor::{ApiKey, OAuth};
+use crate::refresh::Need;
+use crate::secret::Secret;
 use crate::server::Gateway;
-use crate::upstream::{self, Outcome};
+use crate::store;
+use crate::upstream::{self, Answer, Outcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -56,9 +63,9 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn) -> bool {
             let keep = out.send(head, br#"{"status":"ok"}"#);
             (200, Outcome::Complete, keep)
         }
-        Ok(Served::Upstream(response)) => {
-            let status = response.status().as_u16();
-            match upstream::relay(response, out) {
+        Ok(Served::Upstream(answer)) => {
+            let status = answer.status();
+            match upstream::relay(answer, out) {
                 Ok((outcome, keep)) => (status, outcome, keep),
                 Err((error, out)) => {
                     let status = error.status();
@@ -93,7 +100,7 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn) -> bool {
 
 enum Served {
     Health,
-    Upstream(ureq::http::Response<ureq::Body>),
+    Upstream(Answer),
 }
 
 fn serve(
@@ -111,9 +118,105 @@ fn serve(
     if json_body {
         check_json_object(&req.body)?;
     }
-    let account = gw.accounts.pick()?;
-    account_name.clone_from(&account.name);
-    gw.upstream.forward(req, &account).map(Served::Upstream)
+    // Accounts that failed this request before anything reached the client are skipped; if
+    // none is left, the client gets the last account's answer (or why none could be used).
+    let mut tried = Vec::new();
+    let mut fallback: Option<Result<Answer, ApiError>> = None;
+    loop {
+        let entry = match gw.accounts.pick(&tried) {
+            Ok(entry) => entry,
+            Err(none) => {
+                return match fallback {
+                    Some(Ok(answer)) => Ok(Served::Upstream(answer)),
+                    Some(Err(error)) => Err(error),
+                    None => Err(none),
+                };
+            }
+        };
+        account_name.clone_from(&entry.account.name);
+        match attempt(gw, req, &entry)? {
+            Step::Done(answer) => return Ok(Served::Upstream(answer)),
+            Step::Next(why) => {
+                tried.push(entry.id().to_string());
+                fallback = Some(why);
+            }
+        }
+    }
+}
+
+/// What one account made of the request.
+enum Step {
+    /// An answer to relay.
+    Done(Answer),
+    /// This account cannot serve it; try another. Carries what the client gets if none can.
+    Next(Result<Answer, ApiError>),
+}
+
+fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
+    let answer = match &entry.account.credential {
+        Credential::ApiKey(key) => Answer::Streaming(gw.upstream.forward(req, &ApiKey(key))?),
+        Credential::OAuth(_) => {
+            let tokens = match gw.refresher.ensure(entry, Need::Expired) {
+                Ok(tokens) => tokens,
+                Err(e) => {
+                    let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
+                    return Ok(Step::Next(Err(ApiError::NoAccount(why))));
+                }
+            };
+            let answer = Answer::Streaming(gw.upstream.forward(req, &oauth(gw, &tokens.access))?);
+            if answer.status() != 401 {
+                answer
+            } else {
+                // A token we believed valid was refused: refresh once and retry once.
+                let refused = answer.buffer()?;
+                match gw
+                    .refresher
+                    .ensure(entry, Need::Rejected(tokens.access.clone()))
+                {
+                    Ok(fresh) => {
+                        Answer::Streaming(gw.upstream.forward(req, &oauth(gw, &fresh.access))?)
+                    }
+                    Err(e) => {
+                        warn!("account {}: 401 and no fresh token: {e}", entry.id());
+                        return Ok(Step::Next(Ok(refused)));
+                    }
+                }
+            }
+        }
+        Credential::Unusable(why) => return Ok(Step::Next(Err(ApiError::NoAccount(why.clone())))),
+    };
+    if matches!(answer.status(), 400 | 403) {
+        let answer = answer.buffer()?;
+        if let Some(reason) = anthropic::permanent_failure(answer.status(), answer.body()) {
+            disable(gw, entry, reason);
+            return Ok(Step::Next(Ok(answer)));
+        }
+        return Ok(Step::Done(answer));
+    }
+    Ok(Step::Done(answer))
+}
+
+fn oauth<'a>(gw: &'a Gateway, token: &'a Secret) -> OAuth<'a> {
+    OAuth {
+        token,
+        system_prompt: &gw.system_prompt,
+    }
+}
+
+/// Takes an account out of service for good: in memory at once, and in config.yaml.
+fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
+    error!(
+        "account {} ({}) disabled: upstream says \"{reason}\"",
+        entry.id(),
+        entry.account.name
+    );
+    entry.live().disabled_reason = Some(reason.to_string());
+    if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
+        error!(
+            "could not record that account {} is disabled: {e}",
+            entry.id()
+        );
+    }
 }
 
 /// The body must be one JSON object. Checked without building a tree.

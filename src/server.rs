@@ -13,6 +13,7 @@ use crate::error::ApiError;
 use crate::http::{Conn, Limits};
 use crate::listener::{self, PoolSettings};
 use crate::log;
+use crate::refresh::Refresher;
 use crate::router;
 use crate::upstream::Upstream;
 
@@ -21,6 +22,10 @@ pub struct Gateway {
     pub accounts: Accounts,
     pub clients: ClientKeys,
     pub upstream: Upstream,
+    pub refresher: Refresher,
+    /// Where config.yaml is, for the changes the server itself makes (tokens, bans).
+    pub config_path: PathBuf,
+    pub system_prompt: String,
     pub limits: Limits,
     pub access_log: bool,
 }
@@ -32,6 +37,9 @@ impl Gateway {
             accounts: Accounts::new(config.accounts.clone()),
             clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
             upstream: Upstream::new(&config.upstream, s.workers),
+            refresher: Refresher::new(config.path.clone(), &config.oauth),
+            config_path: config.path.clone(),
+            system_prompt: config.oauth.system_prompt.clone(),
             limits: Limits {
                 max_body: s.max_body_bytes,
                 header_timeout: s.header_timeout,
@@ -101,6 +109,16 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || watch_config(&watched, path));
+
+    let refreshing = Arc::clone(&gateway);
+    let _ = std::thread::Builder::new()
+        .name("oauth-refresh".into())
+        .spawn(move || {
+            loop {
+                refreshing.refresher.tick(&refreshing.accounts);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
 
     let settings = PoolSettings {
         workers: config.server.workers,

@@ -9,7 +9,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, ConfigError, RawAccount, RawClientKey};
+use crate::config::{self, ConfigError, RawAccount, RawClientKey, Tokens};
+use crate::oauth::Grant;
 use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
 
 /// The machine-managed part of the config, as a change sees and edits it.
@@ -127,15 +128,87 @@ fn seal_clear_values(m: &mut Managed) -> Result<(), SecretError> {
         let id =
             a.id.get_or_insert_with(|| config::derived_account_id(&a.name))
                 .clone();
-        if let Some(value) = a.api_key.as_deref().filter(|v| !secret::is_sealed(v)) {
-            let sealed = m.sealer.seal(&id, "api_key", &Secret::new(value.trim()))?;
-            a.api_key = Some(sealed);
+        for (field, value) in a.secret_fields() {
+            if let Some(clear) = value.as_deref().filter(|v| !secret::is_sealed(v)) {
+                *value = Some(m.sealer.seal(&id, field, &Secret::new(clear.trim()))?);
+            }
         }
     }
     Ok(())
 }
 
-struct FileLock(std::fs::File);
+/// Server-side account changes, each one `update`.
+///
+/// Stores freshly issued tokens (sealed) and, from a login, the identity that came with them;
+/// clears a pending login and any `needs_login` mark.
+pub fn save_tokens(
+    path: &Path,
+    id: &str,
+    tokens: &Tokens,
+    grant: Option<&Grant>,
+) -> Result<(), ChangeError<String>> {
+    update(path, |m| {
+        let access = m.seal(id, "access_token", &tokens.access)?;
+        let refresh = m.seal(id, "refresh_token", &tokens.refresh)?;
+        let a = find(&mut m.accounts, id)?;
+        a.access_token = Some(access);
+        a.refresh_token = Some(refresh);
+        a.expires_at = Some(tokens.expires_at);
+        a.issued_at = Some(tokens.issued_at);
+        a.needs_login = false;
+        if let Some(g) = grant {
+            a.login_state = None;
+            a.login_verifier = None;
+            a.login_expires_at = None;
+            a.scopes = g.scope.clone().or(a.scopes.take());
+            a.organization_uuid = g.organization_uuid.clone().or(a.organization_uuid.take());
+            a.organization_name = g.organization_name.clone().or(a.organization_name.take());
+            a.account_uuid = g.account_uuid.clone().or(a.account_uuid.take());
+            a.account_email = g.account_email.clone().or(a.account_email.take());
+        }
+        Ok(())
+    })
+}
+
+/// Marks an OAuth account as needing a new login (the token endpoint said invalid_grant).
+pub fn mark_needs_login(path: &Path, id: &str) -> Result<(), ChangeError<String>> {
+    update(path, |m| {
+        find(&mut m.accounts, id)?.needs_login = true;
+        Ok(())
+    })
+}
+
+/// Takes an account out of service for a permanent reason (a ban), saying why.
+pub fn disable_account(path: &Path, id: &str, reason: &str) -> Result<(), ChangeError<String>> {
+    update(path, |m| {
+        let a = find(&mut m.accounts, id)?;
+        a.enabled = false;
+        a.disabled_reason = Some(reason.to_string());
+        Ok(())
+    })
+}
+
+fn find<'a>(
+    accounts: &'a mut [RawAccount],
+    id: &str,
+) -> Result<&'a mut RawAccount, ChangeError<String>> {
+    accounts
+        .iter_mut()
+        .find(|a| a.id.as_deref() == Some(id))
+        .ok_or_else(|| ChangeError::Change(format!("account {id} is no longer in the config")))
+}
+
+impl std::fmt::Display for ChangeError<String> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeError::Config(e) => e.fmt(f),
+            ChangeError::Change(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Held while it lives; released on drop.
+pub struct FileLock(std::fs::File);
 
 impl Drop for FileLock {
     fn drop(&mut self) {
@@ -145,8 +218,30 @@ impl Drop for FileLock {
 
 /// Takes the exclusive lock on `.<config name>.lock` beside the config. The lock is not on the
 /// config itself because the config is replaced by rename: a lock on the old inode would not
-/// exclude a writer that opened the new one.
+/// exclude a writer that opened the new one. Held only for a local read-change-write, never
+/// across a network call.
 fn lock(path: &Path) -> Result<FileLock, ConfigError> {
+    lock_named(path, "lock")
+}
+
+/// The per-account lock that serialises token refreshes and logins of one account across
+/// threads and processes (`flock` excludes per open file, so two threads of one process that
+/// each open the file exclude each other too). Held across the token endpoint call.
+pub fn account_lock(path: &Path, account_id: &str) -> Result<FileLock, ConfigError> {
+    let safe: String = account_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    lock_named(path, &format!("{safe}.lock"))
+}
+
+fn lock_named(path: &Path, suffix: &str) -> Result<FileLock, ConfigError> {
     let io = |error| ConfigError::Io {
         path: path.to_path_buf(),
         error,
@@ -158,7 +253,7 @@ fn lock(path: &Path) -> Result<FileLock, ConfigError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let lock_path: PathBuf = path.with_file_name(format!(".{name}.lock"));
+    let lock_path: PathBuf = path.with_file_name(format!(".{name}.{suffix}"));
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -286,15 +381,16 @@ mod tests {
 
     #[test]
     fn rendered_sections_parse_back() {
-        let accounts = vec![RawAccount {
-            id: Some("acc_1".into()),
-            name: "Team: \"prod\" #1".into(),
-            kind: config::AccountKind::ApiKey,
-            api_key: Some("enc:v1:AAAA".into()),
-            api_key_env: None,
-            enabled: false,
-            created_at: None,
-        }];
+        let mut account = RawAccount::new(
+            "acc_1".into(),
+            "Team: \"prod\" #1\nsecond line".into(),
+            config::AccountKind::Oauth,
+        );
+        account.enabled = false;
+        account.client_id = Some("c-1".into());
+        account.access_token = Some("enc:v1:AAAA".into());
+        account.expires_at = Some(1_795_676_640);
+        let accounts = vec![account];
         let text = replace_section("server: {}\n", "accounts", &render("accounts", &accounts));
         let raw = config::parse_raw(Path::new("x"), &text).expect("parses");
         assert_eq!(raw.accounts.expect("present"), accounts);

@@ -33,6 +33,16 @@ pub fn rfc3339_millis(unix_millis: u64) -> String {
     format!("{}.{:03}Z", &base[..base.len() - 1], unix_millis % 1000)
 }
 
+/// `7h59m`, `12m`, `40s`: a duration for people.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h{:02}m", secs / 3600, secs / 60 % 60),
+        _ => format!("{}d{}h", secs / 86_400, secs / 3600 % 24),
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -7,14 +7,19 @@ use std::io::Read;
 use ureq::http::{self, HeaderMap};
 use ureq::{Agent, Body};
 
-use crate::config::{Account, Credential, UpstreamSettings};
+use std::borrow::Cow;
+
+use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::http::{Head, Request, Responder};
+use crate::processor::{Outgoing, Processor};
 use crate::sse;
 
 /// Bodies up to this size are read whole and sent with the head in one write.
 const BUFFER_WHOLE: u64 = 256 * 1024;
 const COPY_CHUNK: usize = 8 * 1024;
+/// Error bodies read for inspection are capped here.
+const MAX_INSPECTED: u64 = 1024 * 1024;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -76,43 +81,85 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` upstream with `account`'s credential. Errors here happened before any byte
-    /// of a response: the caller may answer or try another account.
+    /// Sends `req` upstream, shaped by the account's processor. Errors here happened before
+    /// any byte of a response: the caller may answer or try another account.
     pub fn forward(
         &self,
         req: &Request,
-        account: &Account,
+        processor: &dyn Processor,
     ) -> Result<http::Response<Body>, ApiError> {
-        let Credential::ApiKey(key) = &account.credential else {
-            return Err(ApiError::NoAccount(format!(
-                "account {} has no usable credential",
-                account.id
-            )));
-        };
         // Names listed in `Connection:` are hop-by-hop too.
         let tokens = crate::http::list_values(&req.headers, "connection");
+        let mut out = Outgoing {
+            path: req.path().to_string(),
+            headers: req
+                .headers
+                .iter()
+                .filter(|(name, _)| !withheld_from_upstream(name) && !tokens.contains(name))
+                .cloned()
+                .collect(),
+            body: Cow::Borrowed(&req.body),
+        };
+        if req.header("anthropic-version").is_none() {
+            out.headers
+                .push(("anthropic-version".into(), ANTHROPIC_VERSION.into()));
+        }
+        out.headers
+            .push(("accept-encoding".into(), b"identity".to_vec()));
+        processor.prepare(&mut out)?;
+
         let mut builder = http::Request::builder()
             .method(req.method.as_str())
             .uri(format!("{}{}", self.base_url, req.target));
-        for (name, value) in &req.headers {
-            if !withheld_from_upstream(name) && !tokens.iter().any(|t| t == name) {
-                builder = builder.header(name.as_str(), value.as_slice());
-            }
+        for (name, value) in &out.headers {
+            builder = builder.header(name.as_str(), value.as_slice());
         }
-        if req.header("anthropic-version").is_none() {
-            builder = builder.header("anthropic-version", ANTHROPIC_VERSION);
-        }
-        builder = builder
-            .header("x-api-key", key.expose())
-            .header("accept-encoding", "identity");
         let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
-        let result = if req.method == "GET" || req.method == "HEAD" {
+        let result = if req.method == "GET" {
             self.agent.run(builder.body(()).map_err(invalid)?)
         } else {
             self.agent
-                .run(builder.body(req.body.as_slice()).map_err(invalid)?)
+                .run(builder.body(out.body.as_ref()).map_err(invalid)?)
         };
         result.map_err(|e| upstream_error(&e))
+    }
+}
+
+/// An upstream answer: still streaming, or read whole because the router had to look at it.
+pub enum Answer {
+    Streaming(http::Response<Body>),
+    Buffered(http::response::Parts, Vec<u8>),
+}
+
+impl Answer {
+    pub fn status(&self) -> u16 {
+        match self {
+            Answer::Streaming(r) => r.status().as_u16(),
+            Answer::Buffered(parts, _) => parts.status.as_u16(),
+        }
+    }
+
+    /// Reads the body (an error body: small, and capped) so it can be inspected.
+    pub fn buffer(self) -> Result<Answer, ApiError> {
+        match self {
+            Answer::Streaming(response) => {
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .into_with_config()
+                    .limit(MAX_INSPECTED)
+                    .read_to_vec()
+                    .map_err(|e| upstream_error(&e))?;
+                Ok(Answer::Buffered(parts, bytes))
+            }
+            buffered => Ok(buffered),
+        }
+    }
+
+    pub fn body(&self) -> &[u8] {
+        match self {
+            Answer::Streaming(_) => &[],
+            Answer::Buffered(_, body) => body,
+        }
     }
 }
 
@@ -140,12 +187,18 @@ pub enum Outcome {
     ClientGone,
 }
 
-/// Copies `response` downstream. Returns how it ended and whether the connection may be reused.
+/// Copies an answer downstream. Returns how it ended and whether the connection may be reused.
 pub fn relay(
-    response: http::Response<Body>,
+    answer: Answer,
     out: Responder<'_>,
 ) -> Result<(Outcome, bool), (ApiError, Responder<'_>)> {
-    let (parts, body) = response.into_parts();
+    let (parts, reader): (_, Box<dyn Read>) = match answer {
+        Answer::Streaming(response) => {
+            let (parts, body) = response.into_parts();
+            (parts, Box::new(body.into_reader()))
+        }
+        Answer::Buffered(parts, bytes) => (parts, Box::new(std::io::Cursor::new(bytes))),
+    };
     let mut head = Head::new(parts.status.as_u16());
     let tokens: Vec<String> = parts
         .headers
@@ -168,7 +221,7 @@ pub fn relay(
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-    let mut reader = body.into_reader();
+    let mut reader = reader;
 
     if is_sse {
         return Ok(relay_sse(reader, out, head));

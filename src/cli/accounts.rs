@@ -1,0 +1,284 @@
+//! Commands for API-key accounts, gateway keys and account state: add, list, enable, disable,
+//! remove.
+
+use std::path::Path;
+
+use argh::FromArgs;
+use serde_json::json;
+
+use super::{CliError, Exit, check_name, new_id, print_json, print_table, read_secret};
+use crate::accounts::Accounts;
+use crate::auth;
+use crate::config::{self, AccountKind, RawAccount, RawClientKey};
+use crate::store::{self, ChangeError};
+use crate::time;
+
+#[derive(FromArgs)]
+/// Add an Anthropic API-key account. The key comes from --key-file, --key, or standard input
+/// (prefer the file or stdin: a key on the command line shows in /proc and shell history).
+#[argh(subcommand, name = "add-api-key")]
+pub struct AddApiKey {
+    /// a name for people, e.g. "Production Account"
+    #[argh(option)]
+    pub name: String,
+    /// the API key (sk-ant-…)
+    #[argh(option)]
+    pub key: Option<String>,
+    /// read the API key from this file
+    #[argh(option)]
+    pub key_file: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Create a gateway key for a client. It is printed once; only its hash is stored.
+#[argh(subcommand, name = "add-client-key")]
+pub struct AddClientKey {
+    /// who the key is for, e.g. alice
+    #[argh(option)]
+    pub name: String,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// List upstream accounts (keys masked).
+#[argh(subcommand, name = "list-accounts")]
+pub struct ListAccounts {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// List gateway keys (their ids, names and first characters; the keys themselves are not stored).
+#[argh(subcommand, name = "list-client-keys")]
+pub struct ListClientKeys {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Remove an account.
+#[argh(subcommand, name = "remove-account")]
+pub struct RemoveAccount {
+    /// the account id (see list-accounts)
+    #[argh(option)]
+    pub account_id: String,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Enable an account.
+#[argh(subcommand, name = "enable-account")]
+pub struct EnableAccount {
+    /// the account id (see list-accounts)
+    #[argh(option)]
+    pub account_id: String,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Disable an account without removing it.
+#[argh(subcommand, name = "disable-account")]
+pub struct DisableAccount {
+    /// the account id (see list-accounts)
+    #[argh(option)]
+    pub account_id: String,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
+    let name = check_name(&cmd.name)?;
+    let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
+    if !key.expose().starts_with("sk-ant-") {
+        eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
+    }
+    let id = store::update(path, |m| {
+        let id = new_id("acc_", |id| {
+            m.accounts.iter().any(|a| a.id.as_deref() == Some(id))
+        });
+        let mut account = RawAccount::new(id.clone(), name.clone(), AccountKind::ApiKey);
+        account.api_key = Some(m.seal(&id, "api_key", &key)?);
+        m.accounts.push(account);
+        Ok::<_, ChangeError<CliError>>(id)
+    })?;
+    if cmd.json {
+        print_json(&json!({
+            "id": id, "name": name, "kind": "api_key", "key": key.mask(), "enabled": true,
+        }));
+    } else {
+        println!("added account {id} \"{name}\" ({})", key.mask());
+    }
+    Ok(())
+}
+
+pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
+    let name = check_name(&cmd.name)?;
+    let key = auth::generate_key();
+    let id = store::update(path, |m| {
+        let id = new_id("ck_", |id| m.client_keys.iter().any(|k| k.id == id));
+        m.client_keys.push(RawClientKey {
+            id: id.clone(),
+            name: name.clone(),
+            hash: auth::hash_for_storage(&key),
+            prefix: Some(key.expose().chars().take(12).collect()),
+            enabled: true,
+            created_at: Some(time::rfc3339(time::now_unix())),
+        });
+        Ok::<_, ChangeError<CliError>>(id)
+    })?;
+    // The one place a gateway key is ever shown in clear.
+    if cmd.json {
+        print_json(&json!({"id": id, "name": name, "key": key.expose()}));
+    } else {
+        println!("gateway key {id} for \"{name}\":\n\n    {}\n", key.expose());
+        println!(
+            "It is shown only this once; only its hash is stored. Send it as x-api-key or Authorization: Bearer."
+        );
+    }
+    Ok(())
+}
+
+pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
+    let config = config::load(path)?;
+    let accounts = Accounts::new(config.accounts);
+    let entries = accounts.snapshot();
+    if as_json {
+        let rows: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                let a = &e.account;
+                let oauth = a.oauth();
+                json!({
+                    "id": a.id, "name": a.name, "kind": a.kind.as_str(), "enabled": a.enabled,
+                    "state": e.state(), "key": a.key_display(),
+                    "disabled_reason": a.disabled_reason,
+                    "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
+                    "email": oauth.and_then(|o| o.email.clone()),
+                    "organization": oauth.and_then(|o| o.organization.clone()),
+                    "scopes": oauth.and_then(|o| o.scopes.clone()),
+                    "created_at": a.created_at,
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no accounts; add one with `llm-gateway add-api-key --name NAME --key-file PATH`");
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|e| {
+            let a = &e.account;
+            let state = match &a.disabled_reason {
+                Some(why) => format!("disabled: {why}"),
+                None => e.state().to_string(),
+            };
+            [
+                a.id.clone(),
+                a.name.clone(),
+                a.kind.as_str().to_string(),
+                state,
+                a.key_display(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "KIND", "STATE", "KEY"], &rows);
+    Ok(())
+}
+
+pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
+    let config = config::load(path)?;
+    let keys = &config.client_keys;
+    if as_json {
+        let rows: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                json!({
+                    "id": k.id, "name": k.name, "prefix": k.prefix, "enabled": k.enabled,
+                    "created_at": k.created_at,
+                })
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if keys.is_empty() {
+        println!("no client keys; create one with `llm-gateway add-client-key --name NAME`");
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.clone(),
+                k.name.clone(),
+                format!("{}…", k.prefix),
+                if k.enabled { "enabled" } else { "disabled" }.to_string(),
+                k.created_at.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "KEY", "STATE", "CREATED"], &rows);
+    Ok(())
+}
+
+pub enum Change {
+    Remove,
+    Enable(bool),
+}
+
+pub fn change_account(
+    path: &Path,
+    id: &str,
+    as_json: bool,
+    change: Change,
+) -> Result<(), CliError> {
+    let name = store::update(path, |m| {
+        let index = m
+            .accounts
+            .iter()
+            .position(|a| {
+                a.id.as_deref() == Some(id)
+                    || config::derived_account_id(&a.name) == id && a.id.is_none()
+            })
+            .ok_or_else(|| {
+                ChangeError::Change(CliError {
+                    exit: Exit::NotFound,
+                    message: format!("no account with id {id}; see `llm-gateway list-accounts`"),
+                })
+            })?;
+        let name = m.accounts[index].name.clone();
+        match change {
+            Change::Remove => {
+                m.accounts.remove(index);
+            }
+            Change::Enable(on) => m.accounts[index].enabled = on,
+        }
+        Ok(name)
+    })?;
+    let (verb, enabled) = match change {
+        Change::Remove => ("removed", None),
+        Change::Enable(true) => ("enabled", Some(true)),
+        Change::Enable(false) => ("disabled", Some(false)),
+    };
+    if as_json {
+        print_json(&json!({"id": id, "name": name, "result": verb, "enabled": enabled}));
+    } else {
+        println!("{verb} account {id} \"{name}\"");
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! How a request is shaped for one kind of account. Each kind is one processor behind this
+//! small trait: a future provider is a new file here, not edits across the code.
+
+mod api_key;
+mod oauth;
+
+pub use api_key::ApiKey;
+pub use oauth::OAuth;
+
+use crate::error::ApiError;
+
+/// The upstream request under construction: headers already filtered of the client's
+/// credentials and hop-by-hop fields, and the body as the client sent it.
+pub struct Outgoing<'a> {
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Borrowed from the client's request until a processor needs to change it.
+    pub body: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Outgoing<'_> {
+    /// Removes every `name` header and returns their values.
+    pub fn take_header(&mut self, name: &str) -> Vec<Vec<u8>> {
+        let mut taken = Vec::new();
+        self.headers.retain(|(n, v)| {
+            if n == name {
+                taken.push(v.clone());
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+
+    pub fn set_header(&mut self, name: &str, value: impl Into<Vec<u8>>) {
+        self.take_header(name);
+        self.headers.push((name.to_string(), value.into()));
+    }
+}
+
+pub trait Processor {
+    /// Adds the credential and whatever the account kind requires.
+    fn prepare(&self, out: &mut Outgoing<'_>) -> Result<(), ApiError>;
+}

@@ -1,0 +1,352 @@
+//! OAuth token refresh. At most one refresh per account at a time, across the refresher
+//! thread, request threads and other processes: a per-account lock file, then a re-read of the
+//! account's tokens from config.yaml (someone else may have refreshed or logged in again), and
+//! only then, if still needed, one call to the token endpoint. Rotated tokens are written to
+//! config.yaml before they are used; if that write fails they are kept in memory, retried, and
+//! reported, never dropped silently.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::accounts::{Accounts, Entry};
+use crate::config::{self, OAuthSettings, Tokens};
+use crate::oauth::{Client, TokenEndpoint, TokenError};
+use crate::secret::Secret;
+use crate::store;
+use crate::time::now_unix;
+
+/// A token this close to expiry is treated as expired when a request is about to use it.
+const EXPIRY_SKEW_SECS: u64 = 60;
+/// Backoff after failed refreshes: 5 s, doubling, at most 5 minutes.
+const BACKOFF_START: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Why tokens are wanted.
+#[derive(Debug, Clone)]
+pub enum Need {
+    /// The refresher found the token inside its lead window.
+    Due,
+    /// A request is about to use a token that is (nearly) expired.
+    Expired,
+    /// The upstream answered 401 to this token, which we believed valid.
+    Rejected(Secret),
+}
+
+#[derive(Debug, Clone)]
+pub enum RefreshError {
+    /// The refresh token is dead or the account was never logged in: a person must log in.
+    NeedsLogin(String),
+    /// The refresh failed or is backing off after failures; other accounts should serve.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for RefreshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RefreshError::NeedsLogin(m) => write!(f, "needs a new login: {m}"),
+            RefreshError::Unavailable(m) => write!(f, "token refresh unavailable: {m}"),
+        }
+    }
+}
+
+pub struct Refresher {
+    path: PathBuf,
+    settings: OAuthSettings,
+    endpoint: TokenEndpoint,
+}
+
+impl Refresher {
+    pub fn new(path: PathBuf, settings: &OAuthSettings) -> Refresher {
+        Refresher {
+            path,
+            settings: settings.clone(),
+            endpoint: TokenEndpoint::new(settings),
+        }
+    }
+
+    /// The lead for `tokens`: the configured one, but at most half the token's lifetime, so a
+    /// short-lived token is not refreshed continuously.
+    fn lead(&self, tokens: &Tokens) -> u64 {
+        let lead = self.settings.refresh_lead.as_secs();
+        if tokens.issued_at > 0 && tokens.expires_at > tokens.issued_at {
+            lead.min((tokens.expires_at - tokens.issued_at) / 2)
+        } else {
+            lead
+        }
+    }
+
+    fn satisfied(&self, need: &Need, tokens: &Tokens, now: u64) -> bool {
+        match need {
+            Need::Due => now + self.lead(tokens) < tokens.expires_at,
+            Need::Expired => now + EXPIRY_SKEW_SECS < tokens.expires_at,
+            Need::Rejected(bad) => {
+                tokens.access != *bad && now + EXPIRY_SKEW_SECS < tokens.expires_at
+            }
+        }
+    }
+
+    /// Tokens for `entry` good enough for `need`, refreshing at most once across every
+    /// thread and process.
+    pub fn ensure(&self, entry: &Entry, need: Need) -> Result<Tokens, RefreshError> {
+        let Some(oauth) = entry.account.oauth() else {
+            return Err(RefreshError::Unavailable("not an OAuth account".into()));
+        };
+        let now = now_unix();
+        {
+            let live = entry.live();
+            if live.needs_login {
+                return Err(RefreshError::NeedsLogin(format!(
+                    "account {} needs a new login (oauth-start)",
+                    entry.id()
+                )));
+            }
+            if let Some(t) = &live.tokens
+                && self.satisfied(&need, t, now)
+            {
+                return Ok(t.clone());
+            }
+            if let Some(at) = live.next_refresh_attempt
+                && Instant::now() < at
+                && !matches!(need, Need::Rejected(_))
+            {
+                return Err(RefreshError::Unavailable(format!(
+                    "backing off after {} failed refreshes: {}",
+                    live.refresh_failures,
+                    live.last_refresh_error.as_deref().unwrap_or("")
+                )));
+            }
+        }
+
+        let _lock = store::account_lock(&self.path, entry.id())
+            .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
+        let current = self.current_tokens(entry)?;
+        let now = now_unix();
+        if self.satisfied(&need, &current, now) {
+            return Ok(current);
+        }
+        if let Some(last) = entry.live().last_refresh
+            && last.elapsed() < self.settings.refresh_min_interval
+        {
+            return Err(RefreshError::Unavailable(format!(
+                "refreshed {}s ago; not again within {}s",
+                last.elapsed().as_secs(),
+                self.settings.refresh_min_interval.as_secs()
+            )));
+        }
+
+        let client = Client {
+            id: &oauth.client_id,
+            secret: oauth.client_secret.as_ref(),
+        };
+        match self.endpoint.refresh(&client, &current.refresh) {
+            Ok(grant) => {
+                let tokens = Tokens {
+                    access: grant.access_token.clone(),
+                    // A response without a refresh token keeps the old one.
+                    refresh: grant.refresh_token.clone().unwrap_or(current.refresh),
+                    expires_at: grant.expires_at,
+                    issued_at: now,
+                };
+                // Persist before use: a rotated refresh token exists nowhere else.
+                let persisted = store::save_tokens(&self.path, entry.id(), &tokens, None);
+                let mut live = entry.live();
+                live.tokens = Some(tokens.clone());
+                live.last_refresh = Some(Instant::now());
+                live.refresh_failures = 0;
+                live.next_refresh_attempt = None;
+                live.last_refresh_error = None;
+                match persisted {
+                    Ok(()) => {
+                        live.persist_error = None;
+                        info!(
+                            "refreshed the token of account {} ({}); it expires in {}",
+                            entry.id(),
+                            entry.account.name,
+                            crate::time::human_duration(tokens.expires_at.saturating_sub(now))
+                        );
+                    }
+                    Err(e) => {
+                        error!(
+                            "refreshed the token of account {} but could NOT save it to {}: {e}. \
+                             The new tokens live only in this process until a retry succeeds",
+                            entry.id(),
+                            self.path.display()
+                        );
+                        live.persist_error = Some(e.to_string());
+                    }
+                }
+                Ok(tokens)
+            }
+            Err(TokenError::InvalidGrant(message)) => {
+                entry.live().needs_login = true;
+                error!(
+                    "account {} ({}) needs a new login: {message}",
+                    entry.id(),
+                    entry.account.name
+                );
+                if let Err(e) = store::mark_needs_login(&self.path, entry.id()) {
+                    error!(
+                        "could not record that account {} needs a login: {e}",
+                        entry.id()
+                    );
+                }
+                Err(RefreshError::NeedsLogin(message))
+            }
+            Err(e) => {
+                let mut live = entry.live();
+                live.refresh_failures += 1;
+                let backoff = BACKOFF_START
+                    .saturating_mul(1 << (live.refresh_failures - 1).min(10))
+                    .min(BACKOFF_MAX);
+                live.next_refresh_attempt = Some(Instant::now() + backoff);
+                live.last_refresh_error = Some(e.to_string());
+                warn!(
+                    "refreshing account {} failed ({} in a row, next try in {}s): {e}",
+                    entry.id(),
+                    live.refresh_failures,
+                    backoff.as_secs()
+                );
+                Err(RefreshError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// The account's tokens as they are now: from config.yaml (adopting them), unless this
+    /// process holds newer ones it has not managed to save.
+    fn current_tokens(&self, entry: &Entry) -> Result<Tokens, RefreshError> {
+        if entry.live().persist_error.is_some() {
+            return entry
+                .live()
+                .tokens
+                .clone()
+                .ok_or_else(|| RefreshError::Unavailable("no tokens".into()));
+        }
+        let config = config::load(&self.path)
+            .map_err(|e| RefreshError::Unavailable(format!("cannot read the config: {e}")))?;
+        let account = config
+            .accounts
+            .into_iter()
+            .find(|a| a.id == entry.id())
+            .ok_or_else(|| RefreshError::Unavailable("the account was removed".into()))?;
+        let oauth = account
+            .oauth()
+            .ok_or_else(|| RefreshError::Unavailable("no longer an OAuth account".into()))?;
+        let mut live = entry.live();
+        if oauth.needs_login {
+            live.needs_login = true;
+            return Err(RefreshError::NeedsLogin("marked in the config".into()));
+        }
+        let tokens = oauth
+            .tokens
+            .clone()
+            .ok_or_else(|| RefreshError::NeedsLogin("never logged in".into()))?;
+        live.tokens = Some(tokens.clone());
+        Ok(tokens)
+    }
+
+    /// One pass of the refresher thread: refresh what is due, retry unsaved tokens.
+    pub fn tick(&self, accounts: &Accounts) {
+        let now = now_unix();
+        for entry in accounts.snapshot().iter() {
+            if entry.account.oauth().is_none() || !entry.account.enabled {
+                continue;
+            }
+            let (due, unsaved) = {
+                let live = entry.live();
+                if live.needs_login || live.disabled_reason.is_some() {
+                    continue;
+                }
+                let Some(tokens) = &live.tokens else { continue };
+                let waiting = live
+                    .next_refresh_attempt
+                    .is_some_and(|at| Instant::now() < at);
+                let recent = live
+                    .last_refresh
+                    .is_some_and(|t| t.elapsed() < self.settings.refresh_min_interval);
+                let due = !self.satisfied(&Need::Due, tokens, now) && !waiting && !recent;
+                let unsaved = live.persist_error.is_some().then(|| tokens.clone());
+                (due, unsaved)
+            };
+            if let Some(tokens) = unsaved {
+                self.retry_save(entry, &tokens);
+            }
+            if due {
+                let _ = self.ensure(entry, Need::Due);
+            }
+        }
+    }
+
+    fn retry_save(&self, entry: &Entry, tokens: &Tokens) {
+        let Ok(_lock) = store::account_lock(&self.path, entry.id()) else {
+            return;
+        };
+        match store::save_tokens(&self.path, entry.id(), tokens, None) {
+            Ok(()) => {
+                entry.live().persist_error = None;
+                info!("saved the rotated tokens of account {} at last", entry.id());
+            }
+            Err(e) => {
+                entry.live().persist_error = Some(e.to_string());
+                warn!(
+                    "still cannot save the rotated tokens of account {}: {e}",
+                    entry.id()
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(lead: u64) -> OAuthSettings {
+        OAuthSettings {
+            authorize_url: String::new(),
+            token_url: "http://127.0.0.1:9/token".into(),
+            redirect_uri: String::new(),
+            scopes: String::new(),
+            system_prompt: String::new(),
+            refresh_lead: Duration::from_secs(lead),
+            refresh_min_interval: Duration::from_secs(30),
+            token_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn tokens(issued_at: u64, expires_at: u64) -> Tokens {
+        Tokens {
+            access: Secret::new("a"),
+            refresh: Secret::new("r"),
+            expires_at,
+            issued_at,
+        }
+    }
+
+    #[test]
+    fn lead_is_at_most_half_the_lifetime() {
+        let r = Refresher::new(PathBuf::from("/x"), &settings(600));
+        assert_eq!(
+            r.lead(&tokens(0, 28_800)),
+            600,
+            "unknown issue time: configured lead"
+        );
+        assert_eq!(r.lead(&tokens(1000, 1000 + 28_800)), 600);
+        assert_eq!(
+            r.lead(&tokens(1000, 1060)),
+            30,
+            "a 60 s token is refreshed at half-life"
+        );
+    }
+
+    #[test]
+    fn needs_are_judged_against_expiry() {
+        let r = Refresher::new(PathBuf::from("/x"), &settings(600));
+        let t = tokens(0, 10_000);
+        assert!(r.satisfied(&Need::Due, &t, 9_000));
+        assert!(!r.satisfied(&Need::Due, &t, 9_500));
+        assert!(r.satisfied(&Need::Expired, &t, 9_900));
+        assert!(!r.satisfied(&Need::Expired, &t, 9_950));
+        assert!(!r.satisfied(&Need::Rejected(Secret::new("a")), &t, 0));
+        assert!(r.satisfied(&Need::Rejected(Secret::new("old")), &t, 0));
+    }
+}
