@@ -21,7 +21,9 @@ pub struct Accounts {
 #[derive(Debug)]
 pub struct Entry {
     pub account: Account,
-    live: Mutex<Live>,
+    /// Shared with the entry this one replaced at a reload, so a refresh finishing on an old
+    /// entry still lands where new requests look.
+    live: Arc<Mutex<Live>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -44,20 +46,26 @@ pub struct Live {
 
 impl Entry {
     fn new(account: Account, previous: Option<&Entry>) -> Entry {
-        let mut live = previous.map(|p| p.live().clone()).unwrap_or_default();
-        if let Some(oauth) = account.oauth() {
-            // The file is the truth, except for tokens we rotated but could not write yet.
-            if live.persist_error.is_none() {
-                live.tokens = oauth.tokens.clone();
+        let shared = previous
+            .filter(|p| p.account.kind == account.kind)
+            .map(|p| Arc::clone(&p.live))
+            .unwrap_or_default();
+        {
+            let mut live = shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(oauth) = account.oauth() {
+                // The file is the truth, except for tokens we rotated but could not write yet.
+                if live.persist_error.is_none() {
+                    live.tokens = oauth.tokens.clone();
+                }
+                live.needs_login = oauth.needs_login;
             }
-            live.needs_login = oauth.needs_login;
-        }
-        if account.enabled {
-            live.disabled_reason = None;
+            if account.enabled {
+                live.disabled_reason = None;
+            }
         }
         Entry {
             account,
-            live: Mutex::new(live),
+            live: shared,
         }
     }
 
