@@ -1,20 +1,40 @@
 //! Account state: the one owner of the runtime view of upstream accounts, behind one RwLock.
 //! Each entry pairs the account as configured with its live state (OAuth tokens in use,
-//! refresh bookkeeping, a ban noticed at run time). Config reloads replace the list and carry
-//! the live state over by account id.
+//! refresh bookkeeping, cooldowns, a ban noticed at run time) and its load. Config reloads
+//! replace the list and carry the live state over by account id. Selection happens here:
+//! priority tier first, then the sticky pin, then the strategy.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::config::{Account, Credential, Tokens};
+use crate::balance::{self, Load};
+use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens};
+use crate::cooldown::{self, Health, Now, Signal};
 use crate::error::ApiError;
+use crate::sticky::Sticky;
 
 pub struct Accounts {
     list: RwLock<Arc<Vec<Arc<Entry>>>>,
-    /// Round-robin cursor over the usable accounts.
-    next: AtomicUsize,
+    settings: BalanceSettings,
+    /// `None` when sticky sessions are off.
+    sticky: Option<Sticky>,
+    /// Advances with every pick: rotates round robin and breaks ties.
+    turn: AtomicU64,
+    /// Makes reading the loads and taking a slot one step, so a burst spreads evenly.
+    picking: Mutex<()>,
+}
+
+/// A chosen account, counted as in flight until dropped.
+pub struct Pick {
+    pub entry: Arc<Entry>,
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One account and what the gateway has learned about it since loading it.
@@ -24,6 +44,11 @@ pub struct Entry {
     /// Shared with the entry this one replaced at a reload, so a refresh finishing on an old
     /// entry still lands where new requests look.
     live: Arc<Mutex<Live>>,
+    /// Requests using this account now; read by least_busy without the live lock.
+    in_flight: Arc<AtomicU32>,
+    /// Since start: requests sent and failures seen, for status.
+    requests: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,14 +67,14 @@ pub struct Live {
     /// Rotated tokens could not be written to config.yaml: they exist only in memory until a
     /// retry succeeds. Shown loudly; never silent.
     pub persist_error: Option<String>,
+    /// Cooldowns and failure counts.
+    pub health: Health,
 }
 
 impl Entry {
     fn new(account: Account, previous: Option<&Entry>) -> Entry {
-        let shared = previous
-            .filter(|p| p.account.kind == account.kind)
-            .map(|p| Arc::clone(&p.live))
-            .unwrap_or_default();
+        let previous = previous.filter(|p| p.account.kind == account.kind);
+        let shared = previous.map(|p| Arc::clone(&p.live)).unwrap_or_default();
         {
             let mut live = shared.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(oauth) = account.oauth() {
@@ -66,7 +91,27 @@ impl Entry {
         Entry {
             account,
             live: shared,
+            in_flight: previous
+                .map(|p| Arc::clone(&p.in_flight))
+                .unwrap_or_default(),
+            requests: previous
+                .map(|p| Arc::clone(&p.requests))
+                .unwrap_or_default(),
+            failures: previous
+                .map(|p| Arc::clone(&p.failures))
+                .unwrap_or_default(),
         }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
     }
 
     pub fn live(&self) -> MutexGuard<'_, Live> {
@@ -94,7 +139,8 @@ impl Entry {
         }
     }
 
-    /// `enabled`, `disabled`, `needs_login`, `not_logged_in`, `unusable`: for lists and status.
+    /// `enabled`, `disabled`, `needs_login`, `not_logged_in`, `unusable`: the configured state,
+    /// for lists.
     pub fn state(&self) -> &'static str {
         let live = self.live();
         if !self.account.enabled || live.disabled_reason.is_some() {
@@ -107,18 +153,79 @@ impl Entry {
             _ => "enabled",
         }
     }
+
+    /// The running state for status: `active`, `cooling`, `invalid`, or the configured state
+    /// when the account is out of service; with the reason.
+    pub fn status(&self, now: Instant) -> (&'static str, Option<String>) {
+        match self.state() {
+            "enabled" => self.live().health.describe(now),
+            "disabled" => ("disabled", self.live().disabled_reason.clone()),
+            "unusable" => match &self.account.credential {
+                Credential::Unusable(why) => ("unusable", Some(why.clone())),
+                _ => ("unusable", None),
+            },
+            other => (other, None),
+        }
+    }
+
+    /// Records what using the account brought.
+    pub fn record(&self, signal: Signal, settings: &BalanceSettings) {
+        let failed = !matches!(signal, Signal::Success);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = Now {
+            instant: Instant::now(),
+            unix_ms: crate::time::now_unix_millis(),
+        };
+        let mut live = self.live();
+        let before = live.health.cooldown.clone();
+        live.health
+            .record(signal, now, cooldown::jitter(), settings);
+        if let Some(c) = &live.health.cooldown
+            && Some(c) != before.as_ref()
+        {
+            warn!(
+                "account {} ({}) cooling down until {}: {}",
+                self.id(),
+                self.account.name,
+                crate::time::rfc3339(c.until_unix_ms / 1000),
+                c.reason
+            );
+        }
+        if live.health.invalid && failed {
+            error!(
+                "account {} ({}) is invalid: its key was refused again and again; fix it and restart, or remove it",
+                self.id(),
+                self.account.name
+            );
+        }
+    }
 }
 
 impl Accounts {
-    pub fn new(accounts: Vec<Account>) -> Accounts {
+    pub fn new(
+        accounts: Vec<Account>,
+        settings: &BalanceSettings,
+        sticky: &StickySettings,
+    ) -> Accounts {
         let list = accounts
             .into_iter()
             .map(|a| Arc::new(Entry::new(a, None)))
             .collect();
         Accounts {
             list: RwLock::new(Arc::new(list)),
-            next: AtomicUsize::new(0),
+            settings: settings.clone(),
+            sticky: sticky
+                .enabled
+                .then(|| Sticky::new(sticky.ttl, sticky.max_entries)),
+            turn: AtomicU64::new(0),
+            picking: Mutex::new(()),
         }
+    }
+
+    pub fn settings(&self) -> &BalanceSettings {
+        &self.settings
     }
 
     /// Replaces the account list after the config changed, keeping live state by id.
@@ -146,23 +253,85 @@ impl Accounts {
         }
     }
 
-    /// Picks the next usable account not in `tried`, round robin, or says why there is none.
-    pub fn pick(&self, tried: &[String]) -> Result<Arc<Entry>, ApiError> {
-        let all = self.snapshot();
-        let candidates: Vec<&Arc<Entry>> = all
+    /// Whether some account could take a request now (for `/ready`).
+    pub fn any_available(&self) -> bool {
+        let now = Instant::now();
+        self.snapshot()
             .iter()
-            .filter(|e| !tried.iter().any(|t| t == e.id()) && e.usable())
-            .collect();
-        if candidates.is_empty() {
-            return Err(ApiError::NoAccount(why_none(&all, tried)));
+            .any(|e| e.usable() && e.live().health.available(now))
+    }
+
+    /// Chooses an account not in `tried`: the best priority tier among those available now,
+    /// the sticky pin if it is in that tier, else the strategy. When all usable accounts are
+    /// cooling down: 529 with the soonest return as `retry-after`; when none is usable: 503
+    /// saying why.
+    pub fn pick(&self, tried: &[String], sticky_key: Option<u64>) -> Result<Pick, ApiError> {
+        let all = self.snapshot();
+        let now = Instant::now();
+        let mut soonest: Option<Instant> = None;
+        let mut candidates: Vec<&Arc<Entry>> = Vec::with_capacity(all.len());
+        for e in all.iter() {
+            if tried.iter().any(|t| t == e.id()) || !e.usable() {
+                continue;
+            }
+            let live = e.live();
+            if live.health.available(now) {
+                candidates.push(e);
+            } else if let Some(c) = &live.health.cooldown
+                && !live.health.invalid
+                && soonest.is_none_or(|at| c.until < at)
+            {
+                soonest = Some(c.until);
+            }
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
-        Ok(Arc::clone(candidates[n]))
+        let Some(best) = candidates.iter().map(|e| e.account.priority).min() else {
+            return Err(match soonest {
+                Some(at) => ApiError::AllCoolingDown {
+                    retry_after: ceil_secs(at.saturating_duration_since(now)).max(1),
+                },
+                None => ApiError::NoAccount(why_none(&all, tried)),
+            });
+        };
+        candidates.retain(|e| e.account.priority == best);
+
+        let _picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
+        let pinned = sticky_key
+            .zip(self.sticky.as_ref())
+            .and_then(|(key, sticky)| sticky.get(key, now))
+            .and_then(|id| candidates.iter().position(|e| e.id() == id));
+        let index = pinned.unwrap_or_else(|| {
+            let loads: Vec<Load> = candidates
+                .iter()
+                .map(|e| Load {
+                    in_flight: e.in_flight(),
+                    weight: e.account.weight,
+                })
+                .collect();
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+            balance::choose(self.settings.strategy, &loads, turn)
+        });
+        let entry = Arc::clone(candidates[index]);
+        entry.in_flight.fetch_add(1, Ordering::Relaxed);
+        entry.requests.fetch_add(1, Ordering::Relaxed);
+        if let (Some(key), Some(sticky)) = (sticky_key, &self.sticky) {
+            sticky.pin(key, entry.id(), now);
+        }
+        Ok(Pick { entry })
     }
 
     pub fn len(&self) -> usize {
         self.snapshot().len()
     }
+
+    /// How many sticky pins are held (bounded by `sticky.max_entries`).
+    pub fn sticky_pins(&self) -> usize {
+        self.sticky.as_ref().map_or(0, Sticky::len)
+    }
+}
+
+/// Rounded-up seconds until `d` has passed, for `retry-after`.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 fn why_none(all: &[Arc<Entry>], tried: &[String]) -> String {
@@ -201,7 +370,7 @@ fn why_none(all: &[Arc<Entry>], tried: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AccountKind, OAuth};
+    use crate::config::{AccountKind, OAuth, Strategy};
     use crate::secret::Secret;
 
     fn account(id: &str, enabled: bool) -> Account {
@@ -211,6 +380,8 @@ mod tests {
             kind: AccountKind::ApiKey,
             credential: Credential::ApiKey(Secret::new("sk-ant-x")),
             enabled,
+            priority: 0,
+            weight: 1,
             disabled_reason: None,
             created_at: None,
         }
@@ -242,64 +413,165 @@ mod tests {
         }
     }
 
-    fn ids(accounts: &Accounts, n: usize, tried: &[String]) -> Vec<String> {
+    fn settings(strategy: Strategy) -> BalanceSettings {
+        BalanceSettings {
+            strategy,
+            max_attempts: 3,
+            failover_timeout: Duration::from_secs(30),
+            eject_after: 1,
+            eject_cooldown: Duration::from_secs(60),
+            eject_cooldown_max: Duration::from_secs(300),
+            rate_limit_backoff: Duration::from_secs(1),
+            rate_limit_backoff_max: Duration::from_secs(300),
+            auth_cooldown: Duration::from_secs(600),
+            invalid_after: 3,
+            invalid_window: Duration::from_secs(1800),
+        }
+    }
+
+    fn pool(accounts: Vec<Account>, strategy: Strategy) -> Accounts {
+        let sticky = StickySettings {
+            enabled: true,
+            ttl: Duration::from_secs(3600),
+            max_entries: 100,
+        };
+        Accounts::new(accounts, &settings(strategy), &sticky)
+    }
+
+    fn ids(accounts: &Accounts, n: usize, tried: &[String], key: Option<u64>) -> Vec<String> {
         (0..n)
-            .map(|_| accounts.pick(tried).expect("usable").id().to_string())
+            .map(|_| {
+                accounts
+                    .pick(tried, key)
+                    .expect("usable")
+                    .entry
+                    .id()
+                    .to_string()
+            })
             .collect()
     }
 
+    fn cool(accounts: &Accounts, id: &str) {
+        let all = accounts.snapshot();
+        let e = all.iter().find(|e| e.id() == id).expect("account");
+        e.record(Signal::Failure("test".into()), accounts.settings());
+    }
+
     #[test]
-    fn round_robin_skips_disabled_tried_and_logged_out_accounts() {
-        let accounts = Accounts::new(vec![
-            account("a", true),
-            account("b", false),
-            account("c", true),
-            oauth("d", None),
-        ]);
-        assert_eq!(ids(&accounts, 4, &[]), ["a", "c", "a", "c"]);
-        assert_eq!(ids(&accounts, 2, &["a".to_string()]), ["c", "c"]);
+    fn skips_disabled_tried_and_logged_out_accounts() {
+        let accounts = pool(
+            vec![
+                account("a", true),
+                account("b", false),
+                account("c", true),
+                oauth("d", None),
+            ],
+            Strategy::RoundRobin,
+        );
+        assert_eq!(ids(&accounts, 4, &[], None), ["a", "c", "a", "c"]);
+        assert_eq!(ids(&accounts, 2, &["a".to_string()], None), ["c", "c"]);
+    }
+
+    #[test]
+    fn lower_tiers_serve_only_when_the_better_tier_is_unavailable() {
+        let mut backup = account("backup", true);
+        backup.priority = 5;
+        let accounts = pool(vec![backup, account("main", true)], Strategy::LeastBusy);
+        assert_eq!(ids(&accounts, 3, &[], None), ["main", "main", "main"]);
+        cool(&accounts, "main");
+        assert_eq!(ids(&accounts, 2, &[], None), ["backup", "backup"]);
+    }
+
+    #[test]
+    fn all_cooling_is_529_with_the_soonest_return() {
+        let accounts = pool(
+            vec![account("a", true), account("b", true)],
+            Strategy::LeastBusy,
+        );
+        cool(&accounts, "a");
+        cool(&accounts, "b");
+        let err = accounts.pick(&[], None).err().expect("all cooling");
+        assert_eq!(err.status(), 529);
+        assert_eq!(err.error_type(), "overloaded_error");
+        let retry = err.retry_after().expect("retry-after");
+        assert!((60..=61).contains(&retry), "{retry}");
+    }
+
+    #[test]
+    fn sticky_keys_stay_and_move_when_the_pinned_account_cools() {
+        let accounts = pool(
+            vec![account("a", true), account("b", true), account("c", true)],
+            Strategy::RoundRobin,
+        );
+        let first = ids(&accounts, 1, &[], Some(7))[0].clone();
+        assert!(
+            ids(&accounts, 5, &[], Some(7))
+                .iter()
+                .all(|id| *id == first)
+        );
+        cool(&accounts, &first);
+        let moved = ids(&accounts, 1, &[], Some(7))[0].clone();
+        assert_ne!(moved, first);
+        assert!(
+            ids(&accounts, 5, &[], Some(7))
+                .iter()
+                .all(|id| *id == moved),
+            "re-pinned"
+        );
+    }
+
+    #[test]
+    fn least_busy_counts_what_is_in_flight() {
+        let accounts = pool(
+            vec![account("a", true), account("b", true)],
+            Strategy::LeastBusy,
+        );
+        let held: Vec<Pick> = (0..10)
+            .map(|_| accounts.pick(&[], None).expect("ok"))
+            .collect();
+        let on_a = held.iter().filter(|p| p.entry.id() == "a").count();
+        assert_eq!(on_a, 5);
+        drop(held);
+        assert!(accounts.snapshot().iter().all(|e| e.in_flight() == 0));
     }
 
     #[test]
     fn none_usable_says_why() {
-        let none = Accounts::new(vec![]);
-        assert!(
-            none.pick(&[])
-                .expect_err("none")
-                .to_string()
-                .contains("add-api-key")
-        );
-        let off = Accounts::new(vec![account("a", false)]);
-        let err = off.pick(&[]).expect_err("disabled");
+        let none = pool(vec![], Strategy::LeastBusy);
+        let err = none.pick(&[], None).err().expect("none");
+        assert!(err.to_string().contains("add-api-key"));
+        let off = pool(vec![account("a", false)], Strategy::LeastBusy);
+        let err = off.pick(&[], None).err().expect("disabled");
         assert_eq!(err.status(), 503);
         assert!(err.to_string().contains("enable-account"));
         let mut unset = account("u", true);
         unset.credential = Credential::Unusable("environment variable K is not set".into());
-        let err = Accounts::new(vec![unset]).pick(&[]).expect_err("unusable");
+        let err = pool(vec![unset], Strategy::LeastBusy)
+            .pick(&[], None)
+            .err()
+            .expect("unusable");
         assert!(err.to_string().contains("K is not set"));
-        let login = Accounts::new(vec![oauth("o", None)]);
-        assert!(
-            login
-                .pick(&[])
-                .expect_err("login")
-                .to_string()
-                .contains("oauth-start")
-        );
+        let login = pool(vec![oauth("o", None)], Strategy::LeastBusy);
+        let err = login.pick(&[], None).err().expect("login");
+        assert!(err.to_string().contains("oauth-start"));
     }
 
     #[test]
     fn reload_keeps_unpersisted_tokens_and_adopts_the_files_otherwise() {
-        let accounts = Accounts::new(vec![oauth("o", Some(tokens("file-1")))]);
-        let entry = accounts.pick(&[]).expect("usable");
+        let accounts = pool(
+            vec![oauth("o", Some(tokens("file-1")))],
+            Strategy::LeastBusy,
+        );
+        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
         entry.live().tokens = Some(tokens("memory-2"));
         entry.live().persist_error = Some("disk full".into());
         accounts.replace(vec![oauth("o", Some(tokens("file-1")))]);
-        let entry = accounts.pick(&[]).expect("usable");
+        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
         let access = |e: &Entry| e.live().tokens.as_ref().map(|t| t.access.clone());
         assert_eq!(access(&entry), Some(Secret::new("memory-2")));
         entry.live().persist_error = None;
         accounts.replace(vec![oauth("o", Some(tokens("file-3")))]);
-        let entry = accounts.pick(&[]).expect("usable");
+        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
         assert_eq!(access(&entry), Some(Secret::new("file-3")));
     }
 }

@@ -32,6 +32,8 @@ pub fn hash_for_storage(key: &Secret) -> String {
 #[derive(Debug, Clone)]
 pub struct Client {
     pub name: String,
+    /// May read status and metrics.
+    pub admin: bool,
 }
 
 pub struct ClientKeys {
@@ -70,6 +72,7 @@ impl ClientKeys {
         if self.open && presented.is_none() {
             return Ok(Client {
                 name: "open".into(),
+                admin: false,
             });
         }
         if keys.is_empty() && !self.open {
@@ -93,6 +96,7 @@ impl ClientKeys {
         match found {
             Some(key) if key.enabled => Ok(Client {
                 name: key.name.clone(),
+                admin: key.admin,
             }),
             Some(_) => Err(ApiError::Unauthorized(
                 "this gateway key is disabled".into(),
@@ -143,6 +147,7 @@ mod tests {
                 hash: hash.try_into().expect("32 bytes"),
                 prefix: String::new(),
                 enabled,
+                admin: false,
                 created_at: None,
             }],
             false,

@@ -29,6 +29,9 @@ pub struct RawConfig {
     pub auth: RawAuth,
     pub log: RawLog,
     pub oauth: RawOAuth,
+    pub balance: RawBalance,
+    pub sticky: RawSticky,
+    pub admin: RawAdmin,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -76,6 +79,49 @@ pub struct RawOAuth {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawBalance {
+    pub strategy: Option<Strategy>,
+    pub max_attempts: Option<u32>,
+    pub failover_timeout: Option<Dur>,
+    pub eject_after: Option<u32>,
+    pub eject_cooldown: Option<Dur>,
+    pub eject_cooldown_max: Option<Dur>,
+    pub rate_limit_backoff: Option<Dur>,
+    pub rate_limit_backoff_max: Option<Dur>,
+    pub auth_cooldown: Option<Dur>,
+    pub invalid_after: Option<u32>,
+    pub invalid_window: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSticky {
+    pub enabled: Option<bool>,
+    pub ttl: Option<Dur>,
+    pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+/// How an account is chosen within the best available priority tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Fewest in-flight requests per unit of weight.
+    #[default]
+    LeastBusy,
+    /// Weighted rotation.
+    RoundRobin,
+    /// The first available account until it is limited.
+    FillFirst,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawLog {
     pub level: Option<String>,
     pub access: Option<bool>,
@@ -98,6 +144,12 @@ pub struct RawAccount {
     pub api_key_env: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Lower is preferred; accounts of a worse tier serve only when the better are unavailable.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u32,
+    /// Share of traffic within a tier.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight: u32,
     /// Why the gateway disabled the account (a ban it recognised), for people to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -149,6 +201,8 @@ impl RawAccount {
             api_key: None,
             api_key_env: None,
             enabled: true,
+            priority: 0,
+            weight: 1,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
             client_id: None,
@@ -186,6 +240,18 @@ fn is_false(v: &bool) -> bool {
     !*v
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccountKind {
@@ -216,6 +282,9 @@ pub struct RawClientKey {
     pub prefix: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// May read the admin endpoints (status, metrics) on the main listener.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub admin: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
 }
@@ -284,6 +353,10 @@ pub struct Config {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub oauth: OAuthSettings,
+    pub balance: BalanceSettings,
+    pub sticky: StickySettings,
+    /// The admin listener's address; `None` when switched off.
+    pub admin_listen: Option<String>,
     /// Serve without gateway keys. Deliberate, and warned about at every start.
     pub auth_open: bool,
     pub log_level: Level,
@@ -340,6 +413,35 @@ pub struct OAuthSettings {
     pub token_timeout: Duration,
 }
 
+/// Selection, failover and cooldown rules (see README for the reasoning behind defaults).
+#[derive(Debug, Clone)]
+pub struct BalanceSettings {
+    pub strategy: Strategy,
+    /// Accounts tried for one request, at most.
+    pub max_attempts: u32,
+    /// No new attempt starts after a request has spent this long.
+    pub failover_timeout: Duration,
+    /// Consecutive 5xx/529/connection failures before an account is ejected.
+    pub eject_after: u32,
+    pub eject_cooldown: Duration,
+    pub eject_cooldown_max: Duration,
+    /// 429 without reset information: backoff start and cap.
+    pub rate_limit_backoff: Duration,
+    pub rate_limit_backoff_max: Duration,
+    /// An API key answered 401: out this long, then probed again.
+    pub auth_cooldown: Duration,
+    /// An API key is `invalid` after this many 401s in a row spanning at least `invalid_window`.
+    pub invalid_after: u32,
+    pub invalid_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StickySettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_entries: usize,
+}
+
 pub const DEFAULT_SYSTEM_PROMPT: &str = "你是 Claude Code，Anthropic的官方CLI工具";
 
 #[derive(Debug, Clone)]
@@ -349,6 +451,8 @@ pub struct Account {
     pub kind: AccountKind,
     pub credential: Credential,
     pub enabled: bool,
+    pub priority: u32,
+    pub weight: u32,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
 }
@@ -434,6 +538,7 @@ pub struct ClientKey {
     pub hash: [u8; 32],
     pub prefix: String,
     pub enabled: bool,
+    pub admin: bool,
     pub created_at: Option<String>,
 }
 
@@ -677,6 +782,36 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         token_timeout: dur(o.token_timeout, 30),
     };
 
+    let b = &raw.balance;
+    let balance = BalanceSettings {
+        strategy: b.strategy.unwrap_or_default(),
+        max_attempts: b.max_attempts.unwrap_or(3).max(1),
+        failover_timeout: dur(b.failover_timeout, 30),
+        eject_after: b.eject_after.unwrap_or(3).max(1),
+        eject_cooldown: dur(b.eject_cooldown, 10),
+        eject_cooldown_max: dur(b.eject_cooldown_max, 300),
+        rate_limit_backoff: dur(b.rate_limit_backoff, 1),
+        rate_limit_backoff_max: dur(b.rate_limit_backoff_max, 300),
+        auth_cooldown: dur(b.auth_cooldown, 600),
+        invalid_after: b.invalid_after.unwrap_or(3).max(1),
+        invalid_window: dur(b.invalid_window, 1800),
+    };
+    let sticky = StickySettings {
+        enabled: raw.sticky.enabled.unwrap_or(true),
+        ttl: dur(raw.sticky.ttl, 3600),
+        max_entries: raw.sticky.max_entries.unwrap_or(10_000),
+    };
+    let admin_listen = match raw.admin.listen.as_deref().map(str::trim) {
+        None => Some("127.0.0.1:8081".to_string()),
+        Some("" | "off") => None,
+        Some(addr) if addr.contains(':') => Some(addr.to_string()),
+        Some(addr) => {
+            return Err(invalid(format!(
+                "admin.listen {addr:?} needs a port, such as 127.0.0.1:8081 (or off)"
+            )));
+        }
+    };
+
     let log_level = match raw.log.level.as_deref() {
         None => Level::Info,
         Some(text) => Level::parse(text).ok_or_else(|| {
@@ -737,6 +872,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             hash,
             prefix: k.prefix.unwrap_or_default(),
             enabled: k.enabled,
+            admin: k.admin,
             created_at: k.created_at,
         });
     }
@@ -752,6 +888,9 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         server,
         upstream,
         oauth,
+        balance,
+        sticky,
+        admin_listen,
         auth_open,
         log_level,
         access_log: raw.log.access.unwrap_or(true),
@@ -872,6 +1011,8 @@ fn validate_account(
         kind: a.kind,
         credential,
         enabled: a.enabled,
+        priority: a.priority,
+        weight: a.weight.max(1),
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
     })

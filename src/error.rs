@@ -9,6 +9,8 @@ pub enum ApiError {
     BadRequest(String),
     /// No or wrong gateway key. 401.
     Unauthorized(String),
+    /// A key that may not do this (status without an admin key). 403.
+    Forbidden(String),
     /// No such route. 404.
     NotFound(String),
     /// A known path with the wrong method; `allow` lists the right ones. 405.
@@ -17,6 +19,8 @@ pub enum ApiError {
     Http { status: u16, message: String },
     /// No account can carry the request and none will recover by itself. 503.
     NoAccount(String),
+    /// Every usable account is cooling down; one returns in `retry_after` seconds. 529.
+    AllCoolingDown { retry_after: u64 },
     /// The upstream could not be reached or broke before answering. 502.
     UpstreamUnreachable(String),
     /// The upstream did not answer within the configured timeout. 504.
@@ -28,10 +32,12 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => 400,
             ApiError::Unauthorized(_) => 401,
+            ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::Http { status, .. } => *status,
             ApiError::NoAccount(_) => 503,
+            ApiError::AllCoolingDown { .. } => 529,
             ApiError::UpstreamUnreachable(_) => 502,
             ApiError::UpstreamTimeout(_) => 504,
         }
@@ -51,6 +57,14 @@ impl ApiError {
         }
     }
 
+    /// Seconds for a `retry-after` header, when the error has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::AllCoolingDown { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
     /// `{"type":"error","error":{"type":…,"message":…}}`.
     pub fn anthropic_body(&self) -> Vec<u8> {
         anthropic_error_json(self.error_type(), &self.to_string()).into_bytes()
@@ -63,8 +77,13 @@ impl fmt::Display for ApiError {
             ApiError::BadRequest(m)
             | ApiError::Unauthorized(m)
             | ApiError::NotFound(m)
+            | ApiError::Forbidden(m)
             | ApiError::NoAccount(m)
             | ApiError::Http { message: m, .. } => f.write_str(m),
+            ApiError::AllCoolingDown { retry_after } => write!(
+                f,
+                "every upstream account is cooling down (rate limited or failing); the first returns in {retry_after}s"
+            ),
             ApiError::MethodNotAllowed { allow } => {
                 write!(f, "method not allowed on this path; use {allow}")
             }

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,39 @@ pub struct PoolSettings {
     pub queue: usize,
 }
 
+/// Worker counts, readable by status while the pool runs.
+#[derive(Default)]
+pub struct Workers {
+    alive: AtomicUsize,
+    busy: AtomicUsize,
+}
+
+impl Workers {
+    /// (busy, alive).
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.busy.load(Ordering::Relaxed),
+            self.alive.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts a worker as busy while it lives.
+struct Busy<'a>(&'a Workers);
+
+impl<'a> Busy<'a> {
+    fn new(workers: &'a Workers) -> Busy<'a> {
+        workers.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(workers)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct State {
     queue: VecDeque<TcpStream>,
     /// Workers waiting for a connection.
@@ -34,6 +68,7 @@ struct Pool {
     state: Mutex<State>,
     ready: Condvar,
     settings: PoolSettings,
+    workers: Arc<Workers>,
 }
 
 impl Pool {
@@ -45,7 +80,7 @@ impl Pool {
 }
 
 /// Accepts connections forever, handing each to `serve` on a worker thread.
-pub fn run<F>(listener: TcpListener, settings: PoolSettings, serve: F)
+pub fn run<F>(listener: TcpListener, settings: PoolSettings, workers: Arc<Workers>, serve: F)
 where
     F: Fn(TcpStream) + Send + Sync + 'static,
 {
@@ -57,6 +92,7 @@ where
         }),
         ready: Condvar::new(),
         settings,
+        workers,
     });
     let serve = Arc::new(serve);
     let mut last_error_log: Option<Instant> = None;
@@ -117,7 +153,11 @@ where
 }
 
 fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
-    serve(first);
+    pool.workers.alive.fetch_add(1, Ordering::Relaxed);
+    {
+        let _busy = Busy::new(&pool.workers);
+        serve(first);
+    }
     loop {
         let mut state = pool.lock();
         let stream = loop {
@@ -133,10 +173,12 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             state.idle -= 1;
             if wait.timed_out() && state.queue.is_empty() && state.idle >= KEEP_IDLE {
                 state.total -= 1;
+                pool.workers.alive.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
         };
         drop(state);
+        let _busy = Busy::new(&pool.workers);
         serve(stream);
     }
 }

@@ -1,78 +1,97 @@
 //! Routing of one downstream request: match the path, authenticate the client, check the body,
-//! pick an account, forward upstream, relay the answer, write the access log line.
+//! then try accounts until one answers (failover before the first byte), relay the answer, and
+//! write the access log line.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::accounts::Entry;
+use crate::accounts::{Entry, Pick};
 use crate::anthropic;
 use crate::config::Credential;
+use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::secret::Secret;
 use crate::server::Gateway;
+use crate::status;
+use crate::sticky;
 use crate::store;
 use crate::upstream::{self, Answer, Outcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
+    /// Alive: always 200.
     Health,
-    /// Forwarded upstream; `json_body` when the body must be a JSON object.
-    Forward {
-        json_body: bool,
-    },
+    /// At least one account could take a request now.
+    Ready,
+    /// The running state, for `llm-gateway status`: admin only.
+    Status,
+    /// Forwarded upstream; `messages` for the Messages endpoint (sticky sessions).
+    Forward { json_body: bool, messages: bool },
 }
 
 fn route(method: &str, path: &str) -> Result<Route, ApiError> {
+    let forward = |json_body, messages| Route::Forward {
+        json_body,
+        messages,
+    };
     let (allow, route) = match path {
         "/health" => ("GET", Route::Health),
-        "/v1/messages" | "/v1/messages/count_tokens" => {
-            ("POST", Route::Forward { json_body: true })
-        }
-        "/v1/models" => ("GET", Route::Forward { json_body: false }),
+        "/ready" => ("GET", Route::Ready),
+        "/admin/status" => ("GET", Route::Status),
+        "/v1/messages" => ("POST", forward(true, true)),
+        "/v1/messages/count_tokens" => ("POST", forward(true, false)),
+        "/v1/models" => ("GET", forward(false, false)),
         p if p
             .strip_prefix("/v1/models/")
             .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
         {
-            ("GET", Route::Forward { json_body: false })
+            ("GET", forward(false, false))
         }
         _ => {
             return Err(ApiError::NotFound(format!(
-                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models and GET /health"
+                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, GET /health and GET /ready"
             )));
         }
     };
-    if allow.split(", ").any(|m| m == method) {
+    if allow == method {
         Ok(route)
     } else {
         Err(ApiError::MethodNotAllowed { allow })
     }
 }
 
-/// Serves one request on `conn`. Returns whether the connection may serve another.
-pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn) -> bool {
+/// Serves one request on `conn`. `admin_listener` is true on the admin address, where status
+/// needs no key and nothing is forwarded. Returns whether the connection may serve another.
+pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool) -> bool {
     let started = Instant::now();
     let out = conn.respond(req.minor_version, req.keep_alive);
-    let mut account_name = "-".to_string();
-    let mut client_name = "-".to_string();
-    let (status, outcome, keep) = match serve(gw, &req, &mut account_name, &mut client_name) {
-        Ok(Served::Health) => {
-            let mut head = Head::new(200);
+    let mut names = Names::default();
+    let (status, outcome, keep) = match serve(gw, &req, admin_listener, &mut names) {
+        Ok(Served::Local(status, body)) => {
+            let mut head = Head::new(status);
             head.header("content-type", b"application/json");
-            let keep = out.send(head, br#"{"status":"ok"}"#);
-            (200, Outcome::Complete, keep)
+            let keep = out.send(head, body.as_bytes());
+            (status, Outcome::Complete, keep)
         }
-        Ok(Served::Upstream(answer)) => {
+        Ok(Served::Upstream(answer, pick)) => {
             let status = answer.status();
-            match upstream::relay(answer, out) {
-                Ok((outcome, keep)) => (status, outcome, keep),
+            let (outcome, keep) = match upstream::relay(answer, out) {
+                Ok(relayed) => relayed,
                 Err((error, out)) => {
-                    let status = error.status();
                     let keep = send_error(out, &error);
-                    (status, Outcome::UpstreamBroke(error.to_string()), keep)
+                    (Outcome::UpstreamBroke(error.to_string()), keep)
                 }
+            };
+            // After the first byte nothing is retried, but the account's failure counts.
+            if let (Outcome::UpstreamBroke(why), Some(pick)) = (&outcome, &pick) {
+                pick.entry.record(
+                    Signal::Failure(format!("stream broke: {why}")),
+                    gw.accounts.settings(),
+                );
             }
+            (status, outcome, keep)
         }
         Err(error) => {
             let status = error.status();
@@ -87,10 +106,17 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn) -> bool {
             Outcome::UpstreamBroke(why) => format!(" upstream_broke=\"{why}\""),
             Outcome::ClientGone => " client_gone".to_string(),
         };
+        let tries = if names.attempts > 1 {
+            format!(" attempts={}", names.attempts)
+        } else {
+            String::new()
+        };
         info!(
-            "{} {} {status} {ms:.1}ms client={client_name} account={account_name}{note}",
+            "{} {} {status} {ms:.1}ms client={} account={}{tries}{note}",
             req.method,
-            req.path()
+            req.path(),
+            names.client,
+            names.account
         );
     } else if let Outcome::UpstreamBroke(why) = &outcome {
         warn!("{} {}: upstream broke: {why}", req.method, req.path());
@@ -98,52 +124,119 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn) -> bool {
     keep
 }
 
+/// Who served a request, for the access log.
+struct Names {
+    client: String,
+    account: String,
+    attempts: u32,
+}
+
+impl Default for Names {
+    fn default() -> Names {
+        Names {
+            client: "-".into(),
+            account: "-".into(),
+            attempts: 0,
+        }
+    }
+}
+
 enum Served {
-    Health,
-    Upstream(Answer),
+    /// A small JSON answer made here.
+    Local(u16, String),
+    /// An upstream answer, with the account it came from (held in flight while relayed);
+    /// none for the buffered answer of an account that already failed over.
+    Upstream(Answer, Option<Pick>),
 }
 
 fn serve(
     gw: &Gateway,
     req: &Request,
-    account_name: &mut String,
-    client_name: &mut String,
+    admin_listener: bool,
+    names: &mut Names,
 ) -> Result<Served, ApiError> {
-    let json_body = match route(&req.method, req.path())? {
-        Route::Health => return Ok(Served::Health),
-        Route::Forward { json_body } => json_body,
+    let route = route(&req.method, req.path())?;
+    match route {
+        Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into())),
+        Route::Ready => {
+            return Ok(if gw.accounts.any_available() {
+                Served::Local(200, r#"{"status":"ready"}"#.into())
+            } else {
+                Served::Local(
+                    503,
+                    r#"{"status":"not_ready","reason":"no upstream account is available now"}"#
+                        .into(),
+                )
+            });
+        }
+        Route::Status => {
+            if !admin_listener {
+                let client = gw.clients.authenticate(req)?;
+                if !client.admin {
+                    return Err(ApiError::Forbidden(
+                        "status needs an admin key (add-client-key --admin) or the admin listener"
+                            .into(),
+                    ));
+                }
+            }
+            return Ok(Served::Local(200, status::render(gw).to_string()));
+        }
+        Route::Forward { .. } if admin_listener => {
+            return Err(ApiError::NotFound(
+                "the admin listener serves /health, /ready and /admin/status only".into(),
+            ));
+        }
+        Route::Forward { .. } => {}
+    }
+    let Route::Forward {
+        json_body,
+        messages,
+    } = route
+    else {
+        return Err(ApiError::NotFound("no route".into()));
     };
     let client = gw.clients.authenticate(req)?;
-    *client_name = client.name;
+    names.client = client.name;
     if json_body {
         check_json_object(&req.body)?;
     }
-    // Accounts that failed this request before anything reached the client are skipped; if
-    // none is left, the client gets the last account's answer (or why none could be used).
-    let mut tried = Vec::new();
+    let sticky_key = messages
+        .then(|| sticky::key(&req.body, req.header("x-session-id")))
+        .flatten();
+
+    // Until the first byte goes downstream, an account's failure moves the request to the
+    // next; attempts and time are bounded. If none is left, the client gets the last
+    // account's answer, or why no account could be used.
+    let settings = gw.accounts.settings();
+    let started = Instant::now();
+    let mut tried: Vec<String> = Vec::new();
     let mut fallback: Option<Result<Answer, ApiError>> = None;
     loop {
-        let entry = match gw.accounts.pick(&tried) {
-            Ok(entry) => entry,
-            Err(none) => {
-                return match fallback {
-                    Some(Ok(answer)) => Ok(Served::Upstream(answer)),
-                    Some(Err(error)) => Err(error),
-                    None => Err(none),
-                };
-            }
+        let out_of_budget = tried.len() as u32 >= settings.max_attempts
+            || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
+        let picked = if out_of_budget {
+            Err(ApiError::NoAccount("attempts exhausted".into()))
+        } else {
+            gw.accounts.pick(&tried, sticky_key)
         };
-        account_name.clone_from(&entry.account.name);
-        match attempt(gw, req, &entry)? {
-            Step::Done(answer) => return Ok(Served::Upstream(answer)),
+        let pick = match (picked, fallback.take()) {
+            (Ok(pick), _) => pick,
+            (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
+            (Err(_), Some(Ok(answer))) => return Ok(Served::Upstream(answer, None)),
+            (Err(_), Some(Err(error))) => return Err(error),
+            (Err(none), None) => return Err(none),
+        };
+        names.account.clone_from(&pick.entry.account.name);
+        names.attempts += 1;
+        match attempt(gw, req, &pick.entry)? {
+            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick))),
             Step::Next(why) => {
-                tried.push(entry.id().to_string());
+                tried.push(pick.entry.id().to_string());
                 fallback = Some(why);
             }
         }
     }
 }
-
 /// What one account made of the request.
 enum Step {
     /// An answer to relay.
@@ -153,47 +246,117 @@ enum Step {
 }
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
-    let answer = match &entry.account.credential {
-        Credential::ApiKey(key) => Answer::Streaming(gw.upstream.forward(req, &ApiKey(key))?),
-        Credential::OAuth(_) => {
-            let tokens = match gw.refresher.ensure(entry, Need::Expired) {
-                Ok(tokens) => tokens,
-                Err(e) => {
-                    let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
-                    return Ok(Step::Next(Err(ApiError::NoAccount(why))));
+    let settings = gw.accounts.settings();
+    let answer = match send(gw, req, entry) {
+        Ok(answer) => answer,
+        // The request itself cannot be sent (an invalid header): no account would do better.
+        Err(Failed::Request(error)) => return Err(error),
+        // The account has no usable credential now (login needed, refresh failing).
+        Err(Failed::Account(error)) => return Ok(Step::Next(Err(error))),
+        Err(Failed::Upstream(error)) => {
+            entry.record(Signal::Failure(error.to_string()), settings);
+            return Ok(Step::Next(Err(error)));
+        }
+    };
+    let status = answer.status();
+    if status < 400 {
+        entry.record(Signal::Success, settings);
+        return Ok(Step::Done(answer));
+    }
+    // Errors are small: read them, so they can be inspected and, if we move on, replayed.
+    let answer = match answer.buffer() {
+        Ok(answer) => answer,
+        Err(error) => {
+            entry.record(Signal::Failure(error.to_string()), settings);
+            return Ok(Step::Next(Err(error)));
+        }
+    };
+    let signal = match status {
+        429 => Signal::RateLimited {
+            retry_after: answer.header("retry-after").and_then(parse_retry_after),
+            unified_reset: unified_reset(&answer),
+        },
+        401 => Signal::AuthFailed,
+        500 | 502 | 503 | 504 | 529 => Signal::Failure(format!("{status} from upstream")),
+        400 | 403 => match anthropic::permanent_failure(status, answer.body()) {
+            Some(reason) => {
+                disable(gw, entry, reason);
+                return Ok(Step::Next(Ok(answer)));
+            }
+            // The client's own mistake (invalid_request_error, …): never retried.
+            None => return Ok(Step::Done(answer)),
+        },
+        // 404, 413 and the rest belong to the request, not the account.
+        _ => return Ok(Step::Done(answer)),
+    };
+    entry.record(signal, settings);
+    Ok(Step::Next(Ok(answer)))
+}
+
+/// Why `send` produced no answer.
+enum Failed {
+    Request(ApiError),
+    Account(ApiError),
+    Upstream(ApiError),
+}
+
+/// Sends the request with `entry`'s credential. An OAuth token refused with 401 is refreshed
+/// once and the request sent once more.
+fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
+    let forward = |processor: &dyn crate::processor::Processor| {
+        gw.upstream
+            .forward(req, processor)
+            .map(Answer::Streaming)
+            .map_err(|e| match e {
+                ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
+                    Failed::Upstream(e)
                 }
-            };
-            let answer = Answer::Streaming(gw.upstream.forward(req, &oauth(gw, &tokens.access))?);
+                other => Failed::Request(other),
+            })
+    };
+    match &entry.account.credential {
+        Credential::ApiKey(key) => forward(&ApiKey(key)),
+        Credential::OAuth(_) => {
+            let tokens = gw.refresher.ensure(entry, Need::Expired).map_err(|e| {
+                let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
+                Failed::Account(ApiError::NoAccount(why))
+            })?;
+            let answer = forward(&oauth(gw, &tokens.access))?;
             if answer.status() != 401 {
-                answer
-            } else {
-                // A token we believed valid was refused: refresh once and retry once.
-                let refused = answer.buffer()?;
-                match gw
-                    .refresher
-                    .ensure(entry, Need::Rejected(tokens.access.clone()))
-                {
-                    Ok(fresh) => {
-                        Answer::Streaming(gw.upstream.forward(req, &oauth(gw, &fresh.access))?)
-                    }
-                    Err(e) => {
-                        warn!("account {}: 401 and no fresh token: {e}", entry.id());
-                        return Ok(Step::Next(Ok(refused)));
-                    }
+                return Ok(answer);
+            }
+            // A token we believed valid was refused: refresh once and retry once.
+            match gw
+                .refresher
+                .ensure(entry, Need::Rejected(tokens.access.clone()))
+            {
+                Ok(fresh) => forward(&oauth(gw, &fresh.access)),
+                Err(e) => {
+                    warn!("account {}: 401 and no fresh token: {e}", entry.id());
+                    Ok(answer)
                 }
             }
         }
-        Credential::Unusable(why) => return Ok(Step::Next(Err(ApiError::NoAccount(why.clone())))),
-    };
-    if matches!(answer.status(), 400 | 403) {
-        let answer = answer.buffer()?;
-        if let Some(reason) = anthropic::permanent_failure(answer.status(), answer.body()) {
-            disable(gw, entry, reason);
-            return Ok(Step::Next(Ok(answer)));
-        }
-        return Ok(Step::Done(answer));
+        Credential::Unusable(why) => Err(Failed::Account(ApiError::NoAccount(why.clone()))),
     }
-    Ok(Step::Done(answer))
+}
+
+/// `retry-after` in seconds (Anthropic sends whole or fractional seconds).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// The unified rate-limit reset (Unix seconds), counted only when the unified status is
+/// `rejected`: an `allowed_warning` reset is not a limit.
+fn unified_reset(answer: &Answer) -> Option<u64> {
+    let rejected = answer
+        .header("anthropic-ratelimit-unified-status")
+        .is_some_and(|s| s.trim() == "rejected");
+    rejected
+        .then(|| answer.header("anthropic-ratelimit-unified-reset"))
+        .flatten()
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn oauth<'a>(gw: &'a Gateway, token: &'a Secret) -> OAuth<'a> {
@@ -261,6 +424,9 @@ pub fn send_error(out: Responder<'_>, error: &ApiError) -> bool {
     if let ApiError::MethodNotAllowed { allow } = error {
         head.header("allow", allow.as_bytes());
     }
+    if let Some(secs) = error.retry_after() {
+        head.header("retry-after", secs.to_string().as_bytes());
+    }
     out.send(head, &error.anthropic_body())
 }
 
@@ -271,13 +437,20 @@ mod tests {
     #[test]
     fn routes_match_paths_and_methods() {
         assert_eq!(route("GET", "/health").ok(), Some(Route::Health));
+        assert_eq!(route("GET", "/ready").ok(), Some(Route::Ready));
         assert_eq!(
             route("POST", "/v1/messages").ok(),
-            Some(Route::Forward { json_body: true })
+            Some(Route::Forward {
+                json_body: true,
+                messages: true
+            })
         );
         assert_eq!(
             route("GET", "/v1/models/claude-x").ok(),
-            Some(Route::Forward { json_body: false })
+            Some(Route::Forward {
+                json_body: false,
+                messages: false
+            })
         );
         assert_eq!(route("GET", "/v1/messages").expect_err("405").status(), 405);
         assert_eq!(
@@ -285,6 +458,17 @@ mod tests {
             404
         );
         assert_eq!(route("POST", "/nope").expect_err("404").status(), 404);
+    }
+
+    #[test]
+    fn retry_after_values_parse() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(" 1.5 "),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
     }
 
     #[test]

@@ -4,14 +4,14 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::accounts::Accounts;
 use crate::auth::ClientKeys;
 use crate::config::{self, Config};
 use crate::error::ApiError;
 use crate::http::{Conn, Limits};
-use crate::listener::{self, PoolSettings};
+use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
 use crate::refresh::Refresher;
 use crate::router;
@@ -28,13 +28,16 @@ pub struct Gateway {
     pub system_prompt: String,
     pub limits: Limits,
     pub access_log: bool,
+    pub started: Instant,
+    pub workers: Arc<Workers>,
+    pub max_workers: usize,
 }
 
 impl Gateway {
     pub fn new(config: &Config) -> Gateway {
         let s = &config.server;
         Gateway {
-            accounts: Accounts::new(config.accounts.clone()),
+            accounts: Accounts::new(config.accounts.clone(), &config.balance, &config.sticky),
             clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
             upstream: Upstream::new(&config.upstream, s.workers),
             refresher: Refresher::new(config.path.clone(), &config.oauth),
@@ -47,6 +50,9 @@ impl Gateway {
                 keepalive_timeout: s.keepalive_timeout,
             },
             access_log: config.access_log,
+            started: Instant::now(),
+            workers: Arc::default(),
+            max_workers: s.workers,
         }
     }
 }
@@ -120,18 +126,53 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
             }
         });
 
+    if let Some(addr) = &config.admin_listen {
+        start_admin(&gateway, addr);
+    }
     let settings = PoolSettings {
         workers: config.server.workers,
         queue: config.server.accept_queue,
     };
-    listener::run(listener, settings, move |stream| {
-        serve_connection(&gateway, stream)
+    let workers = Arc::clone(&gateway.workers);
+    listener::run(listener, settings, workers, move |stream| {
+        serve_connection(&gateway, stream, false)
     });
     Ok(())
 }
 
+/// The admin listener: status, health and readiness with no key, on an address that should
+/// stay private (loopback by default). A failure to bind it is reported, not fatal: status
+/// stays reachable on the main listener with an admin key.
+fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("admin listener not started: cannot listen on {addr}: {e}");
+            return;
+        }
+    };
+    if let Ok(local) = listener.local_addr() {
+        // Second line on stdout, after the main listener's, for scripts and tests.
+        println!("llm-gateway admin on http://{local}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        info!("admin listener on http://{local} (status, /health, /ready)");
+    }
+    let gw = Arc::clone(gateway);
+    let _ = std::thread::Builder::new()
+        .name("admin-accept".into())
+        .spawn(move || {
+            let settings = PoolSettings {
+                workers: 4,
+                queue: 16,
+            };
+            listener::run(listener, settings, Arc::default(), move |stream| {
+                serve_connection(&gw, stream, true)
+            });
+        });
+}
+
 /// Serves requests on one connection until it closes, errs or stops being reusable.
-fn serve_connection(gw: &Gateway, stream: TcpStream) {
+fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
     let _ = stream.set_nodelay(true);
     // A client that stops reading a response for this long is given up on.
     let _ = stream.set_write_timeout(Some(gw.limits.body_timeout.max(Duration::from_secs(10))));
@@ -139,7 +180,7 @@ fn serve_connection(gw: &Gateway, stream: TcpStream) {
     loop {
         match conn.read_request(&gw.limits) {
             Ok(req) => {
-                if !router::handle(gw, req, &mut conn) {
+                if !router::handle(gw, req, &mut conn, admin) {
                     break;
                 }
             }

@@ -155,6 +155,15 @@ impl Answer {
         }
     }
 
+    /// A response header, if present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let headers = match self {
+            Answer::Streaming(r) => r.headers(),
+            Answer::Buffered(parts, _) => &parts.headers,
+        };
+        header_str(headers, name)
+    }
+
     pub fn body(&self) -> &[u8] {
         match self {
             Answer::Streaming(_) => &[],

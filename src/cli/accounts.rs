@@ -27,6 +27,12 @@ pub struct AddApiKey {
     /// read the API key from this file
     #[argh(option)]
     pub key_file: Option<String>,
+    /// priority tier: lower is preferred (default 0)
+    #[argh(option, default = "0")]
+    pub priority: u32,
+    /// share of traffic within its tier (default 1)
+    #[argh(option, default = "1")]
+    pub weight: u32,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -39,6 +45,9 @@ pub struct AddClientKey {
     /// who the key is for, e.g. alice
     #[argh(option)]
     pub name: String,
+    /// the key may also read status (GET /admin/status)
+    #[argh(switch)]
+    pub admin: bool,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -57,6 +66,27 @@ pub struct ListAccounts {
 /// List gateway keys (their ids, names and first characters; the keys themselves are not stored).
 #[argh(subcommand, name = "list-client-keys")]
 pub struct ListClientKeys {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Change an account's name, priority or weight.
+#[argh(subcommand, name = "set-account")]
+pub struct SetAccount {
+    /// the account id (see list-accounts)
+    #[argh(option)]
+    pub account_id: String,
+    /// a new name
+    #[argh(option)]
+    pub name: Option<String>,
+    /// a new priority tier (lower is preferred)
+    #[argh(option)]
+    pub priority: Option<u32>,
+    /// a new weight within its tier
+    #[argh(option)]
+    pub weight: Option<u32>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -100,6 +130,7 @@ pub struct DisableAccount {
 
 pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
     let name = check_name(&cmd.name)?;
+    let weight = check_weight(cmd.weight)?;
     let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
     if !key.expose().starts_with("sk-ant-") {
         eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
@@ -110,6 +141,8 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         });
         let mut account = RawAccount::new(id.clone(), name.clone(), AccountKind::ApiKey);
         account.api_key = Some(m.seal(&id, "api_key", &key)?);
+        account.priority = cmd.priority;
+        account.weight = weight;
         m.accounts.push(account);
         Ok::<_, ChangeError<CliError>>(id)
     })?;
@@ -134,6 +167,7 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
             hash: auth::hash_for_storage(&key),
             prefix: Some(key.expose().chars().take(12).collect()),
             enabled: true,
+            admin: cmd.admin,
             created_at: Some(time::rfc3339(time::now_unix())),
         });
         Ok::<_, ChangeError<CliError>>(id)
@@ -152,7 +186,7 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
 
 pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
     let config = config::load(path)?;
-    let accounts = Accounts::new(config.accounts);
+    let accounts = Accounts::new(config.accounts, &config.balance, &config.sticky);
     let entries = accounts.snapshot();
     if as_json {
         let rows: Vec<_> = entries
@@ -162,6 +196,7 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
                 let oauth = a.oauth();
                 json!({
                     "id": a.id, "name": a.name, "kind": a.kind.as_str(), "enabled": a.enabled,
+                    "priority": a.priority, "weight": a.weight,
                     "state": e.state(), "key": a.key_display(),
                     "disabled_reason": a.disabled_reason,
                     "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
@@ -239,6 +274,33 @@ pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
 pub enum Change {
     Remove,
     Enable(bool),
+    Set {
+        name: Option<String>,
+        priority: Option<u32>,
+        weight: Option<u32>,
+    },
+}
+
+/// A weight of 0 would starve the account silently: refuse it.
+pub fn check_weight(weight: u32) -> Result<u32, CliError> {
+    if weight == 0 {
+        return Err(CliError::usage("--weight must be at least 1"));
+    }
+    Ok(weight)
+}
+
+pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
+    if cmd.name.is_none() && cmd.priority.is_none() && cmd.weight.is_none() {
+        return Err(CliError::usage(
+            "nothing to change: give --name, --priority or --weight",
+        ));
+    }
+    let change = Change::Set {
+        name: cmd.name.as_deref().map(check_name).transpose()?,
+        priority: cmd.priority,
+        weight: cmd.weight.map(check_weight).transpose()?,
+    };
+    change_account(path, &cmd.account_id, cmd.json, change)
 }
 
 pub fn change_account(
@@ -261,19 +323,34 @@ pub fn change_account(
                     message: format!("no account with id {id}; see `llm-gateway list-accounts`"),
                 })
             })?;
-        let name = m.accounts[index].name.clone();
-        match change {
-            Change::Remove => {
-                m.accounts.remove(index);
+        match &change {
+            Change::Remove => return Ok(m.accounts.remove(index).name),
+            Change::Enable(on) => {
+                m.accounts[index].enabled = *on;
+                if *on {
+                    m.accounts[index].disabled_reason = None;
+                }
             }
-            Change::Enable(on) => m.accounts[index].enabled = on,
+            Change::Set {
+                name,
+                priority,
+                weight,
+            } => {
+                let a = &mut m.accounts[index];
+                if let Some(name) = name {
+                    a.name.clone_from(name);
+                }
+                a.priority = priority.unwrap_or(a.priority);
+                a.weight = weight.unwrap_or(a.weight);
+            }
         }
-        Ok(name)
+        Ok(m.accounts[index].name.clone())
     })?;
     let (verb, enabled) = match change {
         Change::Remove => ("removed", None),
         Change::Enable(true) => ("enabled", Some(true)),
         Change::Enable(false) => ("disabled", Some(false)),
+        Change::Set { .. } => ("updated", None),
     };
     if as_json {
         print_json(&json!({"id": id, "name": name, "result": verb, "enabled": enabled}));

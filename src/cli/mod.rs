@@ -10,12 +10,15 @@ use argh::FromArgs;
 
 mod accounts;
 mod oauth;
+mod ops;
 
 use accounts::{
     AddApiKey, AddClientKey, Change, DisableAccount, EnableAccount, ListAccounts, ListClientKeys,
-    RemoveAccount, add_api_key, add_client_key, change_account, list_accounts, list_client_keys,
+    RemoveAccount, SetAccount, add_api_key, add_client_key, change_account, list_accounts,
+    list_client_keys, set_account,
 };
 use oauth::{AddOAuth, OAuthCallback, OAuthStart};
+use ops::{HealthCheck, Status};
 
 use crate::config::{self, ConfigError};
 use crate::encoding;
@@ -35,14 +38,17 @@ pub enum Exit {
     Config = 3,
     /// The secret key is missing or wrong, or a sealed value does not open.
     SecretKey = 4,
-    /// The running server could not be reached (status, health-check).
-    #[allow(dead_code)]
+    /// The running server could not be reached (status).
     Unreachable = 5,
     /// No account or key with that id.
     NotFound = 6,
     /// An OAuth login could not be completed (no pending login, expired, state mismatch, the
     /// token endpoint refused).
     Login = 7,
+    /// health-check: some accounts failed the probe.
+    SomeUnhealthy = 10,
+    /// health-check: no account passed (or there is none).
+    NoneHealthy = 11,
 }
 
 #[derive(Debug)]
@@ -112,8 +118,11 @@ enum Command {
     RemoveAccount(RemoveAccount),
     EnableAccount(EnableAccount),
     DisableAccount(DisableAccount),
+    SetAccount(SetAccount),
     AddClientKey(AddClientKey),
     ListClientKeys(ListClientKeys),
+    Status(Status),
+    HealthCheck(HealthCheck),
 }
 
 #[derive(FromArgs)]
@@ -208,6 +217,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::AddClientKey(cmd) => add_client_key(&path, cmd),
         Command::ListAccounts(cmd) => list_accounts(&path, cmd.json),
         Command::ListClientKeys(cmd) => list_client_keys(&path, cmd.json),
+        Command::SetAccount(cmd) => set_account(&path, cmd),
+        Command::Status(cmd) => ops::status(&path, cmd),
+        Command::HealthCheck(cmd) => ops::health_check(&path, cmd),
         Command::RemoveAccount(cmd) => {
             change_account(&path, &cmd.account_id, cmd.json, Change::Remove)
         }

@@ -30,6 +30,12 @@ pub struct AddOAuth {
     /// read the client secret from this file
     #[argh(option)]
     pub client_secret_file: Option<String>,
+    /// priority tier: lower is preferred (default 0)
+    #[argh(option, default = "0")]
+    pub priority: u32,
+    /// share of traffic within its tier (default 1)
+    #[argh(option, default = "1")]
+    pub weight: u32,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -102,6 +108,7 @@ fn oauth_account<'a>(config: &'a Config, id: &str) -> Result<(&'a str, &'a OAuth
 
 pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
     let name = check_name(&cmd.name)?;
+    let weight = super::accounts::check_weight(cmd.weight)?;
     let client_id = cmd.client_id.trim().to_string();
     if client_id.is_empty() || !client_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(CliError::usage(
@@ -123,6 +130,8 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         });
         let mut account = RawAccount::new(id.clone(), name.clone(), AccountKind::Oauth);
         account.client_id = Some(client_id.clone());
+        account.priority = cmd.priority;
+        account.weight = weight;
         if let Some(s) = &secret {
             account.client_secret = Some(m.seal(&id, "client_secret", s)?);
         }

@@ -195,7 +195,8 @@ impl Config {
         format!(
             "server:\n  listen: 127.0.0.1:0\n  workers: 32\n  max_body_bytes: 1048576\n  \
              header_timeout: 2s\n  body_timeout: 2s\n  keepalive_timeout: 5s\n\
-             upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n",
+             upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
+             admin:\n  listen: off\n",
             self.base_url, self.read_timeout
         )
     }

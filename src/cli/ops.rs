@@ -1,0 +1,314 @@
+//! Commands for operators: `status` asks the running server for its view (admin listener, or
+//! the main listener with an admin key); `health-check` probes every account upstream with the
+//! cheapest real call (`GET /v1/models`, which generates no tokens). Both have exit codes cron
+//! can alert on.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use serde_json::{Value, json};
+
+use super::{CliError, Exit, print_json, print_table};
+use crate::accounts::Accounts;
+use crate::config::{self, Credential};
+use crate::http::Request;
+use crate::processor::{ApiKey, OAuth};
+use crate::refresh::{Need, Refresher};
+use crate::upstream::Upstream;
+
+/// Where `status` finds the admin key for the main listener.
+pub const ADMIN_KEY_ENV: &str = "LLM_GATEWAY_ADMIN_KEY";
+
+#[derive(FromArgs)]
+/// Show the running server's view: accounts (active, cooling until when and why, invalid,
+/// needs_login, disabled), load, counts, uptime and workers.
+#[argh(subcommand, name = "status")]
+pub struct Status {
+    /// the server's base URL (default: http:// + admin.listen from the config)
+    #[argh(option)]
+    pub url: Option<String>,
+    /// a file holding an admin gateway key, needed on the main listener (or set
+    /// LLM_GATEWAY_ADMIN_KEY)
+    #[argh(option)]
+    pub admin_key_file: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+#[derive(FromArgs)]
+/// Probe each account upstream (GET /v1/models: no tokens generated) and report ok or failed,
+/// latency and reason. Exit 0 when all are healthy, 10 when some are not, 11 when none is.
+#[argh(subcommand, name = "health-check")]
+pub struct HealthCheck {
+    /// probe only this account
+    #[argh(option)]
+    pub account_id: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
+    let config = config::load(path)?;
+    let url = match (&cmd.url, &config.admin_listen) {
+        (Some(url), _) => url.trim_end_matches('/').to_string(),
+        (None, Some(addr)) => format!("http://{addr}"),
+        (None, None) => {
+            return Err(CliError::usage(
+                "admin.listen is off in the config: give --url and an admin key",
+            ));
+        }
+    };
+    let key = match &cmd.admin_key_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| CliError::usage(format!("cannot read {file}: {e}")))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(ADMIN_KEY_ENV).ok().filter(|k| !k.is_empty()),
+    };
+    match fetch_status(&url, key.as_deref()) {
+        Ok(view) => {
+            if cmd.json {
+                print_json(&view);
+            } else {
+                print_status(&url, &view);
+            }
+            Ok(())
+        }
+        Err(why) => {
+            // Say so, show what the config alone knows, and exit with the unreachable code.
+            if cmd.json {
+                print_json(
+                    &json!({"server": null, "error": why, "accounts": config_only(&config)}),
+                );
+            } else {
+                eprintln!("the server is not reachable at {url}: {why}");
+                eprintln!("what the config says:");
+                let rows: Vec<[String; 4]> = config_only(&config)
+                    .iter()
+                    .map(|a| {
+                        [
+                            a["id"].as_str().unwrap_or("").into(),
+                            a["name"].as_str().unwrap_or("").into(),
+                            a["kind"].as_str().unwrap_or("").into(),
+                            a["state"].as_str().unwrap_or("").into(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "NAME", "KIND", "STATE"], &rows);
+            }
+            Err(CliError {
+                exit: Exit::Unreachable,
+                message: format!("no server answered at {url}"),
+            })
+        }
+    }
+}
+
+fn config_only(config: &config::Config) -> Vec<Value> {
+    let accounts = Accounts::new(config.accounts.clone(), &config.balance, &config.sticky);
+    accounts
+        .snapshot()
+        .iter()
+        .map(|e| json!({"id": e.id(), "name": e.account.name, "kind": e.account.kind.as_str(), "state": e.state()}))
+        .collect()
+}
+
+fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("{url}/admin/status"));
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let response = request.call().map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    let value: Value = serde_json::from_str(&body)
+        .map_err(|_| format!("answered {status} with something that is not a status"))?;
+    if status != 200 {
+        let message = value["error"]["message"].as_str().unwrap_or("");
+        return Err(format!("answered {status}: {message}"));
+    }
+    Ok(value)
+}
+
+fn print_status(url: &str, view: &Value) {
+    let workers = &view["workers"];
+    println!(
+        "server {url}: up {}, workers {} busy / {} alive / {} max, {} sticky sessions",
+        crate::time::human_duration(view["uptime_secs"].as_u64().unwrap_or(0)),
+        workers["busy"],
+        workers["alive"],
+        workers["max"],
+        view["sticky_pins"]
+    );
+    let rows: Vec<[String; 7]> = view["accounts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|a| {
+            let text = |k: &str| a[k].as_str().unwrap_or("").to_string();
+            let mut detail = match (a["cooldown_until"].as_str(), a["reason"].as_str()) {
+                (Some(until), Some(why)) => format!("until {until}: {why}"),
+                (None, Some(why)) => why.to_string(),
+                _ => String::new(),
+            };
+            if let Some(expires) = a["token_expires_at"].as_u64() {
+                let left = expires.saturating_sub(crate::time::now_unix());
+                detail = format!("token {} {detail}", crate::time::human_duration(left))
+                    .trim_end()
+                    .to_string();
+            }
+            if let Some(e) = a["persist_error"].as_str() {
+                detail = format!("TOKENS NOT SAVED: {e} {detail}");
+            }
+            [
+                text("id"),
+                text("name"),
+                text("state"),
+                a["in_flight"].to_string(),
+                a["requests"].to_string(),
+                a["failures"].to_string(),
+                detail,
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "IN-FLIGHT",
+            "REQUESTS",
+            "FAILURES",
+            "DETAIL",
+        ],
+        &rows,
+    );
+}
+
+pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
+    let config = config::load(path)?;
+    let accounts = Accounts::new(config.accounts.clone(), &config.balance, &config.sticky);
+    let entries: Vec<_> = accounts
+        .snapshot()
+        .iter()
+        .filter(|e| cmd.account_id.as_deref().is_none_or(|id| id == e.id()))
+        .cloned()
+        .collect();
+    if let Some(id) = &cmd.account_id
+        && entries.is_empty()
+    {
+        return Err(CliError {
+            exit: Exit::NotFound,
+            message: format!("no account with id {id}; see `llm-gateway list-accounts`"),
+        });
+    }
+    let upstream = Upstream::new(&config.upstream, 1);
+    let refresher = Refresher::new(config.path.clone(), &config.oauth);
+    let probe = Request {
+        method: "GET".into(),
+        target: "/v1/models?limit=1".into(),
+        minor_version: 1,
+        headers: Vec::new(),
+        body: Vec::new(),
+        keep_alive: true,
+    };
+    let mut results = Vec::new();
+    for e in &entries {
+        let started = Instant::now();
+        let outcome: Result<(), String> = if !e.usable() {
+            Err(format!("not in service: {}", e.state()))
+        } else {
+            let answer = match &e.account.credential {
+                Credential::ApiKey(key) => upstream.forward(&probe, &ApiKey(key)),
+                Credential::OAuth(_) => match refresher.ensure(e, Need::Expired) {
+                    Ok(tokens) => upstream.forward(
+                        &probe,
+                        &OAuth {
+                            token: &tokens.access,
+                            system_prompt: &config.oauth.system_prompt,
+                        },
+                    ),
+                    Err(why) => Err(crate::error::ApiError::NoAccount(why.to_string())),
+                },
+                Credential::Unusable(why) => Err(crate::error::ApiError::NoAccount(why.clone())),
+            };
+            match answer {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response
+                        .into_body()
+                        .with_config()
+                        .limit(64 * 1024)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    let value: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let message = value["error"]["message"].as_str().unwrap_or("");
+                    Err(format!("{status} {message}").trim_end().to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        results.push((e, outcome, ms));
+    }
+    let healthy = results.iter().filter(|(_, o, _)| o.is_ok()).count();
+    if cmd.json {
+        let rows: Vec<Value> = results
+            .iter()
+            .map(|(e, o, ms)| {
+                json!({
+                    "id": e.id(), "name": e.account.name, "ok": o.is_ok(), "latency_ms": ms,
+                    "reason": o.as_ref().err(),
+                })
+            })
+            .collect();
+        print_json(&json!({"healthy": healthy, "total": results.len(), "accounts": rows}));
+    } else {
+        let rows: Vec<[String; 4]> = results
+            .iter()
+            .map(|(e, o, ms)| {
+                [
+                    e.id().to_string(),
+                    e.account.name.clone(),
+                    if o.is_ok() { "ok" } else { "failed" }.to_string(),
+                    match o {
+                        Ok(()) => format!("{ms} ms"),
+                        Err(why) => format!("{ms} ms  {why}"),
+                    },
+                ]
+            })
+            .collect();
+        print_table(&["ID", "NAME", "RESULT", "DETAIL"], &rows);
+        println!("{healthy} of {} healthy", results.len());
+    }
+    let exit = match healthy {
+        _ if results.is_empty() => Exit::NoneHealthy,
+        h if h == results.len() => return Ok(()),
+        0 => Exit::NoneHealthy,
+        _ => Exit::SomeUnhealthy,
+    };
+    Err(CliError {
+        exit,
+        message: format!(
+            "{} of {} accounts failed the health check",
+            results.len() - healthy,
+            results.len()
+        ),
+    })
+}

@@ -1,0 +1,54 @@
+//! The running server's view of itself, as JSON for `GET /admin/status` and
+//! `llm-gateway status`: uptime, worker use, and per account its state, cooldown, load and
+//! counts. Reads state; changes nothing.
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::server::Gateway;
+use crate::time;
+
+pub fn render(gw: &Gateway) -> Value {
+    let now = Instant::now();
+    let accounts: Vec<Value> = gw
+        .accounts
+        .snapshot()
+        .iter()
+        .map(|e| {
+            let (state, reason) = e.status(now);
+            let (requests, failures) = e.counts();
+            let live = e.live();
+            let cooldown_until = live
+                .health
+                .cooldown
+                .as_ref()
+                .filter(|c| now < c.until && state == "cooling")
+                .map(|c| time::rfc3339(c.until_unix_ms.div_ceil(1000)));
+            json!({
+                "id": e.id(),
+                "name": e.account.name,
+                "kind": e.account.kind.as_str(),
+                "priority": e.account.priority,
+                "weight": e.account.weight,
+                "state": state,
+                "reason": reason,
+                "cooldown_until": cooldown_until,
+                "in_flight": e.in_flight(),
+                "requests": requests,
+                "failures": failures,
+                "token_expires_at": live.tokens.as_ref().map(|t| t.expires_at),
+                "refresh_error": live.last_refresh_error,
+                "persist_error": live.persist_error,
+            })
+        })
+        .collect();
+    let (busy, alive) = gw.workers.counts();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": gw.started.elapsed().as_secs(),
+        "workers": {"busy": busy, "alive": alive, "max": gw.max_workers},
+        "sticky_pins": gw.accounts.sticky_pins(),
+        "accounts": accounts,
+    })
+}

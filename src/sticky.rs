@@ -1,0 +1,218 @@
+//! Sticky sessions: keep a conversation on one account so Anthropic's prompt cache stays warm.
+//! The key comes from the request (`metadata.user_id`'s session, else `x-session-id`, else a
+//! hash of the system prompt and first message); pins expire after a TTL, and the table is
+//! bounded: past `max_entries`, expired pins go first, then the oldest.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    metadata: Option<Metadata<'a>>,
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct Metadata<'a> {
+    #[serde(borrow, default)]
+    user_id: Option<Cow<'a, str>>,
+}
+
+/// The session part of Claude Code's `metadata.user_id`: either
+/// `user_<hex>_account_<uuid>_session_<uuid>` or a JSON string with `session_id`.
+pub fn session_of_user_id(user_id: &str) -> Option<String> {
+    if let Some((_, session)) = user_id.rsplit_once("_session_") {
+        return Some(session.to_string()).filter(|s| !s.is_empty());
+    }
+    if user_id.trim_start().starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(user_id).ok()?;
+        return value["session_id"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(String::from);
+    }
+    None
+}
+
+/// The sticky key of a Messages request, if it has anything to stick by.
+pub fn key(body: &[u8], session_header: Option<&str>) -> Option<u64> {
+    let probe: Option<Probe<'_>> = serde_json::from_slice(body).ok();
+    let session = probe
+        .as_ref()
+        .and_then(|p| p.metadata.as_ref())
+        .and_then(|m| m.user_id.as_deref())
+        .and_then(session_of_user_id);
+    if let Some(session) = session {
+        return Some(hash(&[b"session", session.as_bytes()]));
+    }
+    if let Some(header) = session_header.filter(|h| !h.is_empty()) {
+        return Some(hash(&[b"header", header.as_bytes()]));
+    }
+    let probe = probe?;
+    let first = probe.messages.as_ref().and_then(|m| m.first());
+    if probe.system.is_none() && first.is_none() {
+        return None;
+    }
+    Some(hash(&[
+        b"content",
+        probe.system.map_or("", |s| s.get()).as_bytes(),
+        first.map_or("", |m| m.get()).as_bytes(),
+    ]))
+}
+
+fn hash(parts: &[&[u8]]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+struct Pin {
+    account: String,
+    expires: Instant,
+}
+
+/// The pins, bounded in number.
+pub struct Sticky {
+    pins: Mutex<HashMap<u64, Pin>>,
+    ttl: Duration,
+    max_entries: usize,
+}
+
+impl Sticky {
+    pub fn new(ttl: Duration, max_entries: usize) -> Sticky {
+        Sticky {
+            pins: Mutex::new(HashMap::new()),
+            ttl,
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pin>> {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The account pinned for `key`, if the pin is still alive.
+    pub fn get(&self, key: u64, now: Instant) -> Option<String> {
+        let pins = self.lock();
+        pins.get(&key)
+            .filter(|p| now < p.expires)
+            .map(|p| p.account.clone())
+    }
+
+    /// Pins `key` to `account` for the TTL from now (a use renews the pin).
+    pub fn pin(&self, key: u64, account: &str, now: Instant) {
+        let mut pins = self.lock();
+        if pins.len() >= self.max_entries && !pins.contains_key(&key) {
+            pins.retain(|_, p| now < p.expires);
+            if pins.len() >= self.max_entries {
+                // Drop the oldest tenth in one sweep, so eviction stays rare and cheap.
+                let mut ages: Vec<Instant> = pins.values().map(|p| p.expires).collect();
+                let cut = (self.max_entries / 10).max(1).min(ages.len() - 1);
+                let (_, nth, _) = ages.select_nth_unstable(cut);
+                let limit = *nth;
+                pins.retain(|_, p| p.expires > limit);
+            }
+        }
+        match pins.get_mut(&key) {
+            Some(p) if p.account == account => p.expires = now + self.ttl,
+            _ => {
+                pins.insert(
+                    key,
+                    Pin {
+                        account: account.to_string(),
+                        expires: now + self.ttl,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_sessions_in_both_forms() {
+        let hex = "a".repeat(64);
+        assert_eq!(
+            session_of_user_id(&format!("user_{hex}_account_1b2c_session_9f3e-11")).as_deref(),
+            Some("9f3e-11")
+        );
+        assert_eq!(
+            session_of_user_id(&format!("user_{hex}_account__session_s2")).as_deref(),
+            Some("s2")
+        );
+        assert_eq!(
+            session_of_user_id(r#"{"device_id":"d","account_uuid":"a","session_id":"s3"}"#)
+                .as_deref(),
+            Some("s3")
+        );
+        assert_eq!(session_of_user_id("someone@example.com"), None);
+    }
+
+    #[test]
+    fn keys_follow_the_precedence() {
+        let with_session =
+            br#"{"metadata":{"user_id":"user_x_account__session_S"},"system":"a","messages":[{"role":"user","content":"hi"}]}"#;
+        let other_content =
+            br#"{"metadata":{"user_id":"user_x_account__session_S"},"system":"b","messages":[]}"#;
+        assert_eq!(key(with_session, None), key(other_content, Some("h")));
+
+        let plain = br#"{"system":"a","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"x"}]}"#;
+        let next_turn = br#"{"system":"a","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"y"},{"role":"user","content":"z"}]}"#;
+        assert_eq!(key(plain, None), key(next_turn, None), "same conversation");
+        assert_ne!(
+            key(plain, None),
+            key(br#"{"system":"b","messages":[]}"#, None)
+        );
+        assert_eq!(
+            key(plain, Some("h1")),
+            key(b"{}", Some("h1")),
+            "header beats content"
+        );
+        assert_eq!(key(b"{}", None), None);
+        assert_eq!(key(b"not json", None), None);
+    }
+
+    #[test]
+    fn pins_expire_and_renew() {
+        let s = Sticky::new(Duration::from_secs(10), 100);
+        let t0 = Instant::now();
+        s.pin(1, "a", t0);
+        assert_eq!(s.get(1, t0 + Duration::from_secs(9)).as_deref(), Some("a"));
+        s.pin(1, "a", t0 + Duration::from_secs(9));
+        assert_eq!(s.get(1, t0 + Duration::from_secs(15)).as_deref(), Some("a"));
+        assert_eq!(s.get(1, t0 + Duration::from_secs(20)), None);
+        s.pin(1, "b", t0);
+        assert_eq!(s.get(1, t0).as_deref(), Some("b"), "re-pinned");
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let s = Sticky::new(Duration::from_secs(3600), 1000);
+        let t0 = Instant::now();
+        for k in 0..50_000u64 {
+            s.pin(k, "a", t0 + Duration::from_millis(k));
+            assert!(s.len() <= 1000);
+        }
+        assert!(s.get(49_999, t0).is_some(), "the newest pins survive");
+        assert!(s.get(0, t0).is_none(), "the oldest were evicted");
+    }
+}
