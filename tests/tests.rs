@@ -4,7 +4,9 @@
 //! upstream and a raw HTTP client); the other modules group the tests by the
 //! part of the contract they check.
 
+mod balance;
 mod cli;
 mod limits;
 mod proxy;
+mod status;
 mod support;

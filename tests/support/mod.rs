@@ -6,8 +6,9 @@
 //! paces it.
 //!
 //! This file holds the process side (temp dirs, CLI runs, the server child);
-//! `upstream` is the fake upstream, `client` the raw downstream client, and
-//! `wire` the HTTP parsing they share.
+//! `upstream` is the fake upstream, `client` the raw downstream client, `wire`
+//! the HTTP parsing they share, and `accounts` the helpers for tests with
+//! several upstream accounts.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -15,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod accounts;
 mod client;
 mod upstream;
 mod wire;
@@ -176,6 +178,9 @@ impl Drop for TempDir {
 pub struct Config {
     base_url: String,
     read_timeout: String,
+    workers: usize,
+    admin_listen: String,
+    sections: String,
 }
 
 impl Config {
@@ -183,6 +188,9 @@ impl Config {
         Config {
             base_url: base_url.into(),
             read_timeout: "3s".to_string(),
+            workers: 32,
+            admin_listen: "off".to_string(),
+            sections: String::new(),
         }
     }
 
@@ -191,13 +199,34 @@ impl Config {
         self
     }
 
+    pub fn workers(mut self, n: usize) -> Config {
+        self.workers = n;
+        self
+    }
+
+    /// `admin.listen`: `off` (the default here) or an address such as `127.0.0.1:0`.
+    pub fn admin_listen(mut self, value: &str) -> Config {
+        self.admin_listen = value.to_string();
+        self
+    }
+
+    /// Appends top-level YAML sections the harness does not write itself (`balance:`,
+    /// `sticky:`, …), verbatim; each line ends with a newline.
+    pub fn section(mut self, yaml: &str) -> Config {
+        self.sections.push_str(yaml);
+        if !yaml.ends_with('\n') {
+            self.sections.push('\n');
+        }
+        self
+    }
+
     pub fn yaml(&self) -> String {
         format!(
-            "server:\n  listen: 127.0.0.1:0\n  workers: 32\n  max_body_bytes: 1048576\n  \
+            "server:\n  listen: 127.0.0.1:0\n  workers: {}\n  max_body_bytes: 1048576\n  \
              header_timeout: 2s\n  body_timeout: 2s\n  keepalive_timeout: 5s\n\
              upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
-             admin:\n  listen: off\n",
-            self.base_url, self.read_timeout
+             admin:\n  listen: {}\n{}",
+            self.workers, self.base_url, self.read_timeout, self.admin_listen, self.sections
         )
     }
 }
@@ -214,6 +243,10 @@ struct Server {
     addr: SocketAddr,
     /// Everything the server wrote to stderr so far, drained by a thread so the pipe never fills.
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The stdout lines after the first, as they come (the admin listener's line, if on).
+    more_stdout: Mutex<Receiver<String>>,
+    /// The admin listener's address, once read from stdout.
+    admin: OnceLock<SocketAddr>,
 }
 
 impl Gateway {
@@ -257,6 +290,7 @@ impl Gateway {
         let mut cmd = Command::new(BIN);
         cmd.env_remove("LLM_GATEWAY_SECRET_KEY")
             .env_remove("LLM_GATEWAY_CONFIG")
+            .env_remove("LLM_GATEWAY_ADMIN_KEY")
             .current_dir(self.dir.path());
         cmd
     }
@@ -278,7 +312,14 @@ impl Gateway {
 
     /// Adds an API-key account and returns its id.
     pub fn add_api_key(&self, name: &str, key: &str) -> String {
-        let out = self.run_cli(&["add-api-key", "--name", name, "--key", key, "--json"]);
+        self.add_api_key_with(name, key, &[])
+    }
+
+    /// Adds an API-key account with extra flags (`--priority`, `--weight`) and returns its id.
+    pub fn add_api_key_with(&self, name: &str, key: &str, extra: &[&str]) -> String {
+        let mut args = vec!["add-api-key", "--name", name, "--key", key, "--json"];
+        args.extend_from_slice(extra);
+        let out = self.run_cli(&args);
         assert_exit(&out, 0, "add-api-key");
         let v: Value = serde_json::from_slice(&out.stdout).expect("add-api-key --json prints JSON");
         v["id"]
@@ -299,6 +340,19 @@ impl Gateway {
             .to_string();
         self.client_key = Some(key.clone());
         key
+    }
+
+    /// Adds a client key that may also read status (`--admin`) and returns it; `client_key()`
+    /// stays as it was.
+    pub fn add_admin_key(&self, name: &str) -> String {
+        let out = self.run_cli(&["add-client-key", "--name", name, "--admin", "--json"]);
+        assert_exit(&out, 0, "add-client-key --admin");
+        let v: Value =
+            serde_json::from_slice(&out.stdout).expect("add-client-key --json prints JSON");
+        v["key"]
+            .as_str()
+            .expect("add-client-key --json has a key")
+            .to_string()
     }
 
     pub fn client_key(&self) -> &str {
@@ -334,13 +388,22 @@ impl Gateway {
             }
         });
         let (tx, rx) = mpsc::channel();
+        let (more_tx, more_rx) = mpsc::channel();
         thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
+            let text = |bytes: Vec<u8>| {
+                String::from_utf8_lossy(&bytes)
+                    .trim_end_matches('\r')
+                    .to_string()
+            };
+            let mut lines = BufReader::new(stdout).split(b'\n');
             if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+                let _ = tx.send(text(line));
             }
             // Keep draining so the server never blocks on a full stdout pipe.
-            for _ in lines {}
+            for line in lines {
+                let Ok(line) = line else { break };
+                let _ = more_tx.send(text(line));
+            }
         });
         let line = match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(line) => line,
@@ -362,12 +425,37 @@ impl Gateway {
             child,
             addr,
             stderr,
+            more_stdout: Mutex::new(more_rx),
+            admin: OnceLock::new(),
         });
         addr
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.server.as_ref().expect("server not started").addr
+    }
+
+    /// The admin listener's address, from the server's second stdout line
+    /// (`llm-gateway admin on http://ADDR`); waits up to `STEP_TIMEOUT` for it.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let server = self.server.as_ref().expect("server not started");
+        *server.admin.get_or_init(|| {
+            let line = server
+                .more_stdout
+                .lock()
+                .expect("stdout lock")
+                .recv_timeout(STEP_TIMEOUT)
+                .unwrap_or_else(|_| {
+                    panic!("no second stdout line (admin listener) within {STEP_TIMEOUT:?}")
+                });
+            let prefix = "llm-gateway admin on http://";
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| {
+                    panic!("second stdout line should start with {prefix:?}: {line:?}")
+                })
+                .parse()
+                .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
+        })
     }
 
     /// What the server has written to stderr so far.

@@ -1,13 +1,14 @@
 //! The fake upstream: a scripted Anthropic stand-in on 127.0.0.1:0 that records every request.
 //!
 //! It is a plain `TcpListener` so a test decides every byte and every pause: SSE
-//! events go out one chunk at a time, optionally waiting on a gate channel.
+//! events go out one chunk at a time, optionally waiting on a gate channel, and a
+//! reply can be held at a `Meeting` until enough requests are in flight together.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,11 +24,18 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     /// The body after removing any chunked framing.
     pub body: Vec<u8>,
+    /// When the whole request had arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
+    }
+
+    /// The `x-api-key` the gateway sent: which account it used. Empty when absent.
+    pub fn api_key(&self) -> &str {
+        self.header("x-api-key").unwrap_or_default()
     }
 
     pub fn all(&self, name: &str) -> Vec<&str> {
@@ -66,6 +74,12 @@ pub enum Reply {
     BreakMidStream { events: Vec<String> },
     /// Reads the request and never answers; the connection stays open until the gateway closes it.
     Hang,
+    /// Waits at the meeting (outside the handler lock, so other connections keep flowing),
+    /// then answers with the inner reply.
+    Held {
+        meeting: Arc<Meeting>,
+        then: Box<Reply>,
+    },
 }
 
 impl Reply {
@@ -74,6 +88,66 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// A complete JSON response with extra headers.
+    pub fn json_with(status: u16, headers: &[(&str, &str)], body: &str) -> Reply {
+        Reply::Json {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// A meeting point for held replies: each one waits until `expected` requests have arrived,
+/// so they are provably in flight at the same time. A meeting that never fills opens at its
+/// deadline instead (`arrived()` then shows the shortfall), so a test fails rather than hangs.
+pub struct Meeting {
+    expected: usize,
+    limit: Duration,
+    arrived: Mutex<usize>,
+    full: Condvar,
+}
+
+impl Meeting {
+    pub fn new(expected: usize, limit: Duration) -> Arc<Meeting> {
+        Arc::new(Meeting {
+            expected,
+            limit,
+            arrived: Mutex::new(0),
+            full: Condvar::new(),
+        })
+    }
+
+    /// How many requests have arrived so far.
+    pub fn arrived(&self) -> usize {
+        *self.arrived.lock().expect("meeting lock")
+    }
+
+    /// Counts one arrival and waits for the rest, or for the deadline.
+    fn attend(&self) {
+        let deadline = Instant::now() + self.limit;
+        let mut arrived = self.arrived.lock().expect("meeting lock");
+        *arrived += 1;
+        if *arrived >= self.expected {
+            self.full.notify_all();
+            return;
+        }
+        while *arrived < self.expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            arrived = self
+                .full
+                .wait_timeout(arrived, left)
+                .expect("meeting lock")
+                .0;
         }
     }
 }
@@ -132,6 +206,14 @@ impl FakeUpstream {
         self.shared.requests.lock().expect("requests lock").clone()
     }
 
+    /// The `x-api-key` of every request so far, in arrival order: which accounts were used.
+    pub fn keys(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r.api_key().to_string())
+            .collect()
+    }
+
     pub fn sse_write_times(&self) -> Vec<Instant> {
         self.shared.sse_writes.lock().expect("sse lock").clone()
     }
@@ -172,6 +254,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             target,
             headers,
             body,
+            at: Instant::now(),
         };
         shared
             .requests
@@ -179,54 +262,70 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             .expect("requests lock")
             .push(req.clone());
         let reply = (shared.handler.lock().expect("handler lock"))(&req);
-        let keep_going = match reply {
-            Reply::Json {
-                status,
-                headers,
-                body,
-            } => {
-                let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-                if !headers
-                    .iter()
-                    .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
-                {
-                    head.push_str("content-type: application/json\r\n");
-                }
-                for (n, v) in &headers {
-                    head.push_str(&format!("{n}: {v}\r\n"));
-                }
-                head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-                let mut bytes = head.into_bytes();
-                bytes.extend_from_slice(&body);
-                out.write_all(&bytes).and_then(|()| out.flush()).is_ok()
+        let keep_going = write_reply(&mut out, &mut reader, shared, reply);
+        if !keep_going || header(&req.headers, "connection") == Some("close") {
+            return;
+        }
+    }
+}
+
+/// Writes one reply; returns whether the connection may serve another request.
+fn write_reply(
+    out: &mut TcpStream,
+    reader: &mut impl BufRead,
+    shared: &Shared,
+    reply: Reply,
+) -> bool {
+    match reply {
+        Reply::Json {
+            status,
+            headers,
+            body,
+        } => {
+            let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+            if !headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            {
+                head.push_str("content-type: application/json\r\n");
             }
-            Reply::Sse {
-                events,
-                gate,
-                framing,
-            } => {
-                let chunked = matches!(framing, Framing::Chunked);
-                let ok = write_sse(&mut out, shared, &events, gate.as_ref(), chunked);
-                if chunked {
-                    ok && out.write_all(b"0\r\n\r\n").is_ok()
-                } else {
-                    let _ = out.shutdown(Shutdown::Both);
-                    false
-                }
+            for (n, v) in &headers {
+                head.push_str(&format!("{n}: {v}\r\n"));
             }
-            Reply::BreakMidStream { events } => {
-                write_sse(&mut out, shared, &events, None, true);
+            head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+            let mut bytes = head.into_bytes();
+            bytes.extend_from_slice(&body);
+            out.write_all(&bytes).and_then(|()| out.flush()).is_ok()
+        }
+        Reply::Sse {
+            events,
+            gate,
+            framing,
+        } => {
+            let chunked = matches!(framing, Framing::Chunked);
+            let ok = write_sse(out, shared, &events, gate.as_ref(), chunked);
+            if chunked {
+                ok && out.write_all(b"0\r\n\r\n").is_ok()
+            } else {
                 let _ = out.shutdown(Shutdown::Both);
                 false
             }
-            Reply::Hang => {
-                let mut sink = [0u8; 1024];
-                while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
-                false
-            }
-        };
-        if !keep_going || header(&req.headers, "connection") == Some("close") {
-            return;
+        }
+        Reply::BreakMidStream { events } => {
+            write_sse(out, shared, &events, None, true);
+            let _ = out.shutdown(Shutdown::Both);
+            false
+        }
+        Reply::Hang => {
+            let mut sink = [0u8; 1024];
+            while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+            false
+        }
+        Reply::Held { meeting, then } => {
+            // Whether the meeting filled is the test's to check (`Meeting::arrived`); the
+            // reply goes out either way, so nothing hangs.
+            meeting.attend();
+            write_reply(out, reader, shared, *then)
         }
     }
 }
@@ -287,8 +386,13 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        413 => "Payload Too Large",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         529 => "Overloaded",
         _ => "Status",
     }

@@ -1,0 +1,401 @@
+//! The operators' views: `status` (admin listener, or the main listener with an admin key, or
+//! the config alone when no server answers), `health-check` and its exit codes, and
+//! `/ready` and `/health`.
+
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::accounts::{
+    KEY_A, KEY_B, account, admin_status, assert_rested, assert_served_by, error_body, poll_until,
+    post, served_by, started, stdout_json, unix_from_rfc3339, unix_now,
+};
+use crate::support::{
+    Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error, assert_exit, call,
+    refused_base_url,
+};
+
+/// Every status field of one account, as `status --json` and `GET /admin/status` give it.
+const ACCOUNT_FIELDS: [&str; 14] = [
+    "id",
+    "name",
+    "kind",
+    "priority",
+    "weight",
+    "state",
+    "reason",
+    "cooldown_until",
+    "in_flight",
+    "requests",
+    "failures",
+    "token_expires_at",
+    "refresh_error",
+    "persist_error",
+];
+
+#[test]
+fn status_shows_cooling_accounts_on_the_admin_and_main_listeners() {
+    let up = FakeUpstream::start(|req| {
+        let key = req.api_key();
+        if key == KEY_A {
+            Reply::json_with(
+                429,
+                &[("retry-after", "30")],
+                &error_body("rate_limit_error", "rate limited", key),
+            )
+        } else {
+            Reply::json(200, &served_by(key))
+        }
+    });
+    let mut gw = Gateway::new(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
+    let (alpha, bravo) = (
+        gw.add_api_key("alpha", KEY_A),
+        gw.add_api_key("bravo", KEY_B),
+    );
+    let (alpha, bravo) = (&alpha, &bravo);
+    let admin_key = gw.add_admin_key("operator");
+    gw.add_client_key("tests");
+    gw.start();
+    let admin_url = format!("http://{}", gw.admin_addr());
+    let main_url = format!("http://{}", gw.addr());
+
+    // Until alpha has been tried once (it may come second), requests go round.
+    let before = unix_now();
+    for _ in 0..4 {
+        if up.keys().iter().any(|k| k == KEY_A) {
+            break;
+        }
+        assert_served_by(&gw, KEY_B, "alpha limited, bravo serves");
+    }
+    assert!(up.keys().iter().any(|k| k == KEY_A), "alpha never tried");
+    let after = unix_now();
+
+    let check = |view: &Value, what: &str| {
+        for field in ["version", "uptime_secs", "sticky_pins"] {
+            assert!(!view[field].is_null(), "{what}: no {field} in {view}");
+        }
+        for field in ["busy", "alive", "max"] {
+            assert!(
+                view["workers"][field].is_u64(),
+                "{what}: workers.{field} in {view}"
+            );
+        }
+        assert_eq!(view["workers"]["max"], 32, "{what}: server.workers");
+        for id in [alpha, bravo] {
+            let a = account(view, id);
+            for field in ACCOUNT_FIELDS {
+                assert!(a.get(field).is_some(), "{what}: {id} has no {field}: {a}");
+            }
+            assert_eq!(a["kind"], "api_key", "{what}");
+        }
+        let a = account(view, alpha);
+        assert_eq!(a["name"], "alpha");
+        assert_eq!(a["state"], "cooling", "{what}: {a}");
+        let reason = a["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("429"),
+            "{what}: reason should name the 429: {a}"
+        );
+        let until = unix_from_rfc3339(
+            a["cooldown_until"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: cooldown_until while cooling: {a}")),
+        );
+        assert!(
+            until >= before + 29.0 && until <= after + 32.0,
+            "{what}: cooldown_until {until} is not 30 s after {before}..{after}"
+        );
+        assert!(
+            a["failures"].as_u64().is_some_and(|n| n >= 1),
+            "{what}: {a}"
+        );
+        let b = account(view, bravo);
+        assert_eq!(b["state"], "active", "{what}: {b}");
+        assert!(b["cooldown_until"].is_null(), "{what}: {b}");
+        assert!(
+            b["requests"].as_u64().is_some_and(|n| n >= 1),
+            "{what}: {b}"
+        );
+    };
+
+    // The admin listener: no key needed, and nothing is proxied there.
+    check(
+        &admin_status(&gw),
+        "GET /admin/status on the admin listener",
+    );
+    let out = gw.run_cli(&["status", "--json", "--url", &admin_url]);
+    assert_exit(&out, 0, "status --json via the admin listener");
+    check(&stdout_json(&out, "status --json"), "status --json (admin)");
+    let out = gw.run_cli(&["status", "--url", &admin_url]);
+    assert_exit(&out, 0, "status via the admin listener");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [alpha.as_str(), bravo.as_str(), "cooling"] {
+        assert!(
+            text.contains(needle),
+            "status output lacks {needle}:\n{text}"
+        );
+    }
+    for (method, path) in [("POST", "/v1/messages"), ("GET", "/v1/models")] {
+        let resp = call(
+            gw.admin_addr(),
+            method,
+            path,
+            &[gw.auth()],
+            MESSAGE_BODY.as_bytes(),
+        );
+        assert_eq!(
+            resp.status,
+            404,
+            "{method} {path} on the admin listener: {}",
+            resp.text()
+        );
+    }
+
+    // The main listener: an admin key is needed.
+    let on_main = |key: Option<&str>| {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+        call(gw.addr(), "GET", "/admin/status", &headers, b"")
+    };
+    assert_eq!(on_main(None).status, 401, "no key");
+    let resp = on_main(Some(gw.client_key()));
+    assert_error(&resp, 403, None);
+    let resp = on_main(Some(&admin_key));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    check(&resp.json(), "GET /admin/status on the main listener");
+
+    let mut cmd = gw.cli(&["status", "--json", "--url", &main_url]);
+    cmd.env("LLM_GATEWAY_ADMIN_KEY", &admin_key);
+    let out = crate::support::run(cmd, None);
+    assert_exit(&out, 0, "status with LLM_GATEWAY_ADMIN_KEY");
+    check(
+        &stdout_json(&out, "status --json"),
+        "status --json (main, env key)",
+    );
+    let key_file = gw.dir().join("admin.key");
+    std::fs::write(&key_file, format!("{admin_key}\n")).expect("write key file");
+    let key_file = key_file.to_str().expect("utf-8 path").to_string();
+    let out = gw.run_cli(&[
+        "status",
+        "--json",
+        "--url",
+        &main_url,
+        "--admin-key-file",
+        &key_file,
+    ]);
+    assert_exit(&out, 0, "status --admin-key-file");
+    check(
+        &stdout_json(&out, "status --json"),
+        "status --json (main, key file)",
+    );
+    let out = gw.run_cli(&["status", "--json", "--url", &main_url]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "status on the main listener without a key"
+    );
+}
+
+#[test]
+fn status_without_a_server_exits_5_with_what_the_config_knows() {
+    let nobody = refused_base_url();
+    let admin = nobody.trim_start_matches("http://").to_string();
+    let gw = Gateway::new(&Config::new(nobody.clone()).admin_listen(&admin));
+    let alpha = gw.add_api_key("alpha", KEY_A);
+    let bravo = gw.add_api_key("bravo", KEY_B);
+
+    // The default URL comes from admin.listen.
+    let out = gw.run_cli(&["status", "--json"]);
+    assert_exit(&out, 5, "status --json with no server");
+    let view = stdout_json(&out, "status --json with no server");
+    assert!(view["server"].is_null(), "server: {view}");
+    assert!(
+        view["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "error should say what failed: {view}"
+    );
+    assert_eq!(account(&view, &alpha)["name"], "alpha");
+    assert_eq!(account(&view, &bravo)["name"], "bravo");
+
+    let out = gw.run_cli(&["status", "--url", &nobody]);
+    assert_exit(&out, 5, "status with no server");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [alpha.as_str(), bravo.as_str(), "alpha", "bravo"] {
+        assert!(text.contains(needle), "output lacks {needle}:\n{text}");
+    }
+}
+
+#[test]
+fn health_check_probes_every_account_and_exits_by_the_result() {
+    const GOOD_1: &str = "sk-ant-api03-HealthyAccountOne-g1g1";
+    const GOOD_2: &str = "sk-ant-api03-HealthyAccountTwo-g2g2";
+    const BAD_1: &str = "sk-ant-api03-RevokedAccountOne-b1b1";
+    const BAD_2: &str = "sk-ant-api03-RevokedAccountTwo-b2b2";
+    let up = FakeUpstream::start(|req| {
+        if req.method != "GET" || req.target != "/v1/models?limit=1" {
+            return Reply::json(
+                404,
+                r#"{"type":"error","error":{"type":"not_found_error","message":"unexpected probe"}}"#,
+            );
+        }
+        if req.api_key().starts_with("sk-ant-api03-Healthy") {
+            Reply::json(
+                200,
+                r#"{"data":[{"id":"claude-sonnet-4-5","type":"model"}],"has_more":true}"#,
+            )
+        } else {
+            Reply::json(
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+            )
+        }
+    });
+    let health = |gw: &Gateway, extra: &[&str]| -> Output {
+        let mut args = vec!["health-check"];
+        args.extend_from_slice(extra);
+        gw.run_cli(&args)
+    };
+
+    // One good, one bad: 10, and the JSON says which and why.
+    let mixed = Gateway::new(&Config::new(up.base_url()));
+    let good = mixed.add_api_key("good", GOOD_1);
+    let bad = mixed.add_api_key("bad", BAD_1);
+    let out = health(&mixed, &["--json"]);
+    assert_exit(&out, 10, "health-check, one bad key");
+    let view = stdout_json(&out, "health-check --json");
+    assert_eq!(view["healthy"], 1, "{view}");
+    assert_eq!(view["total"], 2, "{view}");
+    let g = account(&view, &good);
+    assert_eq!(g["name"], "good");
+    assert_eq!(g["ok"], true, "{g}");
+    assert!(g["latency_ms"].is_u64(), "{g}");
+    let b = account(&view, &bad);
+    assert_eq!(b["ok"], false, "{b}");
+    assert!(b["latency_ms"].is_u64(), "{b}");
+    let reason = b["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("401"),
+        "the reason should name the 401: {b}"
+    );
+    let mut probed: Vec<(String, String)> = up
+        .requests()
+        .iter()
+        .map(|r| (r.target.clone(), r.api_key().to_string()))
+        .collect();
+    probed.sort();
+    assert_eq!(
+        probed,
+        [
+            ("/v1/models?limit=1".to_string(), GOOD_1.to_string()),
+            ("/v1/models?limit=1".to_string(), BAD_1.to_string()),
+        ],
+        "one probe per account, with its own key"
+    );
+    let out = health(&mixed, &[]);
+    assert_exit(&out, 10, "health-check (text), one bad key");
+    let out = health(&mixed, &["--account-id", &good, "--json"]);
+    assert_exit(&out, 0, "health-check of the good account only");
+    assert_eq!(stdout_json(&out, "health-check --account-id")["total"], 1);
+    assert_exit(
+        &health(&mixed, &["--account-id", &bad]),
+        11,
+        "health-check of the bad account only",
+    );
+    assert_exit(
+        &health(&mixed, &["--account-id", "acc_doesnotexist"]),
+        6,
+        "health-check of an unknown account",
+    );
+
+    let all_good = Gateway::new(&Config::new(up.base_url()));
+    all_good.add_api_key("one", GOOD_1);
+    all_good.add_api_key("two", GOOD_2);
+    let out = health(&all_good, &["--json"]);
+    assert_exit(&out, 0, "health-check, all good");
+    let view = stdout_json(&out, "health-check --json");
+    assert_eq!(
+        (&view["healthy"], &view["total"]),
+        (&2.into(), &2.into()),
+        "{view}"
+    );
+
+    let all_bad = Gateway::new(&Config::new(up.base_url()));
+    all_bad.add_api_key("one", BAD_1);
+    all_bad.add_api_key("two", BAD_2);
+    let out = health(&all_bad, &["--json"]);
+    assert_exit(&out, 11, "health-check, all bad");
+    assert_eq!(stdout_json(&out, "health-check --json")["healthy"], 0);
+
+    let none = Gateway::new(&Config::new(up.base_url()));
+    assert_exit(&health(&none, &[]), 11, "health-check with no account");
+}
+
+#[test]
+fn ready_follows_account_availability_and_health_is_always_200() {
+    let limited_once = AtomicBool::new(true);
+    let up = FakeUpstream::start(move |req| {
+        if limited_once.swap(false, Ordering::SeqCst) {
+            Reply::json_with(
+                429,
+                &[("retry-after", "2")],
+                &error_body("rate_limit_error", "rate limited", req.api_key()),
+            )
+        } else {
+            Reply::json(200, &served_by(req.api_key()))
+        }
+    });
+    let (gw, _) = started(
+        &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
+        &[("only", KEY_A, &[])],
+    );
+    let get = |addr, path: &str| call(addr, "GET", path, &[], b"").status;
+
+    for addr in [gw.addr(), gw.admin_addr()] {
+        assert_eq!(
+            get(addr, "/ready"),
+            200,
+            "{addr}: ready with an available account"
+        );
+        assert_eq!(get(addr, "/health"), 200, "{addr}");
+    }
+    assert_eq!(post(&gw).status, 429);
+    for addr in [gw.addr(), gw.admin_addr()] {
+        assert_eq!(
+            get(addr, "/ready"),
+            503,
+            "{addr}: the only account is resting"
+        );
+        assert_eq!(get(addr, "/health"), 200, "{addr}: alive while not ready");
+    }
+    let ready_at = poll_until(
+        Duration::from_secs(5),
+        "/ready once the rest is over",
+        || get(gw.addr(), "/ready") == 200,
+    );
+    assert_rested(
+        ready_at - up.requests()[0].at,
+        Duration::from_secs(2),
+        "/ready",
+    );
+    assert_eq!(post(&gw).status, 200);
+
+    // All disabled, or none at all: not ready, still alive.
+    let mut disabled = Gateway::new(&Config::new(up.base_url()));
+    let id = disabled.add_api_key("off", KEY_B);
+    assert_exit(
+        &disabled.run_cli(&["disable-account", "--account-id", &id]),
+        0,
+        "disable-account",
+    );
+    disabled.start();
+    let mut empty = Gateway::new(&Config::new(up.base_url()));
+    empty.start();
+    for gw in [&disabled, &empty] {
+        assert_eq!(get(gw.addr(), "/ready"), 503);
+        assert_eq!(get(gw.addr(), "/health"), 200);
+    }
+}
