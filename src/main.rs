@@ -18,6 +18,7 @@ mod error;
 mod http;
 mod listener;
 mod oauth;
+mod openai;
 mod processor;
 mod refresh;
 mod router;

@@ -66,7 +66,8 @@ pub fn event_names(events: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-fn split_events(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+/// The complete events in `data`, without their terminating blank lines.
+pub fn split_events(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = data;
     std::iter::from_fn(move || {
         while !rest.is_empty() {

@@ -1,12 +1,13 @@
 //! The integration test binary: every test drives the real `llm-gateway` executable.
 //!
 //! `support` holds the harness (temp dirs, the gateway process, a scripted fake
-//! upstream and a raw HTTP client); the other modules group the tests by the
-//! part of the contract they check.
+//! upstream, a fake OAuth token endpoint and a raw HTTP client); the other modules
+//! group the tests by the part of the contract they check.
 
 mod balance;
 mod cli;
 mod limits;
+mod oauth;
 mod proxy;
 mod status;
 mod support;

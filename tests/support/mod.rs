@@ -5,10 +5,10 @@
 //! receives with a timeout; a timeout only ever fails the test, it never
 //! paces it.
 //!
-//! This file holds the process side (temp dirs, CLI runs, the server child);
-//! `upstream` is the fake upstream, `client` the raw downstream client, `wire`
-//! the HTTP parsing they share, and `accounts` the helpers for tests with
-//! several upstream accounts.
+//! This file holds the process side (temp dirs, CLI runs, the server children);
+//! `upstream` is the fake upstream, `token` the fake OAuth token endpoint,
+//! `client` the raw downstream client, `wire` the HTTP parsing they share, and
+//! `accounts` the helpers for tests with several upstream accounts.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -24,10 +24,12 @@ use serde_json::Value;
 
 pub mod accounts;
 mod client;
+mod token;
 mod upstream;
 mod wire;
 
 pub use client::*;
+pub use token::*;
 pub use upstream::*;
 
 /// The binary under test, built by cargo for this test run.
@@ -57,6 +59,37 @@ pub fn refused_base_url() -> String {
 /// The mask the gateway shows for an upstream key: `sk-ant-…` and the last four characters.
 pub fn masked(key: &str) -> String {
     format!("sk-ant-…{}", &key[key.len() - 4..])
+}
+
+/// Base64url without padding (RFC 4648 §5), the encoding of PKCE verifiers and challenges.
+pub fn base64url(bytes: &[u8]) -> String {
+    base64(bytes)
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_")
+}
+
+/// Seconds since the Unix epoch, as the gateway writes them in config.yaml and prints them.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Waits until `done` holds, checking every 50 ms, and fails the test after `limit`.
+///
+/// Only for things the server does on its own timer (the token refresher, the config
+/// watcher): there is no event to wait on, so the condition is polled against a deadline.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Standard base64 with padding, for building `LLM_GATEWAY_SECRET_KEY` values.
@@ -178,6 +211,9 @@ impl Drop for TempDir {
 pub struct Config {
     base_url: String,
     read_timeout: String,
+    log_level: Option<String>,
+    /// `oauth:` settings in order, values as YAML scalars.
+    oauth: Vec<(String, String)>,
     workers: usize,
     admin_listen: String,
     sections: String,
@@ -188,6 +224,8 @@ impl Config {
         Config {
             base_url: base_url.into(),
             read_timeout: "3s".to_string(),
+            log_level: None,
+            oauth: Vec::new(),
             workers: 32,
             admin_listen: "off".to_string(),
             sections: String::new(),
@@ -220,14 +258,37 @@ impl Config {
         self
     }
 
+    /// `log.level`: `debug` lets leak checks see everything the server can say.
+    pub fn log_level(mut self, value: &str) -> Config {
+        self.log_level = Some(value.to_string());
+        self
+    }
+
+    /// One `oauth:` setting; `value` goes into the YAML as written (quote it if needed).
+    pub fn oauth(mut self, key: &str, value: impl Into<String>) -> Config {
+        self.oauth.push((key.to_string(), value.into()));
+        self
+    }
+
     pub fn yaml(&self) -> String {
-        format!(
+        let mut yaml = format!(
             "server:\n  listen: 127.0.0.1:0\n  workers: {}\n  max_body_bytes: 1048576\n  \
              header_timeout: 2s\n  body_timeout: 2s\n  keepalive_timeout: 5s\n\
              upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
-             admin:\n  listen: {}\n{}",
-            self.workers, self.base_url, self.read_timeout, self.admin_listen, self.sections
-        )
+             admin:\n  listen: {}\n",
+            self.workers, self.base_url, self.read_timeout, self.admin_listen
+        );
+        if let Some(level) = &self.log_level {
+            yaml.push_str(&format!("log:\n  level: {level}\n"));
+        }
+        if !self.oauth.is_empty() {
+            yaml.push_str("oauth:\n");
+            for (key, value) in &self.oauth {
+                yaml.push_str(&format!("  {key}: {value}\n"));
+            }
+        }
+        yaml.push_str(&self.sections);
+        yaml
     }
 }
 
@@ -236,17 +297,49 @@ pub struct Gateway {
     dir: TempDir,
     client_key: Option<String>,
     server: Option<Server>,
+    /// What servers stopped with `stop` wrote to stderr, kept for leak checks.
+    past_stderr: String,
 }
 
-struct Server {
+/// One `llm-gateway server` process, killed on drop.
+pub struct Server {
     child: Child,
     addr: SocketAddr,
     /// Everything the server wrote to stderr so far, drained by a thread so the pipe never fills.
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The drain thread; it ends when the process is gone and its stderr is fully read.
+    drain: Option<thread::JoinHandle<()>>,
     /// The stdout lines after the first, as they come (the admin listener's line, if on).
     more_stdout: Mutex<Receiver<String>>,
     /// The admin listener's address, once read from stdout.
     admin: OnceLock<SocketAddr>,
+}
+
+impl Server {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the process and waits until everything it wrote to stderr has been collected.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+    }
+
+    /// What the server has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Gateway {
@@ -261,6 +354,7 @@ impl Gateway {
             dir,
             client_key: None,
             server: None,
+            past_stderr: String::new(),
         }
     }
 
@@ -366,6 +460,15 @@ impl Gateway {
     /// Starts `server` with extra arguments and waits for its `listening on` line.
     pub fn start_with(&mut self, extra: &[&str]) -> SocketAddr {
         assert!(self.server.is_none(), "server already started");
+        let server = self.spawn_server(extra);
+        let addr = server.addr;
+        self.server = Some(server);
+        addr
+    }
+
+    /// Another server process on this same config, owned by the caller (e.g. a second
+    /// gateway sharing config.yaml with the first).
+    pub fn spawn_server(&self, extra: &[&str]) -> Server {
         let mut cmd = self.cli(&["server"]);
         cmd.args(extra)
             .stdin(Stdio::null())
@@ -376,7 +479,7 @@ impl Gateway {
         let mut stderr_pipe = child.stderr.take().expect("stderr pipe");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let drain = thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr_pipe.read(&mut buf) {
                 if n == 0 {
@@ -390,19 +493,15 @@ impl Gateway {
         let (tx, rx) = mpsc::channel();
         let (more_tx, more_rx) = mpsc::channel();
         thread::spawn(move || {
-            let text = |bytes: Vec<u8>| {
-                String::from_utf8_lossy(&bytes)
-                    .trim_end_matches('\r')
-                    .to_string()
-            };
-            let mut lines = BufReader::new(stdout).split(b'\n');
+            let mut lines = BufReader::new(stdout).lines();
             if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(text(line));
+                let _ = tx.send(line);
             }
-            // Keep draining so the server never blocks on a full stdout pipe.
+            // Keep draining so the server never blocks on a full stdout pipe; later lines
+            // (the admin listener's address) are passed on.
             for line in lines {
                 let Ok(line) = line else { break };
-                let _ = more_tx.send(text(line));
+                let _ = more_tx.send(line);
             }
         });
         let line = match rx.recv_timeout(Duration::from_secs(10)) {
@@ -421,14 +520,25 @@ impl Gateway {
             .unwrap_or_else(|| panic!("first stdout line should start with {prefix:?}: {line:?}"))
             .parse()
             .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
-        self.server = Some(Server {
+        Server {
             child,
             addr,
             stderr,
+            drain: Some(drain),
             more_stdout: Mutex::new(more_rx),
             admin: OnceLock::new(),
-        });
-        addr
+        }
+    }
+
+    /// Kills the server (as a crash or an operator would) and keeps what it wrote to stderr.
+    pub fn stop(&mut self) {
+        let mut server = self.server.take().expect("server not started");
+        server.kill();
+        self.past_stderr.push_str(&server.stderr());
+    }
+
+    pub fn running(&self) -> bool {
+        self.server.is_some()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -460,22 +570,21 @@ impl Gateway {
 
     /// What the server has written to stderr so far.
     pub fn stderr(&self) -> String {
-        let server = self.server.as_ref().expect("server not started");
-        String::from_utf8_lossy(&server.stderr.lock().expect("stderr lock")).into_owned()
+        self.server.as_ref().expect("server not started").stderr()
+    }
+
+    /// Everything every server started with `start` wrote to stderr, stopped ones included.
+    pub fn all_stderr(&self) -> String {
+        let mut all = self.past_stderr.clone();
+        if let Some(server) = &self.server {
+            all.push_str(&server.stderr());
+        }
+        all
     }
 
     /// Headers that authenticate as this gateway's client key.
     pub fn auth(&self) -> (&'static str, &str) {
         ("x-api-key", self.client_key())
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(server) = &mut self.server {
-            let _ = server.child.kill();
-            let _ = server.child.wait();
-        }
     }
 }
 

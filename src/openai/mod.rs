@@ -1,0 +1,303 @@
+//! The OpenAI Chat Completions format: requests converted to Anthropic Messages, responses and
+//! streams converted back, and the detection of which format a body is in. Pure functions, no
+//! I/O; tested table-style from fixtures in tests/data/openai/.
+
+pub mod request;
+pub mod response;
+pub mod stream;
+
+use serde_json::Value;
+
+/// A request the converter refuses: OpenAI's 400, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl Invalid {
+    pub fn new(message: impl Into<String>, param: Option<&str>) -> Invalid {
+        Invalid {
+            message: message.into(),
+            param: param.map(String::from),
+        }
+    }
+}
+
+/// The API a request body is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Anthropic,
+    OpenAI,
+}
+
+/// What the body says about its format, if anything clear (spec §4): OpenAI-only fields and
+/// roles mean OpenAI; a top-level `system`, `anthropic_version`, or Anthropic-only content
+/// blocks mean Anthropic. `max_tokens` and string content say nothing.
+pub fn detect(body: &Value) -> Option<Format> {
+    let obj = body.as_object()?;
+    const OPENAI_FIELDS: &[&str] = &[
+        "stream_options",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "max_completion_tokens",
+        "reasoning_effort",
+        "parallel_tool_calls",
+        "functions",
+    ];
+    if obj.contains_key("system") || obj.contains_key("anthropic_version") {
+        return Some(Format::Anthropic);
+    }
+    if OPENAI_FIELDS.iter().any(|f| obj.contains_key(*f)) {
+        return Some(Format::OpenAI);
+    }
+    let messages = obj.get("messages")?.as_array()?;
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if matches!(role, "system" | "developer" | "tool" | "function")
+            || m.get("tool_calls").is_some()
+            || m.get("tool_call_id").is_some()
+        {
+            return Some(Format::OpenAI);
+        }
+        for part in m
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            match part.get("type").and_then(Value::as_str) {
+                Some("image_url" | "input_audio" | "file") => return Some(Format::OpenAI),
+                Some("tool_use" | "tool_result" | "thinking" | "document") => {
+                    return Some(Format::Anthropic);
+                }
+                Some("image") if part.get("source").is_some() => return Some(Format::Anthropic),
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    //! Table tests from the fixtures in tests/data/openai/: one file per case of the spec.
+
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use serde_json::{Value, json};
+
+    use super::request::{Options, convert};
+    use super::response::completion;
+    use super::stream::ChunkStream;
+    use super::{Format, detect};
+    use crate::sse::Framer;
+
+    fn fixtures(kind: &str) -> Vec<(String, Value)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/openai")
+            .join(kind);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("fixture dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+        files
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("read fixture");
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, serde_json::from_str(&text).expect("fixture is JSON"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn request_fixtures() {
+        let aliases = HashMap::from([("gpt-4o".to_string(), "claude-sonnet-4-5".to_string())]);
+        let options = Options {
+            default_max_tokens: 8192,
+            aliases: &aliases,
+        };
+        for (name, case) in fixtures("request") {
+            let result = convert(&case["input"], &options);
+            match case.get("error_param").and_then(Value::as_str) {
+                Some(param) => {
+                    let err = result.expect_err(&name);
+                    assert_eq!(err.param.as_deref(), Some(param), "{name}: {}", err.message);
+                }
+                None => {
+                    let converted = result.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                    assert_eq!(converted.body, case["expected"], "{name}");
+                    if let Some(u) = case.get("include_usage") {
+                        assert_eq!(Some(converted.include_usage), u.as_bool(), "{name}");
+                    }
+                    if let Some(m) = case.get("requested_model").and_then(Value::as_str) {
+                        assert_eq!(converted.requested_model, m, "{name}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn response_fixtures() {
+        for (name, case) in fixtures("response") {
+            let model = case["model"].as_str().expect("model");
+            assert_eq!(
+                completion(&case["input"], model, 1_700_000_000),
+                case["expected"],
+                "{name}"
+            );
+        }
+    }
+
+    /// The `data:` payloads of a converted stream, parsed (`[DONE]` as a string).
+    fn payloads(out: &[u8]) -> Vec<Value> {
+        let text = String::from_utf8(out.to_vec()).expect("utf8");
+        assert!(!text.contains("event:"), "no named events: {text}");
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let data = e.strip_prefix("data: ").expect("data line");
+                if data == "[DONE]" {
+                    json!("[DONE]")
+                } else {
+                    serde_json::from_str(data).expect("chunk JSON")
+                }
+            })
+            .collect()
+    }
+
+    /// Reduces a chunk to what a fixture states: delta and finish_reason, or usage, or error.
+    fn essence(chunk: &Value, expected: &Value) -> Value {
+        if chunk.is_string() || chunk.get("error").is_some() {
+            return chunk.clone();
+        }
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        let mut out = serde_json::Map::new();
+        match chunk["choices"].as_array().and_then(|c| c.first()) {
+            Some(choice) => {
+                out.insert("delta".into(), choice["delta"].clone());
+                if !choice["finish_reason"].is_null() {
+                    out.insert("finish_reason".into(), choice["finish_reason"].clone());
+                }
+            }
+            None => assert_eq!(chunk["choices"], json!([])),
+        }
+        if expected.get("usage").is_some() {
+            out.insert("usage".into(), chunk["usage"].clone());
+        }
+        Value::Object(out)
+    }
+
+    fn run_stream(case: &Value, split_every: Option<usize>) -> Vec<u8> {
+        let include_usage = case["include_usage"].as_bool().unwrap_or(false);
+        let mut stream = ChunkStream::new("client-model", include_usage, 1);
+        let bytes: Vec<u8> = case["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .flat_map(|e| e.as_str().expect("event text").bytes())
+            .collect();
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        let step = split_every.unwrap_or(bytes.len());
+        for piece in bytes.chunks(step) {
+            framer
+                .push::<()>(piece, |events| {
+                    for event in crate::sse::split_events(events) {
+                        out.extend(stream.event(event));
+                    }
+                    Ok(())
+                })
+                .expect("no error");
+        }
+        out.extend(stream.end(None));
+        out
+    }
+
+    #[test]
+    fn stream_fixtures() {
+        for (name, case) in fixtures("stream") {
+            let out = run_stream(&case, None);
+            let got = payloads(&out);
+            let expected = case["expected"].as_array().expect("expected");
+            assert_eq!(got.len(), expected.len(), "{name}: {got:#?}");
+            for (g, e) in got.iter().zip(expected) {
+                assert_eq!(essence(g, e), *e, "{name}");
+            }
+            // Reads split at every byte give exactly the same output.
+            assert_eq!(run_stream(&case, Some(1)), out, "{name}: byte by byte");
+        }
+    }
+
+    #[test]
+    fn multibyte_text_split_anywhere_comes_out_exact() {
+        let text = "héllo 你好 🌍";
+        let case = json!({"events": [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_u\",\"usage\":{\"input_tokens\":1}}}\n\n",
+            format!("event: content_block_delta\ndata: {}\n\n", json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}})),
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ]});
+        for split in [1, 2, 3, 5, 7] {
+            let got = payloads(&run_stream(&case, Some(split)));
+            assert_eq!(
+                got[1]["choices"][0]["delta"]["content"], text,
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_streams_end_with_an_error_not_a_finish() {
+        let mut stream = ChunkStream::new("m", false, 1);
+        stream.event(b"data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_t\"}}");
+        let end = payloads(&stream.end(Some("connection reset")));
+        assert_eq!(end.len(), 1);
+        assert!(
+            end[0]["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("connection reset")
+        );
+        assert!(stream.closed());
+        assert!(stream.end(None).is_empty(), "only one ending");
+    }
+
+    #[test]
+    fn detection_follows_the_clear_signals() {
+        let openai = [
+            json!({"model":"m","messages":[{"role":"system","content":"s"}]}),
+            json!({"model":"m","messages":[{"role":"user","content":"q"}],"stream_options":{"include_usage":true}}),
+            json!({"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":"https://x"}]}]}),
+            json!({"model":"m","messages":[{"role":"tool","tool_call_id":"a","content":"r"}]}),
+        ];
+        for body in openai {
+            assert_eq!(detect(&body), Some(Format::OpenAI), "{body}");
+        }
+        let anthropic = [
+            json!({"model":"m","system":"s","messages":[]}),
+            json!({"model":"m","messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"a","content":"r"}]}]}),
+            json!({"model":"m","messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64"}}]}]}),
+        ];
+        for body in anthropic {
+            assert_eq!(detect(&body), Some(Format::Anthropic), "{body}");
+        }
+        assert_eq!(
+            detect(&json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"q"}]})),
+            None
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! The fake OAuth token endpoint: a scripted stand-in for Anthropic's `/v1/oauth/token` that records every call.
+//!
+//! It runs on a `FakeUpstream` (so requests are recorded as they arrive, before any
+//! scripted delay) and issues numbered tokens: the n-th grant is `access_token(n)` and
+//! `refresh_token(n)`. It keeps the set of refresh tokens still alive, so a test can
+//! prove that a rotated refresh token was persisted: with `rotate`, using a token twice
+//! is an `invalid_grant`, as it is at Anthropic.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::upstream::{FakeUpstream, Recorded, Reply};
+
+/// Where the token endpoint listens, as in the real `token_url`.
+pub const TOKEN_PATH: &str = "/v1/oauth/token";
+
+/// Identity fields every successful token response carries.
+pub const ACCOUNT_EMAIL: &str = "owner@example.test";
+pub const ORG_UUID: &str = "org-uuid-4f1c";
+pub const ORG_NAME: &str = "Example Org";
+pub const ACCOUNT_UUID: &str = "acct-uuid-9b2e";
+pub const GRANTED_SCOPE: &str = "user:inference user:profile";
+
+/// Marks every value this endpoint issues, so a leak check cannot miss one or match by accident.
+const TAG: &str = "Tq7vXk";
+
+/// The access token of the n-th grant (1-based).
+pub fn access_token(n: u32) -> String {
+    format!("at-{n}-{TAG}")
+}
+
+/// The refresh token of the n-th grant.
+pub fn refresh_token(n: u32) -> String {
+    format!("rt-{n}-{TAG}")
+}
+
+/// How the endpoint behaves; change it mid-test with `FakeTokenEndpoint::script`.
+#[derive(Clone, Debug)]
+pub struct Script {
+    /// `expires_in` of authorization-code grants.
+    pub exchange_expires_in: u64,
+    /// `expires_in` of refresh grants.
+    pub refresh_expires_in: u64,
+    /// Refresh grants carry a new refresh token and the presented one dies. Without it,
+    /// refresh responses carry no `refresh_token` at all (the old one stays valid).
+    pub rotate: bool,
+    /// How long a refresh answer is held back, to widen race windows. `FakeUpstream` runs one
+    /// handler at a time, so other answers wait too; arrivals are still recorded at once, so a
+    /// second refresh racing the first is counted.
+    pub refresh_delay: Duration,
+    /// Every refresh is answered 400 `invalid_grant`.
+    pub refresh_invalid_grant: bool,
+    /// Every code exchange is answered 400 `invalid_grant` with this description.
+    pub exchange_error: Option<String>,
+}
+
+impl Default for Script {
+    fn default() -> Script {
+        Script {
+            exchange_expires_in: 3600,
+            refresh_expires_in: 3600,
+            rotate: false,
+            refresh_delay: Duration::ZERO,
+            refresh_invalid_grant: false,
+            exchange_error: None,
+        }
+    }
+}
+
+/// One answer the endpoint gave.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub grant_type: String,
+    pub status: u16,
+    /// When the request reached the handler (before any scripted delay).
+    pub at: SystemTime,
+}
+
+struct State {
+    script: Script,
+    issued: u32,
+    /// Refresh tokens that a refresh grant still accepts.
+    alive: HashSet<String>,
+    answers: Vec<Answer>,
+}
+
+pub struct FakeTokenEndpoint {
+    server: FakeUpstream,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeTokenEndpoint {
+    pub fn start(script: Script) -> FakeTokenEndpoint {
+        let state = Arc::new(Mutex::new(State {
+            script,
+            issued: 0,
+            alive: HashSet::new(),
+            answers: Vec::new(),
+        }));
+        let handler_state = Arc::clone(&state);
+        let server = FakeUpstream::start(move |req| answer(&handler_state, req));
+        FakeTokenEndpoint { server, state }
+    }
+
+    /// The `token_url` to configure.
+    pub fn token_url(&self) -> String {
+        format!("{}{TOKEN_PATH}", self.server.base_url())
+    }
+
+    /// An `authorize_url` on the same host; nothing is served there, it is only printed.
+    pub fn authorize_url(&self) -> String {
+        format!("{}/oauth/authorize", self.server.base_url())
+    }
+
+    pub fn script(&self, change: impl FnOnce(&mut Script)) {
+        change(&mut self.state.lock().expect("token state").script);
+    }
+
+    /// Every request as it arrived, in order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.server.requests()
+    }
+
+    /// The JSON body of every request with this `grant_type`, in arrival order.
+    pub fn calls(&self, grant_type: &str) -> Vec<Value> {
+        self.requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .filter(|v| v["grant_type"] == grant_type)
+            .collect()
+    }
+
+    pub fn exchanges(&self) -> Vec<Value> {
+        self.calls("authorization_code")
+    }
+
+    pub fn refreshes(&self) -> Vec<Value> {
+        self.calls("refresh_token")
+    }
+
+    pub fn answers(&self) -> Vec<Answer> {
+        self.state.lock().expect("token state").answers.clone()
+    }
+
+    /// Every token value handed out so far (the refresh tokens of non-rotating refreshes are
+    /// listed though never sent: harmless for the leak checks this serves).
+    pub fn issued(&self) -> Vec<String> {
+        let n = self.state.lock().expect("token state").issued;
+        (1..=n)
+            .flat_map(|i| [access_token(i), refresh_token(i)])
+            .collect()
+    }
+}
+
+fn error(description: &str) -> Reply {
+    Reply::json(
+        400,
+        &json!({"error": "invalid_grant", "error_description": description}).to_string(),
+    )
+}
+
+fn answer(state: &Mutex<State>, req: &Recorded) -> Reply {
+    let at = SystemTime::now();
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let grant_type = body["grant_type"].as_str().unwrap_or_default().to_string();
+    let record = |status: u16| {
+        state.lock().expect("token state").answers.push(Answer {
+            grant_type: grant_type.clone(),
+            status,
+            at,
+        });
+    };
+    if req.method != "POST" || req.target != TOKEN_PATH {
+        record(404);
+        return Reply::json(404, r#"{"error":"not_found"}"#);
+    }
+    let script = state.lock().expect("token state").script.clone();
+    let (expires_in, new_refresh) = match grant_type.as_str() {
+        "authorization_code" => {
+            if let Some(description) = &script.exchange_error {
+                record(400);
+                return error(description);
+            }
+            (script.exchange_expires_in, true)
+        }
+        "refresh_token" => {
+            let presented = body["refresh_token"].as_str().unwrap_or_default();
+            let alive = state.lock().expect("token state").alive.contains(presented);
+            if script.refresh_invalid_grant || !alive {
+                record(400);
+                return error("Refresh token not found or invalid");
+            }
+            // Held outside the state lock, so the test can read what happened meanwhile.
+            thread::sleep(script.refresh_delay);
+            if script.rotate {
+                state.lock().expect("token state").alive.remove(presented);
+            }
+            (script.refresh_expires_in, script.rotate)
+        }
+        _ => {
+            record(400);
+            return Reply::json(400, r#"{"error":"unsupported_grant_type"}"#);
+        }
+    };
+    let n = {
+        let mut s = state.lock().expect("token state");
+        s.issued += 1;
+        if new_refresh {
+            let fresh = refresh_token(s.issued);
+            s.alive.insert(fresh);
+        }
+        s.issued
+    };
+    let mut grant = json!({
+        "token_type": "Bearer",
+        "access_token": access_token(n),
+        "expires_in": expires_in,
+        "scope": GRANTED_SCOPE,
+        "organization": {"uuid": ORG_UUID, "name": ORG_NAME},
+        "account": {"uuid": ACCOUNT_UUID, "email_address": ACCOUNT_EMAIL},
+    });
+    if new_refresh {
+        grant["refresh_token"] = refresh_token(n).into();
+    }
+    record(200);
+    Reply::json(200, &grant.to_string())
+}
