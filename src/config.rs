@@ -32,6 +32,7 @@ pub struct RawConfig {
     pub balance: RawBalance,
     pub sticky: RawSticky,
     pub admin: RawAdmin,
+    pub models: RawModels,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -99,6 +100,13 @@ pub struct RawSticky {
     pub enabled: Option<bool>,
     pub ttl: Option<Dur>,
     pub max_entries: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawModels {
+    pub aliases: Option<std::collections::HashMap<String, String>>,
+    pub default_max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +365,7 @@ pub struct Config {
     pub sticky: StickySettings,
     /// The admin listener's address; `None` when switched off.
     pub admin_listen: Option<String>,
+    pub models: ModelSettings,
     /// Serve without gateway keys. Deliberate, and warned about at every start.
     pub auth_open: bool,
     pub log_level: Level,
@@ -433,6 +442,15 @@ pub struct BalanceSettings {
     /// An API key is `invalid` after this many 401s in a row spanning at least `invalid_window`.
     pub invalid_after: u32,
     pub invalid_window: Duration,
+}
+
+/// Model names for OpenAI-format clients.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// Client model name → upstream model name (`gpt-4o: claude-sonnet-4-5`).
+    pub aliases: std::collections::HashMap<String, String>,
+    /// `max_tokens` for OpenAI requests that give none (Anthropic requires one).
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -812,6 +830,19 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
 
+    let aliases = raw.models.aliases.clone().unwrap_or_default();
+    if let Some((alias, _)) = aliases.iter().find(|(a, t)| a.is_empty() || t.is_empty()) {
+        return Err(invalid(format!(
+            "models.aliases: {alias:?} needs a non-empty name and target"
+        )));
+    }
+    let models = ModelSettings {
+        aliases,
+        // 8192 is the largest output every current Claude model accepts: a higher default
+        // fails on small models, a lower one cuts answers short.
+        default_max_tokens: raw.models.default_max_tokens.unwrap_or(8192).max(1),
+    };
+
     let log_level = match raw.log.level.as_deref() {
         None => Level::Info,
         Some(text) => Level::parse(text).ok_or_else(|| {
@@ -891,6 +922,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         balance,
         sticky,
         admin_listen,
+        models,
         auth_open,
         log_level,
         access_log: raw.log.access.unwrap_or(true),

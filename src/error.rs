@@ -7,6 +7,11 @@ use std::fmt;
 pub enum ApiError {
     /// The request is malformed (bad JSON, wrong types). Downstream's fault. 400.
     BadRequest(String),
+    /// An OpenAI request the converter refuses; `param` names the field. 400.
+    Invalid {
+        message: String,
+        param: Option<String>,
+    },
     /// No or wrong gateway key. 401.
     Unauthorized(String),
     /// A key that may not do this (status without an admin key). 403.
@@ -30,7 +35,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::BadRequest(_) => 400,
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } => 400,
             ApiError::Unauthorized(_) => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::NotFound(_) => 404,
@@ -65,6 +70,22 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's `{"error":{"message","type","param","code"}}`.
+    pub fn openai_body(&self) -> Vec<u8> {
+        let param = match self {
+            ApiError::Invalid { param, .. } => param.as_deref(),
+            _ => None,
+        };
+        crate::openai::response::error_body(
+            self.status(),
+            self.error_type(),
+            &self.to_string(),
+            param,
+        )
+        .to_string()
+        .into_bytes()
+    }
+
     /// `{"type":"error","error":{"type":…,"message":…}}`.
     pub fn anthropic_body(&self) -> Vec<u8> {
         anthropic_error_json(self.error_type(), &self.to_string()).into_bytes()
@@ -79,7 +100,8 @@ impl fmt::Display for ApiError {
             | ApiError::NotFound(m)
             | ApiError::Forbidden(m)
             | ApiError::NoAccount(m)
-            | ApiError::Http { message: m, .. } => f.write_str(m),
+            | ApiError::Http { message: m, .. }
+            | ApiError::Invalid { message: m, .. } => f.write_str(m),
             ApiError::AllCoolingDown { retry_after } => write!(
                 f,
                 "every upstream account is cooling down (rate limited or failing); the first returns in {retry_after}s"

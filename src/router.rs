@@ -10,6 +10,7 @@ use crate::config::Credential;
 use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
+use crate::openai::{self, Format};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::secret::Secret;
@@ -17,7 +18,7 @@ use crate::server::Gateway;
 use crate::status;
 use crate::sticky;
 use crate::store;
-use crate::upstream::{self, Answer, Outcome};
+use crate::upstream::{self, Answer, Outcome, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -27,31 +28,38 @@ enum Route {
     Ready,
     /// The running state, for `llm-gateway status`: admin only.
     Status,
-    /// Forwarded upstream; `messages` for the Messages endpoint (sticky sessions).
-    Forward { json_body: bool, messages: bool },
+    /// Anthropic Messages (`count_tokens` too): passed through, unless the body is clearly
+    /// OpenAI's.
+    Messages { count_tokens: bool },
+    /// OpenAI Chat Completions: converted, unless the body is clearly Anthropic's.
+    Chat,
+    /// The model list or one model, in the caller's format.
+    Models,
 }
 
 fn route(method: &str, path: &str) -> Result<Route, ApiError> {
-    let forward = |json_body, messages| Route::Forward {
-        json_body,
-        messages,
-    };
     let (allow, route) = match path {
         "/health" => ("GET", Route::Health),
         "/ready" => ("GET", Route::Ready),
         "/admin/status" => ("GET", Route::Status),
-        "/v1/messages" => ("POST", forward(true, true)),
-        "/v1/messages/count_tokens" => ("POST", forward(true, false)),
-        "/v1/models" => ("GET", forward(false, false)),
+        "/v1/messages" => (
+            "POST",
+            Route::Messages {
+                count_tokens: false,
+            },
+        ),
+        "/v1/messages/count_tokens" => ("POST", Route::Messages { count_tokens: true }),
+        "/v1/chat/completions" | "/chat/completions" => ("POST", Route::Chat),
+        "/v1/models" => ("GET", Route::Models),
         p if p
             .strip_prefix("/v1/models/")
             .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
         {
-            ("GET", forward(false, false))
+            ("GET", Route::Models)
         }
         _ => {
             return Err(ApiError::NotFound(format!(
-                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, GET /health and GET /ready"
+                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, GET /v1/models, GET /health and GET /ready"
             )));
         }
     };
@@ -75,12 +83,12 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
             let keep = out.send(head, body.as_bytes());
             (status, Outcome::Complete, keep)
         }
-        Ok(Served::Upstream(answer, pick)) => {
+        Ok(Served::Upstream(answer, pick, shape)) => {
             let status = answer.status();
-            let (outcome, keep) = match upstream::relay(answer, out) {
+            let (outcome, keep) = match upstream::relay(answer, out, &shape) {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {
-                    let keep = send_error(out, &error);
+                    let keep = send_error(out, &error, names.format);
                     (Outcome::UpstreamBroke(error.to_string()), keep)
                 }
             };
@@ -95,7 +103,7 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
         }
         Err(error) => {
             let status = error.status();
-            let keep = send_error(out, &error);
+            let keep = send_error(out, &error, names.format);
             (status, Outcome::Complete, keep)
         }
     };
@@ -124,11 +132,13 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
     keep
 }
 
-/// Who served a request, for the access log.
+/// Who served a request, for the access log, and the format the client speaks.
 struct Names {
     client: String,
     account: String,
     attempts: u32,
+    /// Errors go out in this format.
+    format: Format,
 }
 
 impl Default for Names {
@@ -137,6 +147,7 @@ impl Default for Names {
             client: "-".into(),
             account: "-".into(),
             attempts: 0,
+            format: Format::Anthropic,
         }
     }
 }
@@ -144,9 +155,10 @@ impl Default for Names {
 enum Served {
     /// A small JSON answer made here.
     Local(u16, String),
-    /// An upstream answer, with the account it came from (held in flight while relayed);
-    /// none for the buffered answer of an account that already failed over.
-    Upstream(Answer, Option<Pick>),
+    /// An upstream answer, with the account it came from (held in flight while relayed;
+    /// none for the buffered answer of an account that already failed over), and the shape
+    /// the client wants it in.
+    Upstream(Answer, Option<Pick>, Shape),
 }
 
 fn serve(
@@ -181,26 +193,21 @@ fn serve(
             }
             return Ok(Served::Local(200, status::render(gw).to_string()));
         }
-        Route::Forward { .. } if admin_listener => {
+        _ if admin_listener => {
             return Err(ApiError::NotFound(
                 "the admin listener serves /health, /ready and /admin/status only".into(),
             ));
         }
-        Route::Forward { .. } => {}
+        Route::Chat => names.format = Format::OpenAI,
+        Route::Models if req.header("anthropic-version").is_none() => names.format = Format::OpenAI,
+        _ => {}
     }
-    let Route::Forward {
-        json_body,
-        messages,
-    } = route
-    else {
-        return Err(ApiError::NotFound("no route".into()));
-    };
     let client = gw.clients.authenticate(req)?;
     names.client = client.name;
-    if json_body {
-        check_json_object(&req.body)?;
-    }
-    let sticky_key = messages
+    let (converted, shape) = shape_request(gw, req, route, &mut names.format)?;
+    let req = converted.as_ref().unwrap_or(req);
+    let sticky_key = shape
+        .is_message()
         .then(|| sticky::key(&req.body, req.header("x-session-id")))
         .flatten();
 
@@ -222,14 +229,14 @@ fn serve(
         let pick = match (picked, fallback.take()) {
             (Ok(pick), _) => pick,
             (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
-            (Err(_), Some(Ok(answer))) => return Ok(Served::Upstream(answer, None)),
+            (Err(_), Some(Ok(answer))) => return Ok(Served::Upstream(answer, None, shape)),
             (Err(_), Some(Err(error))) => return Err(error),
             (Err(none), None) => return Err(none),
         };
         names.account.clone_from(&pick.entry.account.name);
         names.attempts += 1;
         match attempt(gw, req, &pick.entry)? {
-            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick))),
+            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick), shape)),
             Step::Next(why) => {
                 tried.push(pick.entry.id().to_string());
                 fallback = Some(why);
@@ -237,6 +244,88 @@ fn serve(
         }
     }
 }
+/// Decides what goes upstream and what shape the answer takes. A body that clearly belongs
+/// to the other API than its path is served as what it is (an OpenAI body posted to
+/// /v1/messages is converted and answered in OpenAI's format, and the reverse), rather than
+/// failing upstream with a confusing 400. Returns the request to send when it differs from
+/// the client's.
+fn shape_request(
+    gw: &Gateway,
+    req: &Request,
+    route: Route,
+    format: &mut Format,
+) -> Result<(Option<Request>, Shape), ApiError> {
+    match route {
+        Route::Models if *format == Format::OpenAI => {
+            // OpenAI clients expect every model, not Anthropic's first page of 20.
+            let target = if req.path() == "/v1/models" {
+                "/v1/models?limit=1000".to_string()
+            } else {
+                req.path().to_string()
+            };
+            let aliases = gw.models.aliases.keys().cloned().collect();
+            Ok((
+                Some(derived(req, &target, req.body.clone())),
+                Shape::Models { aliases },
+            ))
+        }
+        Route::Models => Ok((None, Shape::Anthropic)),
+        Route::Messages { count_tokens } => {
+            check_json_object(&req.body)?;
+            if count_tokens || openai::detect(&req.body) != Some(Format::OpenAI) {
+                return Ok((None, Shape::Anthropic));
+            }
+            *format = Format::OpenAI;
+            convert(gw, req)
+        }
+        Route::Chat => {
+            check_json_object(&req.body)?;
+            if openai::detect(&req.body) == Some(Format::Anthropic) {
+                *format = Format::Anthropic;
+                return Ok((
+                    Some(derived(req, "/v1/messages", req.body.clone())),
+                    Shape::Anthropic,
+                ));
+            }
+            convert(gw, req)
+        }
+        _ => Err(ApiError::NotFound("no route".into())),
+    }
+}
+
+/// An OpenAI Chat Completions request as the Anthropic request to send.
+fn convert(gw: &Gateway, req: &Request) -> Result<(Option<Request>, Shape), ApiError> {
+    let body: serde_json::Value = serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
+    let options = openai::request::Options {
+        default_max_tokens: gw.models.default_max_tokens,
+        aliases: &gw.models.aliases,
+    };
+    let converted = openai::request::convert(&body, &options).map_err(|e| ApiError::Invalid {
+        message: e.message,
+        param: e.param,
+    })?;
+    let bytes = serde_json::to_vec(&converted.body)
+        .map_err(|e| ApiError::BadRequest(format!("the request cannot be converted: {e}")))?;
+    let shape = Shape::Chat {
+        include_usage: converted.include_usage,
+        model: converted.requested_model,
+    };
+    Ok((Some(derived(req, "/v1/messages", bytes)), shape))
+}
+
+/// The client's request with another target and body (headers and framing kept).
+fn derived(req: &Request, target: &str, body: Vec<u8>) -> Request {
+    Request {
+        method: req.method.clone(),
+        target: target.to_string(),
+        minor_version: req.minor_version,
+        headers: req.headers.clone(),
+        body,
+        keep_alive: req.keep_alive,
+    }
+}
+
 /// What one account made of the request.
 enum Step {
     /// An answer to relay.
@@ -417,8 +506,8 @@ fn check_json_object(body: &[u8]) -> Result<(), ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
 }
 
-/// Sends `error` in Anthropic's shape. Returns whether the connection may be reused.
-pub fn send_error(out: Responder<'_>, error: &ApiError) -> bool {
+/// Sends `error` in the client's format. Returns whether the connection may be reused.
+pub fn send_error(out: Responder<'_>, error: &ApiError, format: Format) -> bool {
     let mut head = Head::new(error.status());
     head.header("content-type", b"application/json");
     if let ApiError::MethodNotAllowed { allow } = error {
@@ -427,7 +516,11 @@ pub fn send_error(out: Responder<'_>, error: &ApiError) -> bool {
     if let Some(secs) = error.retry_after() {
         head.header("retry-after", secs.to_string().as_bytes());
     }
-    out.send(head, &error.anthropic_body())
+    let body = match format {
+        Format::Anthropic => error.anthropic_body(),
+        Format::OpenAI => error.openai_body(),
+    };
+    out.send(head, &body)
 }
 
 #[cfg(test)]
@@ -440,17 +533,14 @@ mod tests {
         assert_eq!(route("GET", "/ready").ok(), Some(Route::Ready));
         assert_eq!(
             route("POST", "/v1/messages").ok(),
-            Some(Route::Forward {
-                json_body: true,
-                messages: true
+            Some(Route::Messages {
+                count_tokens: false
             })
         );
+        assert_eq!(route("POST", "/chat/completions").ok(), Some(Route::Chat));
         assert_eq!(
             route("GET", "/v1/models/claude-x").ok(),
-            Some(Route::Forward {
-                json_body: false,
-                messages: false
-            })
+            Some(Route::Models)
         );
         assert_eq!(route("GET", "/v1/messages").expect_err("405").status(), 405);
         assert_eq!(

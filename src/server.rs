@@ -8,11 +8,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::accounts::Accounts;
 use crate::auth::ClientKeys;
-use crate::config::{self, Config};
+use crate::config::{self, Config, ModelSettings};
 use crate::error::ApiError;
 use crate::http::{Conn, Limits};
 use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
+use crate::openai::Format;
 use crate::refresh::Refresher;
 use crate::router;
 use crate::upstream::Upstream;
@@ -26,6 +27,7 @@ pub struct Gateway {
     /// Where config.yaml is, for the changes the server itself makes (tokens, bans).
     pub config_path: PathBuf,
     pub system_prompt: String,
+    pub models: ModelSettings,
     pub limits: Limits,
     pub access_log: bool,
     pub started: Instant,
@@ -43,6 +45,7 @@ impl Gateway {
             refresher: Refresher::new(config.path.clone(), &config.oauth),
             config_path: config.path.clone(),
             system_prompt: config.oauth.system_prompt.clone(),
+            models: config.models.clone(),
             limits: Limits {
                 max_body: s.max_body_bytes,
                 header_timeout: s.header_timeout,
@@ -187,7 +190,7 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
             Err(e) => {
                 if let Some((status, message)) = e.answer(gw.limits.max_body) {
                     let error = ApiError::Http { status, message };
-                    router::send_error(conn.respond(1, false), &error);
+                    router::send_error(conn.respond(1, false), &error, Format::Anthropic);
                     conn.linger();
                 }
                 break;

@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::http::{Head, Request, Responder};
+use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
 use crate::sse;
 
@@ -20,6 +21,8 @@ const BUFFER_WHOLE: u64 = 256 * 1024;
 const COPY_CHUNK: usize = 8 * 1024;
 /// Error bodies read for inspection are capped here.
 const MAX_INSPECTED: u64 = 1024 * 1024;
+/// A whole message read for conversion is capped here (far above any real answer).
+const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -196,33 +199,56 @@ pub enum Outcome {
     ClientGone,
 }
 
-/// Copies an answer downstream. Returns how it ended and whether the connection may be reused.
-pub fn relay(
+/// The form the client wants the answer in.
+#[derive(Debug, Clone)]
+pub enum Shape {
+    /// As Anthropic sent it.
+    Anthropic,
+    /// An OpenAI chat completion (or chunk stream), reporting the model the client named.
+    Chat { include_usage: bool, model: String },
+    /// OpenAI's model list (or one model), with the configured aliases listed too.
+    Models { aliases: Vec<String> },
+}
+
+impl Shape {
+    /// Whether the request is a message (sticky sessions apply).
+    pub fn is_message(&self) -> bool {
+        !matches!(self, Shape::Models { .. })
+    }
+}
+
+/// Copies an answer downstream in `shape`. Returns how it ended and whether the connection
+/// may be reused; an error means nothing was sent yet and the caller should answer it.
+pub fn relay<'a>(
     answer: Answer,
-    out: Responder<'_>,
-) -> Result<(Outcome, bool), (ApiError, Responder<'_>)> {
-    let (parts, reader): (_, Box<dyn Read>) = match answer {
+    out: Responder<'a>,
+    shape: &Shape,
+) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
+    let (parts, mut reader): (_, Box<dyn Read>) = match answer {
         Answer::Streaming(response) => {
             let (parts, body) = response.into_parts();
             (parts, Box::new(body.into_reader()))
         }
         Answer::Buffered(parts, bytes) => (parts, Box::new(std::io::Cursor::new(bytes))),
     };
-    let mut head = Head::new(parts.status.as_u16());
+    let status = parts.status.as_u16();
+    let converted = !matches!(shape, Shape::Anthropic);
+    let mut head = Head::new(status);
     let tokens: Vec<String> = parts
         .headers
         .get_all("connection")
         .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
         .collect();
     for (name, value) in &parts.headers {
         let name = name.as_str();
-        if !hop_by_hop(name) && !tokens.iter().any(|t| t == name) {
+        // A converted body gets its own content-type; retry-after, request-id and the
+        // rate-limit headers still pass.
+        let skip = hop_by_hop(name)
+            || tokens.iter().any(|t| t == name)
+            || (converted && name == "content-type");
+        if !skip {
             head.header(name, value.as_bytes());
         }
     }
@@ -230,32 +256,104 @@ pub fn relay(
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-    let mut reader = reader;
 
-    if is_sse {
-        return Ok(relay_sse(reader, out, head));
-    }
-    match length {
-        Some(n) if n <= BUFFER_WHOLE => {
-            // Small bodies: read whole, then one write; a short body is still an error we can
-            // report properly, since nothing has been sent yet.
-            let mut buf = Vec::with_capacity(n as usize);
-            match reader.by_ref().take(n).read_to_end(&mut buf) {
-                Ok(got) if got as u64 == n => {
-                    let keep = out.send(head, &buf);
-                    Ok((Outcome::Complete, keep))
-                }
-                Ok(got) => Err((
-                    ApiError::UpstreamUnreachable(format!(
-                        "the upstream closed after {got} of {n} body bytes"
+    let json = |mut head: Head, value: serde_json::Value, out: Responder<'a>| {
+        head.header("content-type", b"application/json");
+        let keep = out.send(head, value.to_string().as_bytes());
+        Ok((Outcome::Complete, keep))
+    };
+    match shape {
+        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None)),
+        Shape::Anthropic => match length {
+            Some(n) if n <= BUFFER_WHOLE => {
+                // Small bodies: read whole, then one write; a short body is still an error we
+                // can report properly, since nothing has been sent yet.
+                let mut buf = Vec::with_capacity(n as usize);
+                match reader.by_ref().take(n).read_to_end(&mut buf) {
+                    Ok(got) if got as u64 == n => {
+                        let keep = out.send(head, &buf);
+                        Ok((Outcome::Complete, keep))
+                    }
+                    Ok(got) => Err((
+                        ApiError::UpstreamUnreachable(format!(
+                            "the upstream closed after {got} of {n} body bytes"
+                        )),
+                        out,
                     )),
+                    Err(e) => Err((io_error(&e), out)),
+                }
+            }
+            _ => Ok(relay_stream(reader, out, head, length)),
+        },
+        _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED) {
+            Ok(body) => json(
+                head,
+                openai::response::error_from_anthropic(status, &body),
+                out,
+            ),
+            Err(e) => Err((e, out)),
+        },
+        Shape::Chat {
+            include_usage,
+            model,
+            ..
+        } if is_sse => {
+            head.header("content-type", b"text/event-stream")
+                .header("cache-control", b"no-cache");
+            let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
+            Ok(relay_sse(reader, out, head, Some(chat)))
+        }
+        Shape::Chat { model, .. } => {
+            let message = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
+            match message {
+                Ok(m) => json(
+                    head,
+                    openai::response::completion(&m, model, crate::time::now_unix()),
                     out,
-                )),
-                Err(e) => Err((io_error(&e), out)),
+                ),
+                Err(e) => Err((e, out)),
             }
         }
-        _ => Ok(relay_stream(reader, out, head, length)),
+        Shape::Models { aliases } => {
+            let listed = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
+            match listed {
+                Ok(v) if v.get("data").is_some() => {
+                    let mut list = openai::response::models(&v);
+                    if let Some(data) = list["data"].as_array_mut() {
+                        data.extend(aliases.iter().map(|a| {
+                            serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
+                        }));
+                    }
+                    json(head, list, out)
+                }
+                Ok(v) => json(head, openai::response::model(&v), out),
+                Err(e) => Err((e, out)),
+            }
+        }
     }
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+fn read_all(reader: &mut dyn Read, limit: u64) -> Result<Vec<u8>, ApiError> {
+    let mut buf = Vec::new();
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| io_error(&e))?;
+    if buf.len() as u64 > limit {
+        return Err(ApiError::UpstreamUnreachable(format!(
+            "the upstream answer is larger than {limit} bytes"
+        )));
+    }
+    Ok(buf)
+}
+
+fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::UpstreamUnreachable(format!(
+            "the upstream answered something that is not JSON: {e}"
+        ))
+    })
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -307,9 +405,15 @@ fn relay_stream(
     }
 }
 
-/// An SSE body, forwarded event by event. If the upstream ends without `message_stop` (or an
-/// `error` event of its own), the client gets an `event: error` rather than a silent cut.
-fn relay_sse(mut reader: impl Read, out: Responder<'_>, head: Head) -> (Outcome, bool) {
+/// An SSE body, forwarded event by event, or converted event by event into OpenAI chunks
+/// when `chat` is given. If the upstream ends without `message_stop` (or an `error` event of
+/// its own), the client is told with an error in its format rather than a silent cut.
+fn relay_sse(
+    mut reader: impl Read,
+    out: Responder<'_>,
+    head: Head,
+    mut chat: Option<ChunkStream>,
+) -> (Outcome, bool) {
     let Ok(mut writer) = out.stream(head) else {
         return (Outcome::ClientGone, false);
     };
@@ -320,10 +424,20 @@ fn relay_sse(mut reader: impl Read, out: Responder<'_>, head: Head) -> (Outcome,
         match reader.read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => {
-                let sent = framer.push(&buf[..n], |events| {
-                    finished |= sse::event_names(events)
-                        .any(|name| name == b"message_stop" || name == b"error");
-                    writer.write(events)
+                let sent = framer.push(&buf[..n], |events| match &mut chat {
+                    None => {
+                        finished |= sse::event_names(events)
+                            .any(|name| name == b"message_stop" || name == b"error");
+                        writer.write(events)
+                    }
+                    Some(chat) => {
+                        let mut chunks = Vec::new();
+                        for event in sse::split_events(events) {
+                            chunks.extend(chat.event(event));
+                        }
+                        finished = chat.closed();
+                        writer.write(&chunks)
+                    }
                 });
                 if sent.is_err() {
                     return (Outcome::ClientGone, false);
@@ -346,7 +460,11 @@ fn relay_sse(mut reader: impl Read, out: Responder<'_>, head: Head) -> (Outcome,
         // The message was complete; a break after it loses nothing.
         return (Outcome::Complete, writer.finish());
     }
-    if writer.write(&sse::error_event("api_error", &why)).is_err() {
+    let notice = match &mut chat {
+        None => sse::error_event("api_error", &why),
+        Some(chat) => chat.end(broke.as_deref()),
+    };
+    if writer.write(&notice).is_err() {
         return (Outcome::ClientGone, false);
     }
     writer.finish();

@@ -216,7 +216,13 @@ fn client_auth_accepts_gateway_keys_only() {
         assert_eq!(resp.status, 401, "{what}");
         assert_error(&resp, 401, Some("authentication_error"));
     }
-    let models = call(gw.addr(), "GET", "/v1/models", &[], b"");
+    let models = call(
+        gw.addr(),
+        "GET",
+        "/v1/models",
+        &[("anthropic-version", "2023-06-01")],
+        b"",
+    );
     assert_error(&models, 401, Some("authentication_error"));
     assert_eq!(
         up.requests().len(),
@@ -498,14 +504,22 @@ fn models_and_count_tokens_are_forwarded() {
     });
     let gw = Gateway::started(&Config::new(up.base_url()));
 
-    let list = call(gw.addr(), "GET", "/v1/models?limit=5", &[gw.auth()], b"");
+    // With anthropic-version, the model endpoints pass through in Anthropic's shape.
+    let anthropic = ("anthropic-version", "2023-06-01");
+    let list = call(
+        gw.addr(),
+        "GET",
+        "/v1/models?limit=5",
+        &[gw.auth(), anthropic],
+        b"",
+    );
     assert_eq!(list.status, 200);
     assert_eq!(list.json()["data"][0]["id"], "claude-sonnet-4-5");
     let one = call(
         gw.addr(),
         "GET",
         "/v1/models/claude-sonnet-4-5",
-        &[gw.auth()],
+        &[gw.auth(), anthropic],
         b"",
     );
     assert_eq!(one.text(), r#"{"id":"claude-sonnet-4-5","type":"model"}"#);

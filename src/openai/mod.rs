@@ -6,7 +6,10 @@ pub mod request;
 pub mod response;
 pub mod stream;
 
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 /// A request the converter refuses: OpenAI's 400, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,55 +36,209 @@ pub enum Format {
 
 /// What the body says about its format, if anything clear (spec §4): OpenAI-only fields and
 /// roles mean OpenAI; a top-level `system`, `anthropic_version`, or Anthropic-only content
-/// blocks mean Anthropic. `max_tokens` and string content say nothing.
-pub fn detect(body: &Value) -> Option<Format> {
-    let obj = body.as_object()?;
-    const OPENAI_FIELDS: &[&str] = &[
-        "stream_options",
-        "response_format",
-        "logprobs",
-        "top_logprobs",
-        "n",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "max_completion_tokens",
-        "reasoning_effort",
-        "parallel_tool_calls",
-        "functions",
-    ];
-    if obj.contains_key("system") || obj.contains_key("anthropic_version") {
+/// blocks mean Anthropic. `max_tokens` and string content say nothing. Reads the body through
+/// a probe that skips every value it does not look at, so it costs little on the hot path.
+pub fn detect(body: &[u8]) -> Option<Format> {
+    let ObjectProbe(probe) = serde_json::from_slice(body).ok()?;
+    if probe.system.is_some() || probe.anthropic_version.is_some() {
         return Some(Format::Anthropic);
     }
-    if OPENAI_FIELDS.iter().any(|f| obj.contains_key(*f)) {
+    let openai_fields = [
+        &probe.stream_options,
+        &probe.response_format,
+        &probe.logprobs,
+        &probe.top_logprobs,
+        &probe.n,
+        &probe.presence_penalty,
+        &probe.frequency_penalty,
+        &probe.logit_bias,
+        &probe.max_completion_tokens,
+        &probe.reasoning_effort,
+        &probe.parallel_tool_calls,
+        &probe.functions,
+    ];
+    if openai_fields.iter().any(|f| f.is_some()) {
         return Some(Format::OpenAI);
     }
-    let messages = obj.get("messages")?.as_array()?;
-    for m in messages {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        if matches!(role, "system" | "developer" | "tool" | "function")
-            || m.get("tool_calls").is_some()
-            || m.get("tool_call_id").is_some()
+    for m in probe.messages.unwrap_or_default() {
+        if matches!(
+            m.role.as_deref(),
+            Some("system" | "developer" | "tool" | "function")
+        ) || m.tool_calls.is_some()
+            || m.tool_call_id.is_some()
         {
             return Some(Format::OpenAI);
         }
-        for part in m
-            .get("content")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            match part.get("type").and_then(Value::as_str) {
+        for part in m.content.0 {
+            match part.kind.as_deref() {
                 Some("image_url" | "input_audio" | "file") => return Some(Format::OpenAI),
                 Some("tool_use" | "tool_result" | "thinking" | "document") => {
                     return Some(Format::Anthropic);
                 }
-                Some("image") if part.get("source").is_some() => return Some(Format::Anthropic),
+                Some("image") if part.source.is_some() => return Some(Format::Anthropic),
                 _ => {}
             }
         }
     }
     None
+}
+
+type Skip = Option<IgnoredAny>;
+
+/// A `Probe` read from a JSON object only (a derived struct would also accept an array).
+struct ObjectProbe<'a>(Probe<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ObjectProbe<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ObjectProbe<'a>, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = ObjectProbe<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ObjectProbe<'a>, A::Error> {
+                Probe::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ObjectProbe)
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Probe<'a> {
+    system: Skip,
+    anthropic_version: Skip,
+    stream_options: Skip,
+    response_format: Skip,
+    logprobs: Skip,
+    top_logprobs: Skip,
+    n: Skip,
+    presence_penalty: Skip,
+    frequency_penalty: Skip,
+    logit_bias: Skip,
+    max_completion_tokens: Skip,
+    reasoning_effort: Skip,
+    parallel_tool_calls: Skip,
+    functions: Skip,
+    #[serde(borrow)]
+    messages: Option<Vec<MessageProbe<'a>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct MessageProbe<'a> {
+    #[serde(borrow)]
+    role: Option<Cow<'a, str>>,
+    tool_calls: Skip,
+    tool_call_id: Skip,
+    #[serde(borrow)]
+    content: Parts<'a>,
+}
+
+/// The parts of a message's content: none for string content.
+#[derive(Default)]
+struct Parts<'a>(Vec<PartProbe<'a>>);
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PartProbe<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    source: Skip,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Parts<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Parts<'a>, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Parts<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("message content")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Parts<'a>, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element::<PartOrOther<'a>>()? {
+                    if let PartOrOther::Part(p) = part {
+                        parts.push(p);
+                    }
+                }
+                Ok(Parts(parts))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Parts<'a>, E> {
+                Ok(Parts::default())
+            }
+            fn visit_unit<E>(self) -> Result<Parts<'a>, E> {
+                Ok(Parts::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Parts<'a>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Parts::default())
+            }
+        }
+        d.deserialize_any(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// A content part, or anything else in its place (skipped).
+enum PartOrOther<'a> {
+    Part(PartProbe<'a>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PartOrOther<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PartOrOther<'a>, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = PartOrOther<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a content part")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PartOrOther<'a>, A::Error> {
+                PartProbe::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PartOrOther::Part)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PartOrOther<'a>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(PartOrOther::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+            fn visit_unit<E>(self) -> Result<PartOrOther<'a>, E> {
+                Ok(PartOrOther::Other)
+            }
+        }
+        d.deserialize_any(Visitor(std::marker::PhantomData))
+    }
 }
 
 #[cfg(test)]
@@ -285,7 +442,11 @@ mod tests {
             json!({"model":"m","messages":[{"role":"tool","tool_call_id":"a","content":"r"}]}),
         ];
         for body in openai {
-            assert_eq!(detect(&body), Some(Format::OpenAI), "{body}");
+            assert_eq!(
+                detect(body.to_string().as_bytes()),
+                Some(Format::OpenAI),
+                "{body}"
+            );
         }
         let anthropic = [
             json!({"model":"m","system":"s","messages":[]}),
@@ -293,11 +454,18 @@ mod tests {
             json!({"model":"m","messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64"}}]}]}),
         ];
         for body in anthropic {
-            assert_eq!(detect(&body), Some(Format::Anthropic), "{body}");
+            assert_eq!(
+                detect(body.to_string().as_bytes()),
+                Some(Format::Anthropic),
+                "{body}"
+            );
         }
+        let neutral = json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"q"},{"role":"assistant","content":[{"type":"text","text":"a"}]}]});
+        assert_eq!(detect(neutral.to_string().as_bytes()), None);
+        assert_eq!(detect(b"[1,2]"), None);
         assert_eq!(
-            detect(&json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"q"}]})),
-            None
+            detect(br#"{"messages":[{"role":"user","content":[1,"x",{"type":"image_url"}]}]}"#),
+            Some(Format::OpenAI)
         );
     }
 }

@@ -19,7 +19,6 @@ pub struct Options<'a> {
 #[derive(Debug)]
 pub struct Converted {
     pub body: Value,
-    pub stream: bool,
     pub include_usage: bool,
     /// The model the client asked for, reported back in responses.
     pub requested_model: String,
@@ -105,10 +104,10 @@ pub fn convert(body: &Value, options: &Options<'_>) -> Result<Converted, Invalid
             .unwrap_or(false);
 
     let mut system = system;
-    if let Some(format) = obj.get("response_format") {
-        if let Some(instruction) = json_instruction(format)? {
-            system.push(json!({"type": "text", "text": instruction}));
-        }
+    if let Some(format) = obj.get("response_format")
+        && let Some(instruction) = json_instruction(format)?
+    {
+        system.push(json!({"type": "text", "text": instruction}));
     }
     if !system.is_empty() {
         out.insert("system".into(), Value::Array(system));
@@ -177,10 +176,10 @@ pub fn convert(body: &Value, options: &Options<'_>) -> Result<Converted, Invalid
             out.insert("top_p".into(), json!(p));
         }
     }
-    if let Some(k) = obj.get("top_k").filter(|v| !v.is_null()) {
-        if thinking_budget.is_none() {
-            out.insert("top_k".into(), k.clone());
-        }
+    if let Some(k) = obj.get("top_k").filter(|v| !v.is_null())
+        && thinking_budget.is_none()
+    {
+        out.insert("top_k".into(), k.clone());
     }
 
     if let Some(stops) = stop_sequences(obj.get("stop"))? {
@@ -211,7 +210,6 @@ pub fn convert(body: &Value, options: &Options<'_>) -> Result<Converted, Invalid
 
     Ok(Converted {
         body: Value::Object(out),
-        stream,
         include_usage,
         requested_model,
     })

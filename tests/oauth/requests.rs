@@ -35,7 +35,12 @@ fn check_variant(rig: &Rig, v: &Variant) {
     let start = rig.up.requests().len();
     let mut seen = Vec::new();
     for _ in 0..8 {
-        let mut headers = vec![rig.gw.auth(), ("content-type", "application/json")];
+        // An Anthropic client: anthropic-version says which shape /v1/models answers in.
+        let mut headers = vec![
+            rig.gw.auth(),
+            ("content-type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+        ];
         headers.extend(v.betas.iter().map(|b| ("anthropic-beta", *b)));
         let streaming = v.body["stream"] == true;
         let text = if streaming {
