@@ -125,18 +125,17 @@ impl Entry {
 
     /// Whether requests may be sent with this account now.
     pub fn usable(&self) -> bool {
-        if !self.account.enabled {
-            return false;
-        }
-        let live = self.live();
-        if live.disabled_reason.is_some() {
-            return false;
-        }
-        match &self.account.credential {
-            Credential::ApiKey(_) => true,
-            Credential::OAuth(_) => !live.needs_login && live.tokens.is_some(),
-            Credential::Unusable(_) => false,
-        }
+        self.usable_with(&self.live())
+    }
+
+    fn usable_with(&self, live: &Live) -> bool {
+        self.account.enabled
+            && live.disabled_reason.is_none()
+            && match &self.account.credential {
+                Credential::ApiKey(_) => true,
+                Credential::OAuth(_) => !live.needs_login && live.tokens.is_some(),
+                Credential::Unusable(_) => false,
+            }
     }
 
     /// `enabled`, `disabled`, `needs_login`, `not_logged_in`, `unusable`: the configured state,
@@ -271,10 +270,13 @@ impl Accounts {
         let mut soonest: Option<Instant> = None;
         let mut candidates: Vec<&Arc<Entry>> = Vec::with_capacity(all.len());
         for e in all.iter() {
-            if tried.iter().any(|t| t == e.id()) || !e.usable() {
+            if tried.iter().any(|t| t == e.id()) {
                 continue;
             }
             let live = e.live();
+            if !e.usable_with(&live) {
+                continue;
+            }
             if live.health.available(now) {
                 candidates.push(e);
             } else if let Some(c) = &live.health.cooldown
@@ -297,8 +299,9 @@ impl Accounts {
         let _picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let pinned = sticky_key
             .zip(self.sticky.as_ref())
-            .and_then(|(key, sticky)| sticky.get(key, now))
-            .and_then(|id| candidates.iter().position(|e| e.id() == id));
+            .and_then(|(key, sticky)| {
+                sticky.find(key, now, |id| candidates.iter().position(|e| e.id() == id))
+            });
         let index = pinned.unwrap_or_else(|| {
             let loads: Vec<Load> = candidates
                 .iter()
@@ -533,6 +536,29 @@ mod tests {
         assert_eq!(on_a, 5);
         drop(held);
         assert!(accounts.snapshot().iter().all(|e| e.in_flight() == 0));
+    }
+
+    /// Not a check: prints what one selection costs, for the closing notes and the benchmark
+    /// (`cargo test --release measure_pick -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure_pick_cost() {
+        for (n, strategy) in [
+            (4, Strategy::LeastBusy),
+            (32, Strategy::LeastBusy),
+            (32, Strategy::RoundRobin),
+        ] {
+            let list = (0..n).map(|i| account(&format!("a{i}"), true)).collect();
+            let accounts = pool(list, strategy);
+            let rounds = 200_000u64;
+            let started = Instant::now();
+            for i in 0..rounds {
+                let pick = accounts.pick(&[], Some(i % 1000)).expect("usable");
+                std::hint::black_box(&pick);
+            }
+            let ns = started.elapsed().as_nanos() as f64 / rounds as f64;
+            eprintln!("pick with {n} accounts, {strategy:?}, sticky on: {ns:.0} ns");
+        }
     }
 
     #[test]

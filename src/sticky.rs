@@ -104,11 +104,23 @@ impl Sticky {
     }
 
     /// The account pinned for `key`, if the pin is still alive.
+    #[cfg(test)]
     pub fn get(&self, key: u64, now: Instant) -> Option<String> {
+        self.find(key, now, |id| Some(id.to_string()))
+    }
+
+    /// `lookup` applied to the account pinned for `key`, if the pin is still alive (no copy of
+    /// the id is made on this hot path).
+    pub fn find<T>(
+        &self,
+        key: u64,
+        now: Instant,
+        lookup: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
         let pins = self.lock();
         pins.get(&key)
             .filter(|p| now < p.expires)
-            .map(|p| p.account.clone())
+            .and_then(|p| lookup(&p.account))
     }
 
     /// Pins `key` to `account` for the TTL from now (a use renews the pin).
