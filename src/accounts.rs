@@ -64,6 +64,9 @@ pub struct Live {
     pub next_refresh_attempt: Option<Instant>,
     pub last_refresh: Option<Instant>,
     pub last_refresh_error: Option<String>,
+    /// Since start, for metrics.
+    pub refreshes_ok: u64,
+    pub refreshes_failed: u64,
     /// Rotated tokens could not be written to config.yaml: they exist only in memory until a
     /// retry succeeds. Shown loudly; never silent.
     pub persist_error: Option<String>,

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::config::ClientKey;
+use crate::config::{ClientKey, KeyLimits};
 use crate::encoding;
 use crate::error::ApiError;
 use crate::http::Request;
@@ -31,9 +31,13 @@ pub fn hash_for_storage(key: &Secret) -> String {
 /// Who made a request, for logs and (later) limits.
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// The key's id (`-` when auth is open), for the ledger and limits.
+    pub id: String,
     pub name: String,
     /// May read status and metrics.
     pub admin: bool,
+    /// `None`: no limit of any kind.
+    pub limits: Option<Arc<KeyLimits>>,
 }
 
 pub struct ClientKeys {
@@ -71,8 +75,10 @@ impl ClientKeys {
         let keys = self.snapshot();
         if self.open && presented.is_none() {
             return Ok(Client {
+                id: "-".into(),
                 name: "open".into(),
                 admin: false,
+                limits: None,
             });
         }
         if keys.is_empty() && !self.open {
@@ -93,16 +99,32 @@ impl ClientKeys {
                 found = Some(key);
             }
         }
-        match found {
-            Some(key) if key.enabled => Ok(Client {
-                name: key.name.clone(),
-                admin: key.admin,
-            }),
-            Some(_) => Err(ApiError::Unauthorized(
-                "this gateway key is disabled".into(),
-            )),
-            None => Err(ApiError::Unauthorized("invalid gateway key".into())),
+        let key = found.ok_or_else(|| ApiError::Unauthorized("invalid gateway key".into()))?;
+        if key.revoked {
+            return Err(ApiError::Unauthorized(
+                "this gateway key was revoked".into(),
+            ));
         }
+        if !key.enabled {
+            return Err(ApiError::Unauthorized(
+                "this gateway key is disabled".into(),
+            ));
+        }
+        if let Some(at) = key.expires_at
+            && crate::time::now_unix() >= at
+        {
+            return Err(ApiError::Unauthorized(format!(
+                "this gateway key expired at {}",
+                crate::time::rfc3339(at)
+            )));
+        }
+        let limited = key.limits != KeyLimits::default();
+        Ok(Client {
+            id: key.id.clone(),
+            name: key.name.clone(),
+            admin: key.admin,
+            limits: limited.then(|| Arc::new(key.limits.clone())),
+        })
     }
 }
 
@@ -145,10 +167,11 @@ mod tests {
                 id: "ck_1".into(),
                 name: "alice".into(),
                 hash: hash.try_into().expect("32 bytes"),
-                prefix: String::new(),
                 enabled,
                 admin: false,
-                created_at: None,
+                limits: KeyLimits::default(),
+                expires_at: None,
+                revoked: false,
             }],
             false,
         )
@@ -170,7 +193,7 @@ mod tests {
         assert_eq!(by_header.expect("valid").name, "alice");
         let bearer = format!("Bearer {}", key.expose());
         let by_bearer = keys.authenticate(&request(&[("authorization", &bearer)]));
-        assert_eq!(by_bearer.expect("valid").name, "alice");
+        assert_eq!(by_bearer.expect("valid").id, "ck_1");
     }
 
     #[test]

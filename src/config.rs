@@ -33,6 +33,7 @@ pub struct RawConfig {
     pub sticky: RawSticky,
     pub admin: RawAdmin,
     pub models: RawModels,
+    pub usage: RawUsage,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -107,6 +108,17 @@ pub struct RawSticky {
 pub struct RawModels {
     pub aliases: Option<std::collections::HashMap<String, String>>,
     pub default_max_tokens: Option<u64>,
+    /// Model names metrics label by name; others are `other`.
+    pub names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUsage {
+    pub enabled: Option<bool>,
+    /// The ledger's directory, relative to the config file.
+    pub dir: Option<String>,
+    pub flush_interval: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +145,8 @@ pub enum Strategy {
 pub struct RawLog {
     pub level: Option<String>,
     pub access: Option<bool>,
+    /// Where access log lines go: a file path (relative to the config), or stderr when unset.
+    pub access_file: Option<String>,
 }
 
 /// One upstream account as stored. Written back by `store`, so field order is the file's order.
@@ -293,6 +307,25 @@ pub struct RawClientKey {
     /// May read the admin endpoints (status, metrics) on the main listener.
     #[serde(default, skip_serializing_if = "is_false")]
     pub admin: bool,
+    /// Models this key may use; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Tokens (input, output and cache, all counted) per UTC day and per UTC month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_tokens: Option<u64>,
+    /// RFC 3339 time (or a date, meaning its midnight UTC) after which the key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// When the key was revoked; a revoked key is refused for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
 }
@@ -370,6 +403,9 @@ pub struct Config {
     pub auth_open: bool,
     pub log_level: Level,
     pub access_log: bool,
+    /// The access log's file; stderr when `None`.
+    pub access_file: Option<PathBuf>,
+    pub usage: UsageSettings,
     pub accounts: Vec<Account>,
     pub client_keys: Vec<ClientKey>,
     /// Things worth telling the operator that do not stop the gateway.
@@ -451,6 +487,17 @@ pub struct ModelSettings {
     pub aliases: std::collections::HashMap<String, String>,
     /// `max_tokens` for OpenAI requests that give none (Anthropic requires one).
     pub default_max_tokens: u64,
+    /// Model names known to metrics (configured names, alias names and targets).
+    pub names: Vec<String>,
+}
+
+/// The usage ledger.
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    pub enabled: bool,
+    pub dir: PathBuf,
+    /// How often buffered records reach the journal: the most a `kill -9` can lose.
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -554,10 +601,32 @@ pub struct ClientKey {
     pub id: String,
     pub name: String,
     pub hash: [u8; 32],
-    pub prefix: String,
     pub enabled: bool,
     pub admin: bool,
-    pub created_at: Option<String>,
+    pub limits: KeyLimits,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<u64>,
+    pub revoked: bool,
+}
+
+/// What one gateway key may do. `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Empty: every model.
+    pub models: Vec<String>,
+    pub rpm: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    pub daily_tokens: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+}
+
+/// `2026-12-31` (midnight UTC) or an RFC 3339 UTC time, as Unix seconds.
+pub fn parse_time(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if text.len() == 10 {
+        return crate::time::parse_rfc3339(&format!("{text}T00:00:00Z"));
+    }
+    crate::time::parse_rfc3339(text)
 }
 
 #[derive(Debug)]
@@ -836,12 +905,25 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             "models.aliases: {alias:?} needs a non-empty name and target"
         )));
     }
+    let mut names: Vec<String> = raw.models.names.clone().unwrap_or_default();
+    names.extend(aliases.iter().flat_map(|(a, t)| [a.clone(), t.clone()]));
+    names.sort();
+    names.dedup();
     let models = ModelSettings {
+        names,
         aliases,
         // 8192 is the largest output every current Claude model accepts: a higher default
         // fails on small models, a lower one cuts answers short.
         default_max_tokens: raw.models.default_max_tokens.unwrap_or(8192).max(1),
     };
+
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let usage = UsageSettings {
+        enabled: raw.usage.enabled.unwrap_or(true),
+        dir: dir.join(raw.usage.dir.as_deref().unwrap_or("usage")),
+        flush_interval: dur(raw.usage.flush_interval, 1).max(Duration::from_millis(50)),
+    };
+    let access_file = raw.log.access_file.as_deref().map(|f| dir.join(f));
 
     let log_level = match raw.log.level.as_deref() {
         None => Level::Info,
@@ -897,14 +979,30 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
                     k.id
                 ))
             })?;
+        let expires_at = match &k.expires {
+            None => None,
+            Some(text) => Some(parse_time(text).ok_or_else(|| {
+                invalid(format!(
+                    "client key {}: expires {text:?} is not a date (2026-12-31) or an RFC 3339 time",
+                    k.id
+                ))
+            })?),
+        };
         client_keys.push(ClientKey {
             id: k.id,
             name: k.name,
             hash,
-            prefix: k.prefix.unwrap_or_default(),
             enabled: k.enabled,
             admin: k.admin,
-            created_at: k.created_at,
+            limits: KeyLimits {
+                models: k.models,
+                rpm: k.rpm,
+                max_concurrent: k.max_concurrent,
+                daily_tokens: k.daily_tokens,
+                monthly_tokens: k.monthly_tokens,
+            },
+            expires_at,
+            revoked: k.revoked_at.is_some(),
         });
     }
 
@@ -926,6 +1024,8 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         auth_open,
         log_level,
         access_log: raw.log.access.unwrap_or(true),
+        access_file,
+        usage,
         accounts,
         client_keys,
         warnings,

@@ -26,6 +26,8 @@ pub enum ApiError {
     NoAccount(String),
     /// Every usable account is cooling down; one returns in `retry_after` seconds. 529.
     AllCoolingDown { retry_after: u64 },
+    /// A gateway key's own limit (rate, concurrency, budget). 429.
+    RateLimited { message: String, retry_after: u64 },
     /// The upstream could not be reached or broke before answering. 502.
     UpstreamUnreachable(String),
     /// The upstream did not answer within the configured timeout. 504.
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::Http { status, .. } => *status,
             ApiError::NoAccount(_) => 503,
             ApiError::AllCoolingDown { .. } => 529,
+            ApiError::RateLimited { .. } => 429,
             ApiError::UpstreamUnreachable(_) => 502,
             ApiError::UpstreamTimeout(_) => 504,
         }
@@ -65,7 +68,8 @@ impl ApiError {
     /// Seconds for a `retry-after` header, when the error has one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::AllCoolingDown { retry_after } => Some(*retry_after),
+            ApiError::AllCoolingDown { retry_after }
+            | ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -101,7 +105,8 @@ impl fmt::Display for ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NoAccount(m)
             | ApiError::Http { message: m, .. }
-            | ApiError::Invalid { message: m, .. } => f.write_str(m),
+            | ApiError::Invalid { message: m, .. }
+            | ApiError::RateLimited { message: m, .. } => f.write_str(m),
             ApiError::AllCoolingDown { retry_after } => write!(
                 f,
                 "every upstream account is cooling down (rate limited or failing); the first returns in {retry_after}s"

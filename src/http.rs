@@ -305,6 +305,7 @@ impl Conn {
             conn: self,
             minor_version,
             keep_alive,
+            request_id: None,
         }
     }
 }
@@ -449,6 +450,8 @@ pub struct Responder<'a> {
     conn: &'a mut Conn,
     minor_version: u8,
     keep_alive: bool,
+    /// Sent back as `x-request-id` on every response.
+    request_id: Option<String>,
 }
 
 /// A response head under construction: status line and headers, framing added on send.
@@ -478,7 +481,15 @@ impl Head {
 }
 
 impl<'a> Responder<'a> {
+    pub fn with_request_id(mut self, id: &str) -> Responder<'a> {
+        self.request_id = Some(id.to_string());
+        self
+    }
+
     fn finish_head(&self, head: &mut Head, framing: &str) {
+        if let Some(id) = &self.request_id {
+            head.header("x-request-id", id.as_bytes());
+        }
         head.buf.extend_from_slice(framing.as_bytes());
         if !self.keep_alive {
             head.buf.extend_from_slice(b"connection: close\r\n");

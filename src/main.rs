@@ -6,6 +6,7 @@
 #[macro_use]
 mod log;
 
+mod access;
 mod accounts;
 mod anthropic;
 mod auth;
@@ -16,7 +17,10 @@ mod cooldown;
 mod encoding;
 mod error;
 mod http;
+mod ledger;
+mod limits;
 mod listener;
+mod metrics;
 mod oauth;
 mod openai;
 mod processor;

@@ -153,6 +153,7 @@ impl Refresher {
                 live.tokens = Some(tokens.clone());
                 live.last_refresh = Some(Instant::now());
                 live.refresh_failures = 0;
+                live.refreshes_ok += 1;
                 live.next_refresh_attempt = None;
                 live.last_refresh_error = None;
                 match persisted {
@@ -178,7 +179,11 @@ impl Refresher {
                 Ok(tokens)
             }
             Err(TokenError::InvalidGrant(message)) => {
-                entry.live().needs_login = true;
+                {
+                    let mut live = entry.live();
+                    live.needs_login = true;
+                    live.refreshes_failed += 1;
+                }
                 error!(
                     "account {} ({}) needs a new login: {message}",
                     entry.id(),
@@ -195,6 +200,7 @@ impl Refresher {
             Err(e) => {
                 let mut live = entry.live();
                 live.refresh_failures += 1;
+                live.refreshes_failed += 1;
                 let backoff = BACKOFF_START
                     .saturating_mul(1 << (live.refresh_failures - 1).min(10))
                     .min(BACKOFF_MAX);

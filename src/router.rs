@@ -10,6 +10,8 @@ use crate::config::Credential;
 use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
+use crate::ledger::Record;
+use crate::metrics::Observation;
 use crate::openai::{self, Format};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
@@ -18,7 +20,9 @@ use crate::server::Gateway;
 use crate::status;
 use crate::sticky;
 use crate::store;
-use crate::upstream::{self, Answer, Outcome, Shape};
+use crate::upstream::{self, Answer, Meter, Outcome, Shape};
+
+const JSON: &str = "application/json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -28,6 +32,8 @@ enum Route {
     Ready,
     /// The running state, for `llm-gateway status`: admin only.
     Status,
+    /// Prometheus metrics: admin only.
+    Metrics,
     /// Anthropic Messages (`count_tokens` too): passed through, unless the body is clearly
     /// OpenAI's.
     Messages { count_tokens: bool },
@@ -42,6 +48,7 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         "/health" => ("GET", Route::Health),
         "/ready" => ("GET", Route::Ready),
         "/admin/status" => ("GET", Route::Status),
+        "/metrics" => ("GET", Route::Metrics),
         "/v1/messages" => (
             "POST",
             Route::Messages {
@@ -74,18 +81,23 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
 /// needs no key and nothing is forwarded. Returns whether the connection may serve another.
 pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool) -> bool {
     let started = Instant::now();
-    let out = conn.respond(req.minor_version, req.keep_alive);
+    let request_id = request_id(&req);
+    let out = conn
+        .respond(req.minor_version, req.keep_alive)
+        .with_request_id(&request_id);
     let mut names = Names::default();
+    let _in_flight = gw.metrics.in_flight();
+    let mut meter = Meter::default();
     let (status, outcome, keep) = match serve(gw, &req, admin_listener, &mut names) {
-        Ok(Served::Local(status, body)) => {
+        Ok(Served::Local(status, body, content_type)) => {
             let mut head = Head::new(status);
-            head.header("content-type", b"application/json");
+            head.header("content-type", content_type.as_bytes());
             let keep = out.send(head, body.as_bytes());
             (status, Outcome::Complete, keep)
         }
         Ok(Served::Upstream(answer, pick, shape)) => {
             let status = answer.status();
-            let (outcome, keep) = match upstream::relay(answer, out, &shape) {
+            let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter) {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {
                     let keep = send_error(out, &error, names.format);
@@ -103,58 +115,143 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
         }
         Err(error) => {
             let status = error.status();
+            names.error = Some(error.to_string());
             let keep = send_error(out, &error, names.format);
             (status, Outcome::Complete, keep)
         }
     };
-    if gw.access_log {
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let note = match &outcome {
-            Outcome::Complete => String::new(),
-            Outcome::UpstreamBroke(why) => format!(" upstream_broke=\"{why}\""),
-            Outcome::ClientGone => " client_gone".to_string(),
-        };
-        let tries = if names.attempts > 1 {
-            format!(" attempts={}", names.attempts)
-        } else {
-            String::new()
-        };
-        info!(
-            "{} {} {status} {ms:.1}ms client={} account={}{tries}{note}",
-            req.method,
-            req.path(),
-            names.client,
-            names.account
-        );
-    } else if let Outcome::UpstreamBroke(why) = &outcome {
-        warn!("{} {}: upstream broke: {why}", req.method, req.path());
-    }
+    account_for(
+        gw,
+        &req,
+        &request_id,
+        started,
+        status,
+        &outcome,
+        &meter,
+        &names,
+    );
     keep
 }
 
-/// Who served a request, for the access log, and the format the client speaks.
+/// The request's id: the client's `x-request-id` when it is sane, else a new one.
+fn request_id(req: &Request) -> String {
+    match req.header("x-request-id") {
+        Some(id)
+            if (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
+        {
+            id.to_string()
+        }
+        _ => format!(
+            "req_{}",
+            crate::encoding::hex(&crate::secret::random_bytes::<12>())
+        ),
+    }
+}
+
+/// After a request: the ledger record, the metrics, the access log line.
+#[allow(clippy::too_many_arguments)]
+fn account_for(
+    gw: &Gateway,
+    req: &Request,
+    request_id: &str,
+    started: Instant,
+    status: u16,
+    outcome: &Outcome,
+    meter: &Meter,
+    names: &Names,
+) {
+    let error = match outcome {
+        Outcome::Complete => names.error.clone(),
+        Outcome::UpstreamBroke(why) => Some(format!("upstream broke: {why}")),
+        Outcome::ClientGone => Some("client went away".into()),
+    };
+    // Only what an authenticated client asked for goes into the ledger.
+    if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
+        ledger.record(&Record {
+            t: crate::time::now_unix(),
+            key: key.clone(),
+            account: names.account_id.clone().unwrap_or_else(|| "-".into()),
+            model: names.model.clone().unwrap_or_else(|| "-".into()),
+            status,
+            usage: meter.usage,
+            error: error.clone(),
+        });
+    }
+    if names.client_id.is_some() {
+        gw.metrics.observe(&Observation {
+            status,
+            account: &names.account,
+            model: names.model.as_deref(),
+            usage: meter.usage,
+        });
+        if let Some(first) = meter.first_byte {
+            gw.metrics.time_to_first_token.observe(first - started);
+        }
+    }
+    if gw.access_log {
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let line = serde_json::json!({
+            "time": crate::time::rfc3339_millis(crate::time::now_unix_millis()),
+            "request_id": request_id,
+            "method": req.method,
+            "path": req.path(),
+            "client": names.client,
+            "account": names.account_id,
+            "model": names.model,
+            "format": match names.format { Format::Anthropic => "anthropic", Format::OpenAI => "openai" },
+            "status": status,
+            "latency_ms": ms(started.elapsed()),
+            "ttfb_ms": meter.first_byte.map(|t| ms(t - started)),
+            "tokens": {
+                "input": meter.usage.input,
+                "output": meter.usage.output,
+                "cache_creation": meter.usage.cache_creation,
+                "cache_read": meter.usage.cache_read,
+            },
+            "attempts": names.attempts,
+            "error": error,
+        });
+        gw.access.write(&line);
+    }
+}
+
+/// What is learned about a request while serving it, for the ledger, metrics and access log.
 struct Names {
+    /// Client key name and id (`None` until authenticated).
     client: String,
+    client_id: Option<String>,
+    /// Account name and id of the last attempt.
     account: String,
+    account_id: Option<String>,
+    /// The model the client asked for.
+    model: Option<String>,
     attempts: u32,
     /// Errors go out in this format.
     format: Format,
+    error: Option<String>,
 }
 
 impl Default for Names {
     fn default() -> Names {
         Names {
             client: "-".into(),
+            client_id: None,
             account: "-".into(),
+            account_id: None,
+            model: None,
             attempts: 0,
             format: Format::Anthropic,
+            error: None,
         }
     }
 }
 
 enum Served {
-    /// A small JSON answer made here.
-    Local(u16, String),
+    /// A small answer made here, with its content type.
+    Local(u16, String, &'static str),
     /// An upstream answer, with the account it came from (held in flight while relayed;
     /// none for the buffered answer of an account that already failed over), and the shape
     /// the client wants it in.
@@ -169,33 +266,39 @@ fn serve(
 ) -> Result<Served, ApiError> {
     let route = route(&req.method, req.path())?;
     match route {
-        Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into())),
+        Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into(), JSON)),
         Route::Ready => {
             return Ok(if gw.accounts.any_available() {
-                Served::Local(200, r#"{"status":"ready"}"#.into())
+                Served::Local(200, r#"{"status":"ready"}"#.into(), JSON)
             } else {
                 Served::Local(
                     503,
                     r#"{"status":"not_ready","reason":"no upstream account is available now"}"#
                         .into(),
+                    JSON,
                 )
             });
         }
-        Route::Status => {
+        Route::Status | Route::Metrics => {
             if !admin_listener {
                 let client = gw.clients.authenticate(req)?;
                 if !client.admin {
                     return Err(ApiError::Forbidden(
-                        "status needs an admin key (add-client-key --admin) or the admin listener"
+                        "status and metrics need an admin key (add-client-key --admin) or the admin listener"
                             .into(),
                     ));
                 }
             }
-            return Ok(Served::Local(200, status::render(gw).to_string()));
+            return Ok(if route == Route::Metrics {
+                let text = gw.metrics.render(&gw.accounts);
+                Served::Local(200, text, "text/plain; version=0.0.4; charset=utf-8")
+            } else {
+                Served::Local(200, status::render(gw).to_string(), JSON)
+            });
         }
         _ if admin_listener => {
             return Err(ApiError::NotFound(
-                "the admin listener serves /health, /ready and /admin/status only".into(),
+                "the admin listener serves /health, /ready, /metrics and /admin/status only".into(),
             ));
         }
         Route::Chat => names.format = Format::OpenAI,
@@ -203,13 +306,19 @@ fn serve(
         _ => {}
     }
     let client = gw.clients.authenticate(req)?;
-    names.client = client.name;
+    names.client.clone_from(&client.name);
+    names.client_id = Some(client.id.clone());
     let (converted, shape) = shape_request(gw, req, route, &mut names.format)?;
     let req = converted.as_ref().unwrap_or(req);
-    let sticky_key = shape
-        .is_message()
-        .then(|| sticky::key(&req.body, req.header("x-session-id")))
-        .flatten();
+    let facts = sticky::facts(&req.body, req.header("x-session-id"));
+    names.model = match &shape {
+        Shape::Chat { model, .. } => Some(model.clone()),
+        _ => facts.model,
+    };
+    let sticky_key = facts.key.filter(|_| shape.is_message());
+    let _permit = gw
+        .limiter
+        .admit(&client, names.model.as_deref(), gw.ledger.as_deref())?;
 
     // Until the first byte goes downstream, an account's failure moves the request to the
     // next; attempts and time are bounded. If none is left, the client gets the last
@@ -234,6 +343,7 @@ fn serve(
             (Err(none), None) => return Err(none),
         };
         names.account.clone_from(&pick.entry.account.name);
+        names.account_id = Some(pick.entry.id().to_string());
         names.attempts += 1;
         match attempt(gw, req, &pick.entry)? {
             Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick), shape)),
@@ -336,8 +446,12 @@ enum Step {
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
     let settings = gw.accounts.settings();
+    let sent_at = Instant::now();
     let answer = match send(gw, req, entry) {
-        Ok(answer) => answer,
+        Ok(answer) => {
+            gw.metrics.upstream_latency.observe(sent_at.elapsed());
+            answer
+        }
         // The request itself cannot be sent (an invalid header): no account would do better.
         Err(Failed::Request(error)) => return Err(error),
         // The account has no usable credential now (login needed, refresh failing).

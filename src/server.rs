@@ -6,13 +6,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::access::AccessLog;
 use crate::accounts::Accounts;
 use crate::auth::ClientKeys;
 use crate::config::{self, Config, ModelSettings};
 use crate::error::ApiError;
 use crate::http::{Conn, Limits};
+use crate::ledger::Ledger;
+use crate::limits::Limiter;
 use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
+use crate::metrics::Metrics;
 use crate::openai::Format;
 use crate::refresh::Refresher;
 use crate::router;
@@ -30,13 +34,18 @@ pub struct Gateway {
     pub models: ModelSettings,
     pub limits: Limits,
     pub access_log: bool,
+    pub access: AccessLog,
+    /// `None` when usage recording is off or another process holds the ledger.
+    pub ledger: Option<Arc<Ledger>>,
+    pub limiter: Arc<Limiter>,
+    pub metrics: Metrics,
     pub started: Instant,
     pub workers: Arc<Workers>,
     pub max_workers: usize,
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Gateway {
+    pub fn new(config: &Config, ledger: Option<Arc<Ledger>>) -> Gateway {
         let s = &config.server;
         Gateway {
             accounts: Accounts::new(config.accounts.clone(), &config.balance, &config.sticky),
@@ -53,6 +62,16 @@ impl Gateway {
                 keepalive_timeout: s.keepalive_timeout,
             },
             access_log: config.access_log,
+            access: match &config.access_file {
+                None => AccessLog::stderr(),
+                Some(path) => AccessLog::file(path).unwrap_or_else(|e| {
+                    warn!("access log {}: {e}; writing it to stderr", path.display());
+                    AccessLog::stderr()
+                }),
+            },
+            ledger,
+            limiter: Arc::default(),
+            metrics: Metrics::new(known_models(config)),
             started: Instant::now(),
             workers: Arc::default(),
             max_workers: s.workers,
@@ -93,7 +112,8 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         addr: addr.clone(),
         error,
     })?;
-    let gateway = Arc::new(Gateway::new(&config));
+    let ledger = open_ledger(&config);
+    let gateway = Arc::new(Gateway::new(&config, ledger));
     info!(
         "serving {} accounts to {} client keys, upstream {}, up to {} workers",
         gateway.accounts.len(),
@@ -172,6 +192,40 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
                 serve_connection(&gw, stream, true)
             });
         });
+}
+
+/// Model names metrics may label by: configured names, aliases and their targets, and every
+/// key's allow-list.
+fn known_models(config: &Config) -> Vec<String> {
+    let mut names = config.models.names.clone();
+    for key in &config.client_keys {
+        names.extend(key.limits.models.iter().cloned());
+    }
+    names
+}
+
+/// Opens the usage ledger and starts its flusher, or explains why usage is not recorded.
+fn open_ledger(config: &Config) -> Option<Arc<Ledger>> {
+    if !config.usage.enabled {
+        return None;
+    }
+    match Ledger::open(&config.usage.dir) {
+        Ok((ledger, journal)) => {
+            let flusher = Arc::clone(&ledger);
+            let interval = config.usage.flush_interval;
+            let _ = std::thread::Builder::new()
+                .name("usage-ledger".into())
+                .spawn(move || flusher.flush_forever(journal, interval));
+            Some(ledger)
+        }
+        Err(e) => {
+            warn!(
+                "usage is not recorded by this process ({}: {e}); token budgets are not enforced",
+                config.usage.dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// Serves requests on one connection until it closes, errs or stops being reusable.

@@ -95,6 +95,22 @@ pub fn split_events(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The joined `data:` lines of one event (with or without a space after the colon).
+pub fn data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in lines(event) {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = trim_space(rest);
+            let d = data.get_or_insert_with(Vec::new);
+            if !d.is_empty() {
+                d.push(b'\n');
+            }
+            d.extend_from_slice(rest);
+        }
+    }
+    data
+}
+
 fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
     event
         .split(|&b| b == b'\n')

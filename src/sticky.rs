@@ -15,6 +15,8 @@ use serde_json::value::RawValue;
 #[derive(Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     metadata: Option<Metadata<'a>>,
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
@@ -44,11 +46,34 @@ pub fn session_of_user_id(user_id: &str) -> Option<String> {
     None
 }
 
-/// The sticky key of a Messages request, if it has anything to stick by.
-pub fn key(body: &[u8], session_header: Option<&str>) -> Option<u64> {
+/// What selection and accounting need from a request body, read in one pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The sticky key, if the request has anything to stick by.
+    pub key: Option<u64>,
+    /// The `model` it names.
+    pub model: Option<String>,
+}
+
+pub fn facts(body: &[u8], session_header: Option<&str>) -> Facts {
     let probe: Option<Probe<'_>> = serde_json::from_slice(body).ok();
+    Facts {
+        model: probe
+            .as_ref()
+            .and_then(|p| p.model.as_deref())
+            .map(String::from),
+        key: key_of(probe.as_ref(), session_header),
+    }
+}
+
+/// The sticky key of a Messages request, if it has anything to stick by.
+#[cfg(test)]
+pub fn key(body: &[u8], session_header: Option<&str>) -> Option<u64> {
+    facts(body, session_header).key
+}
+
+fn key_of(probe: Option<&Probe<'_>>, session_header: Option<&str>) -> Option<u64> {
     let session = probe
-        .as_ref()
         .and_then(|p| p.metadata.as_ref())
         .and_then(|m| m.user_id.as_deref())
         .and_then(session_of_user_id);

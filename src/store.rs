@@ -241,6 +241,24 @@ pub fn account_lock(path: &Path, account_id: &str) -> Result<FileLock, ConfigErr
     lock_named(path, &format!("{safe}.lock"))
 }
 
+/// Takes `dir/.lock` without waiting: `Err(WouldBlock)` when another process holds it. For
+/// directories with one writer (the usage ledger).
+pub fn lock_dir(dir: &Path) -> std::io::Result<FileLock> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(dir.join(".lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(FileLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is in use by another llm-gateway process", dir.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 fn lock_named(path: &Path, suffix: &str) -> Result<FileLock, ConfigError> {
     let io = |error| ConfigError::Io {
         path: path.to_path_buf(),

@@ -3,6 +3,7 @@
 //! response back downstream (byte for byte; SSE event by event, flushed after every read).
 
 use std::io::Read;
+use std::time::Instant;
 
 use ureq::http::{self, HeaderMap};
 use ureq::{Agent, Body};
@@ -12,6 +13,7 @@ use std::borrow::Cow;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::http::{Head, Request, Responder};
+use crate::ledger::Usage;
 use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
 use crate::sse;
@@ -217,12 +219,58 @@ impl Shape {
     }
 }
 
+/// What a relay learned on the way, for the ledger, metrics and the access log.
+#[derive(Debug, Default)]
+pub struct Meter {
+    pub usage: Usage,
+    /// When the first byte of the answer's body went to the client.
+    pub first_byte: Option<Instant>,
+}
+
+impl Meter {
+    fn sent(&mut self) {
+        self.first_byte.get_or_insert_with(Instant::now);
+    }
+
+    /// Takes the usage of an Anthropic message body, if it has one.
+    fn message(&mut self, body: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            usage: serde_json::Value,
+        }
+        if let Ok(p) = serde_json::from_slice::<Probe>(body) {
+            self.usage.merge(&p.usage);
+        }
+    }
+
+    /// Takes the usage of complete SSE events (message_start and message_delta carry it).
+    fn events(&mut self, events: &[u8]) {
+        for event in sse::split_events(events) {
+            let Some(name) = sse::event_names(event).next() else {
+                continue;
+            };
+            if name != b"message_start" && name != b"message_delta" {
+                continue;
+            }
+            let Some(data) = sse::data(event) else {
+                continue;
+            };
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+                self.usage.merge(&v["message"]["usage"]);
+                self.usage.merge(&v["usage"]);
+            }
+        }
+    }
+}
+
 /// Copies an answer downstream in `shape`. Returns how it ended and whether the connection
 /// may be reused; an error means nothing was sent yet and the caller should answer it.
 pub fn relay<'a>(
     answer: Answer,
     out: Responder<'a>,
     shape: &Shape,
+    meter: &mut Meter,
 ) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
     let (parts, mut reader): (_, Box<dyn Read>) = match answer {
         Answer::Streaming(response) => {
@@ -257,13 +305,14 @@ pub fn relay<'a>(
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
 
-    let json = |mut head: Head, value: serde_json::Value, out: Responder<'a>| {
+    let json = |mut head: Head, value: serde_json::Value, out: Responder<'a>, meter: &mut Meter| {
         head.header("content-type", b"application/json");
+        meter.sent();
         let keep = out.send(head, value.to_string().as_bytes());
         Ok((Outcome::Complete, keep))
     };
     match shape {
-        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None)),
+        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter)),
         Shape::Anthropic => match length {
             Some(n) if n <= BUFFER_WHOLE => {
                 // Small bodies: read whole, then one write; a short body is still an error we
@@ -271,7 +320,11 @@ pub fn relay<'a>(
                 let mut buf = Vec::with_capacity(n as usize);
                 match reader.by_ref().take(n).read_to_end(&mut buf) {
                     Ok(got) if got as u64 == n => {
+                        meter.sent();
                         let keep = out.send(head, &buf);
+                        if status < 300 {
+                            meter.message(&buf);
+                        }
                         Ok((Outcome::Complete, keep))
                     }
                     Ok(got) => Err((
@@ -283,13 +336,14 @@ pub fn relay<'a>(
                     Err(e) => Err((io_error(&e), out)),
                 }
             }
-            _ => Ok(relay_stream(reader, out, head, length)),
+            _ => Ok(relay_stream(reader, out, head, length, meter)),
         },
         _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED) {
             Ok(body) => json(
                 head,
                 openai::response::error_from_anthropic(status, &body),
                 out,
+                meter,
             ),
             Err(e) => Err((e, out)),
         },
@@ -301,16 +355,17 @@ pub fn relay<'a>(
             head.header("content-type", b"text/event-stream")
                 .header("cache-control", b"no-cache");
             let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
-            Ok(relay_sse(reader, out, head, Some(chat)))
+            Ok(relay_sse(reader, out, head, Some(chat), meter))
         }
         Shape::Chat { model, .. } => {
             let message = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
             match message {
-                Ok(m) => json(
-                    head,
-                    openai::response::completion(&m, model, crate::time::now_unix()),
-                    out,
-                ),
+                Ok(m) => {
+                    meter.usage.merge(&m["usage"]);
+                    let completion =
+                        openai::response::completion(&m, model, crate::time::now_unix());
+                    json(head, completion, out, meter)
+                }
                 Err(e) => Err((e, out)),
             }
         }
@@ -324,9 +379,9 @@ pub fn relay<'a>(
                             serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
                         }));
                     }
-                    json(head, list, out)
+                    json(head, list, out, meter)
                 }
-                Ok(v) => json(head, openai::response::model(&v), out),
+                Ok(v) => json(head, openai::response::model(&v), out, meter),
                 Err(e) => Err((e, out)),
             }
         }
@@ -377,6 +432,7 @@ fn relay_stream(
     out: Responder<'_>,
     head: Head,
     length: Option<u64>,
+    meter: &mut Meter,
 ) -> (Outcome, bool) {
     let writer = match length {
         Some(n) => out.stream_with_length(head, n),
@@ -393,6 +449,7 @@ fn relay_stream(
                 return (Outcome::Complete, keep);
             }
             Ok(n) => {
+                meter.sent();
                 if writer.write(&buf[..n]).is_err() {
                     return (Outcome::ClientGone, false);
                 }
@@ -413,6 +470,7 @@ fn relay_sse(
     out: Responder<'_>,
     head: Head,
     mut chat: Option<ChunkStream>,
+    meter: &mut Meter,
 ) -> (Outcome, bool) {
     let Ok(mut writer) = out.stream(head) else {
         return (Outcome::ClientGone, false);
@@ -424,19 +482,25 @@ fn relay_sse(
         match reader.read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => {
-                let sent = framer.push(&buf[..n], |events| match &mut chat {
-                    None => {
-                        finished |= sse::event_names(events)
-                            .any(|name| name == b"message_stop" || name == b"error");
-                        writer.write(events)
-                    }
-                    Some(chat) => {
-                        let mut chunks = Vec::new();
-                        for event in sse::split_events(events) {
-                            chunks.extend(chat.event(event));
+                let sent = framer.push(&buf[..n], |events| {
+                    meter.sent();
+                    match &mut chat {
+                        None => {
+                            finished |= sse::event_names(events)
+                                .any(|name| name == b"message_stop" || name == b"error");
+                            // Written first: counting tokens never delays an event.
+                            let written = writer.write(events);
+                            meter.events(events);
+                            written
                         }
-                        finished = chat.closed();
-                        writer.write(&chunks)
+                        Some(chat) => {
+                            let mut chunks = Vec::new();
+                            for event in sse::split_events(events) {
+                                chunks.extend(chat.event(event));
+                            }
+                            finished = chat.closed();
+                            writer.write(&chunks)
+                        }
                     }
                 });
                 if sent.is_err() {
@@ -446,6 +510,9 @@ fn relay_sse(
             Err(e) => break Some(e.to_string()),
         }
     };
+    if let Some(chat) = &chat {
+        meter.usage.merge(&chat.usage());
+    }
     if finished && broke.is_none() {
         return (Outcome::Complete, writer.finish());
     }

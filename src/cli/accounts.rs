@@ -1,5 +1,4 @@
-//! Commands for API-key accounts, gateway keys and account state: add, list, enable, disable,
-//! remove.
+//! Commands for API-key accounts and account state: add, list, set, enable, disable, remove.
 
 use std::path::Path;
 
@@ -8,10 +7,8 @@ use serde_json::json;
 
 use super::{CliError, Exit, check_name, new_id, print_json, print_table, read_secret};
 use crate::accounts::Accounts;
-use crate::auth;
-use crate::config::{self, AccountKind, RawAccount, RawClientKey};
+use crate::config::{self, AccountKind, RawAccount};
 use crate::store::{self, ChangeError};
-use crate::time;
 
 #[derive(FromArgs)]
 /// Add an Anthropic API-key account. The key comes from --key-file, --key, or standard input
@@ -39,33 +36,9 @@ pub struct AddApiKey {
 }
 
 #[derive(FromArgs)]
-/// Create a gateway key for a client. It is printed once; only its hash is stored.
-#[argh(subcommand, name = "add-client-key")]
-pub struct AddClientKey {
-    /// who the key is for, e.g. alice
-    #[argh(option)]
-    pub name: String,
-    /// the key may also read status (GET /admin/status)
-    #[argh(switch)]
-    pub admin: bool,
-    /// print JSON
-    #[argh(switch)]
-    pub json: bool,
-}
-
-#[derive(FromArgs)]
 /// List upstream accounts (keys masked).
 #[argh(subcommand, name = "list-accounts")]
 pub struct ListAccounts {
-    /// print JSON
-    #[argh(switch)]
-    pub json: bool,
-}
-
-#[derive(FromArgs)]
-/// List gateway keys (their ids, names and first characters; the keys themselves are not stored).
-#[argh(subcommand, name = "list-client-keys")]
-pub struct ListClientKeys {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -156,34 +129,6 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
-    let name = check_name(&cmd.name)?;
-    let key = auth::generate_key();
-    let id = store::update(path, |m| {
-        let id = new_id("ck_", |id| m.client_keys.iter().any(|k| k.id == id));
-        m.client_keys.push(RawClientKey {
-            id: id.clone(),
-            name: name.clone(),
-            hash: auth::hash_for_storage(&key),
-            prefix: Some(key.expose().chars().take(12).collect()),
-            enabled: true,
-            admin: cmd.admin,
-            created_at: Some(time::rfc3339(time::now_unix())),
-        });
-        Ok::<_, ChangeError<CliError>>(id)
-    })?;
-    // The one place a gateway key is ever shown in clear.
-    if cmd.json {
-        print_json(&json!({"id": id, "name": name, "key": key.expose()}));
-    } else {
-        println!("gateway key {id} for \"{name}\":\n\n    {}\n", key.expose());
-        println!(
-            "It is shown only this once; only its hash is stored. Send it as x-api-key or Authorization: Bearer."
-        );
-    }
-    Ok(())
-}
-
 pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
     let config = config::load(path)?;
     let accounts = Accounts::new(config.accounts, &config.balance, &config.sticky);
@@ -232,42 +177,6 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
         })
         .collect();
     print_table(&["ID", "NAME", "KIND", "STATE", "KEY"], &rows);
-    Ok(())
-}
-
-pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
-    let config = config::load(path)?;
-    let keys = &config.client_keys;
-    if as_json {
-        let rows: Vec<_> = keys
-            .iter()
-            .map(|k| {
-                json!({
-                    "id": k.id, "name": k.name, "prefix": k.prefix, "enabled": k.enabled,
-                    "created_at": k.created_at,
-                })
-            })
-            .collect();
-        print_json(&serde_json::Value::Array(rows));
-        return Ok(());
-    }
-    if keys.is_empty() {
-        println!("no client keys; create one with `llm-gateway add-client-key --name NAME`");
-        return Ok(());
-    }
-    let rows: Vec<[String; 5]> = keys
-        .iter()
-        .map(|k| {
-            [
-                k.id.clone(),
-                k.name.clone(),
-                format!("{}…", k.prefix),
-                if k.enabled { "enabled" } else { "disabled" }.to_string(),
-                k.created_at.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    print_table(&["ID", "NAME", "KEY", "STATE", "CREATED"], &rows);
     Ok(())
 }
 

@@ -9,16 +9,17 @@ use std::process::ExitCode;
 use argh::FromArgs;
 
 mod accounts;
+mod keys;
 mod oauth;
 mod ops;
 
 use accounts::{
-    AddApiKey, AddClientKey, Change, DisableAccount, EnableAccount, ListAccounts, ListClientKeys,
-    RemoveAccount, SetAccount, add_api_key, add_client_key, change_account, list_accounts,
-    list_client_keys, set_account,
+    AddApiKey, Change, DisableAccount, EnableAccount, ListAccounts, RemoveAccount, SetAccount,
+    add_api_key, change_account, list_accounts, set_account,
 };
+use keys::{AddClientKey, ListClientKeys, RevokeClientKey, UpdateClientKey};
 use oauth::{AddOAuth, OAuthCallback, OAuthStart};
-use ops::{HealthCheck, Status};
+use ops::{HealthCheck, Status, Usage};
 
 use crate::config::{self, ConfigError};
 use crate::encoding;
@@ -121,6 +122,9 @@ enum Command {
     SetAccount(SetAccount),
     AddClientKey(AddClientKey),
     ListClientKeys(ListClientKeys),
+    UpdateClientKey(UpdateClientKey),
+    RevokeClientKey(RevokeClientKey),
+    Usage(Usage),
     Status(Status),
     HealthCheck(HealthCheck),
 }
@@ -214,9 +218,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::AddOAuth(cmd) => oauth::add_oauth(&path, cmd),
         Command::OAuthStart(cmd) => oauth::oauth_start(&path, cmd),
         Command::OAuthCallback(cmd) => oauth::oauth_callback(&path, cmd),
-        Command::AddClientKey(cmd) => add_client_key(&path, cmd),
+        Command::AddClientKey(cmd) => keys::add_client_key(&path, cmd),
         Command::ListAccounts(cmd) => list_accounts(&path, cmd.json),
-        Command::ListClientKeys(cmd) => list_client_keys(&path, cmd.json),
+        Command::ListClientKeys(cmd) => keys::list_client_keys(&path, cmd.json),
+        Command::UpdateClientKey(cmd) => keys::update_client_key(&path, cmd),
+        Command::RevokeClientKey(cmd) => keys::revoke_client_key(&path, cmd),
+        Command::Usage(cmd) => ops::usage(&path, cmd),
         Command::SetAccount(cmd) => set_account(&path, cmd),
         Command::Status(cmd) => ops::status(&path, cmd),
         Command::HealthCheck(cmd) => ops::health_check(&path, cmd),

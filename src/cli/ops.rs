@@ -312,3 +312,136 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
         ),
     })
 }
+
+#[derive(FromArgs)]
+/// Usage from the ledger: requests, errors and tokens, grouped by key, account, model or day.
+#[argh(subcommand, name = "usage")]
+pub struct Usage {
+    /// group by key (default), account, model or day
+    #[argh(option, default = "String::from(\"key\")")]
+    pub by: String,
+    /// first day to count (2026-11-01; default: everything)
+    #[argh(option)]
+    pub since: Option<String>,
+    /// last day to count, inclusive (default: today)
+    #[argh(option)]
+    pub until: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+}
+
+fn day_of(flag: &str, text: &Option<String>, default: u64) -> Result<u64, CliError> {
+    match text {
+        None => Ok(default),
+        Some(t) => config::parse_time(t).map(|s| s / 86_400).ok_or_else(|| {
+            CliError::usage(format!("--{flag} {t:?}: use a date such as 2026-11-01"))
+        }),
+    }
+}
+
+pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
+    if !matches!(cmd.by.as_str(), "key" | "account" | "model" | "day") {
+        return Err(CliError::usage("--by takes key, account, model or day"));
+    }
+    let config = config::load(path)?;
+    let from = day_of("since", &cmd.since, 0)?;
+    let to = day_of("until", &cmd.until, u64::MAX)?;
+    let (book, _) = crate::ledger::read(&config.usage.dir).map_err(|e| CliError {
+        exit: Exit::Failure,
+        message: format!(
+            "cannot read the usage ledger in {}: {e}",
+            config.usage.dir.display()
+        ),
+    })?;
+    let names: std::collections::HashMap<&str, &str> = match cmd.by.as_str() {
+        "key" => config
+            .client_keys
+            .iter()
+            .map(|k| (k.id.as_str(), k.name.as_str()))
+            .collect(),
+        "account" => config
+            .accounts
+            .iter()
+            .map(|a| (a.id.as_str(), a.name.as_str()))
+            .collect(),
+        _ => Default::default(),
+    };
+    let rows = crate::ledger::group(&book, &cmd.by, from, to);
+    let mut total = crate::ledger::Totals::default();
+    for (_, t) in &rows {
+        total.absorb(t);
+    }
+    let label = |id: &str| match names.get(id) {
+        Some(name) => format!("{name} ({id})"),
+        None => id.to_string(),
+    };
+    if cmd.json {
+        let row = |name: Value, t: &crate::ledger::Totals| {
+            json!({
+                cmd.by.as_str(): name, "requests": t.requests, "errors": t.errors,
+                "input_tokens": t.usage.input, "output_tokens": t.usage.output,
+                "cache_creation_tokens": t.usage.cache_creation,
+                "cache_read_tokens": t.usage.cache_read, "total_tokens": t.usage.total(),
+            })
+        };
+        let list: Vec<Value> = rows
+            .iter()
+            .map(|(id, t)| {
+                let mut r = row(json!(id), t);
+                if let Some(name) = names.get(id.as_str()) {
+                    r["name"] = json!(name);
+                }
+                r
+            })
+            .collect();
+        print_json(&json!({"by": cmd.by, "rows": list, "total": row(json!("total"), &total)}));
+        return Ok(());
+    }
+    let mut table: Vec<[String; 8]> = rows.iter().map(|(id, t)| numbers(label(id), t)).collect();
+    table.push(numbers("TOTAL".into(), &total));
+    let header = [
+        cmd.by.to_uppercase(),
+        "REQUESTS".into(),
+        "ERRORS".into(),
+        "INPUT".into(),
+        "OUTPUT".into(),
+        "CACHE WRITE".into(),
+        "CACHE READ".into(),
+        "TOTAL TOKENS".into(),
+    ];
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &table {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String; 8]| {
+        let mut out = format!("{:<w$}", cells[0], w = widths[0]);
+        for (c, w) in cells.iter().zip(widths).skip(1) {
+            out.push_str(&format!("  {c:>w$}"));
+        }
+        println!("{out}");
+    };
+    line(&header);
+    for (i, r) in table.iter().enumerate() {
+        if i + 1 == table.len() {
+            println!("{}", "-".repeat(widths.iter().sum::<usize>() + 2 * 7));
+        }
+        line(r);
+    }
+    Ok(())
+}
+
+fn numbers(label: String, t: &crate::ledger::Totals) -> [String; 8] {
+    [
+        label,
+        t.requests.to_string(),
+        t.errors.to_string(),
+        t.usage.input.to_string(),
+        t.usage.output.to_string(),
+        t.usage.cache_creation.to_string(),
+        t.usage.cache_read.to_string(),
+        t.usage.total().to_string(),
+    ]
+}

@@ -46,6 +46,11 @@ impl ChunkStream {
         }
     }
 
+    /// The Anthropic usage seen so far (from message_start and message_delta).
+    pub fn usage(&self) -> Value {
+        Value::Object(self.usage.clone())
+    }
+
     /// Whether the stream reached its proper end (or a reported error).
     pub fn closed(&self) -> bool {
         self.closed
@@ -70,7 +75,7 @@ impl ChunkStream {
         if self.closed {
             return Vec::new();
         }
-        let Some(data) = event_data(event) else {
+        let Some(data) = crate::sse::data(event) else {
             return Vec::new();
         };
         let Ok(v) = serde_json::from_slice::<Value>(&data) else {
@@ -238,21 +243,4 @@ impl ChunkStream {
 
 fn data_line(v: &Value) -> Vec<u8> {
     format!("data: {v}\n\n").into_bytes()
-}
-
-/// The joined `data:` lines of one event (`data:` with or without a space), or `None`.
-fn event_data(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            let d = data.get_or_insert_with(Vec::new);
-            if !d.is_empty() {
-                d.push(b'\n');
-            }
-            d.extend_from_slice(rest);
-        }
-    }
-    data
 }

@@ -1,0 +1,502 @@
+//! The usage ledger: every request's client key, account, model, status and tokens, kept so a
+//! `kill -9` loses at most one flush interval of records and never corrupts what was written.
+//!
+//! Design: an append-only journal of JSON lines plus a compacted summary of daily totals.
+//! Requests update the in-memory totals at once (budgets read them) and queue their line; a
+//! flusher thread appends the queue to the journal every `usage.flush_interval` (1 s). A crash
+//! can only cut the journal's last line short, and a reader skips a line that does not parse.
+//! When the journal passes 8 MiB (and at every start) it is folded into `summary.json`,
+//! written to a temp file, fsynced and renamed; the summary names the last journal generation
+//! it contains, so a crash between the rename and the journal's removal counts nothing twice.
+//! Why not a database: one writer, append-only data and daily totals need none, and the files
+//! stay readable with `cat` and `jq`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Past this size the journal is folded into the summary.
+const COMPACT_AT: u64 = 8 * 1024 * 1024;
+
+/// Tokens of one request, as Anthropic counts them (`input` excludes both cache counts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    pub cache_creation: u64,
+    pub cache_read: u64,
+}
+
+impl Usage {
+    /// Takes what an Anthropic `usage` object says (message_start, message_delta or a whole
+    /// message); fields it does not carry keep their value. Output is cumulative in streams.
+    pub fn merge(&mut self, usage: &Value) {
+        let set = |field: &mut u64, key: &str| {
+            if let Some(n) = usage.get(key).and_then(Value::as_u64) {
+                *field = n;
+            }
+        };
+        set(&mut self.input, "input_tokens");
+        set(&mut self.output, "output_tokens");
+        set(&mut self.cache_creation, "cache_creation_input_tokens");
+        set(&mut self.cache_read, "cache_read_input_tokens");
+    }
+
+    pub fn total(&self) -> u64 {
+        self.input + self.output + self.cache_creation + self.cache_read
+    }
+}
+
+/// One request, as written to the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix seconds.
+    pub t: u64,
+    /// Client key id (`-` when auth is open).
+    pub key: String,
+    /// Account id (`-` when none was used).
+    pub account: String,
+    pub model: String,
+    pub status: u16,
+    #[serde(flatten)]
+    pub usage: Usage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The totals of one (day, key, account, model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    #[serde(flatten)]
+    pub usage: Usage,
+}
+
+impl Totals {
+    fn add(&mut self, r: &Record) {
+        self.requests += 1;
+        if r.status >= 400 || r.error.is_some() {
+            self.errors += 1;
+        }
+        self.usage.input += r.usage.input;
+        self.usage.output += r.usage.output;
+        self.usage.cache_creation += r.usage.cache_creation;
+        self.usage.cache_read += r.usage.cache_read;
+    }
+
+    pub fn absorb(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.usage.input += other.usage.input;
+        self.usage.output += other.usage.output;
+        self.usage.cache_creation += other.usage.cache_creation;
+        self.usage.cache_read += other.usage.cache_read;
+    }
+}
+
+/// (day number since 1970-01-01, key, account, model).
+pub type RowKey = (u64, String, String, String);
+
+/// Everything the ledger knows, by row.
+#[derive(Debug, Default, Clone)]
+pub struct Book {
+    pub rows: BTreeMap<RowKey, Totals>,
+}
+
+impl Book {
+    fn add(&mut self, r: &Record) {
+        let key = (
+            r.t / 86_400,
+            r.key.clone(),
+            r.account.clone(),
+            r.model.clone(),
+        );
+        self.rows.entry(key).or_default().add(r);
+    }
+
+    /// Tokens used by client key `key` from day `from` on.
+    fn tokens_since(&self, key: &str, from: u64) -> u64 {
+        self.rows
+            .iter()
+            .filter(|((day, k, _, _), _)| *day >= from && k == key)
+            .map(|(_, t)| t.usage.total())
+            .sum()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Summary {
+    /// The last journal generation folded in.
+    folded: u64,
+    rows: Vec<SummaryRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SummaryRow {
+    day: u64,
+    key: String,
+    account: String,
+    model: String,
+    #[serde(flatten)]
+    totals: Totals,
+}
+
+fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal-{generation:08}.jsonl"))
+}
+
+/// Journal generations present in `dir`, ascending.
+fn generations(dir: &Path) -> Vec<u64> {
+    let mut out: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("journal-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Reads the summary and every journal not folded into it. Lines that do not parse (a line a
+/// crash cut short) are skipped. Returns the book and the last generation seen.
+pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
+    let mut book = Book::default();
+    let mut folded = 0;
+    match std::fs::read(dir.join("summary.json")) {
+        Ok(bytes) => {
+            let summary: Summary = serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("summary.json: {e}"),
+                )
+            })?;
+            folded = summary.folded;
+            for r in summary.rows {
+                book.rows
+                    .insert((r.day, r.key, r.account, r.model), r.totals);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut last = folded;
+    for generation in generations(dir) {
+        last = last.max(generation);
+        if generation <= folded {
+            continue;
+        }
+        let file = File::open(journal_path(dir, generation))?;
+        for line in BufReader::new(file).split(b'\n').map_while(Result::ok) {
+            if let Ok(record) = serde_json::from_slice::<Record>(&line) {
+                book.add(&record);
+            }
+        }
+    }
+    Ok((book, last))
+}
+
+/// Writes `book` as the summary of everything up to `generation`, atomically.
+fn write_summary(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()> {
+    let rows = book
+        .rows
+        .iter()
+        .map(|((day, key, account, model), totals)| SummaryRow {
+            day: *day,
+            key: key.clone(),
+            account: account.clone(),
+            model: model.clone(),
+            totals: *totals,
+        })
+        .collect();
+    let summary = Summary {
+        folded: generation,
+        rows,
+    };
+    let bytes = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
+    crate::store::write_atomically(&dir.join("summary.json"), &bytes)
+}
+
+struct Pending {
+    book: Book,
+    /// Lines not yet appended to the journal.
+    queue: Vec<u8>,
+}
+
+/// The running ledger, shared by all workers.
+pub struct Ledger {
+    dir: PathBuf,
+    pending: Mutex<Pending>,
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir`: reads what is there, folds unfolded journals into the
+    /// summary, and starts a fresh journal generation (so a line a crash cut short is never
+    /// continued). The caller runs `flush_forever` on a thread of its own.
+    pub fn open(dir: &Path) -> std::io::Result<(Arc<Ledger>, Journal)> {
+        std::fs::create_dir_all(dir)?;
+        let lock = crate::store::lock_dir(dir)?;
+        let (book, last) = read(dir)?;
+        write_summary(dir, &book, last)?;
+        for generation in generations(dir) {
+            if generation <= last {
+                let _ = std::fs::remove_file(journal_path(dir, generation));
+            }
+        }
+        let generation = last + 1;
+        let journal = Journal::create(dir, generation, lock)?;
+        let ledger = Arc::new(Ledger {
+            dir: dir.to_path_buf(),
+            pending: Mutex::new(Pending {
+                book,
+                queue: Vec::new(),
+            }),
+        });
+        Ok((ledger, journal))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one request: counted at once, journaled at the next flush.
+    pub fn record(&self, record: &Record) {
+        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        line.push(b'\n');
+        let mut pending = self.lock();
+        pending.book.add(record);
+        pending.queue.extend_from_slice(&line);
+    }
+
+    /// Tokens used by client key `key` since the start of day `from` (days since 1970).
+    pub fn tokens_since(&self, key: &str, from: u64) -> u64 {
+        self.lock().book.tokens_since(key, from)
+    }
+
+    /// Appends what is queued; folds the journal into the summary when it grew large. Every
+    /// `interval`, forever.
+    pub fn flush_forever(&self, mut journal: Journal, interval: Duration) {
+        loop {
+            std::thread::sleep(interval);
+            self.flush(&mut journal);
+        }
+    }
+
+    pub fn flush(&self, journal: &mut Journal) {
+        let queue = std::mem::take(&mut self.lock().queue);
+        if queue.is_empty() {
+            return;
+        }
+        if let Err(e) = journal.append(&queue) {
+            error!(
+                "usage ledger: cannot append to {}: {e}; records kept in memory",
+                journal.path.display()
+            );
+            let mut pending = self.lock();
+            let later = std::mem::take(&mut pending.queue);
+            pending.queue = queue;
+            pending.queue.extend_from_slice(&later);
+            return;
+        }
+        if journal.written >= COMPACT_AT {
+            // Fold: the summary of everything so far names this generation; then a new one.
+            let book = self.lock().book.clone();
+            match write_summary(&self.dir, &book, journal.generation)
+                .and_then(|()| journal.rotate(&self.dir))
+            {
+                Ok(()) => {}
+                Err(e) => warn!("usage ledger: compaction failed, will retry: {e}"),
+            }
+        }
+    }
+}
+
+/// The journal file the flusher appends to, and the ledger directory's lock.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    generation: u64,
+    written: u64,
+    /// Held for the life of the ledger: one writer per directory.
+    _lock: crate::store::FileLock,
+}
+
+impl Journal {
+    fn create(
+        dir: &Path,
+        generation: u64,
+        lock: crate::store::FileLock,
+    ) -> std::io::Result<Journal> {
+        let path = journal_path(dir, generation);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        crate::secret::sync_parent(&path)?;
+        Ok(Journal {
+            file,
+            path,
+            generation,
+            written: 0,
+            _lock: lock,
+        })
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        // In the page cache now, which a killed process cannot lose; fsync bounds what a
+        // power cut can.
+        self.file.sync_data()?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self, dir: &Path) -> std::io::Result<()> {
+        let old = self.path.clone();
+        let path = journal_path(dir, self.generation + 1);
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        self.path = path;
+        self.generation += 1;
+        self.written = 0;
+        std::fs::remove_file(old)?;
+        crate::secret::sync_parent(&self.path)
+    }
+}
+
+/// Rows grouped by one dimension, for `llm-gateway usage`.
+pub fn group(book: &Book, by: &str, from_day: u64, to_day: u64) -> Vec<(String, Totals)> {
+    let mut groups: HashMap<String, Totals> = HashMap::new();
+    for ((day, key, account, model), totals) in &book.rows {
+        if *day < from_day || *day > to_day {
+            continue;
+        }
+        let label = match by {
+            "account" => account.clone(),
+            "model" => model.clone(),
+            "day" => crate::time::rfc3339(day * 86_400)[..10].to_string(),
+            _ => key.clone(),
+        };
+        groups.entry(label).or_default().absorb(totals);
+    }
+    let mut out: Vec<(String, Totals)> = groups.into_iter().collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(t: u64, key: &str, input: u64, status: u16) -> Record {
+        Record {
+            t,
+            key: key.into(),
+            account: "acc_1".into(),
+            model: "claude-x".into(),
+            status,
+            usage: Usage {
+                input,
+                output: 10,
+                cache_creation: 1,
+                cache_read: 2,
+            },
+            error: None,
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "llm-gateway-ledger-{tag}-{}-{}",
+            std::process::id(),
+            crate::encoding::hex(&crate::secret::random_bytes::<4>())
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    #[test]
+    fn usage_merges_stream_events() {
+        let mut u = Usage::default();
+        u.merge(&serde_json::json!({"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 5}));
+        u.merge(&serde_json::json!({"output_tokens": 42}));
+        assert_eq!(
+            u,
+            Usage {
+                input: 10,
+                output: 42,
+                cache_creation: 0,
+                cache_read: 5
+            }
+        );
+        assert_eq!(u.total(), 57);
+    }
+
+    #[test]
+    fn records_survive_restart_and_a_torn_last_line() {
+        let dir = temp_dir("restart");
+        {
+            let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+            ledger.record(&record(86_400 * 3 + 5, "ck_a", 100, 200));
+            ledger.record(&record(86_400 * 3 + 6, "ck_a", 50, 429));
+            ledger.flush(&mut journal);
+            // A crash in the middle of the next append.
+            journal
+                .file
+                .write_all(b"{\"t\":1,\"key\":\"ck_a\",\"acc")
+                .expect("write");
+        }
+        let (ledger, _journal) = Ledger::open(&dir).expect("reopen");
+        assert_eq!(ledger.tokens_since("ck_a", 3), 100 + 50 + 2 * 13);
+        let (book, _) = read(&dir).expect("read");
+        let rows = group(&book, "key", 0, u64::MAX);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1.requests, 2);
+        assert_eq!(rows[0].1.errors, 1);
+        assert_eq!(generations(&dir).len(), 1, "folded journals are removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compaction_keeps_every_count_once() {
+        let dir = temp_dir("compact");
+        let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+        for i in 0..10 {
+            ledger.record(&record(i, "ck_b", 1, 200));
+        }
+        ledger.flush(&mut journal);
+        let book = ledger.lock().book.clone();
+        write_summary(&dir, &book, journal.generation).expect("summary");
+        journal.rotate(&dir).expect("rotate");
+        ledger.record(&record(11, "ck_b", 1, 200));
+        ledger.flush(&mut journal);
+        drop((ledger, journal));
+        let (book, _) = read(&dir).expect("read");
+        assert_eq!(group(&book, "key", 0, u64::MAX)[0].1.requests, 11);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_writer_per_directory() {
+        let dir = temp_dir("lock");
+        let first = Ledger::open(&dir).expect("open");
+        assert!(Ledger::open(&dir).is_err(), "a second writer is refused");
+        drop(first);
+        assert!(Ledger::open(&dir).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

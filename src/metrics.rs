@@ -1,0 +1,286 @@
+//! Prometheus metrics for `GET /metrics`: requests by status class, account and model; tokens
+//! by kind; in-flight requests; upstream latency and time-to-first-token histograms; account
+//! states; OAuth refreshes. Label values come from the config (account names, configured model
+//! names and aliases) or are `other`, so cardinality stays bounded whatever clients send.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::accounts::Accounts;
+use crate::ledger::Usage;
+
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// A fixed-bucket histogram of seconds.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// One finished request, as metrics see it.
+pub struct Observation<'a> {
+    pub status: u16,
+    /// Account name, or `-` when none was used.
+    pub account: &'a str,
+    pub model: Option<&'a str>,
+    pub usage: Usage,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Model names that get their own label value.
+    known_models: HashSet<String>,
+    /// (status class, account, model) → requests.
+    requests: Mutex<BTreeMap<(&'static str, String, String), u64>>,
+    /// (kind, account, model) → tokens.
+    tokens: Mutex<BTreeMap<(&'static str, String, String), u64>>,
+    in_flight: AtomicI64,
+    pub upstream_latency: Histogram,
+    pub time_to_first_token: Histogram,
+    started: Option<Instant>,
+}
+
+/// Counts a request in flight while it lives.
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn new(known_models: impl IntoIterator<Item = String>) -> Metrics {
+        Metrics {
+            known_models: known_models.into_iter().collect(),
+            started: Some(Instant::now()),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    fn model_label(&self, model: Option<&str>) -> String {
+        match model {
+            Some(m) if self.known_models.contains(m) => m.to_string(),
+            _ => "other".to_string(),
+        }
+    }
+
+    pub fn observe(&self, o: &Observation<'_>) {
+        let model = self.model_label(o.model);
+        let account = o.account.to_string();
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((class(o.status), account.clone(), model.clone()))
+            .or_default() += 1;
+        if o.usage.total() > 0 {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            for (kind, n) in [
+                ("input", o.usage.input),
+                ("output", o.usage.output),
+                ("cache_creation", o.usage.cache_creation),
+                ("cache_read", o.usage.cache_read),
+            ] {
+                *tokens
+                    .entry((kind, account.clone(), model.clone()))
+                    .or_default() += n;
+            }
+        }
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn render(&self, accounts: &Accounts) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP llm_gateway_requests_total Requests served, by status class, account and model.\n# TYPE llm_gateway_requests_total counter\n");
+        for ((class, account, model), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "llm_gateway_requests_total{{status_class=\"{class}\",account=\"{}\",model=\"{}\"}} {n}",
+                escape(account),
+                escape(model)
+            );
+        }
+        out.push_str("# HELP llm_gateway_tokens_total Tokens used, by kind, account and model.\n# TYPE llm_gateway_tokens_total counter\n");
+        for ((kind, account, model), n) in
+            self.tokens.lock().unwrap_or_else(|p| p.into_inner()).iter()
+        {
+            let _ = writeln!(
+                out,
+                "llm_gateway_tokens_total{{kind=\"{kind}\",account=\"{}\",model=\"{}\"}} {n}",
+                escape(account),
+                escape(model)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llm_gateway_in_flight_requests Requests being served now.\n# TYPE llm_gateway_in_flight_requests gauge\nllm_gateway_in_flight_requests {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        self.upstream_latency.render(
+            &mut out,
+            "llm_gateway_upstream_latency_seconds",
+            "Time from sending a request upstream to its response head.",
+        );
+        self.time_to_first_token.render(
+            &mut out,
+            "llm_gateway_time_to_first_token_seconds",
+            "Time from a request's arrival to the first byte of its answer reaching the client.",
+        );
+        out.push_str("# HELP llm_gateway_account_state 1 for each account's current state.\n# TYPE llm_gateway_account_state gauge\n");
+        let now = Instant::now();
+        let entries = accounts.snapshot();
+        for e in entries.iter() {
+            let (state, _) = e.status(now);
+            let _ = writeln!(
+                out,
+                "llm_gateway_account_state{{account=\"{}\",state=\"{state}\"}} 1",
+                escape(&e.account.name)
+            );
+        }
+        out.push_str("# HELP llm_gateway_oauth_refreshes_total OAuth token refreshes, by account and result.\n# TYPE llm_gateway_oauth_refreshes_total counter\n");
+        for e in entries.iter().filter(|e| e.account.oauth().is_some()) {
+            let live = e.live();
+            for (result, n) in [
+                ("success", live.refreshes_ok),
+                ("failure", live.refreshes_failed),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "llm_gateway_oauth_refreshes_total{{account=\"{}\",result=\"{result}\"}} {n}",
+                    escape(&e.account.name)
+                );
+            }
+        }
+        let uptime = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let _ = writeln!(
+            out,
+            "# HELP llm_gateway_uptime_seconds Seconds since the server started.\n# TYPE llm_gateway_uptime_seconds gauge\nllm_gateway_uptime_seconds {uptime:.3}"
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_models_are_other_and_labels_are_escaped() {
+        let m = Metrics::new(["claude-x".to_string()]);
+        for model in ["claude-x", "made-up-by-a-client", "another"] {
+            m.observe(&Observation {
+                status: 200,
+                account: "Team \"A\"",
+                model: Some(model),
+                usage: Usage {
+                    input: 3,
+                    ..Usage::default()
+                },
+            });
+        }
+        let text = m.render(&Accounts::new(vec![], &test_settings(), &test_sticky()));
+        assert!(text.contains(r#"llm_gateway_requests_total{status_class="2xx",account="Team \"A\"",model="claude-x"} 1"#), "{text}");
+        assert!(text.contains(r#"model="other"} 2"#), "{text}");
+        assert!(!text.contains("made-up"));
+        assert!(text.contains(
+            r#"llm_gateway_tokens_total{kind="input",account="Team \"A\"",model="other"} 6"#
+        ));
+    }
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(300));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 1"));
+        assert!(out.contains("x_bucket{le=\"0.5\"} 2"));
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 2"));
+        assert!(out.contains("x_count 2"));
+    }
+
+    fn test_settings() -> crate::config::BalanceSettings {
+        crate::config::BalanceSettings {
+            strategy: Default::default(),
+            max_attempts: 3,
+            failover_timeout: Duration::from_secs(1),
+            eject_after: 3,
+            eject_cooldown: Duration::from_secs(1),
+            eject_cooldown_max: Duration::from_secs(1),
+            rate_limit_backoff: Duration::from_secs(1),
+            rate_limit_backoff_max: Duration::from_secs(1),
+            auth_cooldown: Duration::from_secs(1),
+            invalid_after: 3,
+            invalid_window: Duration::from_secs(1),
+        }
+    }
+
+    fn test_sticky() -> crate::config::StickySettings {
+        crate::config::StickySettings {
+            enabled: false,
+            ttl: Duration::from_secs(1),
+            max_entries: 1,
+        }
+    }
+}
