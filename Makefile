@@ -14,6 +14,7 @@ run: build
 	./target/release/llm-gateway --config $(CONFIG) server
 
 test:
+	python3 -m pip install -q -r tests/sdk/requirements.txt
 	$(CARGO) test --all-targets
 
 check:
