@@ -14,6 +14,7 @@ run: build
 	./target/release/llm-gateway --config $(CONFIG) server
 
 test:
+	python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/sdk/requirements.txt
 	$(CARGO) test --all-targets
 
 check:

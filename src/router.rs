@@ -264,7 +264,14 @@ fn serve(
     admin_listener: bool,
     names: &mut Names,
 ) -> Result<Served, ApiError> {
-    let route = route(&req.method, req.path())?;
+    // The caller's format, as far as the path and headers tell, before anything can fail.
+    let path = req.path();
+    if matches!(path, "/v1/chat/completions" | "/chat/completions")
+        || (path.starts_with("/v1/models") && req.header("anthropic-version").is_none())
+    {
+        names.format = Format::OpenAI;
+    }
+    let route = route(&req.method, path)?;
     match route {
         Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into(), JSON)),
         Route::Ready => {
@@ -301,8 +308,6 @@ fn serve(
                 "the admin listener serves /health, /ready, /metrics and /admin/status only".into(),
             ));
         }
-        Route::Chat => names.format = Format::OpenAI,
-        Route::Models if req.header("anthropic-version").is_none() => names.format = Format::OpenAI,
         _ => {}
     }
     let client = gw.clients.authenticate(req)?;
@@ -367,16 +372,20 @@ fn shape_request(
 ) -> Result<(Option<Request>, Shape), ApiError> {
     match route {
         Route::Models if *format == Format::OpenAI => {
-            // OpenAI clients expect every model, not Anthropic's first page of 20.
-            let target = if req.path() == "/v1/models" {
-                "/v1/models?limit=1000".to_string()
-            } else {
-                req.path().to_string()
+            // OpenAI clients expect every model, not Anthropic's first page of 20. An alias the
+            // list shows is retrievable too: its target is asked for and named as the alias.
+            let id = req.path().strip_prefix("/v1/models/");
+            let (target, alias) = match id {
+                None => ("/v1/models?limit=1000".to_string(), None),
+                Some(id) => match gw.models.aliases.get(id) {
+                    Some(to) => (format!("/v1/models/{to}"), Some(id.to_string())),
+                    None => (req.path().to_string(), None),
+                },
             };
             let aliases = gw.models.aliases.keys().cloned().collect();
             Ok((
                 Some(derived(req, &target, req.body.clone())),
-                Shape::Models { aliases },
+                Shape::Models { aliases, alias },
             ))
         }
         Route::Models => Ok((None, Shape::Anthropic)),

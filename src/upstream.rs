@@ -208,8 +208,12 @@ pub enum Shape {
     Anthropic,
     /// An OpenAI chat completion (or chunk stream), reporting the model the client named.
     Chat { include_usage: bool, model: String },
-    /// OpenAI's model list (or one model), with the configured aliases listed too.
-    Models { aliases: Vec<String> },
+    /// OpenAI's model list (or one model), with the configured aliases listed too; `alias`
+    /// names a single model fetched for an alias.
+    Models {
+        aliases: Vec<String>,
+        alias: Option<String>,
+    },
 }
 
 impl Shape {
@@ -369,7 +373,7 @@ pub fn relay<'a>(
                 Err(e) => Err((e, out)),
             }
         }
-        Shape::Models { aliases } => {
+        Shape::Models { aliases, alias } => {
             let listed = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
             match listed {
                 Ok(v) if v.get("data").is_some() => {
@@ -381,7 +385,14 @@ pub fn relay<'a>(
                     }
                     json(head, list, out, meter)
                 }
-                Ok(v) => json(head, openai::response::model(&v), out, meter),
+                Ok(v) => {
+                    let mut model = openai::response::model(&v);
+                    if let Some(alias) = alias {
+                        model["id"] = alias.as_str().into();
+                        model["owned_by"] = "llm-gateway".into();
+                    }
+                    json(head, model, out, meter)
+                }
                 Err(e) => Err((e, out)),
             }
         }

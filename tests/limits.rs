@@ -45,7 +45,14 @@ fn request_errors_are_anthropic_shaped() {
 
     let wrong_method = call(gw.addr(), "GET", "/v1/messages", &[gw.auth()], b"");
     assert_error(&wrong_method, 405, None);
-    let wrong_method = call(gw.addr(), "DELETE", "/v1/models", &[gw.auth()], b"");
+    // An Anthropic client sends anthropic-version; without it, /v1/models speaks OpenAI.
+    let wrong_method = call(
+        gw.addr(),
+        "DELETE",
+        "/v1/models",
+        &[gw.auth(), ("anthropic-version", "2023-06-01")],
+        b"",
+    );
     assert_error(&wrong_method, 405, None);
 
     assert!(

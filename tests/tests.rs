@@ -8,6 +8,7 @@ mod balance;
 mod cli;
 mod limits;
 mod oauth;
+mod openai;
 mod proxy;
 mod status;
 mod support;
