@@ -106,6 +106,17 @@ pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     served: u64,
+    /// What the current request's head said, once read: for answering and logging a request
+    /// whose body is then refused.
+    last_head: Option<HeadInfo>,
+}
+
+/// The parts of a request head that identify it in logs.
+#[derive(Debug, Clone)]
+pub struct HeadInfo {
+    pub method: String,
+    pub path: String,
+    pub request_id: Option<String>,
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -121,6 +132,7 @@ impl Conn {
             stream,
             buf: Vec::new(),
             served: 0,
+            last_head: None,
         }
     }
 
@@ -141,7 +153,13 @@ impl Conn {
     }
 
     /// Reads the next request, head and body.
+    /// The head of the request being read, if it was read.
+    pub fn last_head(&self) -> Option<&HeadInfo> {
+        self.last_head.as_ref()
+    }
+
     pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
+        self.last_head = None;
         let first = self.served == 0;
         let started = Instant::now();
         if self.buf.is_empty() {
@@ -179,6 +197,11 @@ impl Conn {
             }
         };
         self.buf.drain(..head_len);
+        self.last_head = Some(HeadInfo {
+            method: request.method.clone(),
+            path: request.path().to_string(),
+            request_id: request.header("x-request-id").map(String::from),
+        });
 
         let body_len = match framing {
             Framing::None => None,

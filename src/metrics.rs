@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::accounts::Accounts;
@@ -60,8 +60,8 @@ pub struct Observation<'a> {
 
 #[derive(Default)]
 pub struct Metrics {
-    /// Model names that get their own label value.
-    known_models: HashSet<String>,
+    /// Model names that get their own label value; replaced when the config changes.
+    known_models: RwLock<HashSet<String>>,
     /// (status class, account, model) → requests.
     requests: Mutex<BTreeMap<(&'static str, String, String), u64>>,
     /// (kind, account, model) → tokens.
@@ -101,7 +101,7 @@ fn escape(v: &str) -> String {
 impl Metrics {
     pub fn new(known_models: impl IntoIterator<Item = String>) -> Metrics {
         Metrics {
-            known_models: known_models.into_iter().collect(),
+            known_models: RwLock::new(known_models.into_iter().collect()),
             started: Some(Instant::now()),
             ..Metrics::default()
         }
@@ -112,9 +112,16 @@ impl Metrics {
         InFlight(self)
     }
 
+    /// After a config reload: the model names now configured.
+    pub fn set_known_models(&self, names: impl IntoIterator<Item = String>) {
+        let fresh = names.into_iter().collect();
+        *self.known_models.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    }
+
     fn model_label(&self, model: Option<&str>) -> String {
+        let known = self.known_models.read().unwrap_or_else(|p| p.into_inner());
         match model {
-            Some(m) if self.known_models.contains(m) => m.to_string(),
+            Some(m) if known.contains(m) => m.to_string(),
             _ => "other".to_string(),
         }
     }

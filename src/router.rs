@@ -11,6 +11,7 @@ use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
 use crate::ledger::Record;
+use crate::limits::Permit;
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
 use crate::processor::{ApiKey, OAuth};
@@ -95,7 +96,8 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
             let keep = out.send(head, body.as_bytes());
             (status, Outcome::Complete, keep)
         }
-        Ok(Served::Upstream(answer, pick, shape)) => {
+        // The key's concurrency slot is held until the answer has been relayed.
+        Ok(Served::Upstream(answer, pick, shape, _permit)) => {
             let status = answer.status();
             let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter) {
                 Ok(relayed) => relayed,
@@ -135,7 +137,11 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
 
 /// The request's id: the client's `x-request-id` when it is sane, else a new one.
 fn request_id(req: &Request) -> String {
-    match req.header("x-request-id") {
+    request_id_from(req.header("x-request-id"))
+}
+
+pub fn request_id_from(header: Option<&str>) -> String {
+    match header {
         Some(id)
             if (1..=128).contains(&id.len())
                 && id
@@ -148,6 +154,38 @@ fn request_id(req: &Request) -> String {
             "req_{}",
             crate::encoding::hex(&crate::secret::random_bytes::<12>())
         ),
+    }
+}
+
+/// Answers a request that could not be read whole (too large, too slow, malformed) and logs
+/// it: its id and line come from what of its head was read, if anything.
+pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
+    let started = Instant::now();
+    let head = conn.last_head().cloned();
+    let request_id = request_id_from(head.as_ref().and_then(|h| h.request_id.as_deref()));
+    send_error(
+        conn.respond(1, false).with_request_id(&request_id),
+        error,
+        Format::Anthropic,
+    );
+    if gw.access_log {
+        let (method, path) = head.map_or((None, None), |h| (Some(h.method), Some(h.path)));
+        gw.access.write(&serde_json::json!({
+            "time": crate::time::rfc3339_millis(crate::time::now_unix_millis()),
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "client": "-",
+            "account": null,
+            "model": null,
+            "format": "anthropic",
+            "status": error.status(),
+            "latency_ms": (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            "ttfb_ms": null,
+            "tokens": {"input": 0, "output": 0, "cache_creation": 0, "cache_read": 0},
+            "attempts": 0,
+            "error": error.to_string(),
+        }));
     }
 }
 
@@ -255,7 +293,7 @@ enum Served {
     /// An upstream answer, with the account it came from (held in flight while relayed;
     /// none for the buffered answer of an account that already failed over), and the shape
     /// the client wants it in.
-    Upstream(Answer, Option<Pick>, Shape),
+    Upstream(Answer, Option<Pick>, Shape, Permit),
 }
 
 fn serve(
@@ -321,7 +359,7 @@ fn serve(
         _ => facts.model,
     };
     let sticky_key = facts.key.filter(|_| shape.is_message());
-    let _permit = gw
+    let permit = gw
         .limiter
         .admit(&client, names.model.as_deref(), gw.ledger.as_deref())?;
 
@@ -343,7 +381,9 @@ fn serve(
         let pick = match (picked, fallback.take()) {
             (Ok(pick), _) => pick,
             (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
-            (Err(_), Some(Ok(answer))) => return Ok(Served::Upstream(answer, None, shape)),
+            (Err(_), Some(Ok(answer))) => {
+                return Ok(Served::Upstream(answer, None, shape, permit));
+            }
             (Err(_), Some(Err(error))) => return Err(error),
             (Err(none), None) => return Err(none),
         };
@@ -351,7 +391,7 @@ fn serve(
         names.account_id = Some(pick.entry.id().to_string());
         names.attempts += 1;
         match attempt(gw, req, &pick.entry)? {
-            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick), shape)),
+            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick), shape, permit)),
             Step::Next(why) => {
                 tried.push(pick.entry.id().to_string());
                 fallback = Some(why);

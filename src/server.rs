@@ -17,7 +17,6 @@ use crate::limits::Limiter;
 use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
 use crate::metrics::Metrics;
-use crate::openai::Format;
 use crate::refresh::Refresher;
 use crate::router;
 use crate::upstream::Upstream;
@@ -243,8 +242,7 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
             }
             Err(e) => {
                 if let Some((status, message)) = e.answer(gw.limits.max_body) {
-                    let error = ApiError::Http { status, message };
-                    router::send_error(conn.respond(1, false), &error, Format::Anthropic);
+                    router::refuse_unread(gw, &mut conn, &ApiError::Http { status, message });
                     conn.linger();
                 }
                 break;
@@ -274,6 +272,7 @@ fn watch_config(gw: &Gateway, path: PathBuf) {
             Ok(fresh) => {
                 gw.accounts.replace(fresh.accounts.clone());
                 gw.clients.replace(fresh.client_keys.clone());
+                gw.metrics.set_known_models(known_models(&fresh));
                 info!(
                     "config reloaded: {} accounts, {} client keys",
                     fresh.accounts.len(),

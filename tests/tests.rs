@@ -12,3 +12,4 @@ mod openai;
 mod proxy;
 mod status;
 mod support;
+mod team;
