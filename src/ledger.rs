@@ -104,29 +104,39 @@ impl Totals {
 /// (day number since 1970-01-01, key, account, model).
 pub type RowKey = (u64, String, String, String);
 
-/// Everything the ledger knows, by row.
+/// Everything the ledger knows, by row, and each key's tokens by day (what budgets read, so a
+/// budget check costs a month of lookups at most, however many rows there are).
 #[derive(Debug, Default, Clone)]
 pub struct Book {
     pub rows: BTreeMap<RowKey, Totals>,
+    tokens_by_key_day: HashMap<(String, u64), u64>,
 }
 
 impl Book {
     fn add(&mut self, r: &Record) {
-        let key = (
-            r.t / 86_400,
-            r.key.clone(),
-            r.account.clone(),
-            r.model.clone(),
-        );
+        let day = r.t / 86_400;
+        let key = (day, r.key.clone(), r.account.clone(), r.model.clone());
         self.rows.entry(key).or_default().add(r);
+        *self
+            .tokens_by_key_day
+            .entry((r.key.clone(), day))
+            .or_default() += r.usage.total();
     }
 
-    /// Tokens used by client key `key` from day `from` on.
+    fn insert(&mut self, key: RowKey, totals: Totals) {
+        *self
+            .tokens_by_key_day
+            .entry((key.1.clone(), key.0))
+            .or_default() += totals.usage.total();
+        self.rows.insert(key, totals);
+    }
+
+    /// Tokens used by client key `key` from day `from` through today.
     fn tokens_since(&self, key: &str, from: u64) -> u64 {
-        self.rows
-            .iter()
-            .filter(|((day, k, _, _), _)| *day >= from && k == key)
-            .map(|(_, t)| t.usage.total())
+        let today = crate::time::now_unix() / 86_400;
+        let key = key.to_string();
+        (from..=today.max(from))
+            .filter_map(|day| self.tokens_by_key_day.get(&(key.clone(), day)))
             .sum()
     }
 }
@@ -185,8 +195,7 @@ pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
             })?;
             folded = summary.folded;
             for r in summary.rows {
-                book.rows
-                    .insert((r.day, r.key, r.account, r.model), r.totals);
+                book.insert((r.day, r.key, r.account, r.model), r.totals);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -487,6 +496,40 @@ mod tests {
         drop((ledger, journal));
         let (book, _) = read(&dir).expect("read");
         assert_eq!(group(&book, "key", 0, u64::MAX)[0].1.requests, 11);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Not a check: prints what recording one request costs on the request path, and what a
+    /// flush costs the flusher (`cargo test --release measure_ledger -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure_ledger_cost() {
+        let dir = temp_dir("measure");
+        let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+        let n = 200_000u64;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            ledger.record(&record(
+                1_795_676_640 + i / 1000,
+                &format!("ck_{}", i % 8),
+                100,
+                200,
+            ));
+        }
+        let per_record = started.elapsed().as_nanos() as f64 / n as f64;
+        let started = std::time::Instant::now();
+        ledger.flush(&mut journal);
+        let per_flushed = started.elapsed().as_nanos() as f64 / n as f64;
+        let started = std::time::Instant::now();
+        let budget_reads = 10_000;
+        for _ in 0..budget_reads {
+            std::hint::black_box(ledger.tokens_since("ck_1", 20_783));
+        }
+        let per_budget = started.elapsed().as_nanos() as f64 / budget_reads as f64;
+        eprintln!(
+            "ledger: record {per_record:.0} ns on the request path, flush {per_flushed:.0} ns per record on the flusher, budget check {per_budget:.0} ns ({} rows)",
+            ledger.lock().book.rows.len()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
