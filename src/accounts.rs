@@ -422,16 +422,9 @@ mod tests {
     fn settings(strategy: Strategy) -> BalanceSettings {
         BalanceSettings {
             strategy,
-            max_attempts: 3,
-            failover_timeout: Duration::from_secs(30),
             eject_after: 1,
             eject_cooldown: Duration::from_secs(60),
-            eject_cooldown_max: Duration::from_secs(300),
-            rate_limit_backoff: Duration::from_secs(1),
-            rate_limit_backoff_max: Duration::from_secs(300),
-            auth_cooldown: Duration::from_secs(600),
-            invalid_after: 3,
-            invalid_window: Duration::from_secs(1800),
+            ..BalanceSettings::test()
         }
     }
 

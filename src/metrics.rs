@@ -268,19 +268,7 @@ mod tests {
     }
 
     fn test_settings() -> crate::config::BalanceSettings {
-        crate::config::BalanceSettings {
-            strategy: Default::default(),
-            max_attempts: 3,
-            failover_timeout: Duration::from_secs(1),
-            eject_after: 3,
-            eject_cooldown: Duration::from_secs(1),
-            eject_cooldown_max: Duration::from_secs(1),
-            rate_limit_backoff: Duration::from_secs(1),
-            rate_limit_backoff_max: Duration::from_secs(1),
-            auth_cooldown: Duration::from_secs(1),
-            invalid_after: 3,
-            invalid_window: Duration::from_secs(1),
-        }
+        crate::config::BalanceSettings::test()
     }
 
     fn test_sticky() -> crate::config::StickySettings {

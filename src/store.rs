@@ -228,16 +228,7 @@ fn lock(path: &Path) -> Result<FileLock, ConfigError> {
 /// threads and processes (`flock` excludes per open file, so two threads of one process that
 /// each open the file exclude each other too). Held across the token endpoint call.
 pub fn account_lock(path: &Path, account_id: &str) -> Result<FileLock, ConfigError> {
-    let safe: String = account_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let safe = crate::encoding::word_chars(account_id);
     lock_named(path, &format!("{safe}.lock"))
 }
 

@@ -135,6 +135,26 @@ pub struct UsageSettings {
     pub flush_interval: Duration,
 }
 
+#[cfg(test)]
+impl BalanceSettings {
+    /// The defaults, for unit tests that build settings without a file.
+    pub fn test() -> BalanceSettings {
+        BalanceSettings {
+            strategy: Strategy::LeastBusy,
+            max_attempts: 3,
+            failover_timeout: Duration::from_secs(30),
+            eject_after: 3,
+            eject_cooldown: Duration::from_secs(10),
+            eject_cooldown_max: Duration::from_secs(300),
+            rate_limit_backoff: Duration::from_secs(1),
+            rate_limit_backoff_max: Duration::from_secs(300),
+            auth_cooldown: Duration::from_secs(600),
+            invalid_after: 3,
+            invalid_window: Duration::from_secs(1800),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StickySettings {
     pub enabled: bool,

@@ -357,17 +357,7 @@ pub fn valid_tool_name(name: &str) -> bool {
 /// Anthropic requires tool ids to match `^[a-zA-Z0-9_-]+$`; the same mapping is applied to
 /// `tool_use.id` and `tool_result.tool_use_id`, so pairs still match.
 pub fn sanitize_id(id: &str) -> String {
-    let clean: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if clean.is_empty() { "_".into() } else { clean }
+    crate::encoding::word_chars(id)
 }
 
 fn tool_choice(obj: &Map<String, Value>, has_tools: bool) -> Result<Option<Value>, Invalid> {
