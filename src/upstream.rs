@@ -320,9 +320,11 @@ pub fn relay<'a>(
         Shape::Anthropic => match length {
             Some(n) if n <= BUFFER_WHOLE => {
                 // Small bodies: read whole, then one write; a short body is still an error we
-                // can report properly, since nothing has been sent yet.
+                // can report properly, since nothing has been sent yet. Read to the end (the
+                // reader's own end, one byte past `n` at most): only a body read to its end
+                // lets ureq return the connection to its pool.
                 let mut buf = Vec::with_capacity(n as usize);
-                match reader.by_ref().take(n).read_to_end(&mut buf) {
+                match reader.by_ref().take(n + 1).read_to_end(&mut buf) {
                     Ok(got) if got as u64 == n => {
                         meter.sent();
                         let keep = out.send(head, &buf);
