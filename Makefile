@@ -5,7 +5,7 @@ CARGO  ?= cargo
 CONFIG ?= config.yaml
 MUSL   := x86_64-unknown-linux-musl
 
-.PHONY: build run test check static clean
+.PHONY: build run test check static bench clean
 
 build:
 	$(CARGO) build --release
@@ -28,6 +28,11 @@ static:
 	command -v musl-gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq musl-tools)
 	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL)
 	@ls -l target/$(MUSL)/release/llm-gateway
+
+# Gateway vs direct vs nginx on loopback (README: Performance); QUICK=1 for a short run.
+# Installs wrk and nginx from the package registry when missing.
+bench:
+	QUICK='$(QUICK)' CARGO='$(CARGO)' bash bench/run.sh
 
 clean:
 	$(CARGO) clean
