@@ -15,7 +15,7 @@ run: build
 
 test:
 	python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/sdk/requirements.txt
-	$(CARGO) test --all-targets
+	$(CARGO) test
 
 check:
 	$(CARGO) fmt --check
