@@ -430,16 +430,14 @@ fn shape_request(
         }
         Route::Models => Ok((None, Shape::Anthropic)),
         Route::Messages { count_tokens } => {
-            check_json_object(&req.body)?;
-            if count_tokens || openai::detect(&req.body) != Some(Format::OpenAI) {
+            if count_tokens || body_format(&req.body)? != Some(Format::OpenAI) {
                 return Ok((None, Shape::Anthropic));
             }
             *format = Format::OpenAI;
             convert(gw, req)
         }
         Route::Chat => {
-            check_json_object(&req.body)?;
-            if openai::detect(&req.body) == Some(Format::Anthropic) {
+            if body_format(&req.body)? == Some(Format::Anthropic) {
                 *format = Format::Anthropic;
                 return Ok((
                     Some(derived(req, "/v1/messages", req.body.clone())),
@@ -634,38 +632,15 @@ fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
     }
 }
 
-/// The body must be one JSON object. Checked without building a tree.
-fn check_json_object(body: &[u8]) -> Result<(), ApiError> {
-    struct Object;
-    impl<'de> serde::Deserialize<'de> for Object {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
-            struct Visitor;
-            impl<'de> serde::de::Visitor<'de> for Visitor {
-                type Value = Object;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut map: A,
-                ) -> Result<Object, A::Error> {
-                    while map
-                        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                        .is_some()
-                    {}
-                    Ok(Object)
-                }
-            }
-            d.deserialize_map(Visitor)
-        }
-    }
+/// The body must be one JSON object; returns the format it clearly belongs to, if any. One
+/// pass over the body, without building a tree (see `openai::detect`).
+fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::BadRequest(
             "the request body is empty; expected a JSON object".into(),
         ));
     }
-    serde_json::from_slice::<Object>(body)
-        .map(|_| ())
+    openai::detect(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
 }
 
@@ -726,11 +701,11 @@ mod tests {
 
     #[test]
     fn bodies_must_be_json_objects() {
-        assert!(check_json_object(br#"{"model":"x","messages":[]}"#).is_ok());
+        assert!(body_format(br#"{"model":"x","messages":[]}"#).is_ok());
         for bad in [&b""[..], b"[1]", b"{", b"\"s\"", b"{\"a\":\xff}", b"{} x"] {
-            assert_eq!(check_json_object(bad).expect_err("bad").status(), 400);
+            assert_eq!(body_format(bad).expect_err("bad").status(), 400);
         }
         let deep = "[".repeat(100_000);
-        assert!(check_json_object(format!("{{\"a\":{deep}").as_bytes()).is_err());
+        assert!(body_format(format!("{{\"a\":{deep}").as_bytes()).is_err());
     }
 }

@@ -38,8 +38,15 @@ pub enum Format {
 /// roles mean OpenAI; a top-level `system`, `anthropic_version`, or Anthropic-only content
 /// blocks mean Anthropic. `max_tokens` and string content say nothing. Reads the body through
 /// a probe that skips every value it does not look at, so it costs little on the hot path.
-pub fn detect(body: &[u8]) -> Option<Format> {
-    let ObjectProbe(probe) = serde_json::from_slice(body).ok()?;
+///
+/// A body that is not one JSON object, or that names a field with a type neither API accepts
+/// (`messages` that is not an array, a non-string `role`), is an error: the caller's 400.
+pub fn detect(body: &[u8]) -> Result<Option<Format>, serde_json::Error> {
+    let ObjectProbe(probe) = serde_json::from_slice(body)?;
+    Ok(detect_probe(probe))
+}
+
+fn detect_probe(probe: Probe<'_>) -> Option<Format> {
     if probe.system.is_some() || probe.anthropic_version.is_some() {
         return Some(Format::Anthropic);
     }
@@ -443,7 +450,7 @@ mod tests {
         ];
         for body in openai {
             assert_eq!(
-                detect(body.to_string().as_bytes()),
+                detect(body.to_string().as_bytes()).ok().flatten(),
                 Some(Format::OpenAI),
                 "{body}"
             );
@@ -455,16 +462,19 @@ mod tests {
         ];
         for body in anthropic {
             assert_eq!(
-                detect(body.to_string().as_bytes()),
+                detect(body.to_string().as_bytes()).ok().flatten(),
                 Some(Format::Anthropic),
                 "{body}"
             );
         }
         let neutral = json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"q"},{"role":"assistant","content":[{"type":"text","text":"a"}]}]});
-        assert_eq!(detect(neutral.to_string().as_bytes()), None);
-        assert_eq!(detect(b"[1,2]"), None);
+        assert_eq!(detect(neutral.to_string().as_bytes()).ok().flatten(), None);
+        assert_eq!(detect(b"[1,2]").ok().flatten(), None);
+        assert!(detect(b"[1,2]").is_err(), "only an object is a request");
         assert_eq!(
-            detect(br#"{"messages":[{"role":"user","content":[1,"x",{"type":"image_url"}]}]}"#),
+            detect(br#"{"messages":[{"role":"user","content":[1,"x",{"type":"image_url"}]}]}"#)
+                .ok()
+                .flatten(),
             Some(Format::OpenAI)
         );
     }
