@@ -170,22 +170,58 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
     );
     if gw.access_log {
         let (method, path) = head.map_or((None, None), |h| (Some(h.method), Some(h.path)));
-        gw.access.write(&serde_json::json!({
+        let line = AccessLine {
+            request_id: &request_id,
+            method: method.as_deref(),
+            path: path.as_deref(),
+            started,
+            status: error.status(),
+            error: Some(&error.to_string()),
+        };
+        gw.access
+            .write(&line.render(&Names::default(), &Meter::default()));
+    }
+}
+
+/// The fields of an access log line that are not in `Names` or `Meter`.
+struct AccessLine<'a> {
+    request_id: &'a str,
+    method: Option<&'a str>,
+    path: Option<&'a str>,
+    started: Instant,
+    status: u16,
+    error: Option<&'a str>,
+}
+
+impl AccessLine<'_> {
+    /// One access log line; its keys are documented in README.
+    fn render(&self, names: &Names, meter: &Meter) -> serde_json::Value {
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let format = match names.format {
+            Format::Anthropic => "anthropic",
+            Format::OpenAI => "openai",
+        };
+        serde_json::json!({
             "time": crate::time::rfc3339_millis(crate::time::now_unix_millis()),
-            "request_id": request_id,
-            "method": method,
-            "path": path,
-            "client": "-",
-            "account": null,
-            "model": null,
-            "format": "anthropic",
-            "status": error.status(),
-            "latency_ms": (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
-            "ttfb_ms": null,
-            "tokens": {"input": 0, "output": 0, "cache_creation": 0, "cache_read": 0},
-            "attempts": 0,
-            "error": error.to_string(),
-        }));
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "client": names.client,
+            "account": names.account_id,
+            "model": names.model,
+            "format": format,
+            "status": self.status,
+            "latency_ms": ms(self.started.elapsed()),
+            "ttfb_ms": meter.first_byte.map(|t| ms(t - self.started)),
+            "tokens": {
+                "input": meter.usage.input,
+                "output": meter.usage.output,
+                "cache_creation": meter.usage.cache_creation,
+                "cache_read": meter.usage.cache_read,
+            },
+            "attempts": names.attempts,
+            "error": self.error,
+        })
     }
 }
 
@@ -230,29 +266,15 @@ fn account_for(
         }
     }
     if gw.access_log {
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-        let line = serde_json::json!({
-            "time": crate::time::rfc3339_millis(crate::time::now_unix_millis()),
-            "request_id": request_id,
-            "method": req.method,
-            "path": req.path(),
-            "client": names.client,
-            "account": names.account_id,
-            "model": names.model,
-            "format": match names.format { Format::Anthropic => "anthropic", Format::OpenAI => "openai" },
-            "status": status,
-            "latency_ms": ms(started.elapsed()),
-            "ttfb_ms": meter.first_byte.map(|t| ms(t - started)),
-            "tokens": {
-                "input": meter.usage.input,
-                "output": meter.usage.output,
-                "cache_creation": meter.usage.cache_creation,
-                "cache_read": meter.usage.cache_read,
-            },
-            "attempts": names.attempts,
-            "error": error,
-        });
-        gw.access.write(&line);
+        let line = AccessLine {
+            request_id,
+            method: Some(&req.method),
+            path: Some(req.path()),
+            started,
+            status,
+            error: error.as_deref(),
+        };
+        gw.access.write(&line.render(names, meter));
     }
 }
 
