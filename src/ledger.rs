@@ -104,40 +104,40 @@ impl Totals {
 /// (day number since 1970-01-01, key, account, model).
 pub type RowKey = (u64, String, String, String);
 
-/// Everything the ledger knows, by row, and each key's tokens by day (what budgets read, so a
-/// budget check costs a month of lookups at most, however many rows there are).
+/// Everything the ledger knows, by row, and each key's tokens by day (what budgets read: a
+/// range over one key's days, however many rows there are).
 #[derive(Debug, Default, Clone)]
 pub struct Book {
     pub rows: BTreeMap<RowKey, Totals>,
-    tokens_by_key_day: HashMap<(String, u64), u64>,
+    tokens_by_key: HashMap<String, BTreeMap<u64, u64>>,
 }
 
 impl Book {
     fn add(&mut self, r: &Record) {
         let day = r.t / 86_400;
+        self.count_tokens(day, &r.key, r.usage.total());
         let key = (day, r.key.clone(), r.account.clone(), r.model.clone());
         self.rows.entry(key).or_default().add(r);
-        *self
-            .tokens_by_key_day
-            .entry((r.key.clone(), day))
-            .or_default() += r.usage.total();
     }
 
     fn insert(&mut self, key: RowKey, totals: Totals) {
-        *self
-            .tokens_by_key_day
-            .entry((key.1.clone(), key.0))
-            .or_default() += totals.usage.total();
+        self.count_tokens(key.0, &key.1, totals.usage.total());
         self.rows.insert(key, totals);
     }
 
-    /// Tokens used by client key `key` from day `from` through today.
+    fn count_tokens(&mut self, day: u64, key: &str, tokens: u64) {
+        let days = match self.tokens_by_key.get_mut(key) {
+            Some(days) => days,
+            None => self.tokens_by_key.entry(key.to_string()).or_default(),
+        };
+        *days.entry(day).or_default() += tokens;
+    }
+
+    /// Tokens used by client key `key` from day `from` on.
     fn tokens_since(&self, key: &str, from: u64) -> u64 {
-        let today = crate::time::now_unix() / 86_400;
-        let key = key.to_string();
-        (from..=today.max(from))
-            .filter_map(|day| self.tokens_by_key_day.get(&(key.clone(), day)))
-            .sum()
+        self.tokens_by_key
+            .get(key)
+            .map_or(0, |days| days.range(from..).map(|(_, n)| n).sum())
     }
 }
 
