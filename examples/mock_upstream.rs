@@ -56,6 +56,7 @@ fn main() {
             std::process::exit(1);
         }
     };
+    deepen_backlog(&listener);
     println!(
         "listening on {}",
         listener.local_addr().expect("local address")
@@ -298,4 +299,18 @@ fn stream(out: &mut TcpStream, head: &Head) -> io::Result<()> {
     event(out, &mut buf, "message_delta", &delta)?;
     event(out, &mut buf, "message_stop", r#"{"type":"message_stop"}"#)?;
     out.write_all(b"0\r\n\r\n")
+}
+
+/// std listens with a backlog of 128; a thousand streams opening within 100 ms overflow it and
+/// the dropped SYNs come back a second later, which would be measured as the proxy's fault.
+/// Listening again on a listening socket only changes its backlog (as the gateway does).
+fn deepen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    unsafe extern "C" {
+        fn listen(fd: i32, backlog: i32) -> i32;
+    }
+    // SAFETY: a valid listening socket for the borrow's duration; listen() reads no memory.
+    unsafe {
+        listen(listener.as_raw_fd(), 4096);
+    }
 }

@@ -28,17 +28,16 @@ impl AccessLog {
         })
     }
 
-    /// Writes one line with a single write call, so lines never interleave.
-    pub fn write(&self, entry: &serde_json::Value) {
-        let mut line = entry.to_string().into_bytes();
-        line.push(b'\n');
+    /// Writes one newline-terminated line with a single write call, so lines never
+    /// interleave.
+    pub fn write(&self, line: &[u8]) {
         // A full disk or a closed stderr must not fail the request.
         let _ = match &self.file {
             Some(file) => file
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .write_all(&line),
-            None => std::io::stderr().lock().write_all(&line),
+                .write_all(line),
+            None => std::io::stderr().lock().write_all(line),
         };
     }
 }

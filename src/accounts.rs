@@ -180,10 +180,15 @@ impl Entry {
             instant: Instant::now(),
             unix_ms: crate::time::now_unix_millis(),
         };
+        // Jitter only spreads the return of accounts put to cool; a success needs none.
+        let jitter = if failed {
+            cooldown::jitter()
+        } else {
+            Duration::ZERO
+        };
         let mut live = self.live();
         let before = live.health.cooldown.clone();
-        live.health
-            .record(signal, now, cooldown::jitter(), settings);
+        live.health.record(signal, now, jitter, settings);
         if let Some(c) = &live.health.cooldown
             && Some(c) != before.as_ref()
         {

@@ -227,6 +227,10 @@ impl Conn {
             Framing::Chunked => self.read_chunked_body(limits)?,
         };
         self.served += 1;
+        if self.buf.is_empty() {
+            // The answer may stream for minutes: hold no read buffer meanwhile.
+            self.buf = Vec::new();
+        }
         Ok(request)
     }
 

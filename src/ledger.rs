@@ -33,19 +33,36 @@ pub struct Usage {
     pub cache_read: u64,
 }
 
+/// A `usage` object as Anthropic reports it: a field it does not carry (or carries as null) is
+/// `None`, and fields the gateway does not count are skipped without being built.
+#[derive(Debug, Default, Deserialize)]
+pub struct Reported {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
 impl Usage {
     /// Takes what an Anthropic `usage` object says (message_start, message_delta or a whole
     /// message); fields it does not carry keep their value. Output is cumulative in streams.
     pub fn merge(&mut self, usage: &Value) {
-        let set = |field: &mut u64, key: &str| {
-            if let Some(n) = usage.get(key).and_then(Value::as_u64) {
+        if let Ok(reported) = Reported::deserialize(usage) {
+            self.take(&reported);
+        }
+    }
+
+    /// As `merge`, from a typed report.
+    pub fn take(&mut self, r: &Reported) {
+        let set = |field: &mut u64, value: Option<u64>| {
+            if let Some(n) = value {
                 *field = n;
             }
         };
-        set(&mut self.input, "input_tokens");
-        set(&mut self.output, "output_tokens");
-        set(&mut self.cache_creation, "cache_creation_input_tokens");
-        set(&mut self.cache_read, "cache_read_input_tokens");
+        set(&mut self.input, r.input_tokens);
+        set(&mut self.output, r.output_tokens);
+        set(&mut self.cache_creation, r.cache_creation_input_tokens);
+        set(&mut self.cache_read, r.cache_read_input_tokens);
     }
 
     pub fn total(&self) -> u64 {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 /// Idle workers beyond this many retire after `IDLE_RETIRE`.
 const KEEP_IDLE: usize = 4;
 const IDLE_RETIRE: Duration = Duration::from_secs(60);
-/// Worker stacks: serde_json caps nesting at 128, and TLS needs tens of KiB; 256 KiB of address
-/// space each, of which only touched pages cost memory.
-const WORKER_STACK: usize = 256 * 1024;
+// Worker stacks: serde_json caps nesting at 128, and TLS needs tens of KiB; 256 KiB of address
+// space each, of which only touched pages cost memory (see `memory`).
+use crate::memory::WORKER_STACK;
 
 pub struct PoolSettings {
     pub workers: usize,
@@ -153,6 +153,7 @@ where
 }
 
 fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
+    crate::memory::mark_top();
     pool.workers.alive.fetch_add(1, Ordering::Relaxed);
     {
         let _busy = Busy::new(&pool.workers);

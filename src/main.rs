@@ -1,7 +1,8 @@
 //! llm-gateway: one static binary that pools a team's Anthropic accounts behind one endpoint.
 //! `main` only hands over to the command line; ARCHITECTURE.md maps the modules.
 
-#![forbid(unsafe_code)]
+// `sys` holds the crate's only `unsafe` code: two Linux calls std does not offer.
+#![deny(unsafe_code)]
 
 #[macro_use]
 mod log;
@@ -20,6 +21,7 @@ mod http;
 mod ledger;
 mod limits;
 mod listener;
+mod memory;
 mod metrics;
 mod oauth;
 mod openai;
@@ -32,6 +34,7 @@ mod sse;
 mod status;
 mod sticky;
 mod store;
+mod sys;
 mod time;
 mod upstream;
 

@@ -80,7 +80,7 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
 
 /// Serves one request on `conn`. `admin_listener` is true on the admin address, where status
 /// needs no key and nothing is forwarded. Returns whether the connection may serve another.
-pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool) -> bool {
+pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, admin_listener: bool) -> bool {
     let started = Instant::now();
     let request_id = request_id(&req);
     let out = conn
@@ -98,6 +98,9 @@ pub fn handle(gw: &Gateway, req: Request, conn: &mut Conn, admin_listener: bool)
         }
         // The key's concurrency slot is held until the answer has been relayed.
         Ok(Served::Upstream(answer, pick, shape, _permit)) => {
+            // A stream can last minutes; the request body (often hundreds of KiB) is not
+            // needed for it.
+            req.body = Vec::new();
             let status = answer.status();
             let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter) {
                 Ok(relayed) => relayed,
@@ -150,11 +153,18 @@ pub fn request_id_from(header: Option<&str>) -> String {
         {
             id.to_string()
         }
-        _ => format!(
-            "req_{}",
-            crate::encoding::hex(&crate::secret::random_bytes::<12>())
-        ),
+        _ => new_request_id(),
     }
+}
+
+/// A request id needs to be unique, not secret: a random prefix drawn once per process, then a
+/// counter (no system call per request).
+fn new_request_id() -> String {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let prefix = PREFIX.get_or_init(|| crate::encoding::hex(&crate::secret::random_bytes::<8>()));
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("req_{prefix}{n:08x}")
 }
 
 /// Answers a request that could not be read whole (too large, too slow, malformed) and logs
@@ -194,34 +204,62 @@ struct AccessLine<'a> {
 }
 
 impl AccessLine<'_> {
-    /// One access log line; its keys are documented in README.
-    fn render(&self, names: &Names, meter: &Meter) -> serde_json::Value {
+    /// One access log line, newline-terminated; its keys are documented in README.
+    fn render(&self, names: &Names, meter: &Meter) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            time: String,
+            request_id: &'a str,
+            method: Option<&'a str>,
+            path: Option<&'a str>,
+            client: &'a str,
+            account: Option<&'a str>,
+            model: Option<&'a str>,
+            format: &'static str,
+            status: u16,
+            latency_ms: f64,
+            ttfb_ms: Option<f64>,
+            tokens: Tokens,
+            attempts: u32,
+            error: Option<&'a str>,
+        }
+        #[derive(serde::Serialize)]
+        struct Tokens {
+            input: u64,
+            output: u64,
+            cache_creation: u64,
+            cache_read: u64,
+        }
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-        let format = match names.format {
-            Format::Anthropic => "anthropic",
-            Format::OpenAI => "openai",
-        };
-        serde_json::json!({
-            "time": crate::time::rfc3339_millis(crate::time::now_unix_millis()),
-            "request_id": self.request_id,
-            "method": self.method,
-            "path": self.path,
-            "client": names.client,
-            "account": names.account_id,
-            "model": names.model,
-            "format": format,
-            "status": self.status,
-            "latency_ms": ms(self.started.elapsed()),
-            "ttfb_ms": meter.first_byte.map(|t| ms(t - self.started)),
-            "tokens": {
-                "input": meter.usage.input,
-                "output": meter.usage.output,
-                "cache_creation": meter.usage.cache_creation,
-                "cache_read": meter.usage.cache_read,
+        let line = Line {
+            time: crate::time::rfc3339_millis(crate::time::now_unix_millis()),
+            request_id: self.request_id,
+            method: self.method,
+            path: self.path,
+            client: &names.client,
+            account: names.account_id.as_deref(),
+            model: names.model.as_deref(),
+            format: match names.format {
+                Format::Anthropic => "anthropic",
+                Format::OpenAI => "openai",
             },
-            "attempts": names.attempts,
-            "error": self.error,
-        })
+            status: self.status,
+            latency_ms: ms(self.started.elapsed()),
+            ttfb_ms: meter.first_byte.map(|t| ms(t - self.started)),
+            tokens: Tokens {
+                input: meter.usage.input,
+                output: meter.usage.output,
+                cache_creation: meter.usage.cache_creation,
+                cache_read: meter.usage.cache_read,
+            },
+            attempts: names.attempts,
+            error: self.error,
+        };
+        let mut out = Vec::with_capacity(512);
+        // Serializing plain fields into memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, &line);
+        out.push(b'\n');
+        out
     }
 }
 

@@ -21,6 +21,9 @@ use crate::refresh::Refresher;
 use crate::router;
 use crate::upstream::Upstream;
 
+/// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`).
+const ACCEPT_BACKLOG: i32 = 4096;
+
 /// Everything a worker needs to serve a request, shared by all workers.
 pub struct Gateway {
     pub accounts: Accounts,
@@ -111,6 +114,9 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         addr: addr.clone(),
         error,
     })?;
+    if let Err(e) = crate::sys::deepen_backlog(&listener, ACCEPT_BACKLOG) {
+        warn!("could not deepen the accept queue ({e}); bursts of connections may wait a second");
+    }
     let ledger = open_ledger(&config);
     let gateway = Arc::new(Gateway::new(&config, ledger));
     info!(

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::http::{Head, Request, Responder};
-use crate::ledger::Usage;
+use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
 use crate::sse;
@@ -21,6 +21,9 @@ use crate::sse;
 /// Bodies up to this size are read whole and sent with the head in one write.
 const BUFFER_WHOLE: u64 = 256 * 1024;
 const COPY_CHUNK: usize = 8 * 1024;
+/// SSE events are small (Anthropic's deltas are a few hundred bytes) and each read is relayed at
+/// once, so a stream's read buffer is small too.
+const SSE_CHUNK: usize = 4 * 1024;
 /// Error bodies read for inspection are capped here.
 const MAX_INSPECTED: u64 = 1024 * 1024;
 /// A whole message read for conversion is capped here (far above any real answer).
@@ -28,10 +31,21 @@ const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// Two agents, so that a request's connection buffers fit its head: ureq writes a request head
+/// into the connection's output buffer in one piece, and each pooled connection keeps its
+/// buffers. Nearly every head fits the small agent's 8 KiB; the rare large one (up to the 32
+/// KiB a client may send) goes through the large agent, so streams do not all pay for it.
 pub struct Upstream {
-    agent: Agent,
+    small: Agent,
+    large: Agent,
     base_url: String,
 }
+
+/// The small agent's output buffer.
+const SMALL_OUTPUT: usize = 8 * 1024;
+/// What ureq adds to a forwarded head (host, user-agent, content-length) and the request line's
+/// fixed part, generously.
+const HEAD_OVERHEAD: usize = 512;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones the
 /// gateway sets itself.
@@ -63,25 +77,31 @@ fn withheld_from_upstream(name: &str) -> bool {
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings, pool_size: usize) -> Upstream {
-        let config = Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .proxy(None)
-            .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
-            .accept(ureq::config::AutoHeaderValue::None)
-            .timeout_connect(Some(settings.connect_timeout))
-            .timeout_per_read(Some(settings.read_timeout))
-            .timeout_per_write(Some(settings.write_timeout))
-            .max_idle_connections(pool_size)
-            .max_idle_connections_per_host(pool_size)
-            // Buffers are per upstream connection, so per stream: keep them small. The output
-            // buffer must hold the largest request head we accept (32 KiB) plus our headers.
-            .input_buffer_size(16 * 1024)
-            .max_response_header_size(16 * 1024)
-            .output_buffer_size(crate::http::MAX_HEAD + 4 * 1024)
-            .build();
+        let agent = |output_buffer: usize| -> Agent {
+            Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .proxy(None)
+                .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
+                .accept(ureq::config::AutoHeaderValue::None)
+                .timeout_connect(Some(settings.connect_timeout))
+                .timeout_per_read(Some(settings.read_timeout))
+                .timeout_per_write(Some(settings.write_timeout))
+                .max_idle_connections(pool_size)
+                .max_idle_connections_per_host(pool_size)
+                // Buffers are per upstream connection, so per stream: keep them small. The
+                // input buffer holds the response head (nginx's proxy_buffer_size is one page;
+                // Anthropic's heads are 1 to 3 KiB); ureq grows it to 10 KiB while it sends a
+                // body anyway.
+                .input_buffer_size(12 * 1024)
+                .max_response_header_size(12 * 1024)
+                .output_buffer_size(output_buffer)
+                .build()
+                .into()
+        };
         Upstream {
-            agent: config.into(),
+            small: agent(SMALL_OUTPUT),
+            large: agent(crate::http::MAX_HEAD + HEAD_OVERHEAD + 4 * 1024),
             base_url: settings.base_url.clone(),
         }
     }
@@ -119,12 +139,22 @@ impl Upstream {
         for (name, value) in &out.headers {
             builder = builder.header(name.as_str(), value.as_slice());
         }
+        let head_size = HEAD_OVERHEAD
+            + self.base_url.len()
+            + req.target.len()
+            + (out.headers.iter())
+                .map(|(name, value)| name.len() + value.len() + 4)
+                .sum::<usize>();
+        let agent = if head_size <= SMALL_OUTPUT {
+            &self.small
+        } else {
+            &self.large
+        };
         let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
         let result = if req.method == "GET" {
-            self.agent.run(builder.body(()).map_err(invalid)?)
+            agent.run(builder.body(()).map_err(invalid)?)
         } else {
-            self.agent
-                .run(builder.body(out.body.as_ref()).map_err(invalid)?)
+            agent.run(builder.body(out.body.as_ref()).map_err(invalid)?)
         };
         result.map_err(|e| upstream_error(&e))
     }
@@ -223,6 +253,14 @@ impl Shape {
     }
 }
 
+/// The `usage` of a message, or of an SSE event's data (`message_start` nests it in `message`);
+/// everything else in the body is skipped, not built.
+#[derive(serde::Deserialize)]
+struct UsageProbe {
+    usage: Option<Reported>,
+    message: Option<Box<UsageProbe>>,
+}
+
 /// What a relay learned on the way, for the ledger, metrics and the access log.
 #[derive(Debug, Default)]
 pub struct Meter {
@@ -238,13 +276,8 @@ impl Meter {
 
     /// Takes the usage of an Anthropic message body, if it has one.
     fn message(&mut self, body: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Probe {
-            #[serde(default)]
-            usage: serde_json::Value,
-        }
-        if let Ok(p) = serde_json::from_slice::<Probe>(body) {
-            self.usage.merge(&p.usage);
+        if let Ok(p) = serde_json::from_slice::<UsageProbe>(body) {
+            self.usage.take(&p.usage.unwrap_or_default());
         }
     }
 
@@ -260,9 +293,10 @@ impl Meter {
             let Some(data) = sse::data(event) else {
                 continue;
             };
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
-                self.usage.merge(&v["message"]["usage"]);
-                self.usage.merge(&v["usage"]);
+            if let Ok(p) = serde_json::from_slice::<UsageProbe>(&data) {
+                let in_message = p.message.and_then(|m| m.usage);
+                self.usage.take(&in_message.unwrap_or_default());
+                self.usage.take(&p.usage.unwrap_or_default());
             }
         }
     }
@@ -488,9 +522,12 @@ fn relay_sse(
     let Ok(mut writer) = out.stream(head) else {
         return (Outcome::ClientGone, false);
     };
+    // The stream may last minutes on a shallow stack: return the pages the request's sending
+    // touched.
+    crate::memory::release_unused();
     let mut framer = sse::Framer::default();
     let mut finished = false;
-    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut buf = vec![0u8; SSE_CHUNK];
     let broke = loop {
         match reader.read(&mut buf) {
             Ok(0) => break None,

@@ -208,6 +208,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let path = config::resolve_path(cli.config.as_deref());
     match cli.command {
         Command::Server(cmd) => {
+            crate::memory::tune_allocator();
             let config = config::load(&path)?;
             server::run(config, cmd.listen).map_err(|e| CliError {
                 exit: Exit::Failure,

@@ -1,0 +1,53 @@
+//! The two Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead
+//! stack pages (`memory`) and a deeper accept queue for the listener.
+
+use std::ffi::{c_int, c_void};
+
+#[allow(unsafe_code)]
+mod ffi {
+    use super::*;
+    unsafe extern "C" {
+        pub fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
+        pub fn listen(fd: c_int, backlog: c_int) -> c_int;
+    }
+}
+
+/// Drops the pages of `[addr, addr + len)`, which must lie in the calling thread's own stack,
+/// below its stack pointer (`memory::release_unused` guarantees both).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn dont_need(addr: usize, len: usize) {
+    const MADV_DONTNEED: c_int = 4;
+    // SAFETY: the range holds no live value (it is below the stack pointer of the thread that
+    // owns it), and MADV_DONTNEED on private anonymous memory only drops the pages: the
+    // mapping stays valid and reads as zeros when touched again.
+    unsafe {
+        ffi::madvise(addr as *mut c_void, len, MADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn dont_need(_addr: usize, _len: usize) {}
+
+/// std listens with a backlog of 128: a burst of new connections (a thousand clients opening
+/// streams at once) overflows it, and the kernel drops SYNs that clients resend only after a
+/// second. Listening again on a listening socket only changes its backlog; the kernel caps the
+/// value at `net.core.somaxconn`.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn deepen_backlog(listener: &std::net::TcpListener, backlog: c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is a valid listening socket for the borrow's duration; listen()
+    // reads nothing from our memory.
+    let rc = unsafe { ffi::listen(listener.as_raw_fd(), backlog) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+pub fn deepen_backlog(_listener: &std::net::TcpListener, _backlog: c_int) -> std::io::Result<()> {
+    Ok(())
+}
