@@ -5,7 +5,7 @@ CARGO  ?= cargo
 CONFIG ?= config.yaml
 MUSL   := x86_64-unknown-linux-musl
 
-.PHONY: build run test check static bench clean
+.PHONY: build run test check faults static bench clean
 
 build:
 	$(CARGO) build --release
@@ -16,6 +16,11 @@ run: build
 test:
 	python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/sdk/requirements.txt
 	$(CARGO) test
+
+# The fault suite (README: Reliability). `make test` runs its short form too; LONG=1 runs the
+# long forms (a 30-minute soak, hundreds of kill -9 rounds, a million fuzz inputs per parser).
+faults:
+	FAULTS_LONG=$(if $(LONG),1,0) $(CARGO) test --release -- --include-ignored faults::
 
 check:
 	$(CARGO) fmt --check

@@ -6,6 +6,7 @@
 
 mod balance;
 mod cli;
+mod faults;
 mod limits;
 mod oauth;
 mod openai;
