@@ -20,7 +20,7 @@ test:
 # The fault suite (README: Reliability). `make test` runs its short form too; LONG=1 runs the
 # long forms (a 30-minute soak, hundreds of kill -9 rounds, a million fuzz inputs per parser).
 faults:
-	FAULTS_LONG=$(if $(LONG),1,0) $(CARGO) test --release -- --include-ignored faults::
+	FAULTS_LONG=$(if $(LONG),1,0) $(CARGO) test -- --include-ignored faults:: fuzz::
 
 check:
 	$(CARGO) fmt --check
