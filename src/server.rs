@@ -192,7 +192,9 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     let signals = match sys::block_signals() {
         Ok(()) => true,
         Err(e) => {
-            warn!("signals keep their default action ({e}): no graceful shutdown, no SIGHUP reload");
+            warn!(
+                "signals keep their default action ({e}): no graceful shutdown, no SIGHUP reload"
+            );
             false
         }
     };
@@ -450,9 +452,7 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
     let mut first = true;
     loop {
         // A connection accepted before the drain still gets its first request answered.
-        let idle = handle
-            .as_ref()
-            .is_none_or(|h| gw.connections.idle(id, h));
+        let idle = handle.as_ref().is_none_or(|h| gw.connections.idle(id, h));
         if !idle && !first {
             break;
         }
@@ -506,7 +506,12 @@ fn watch_config(gw: &Gateway, mut running: Config, reload: &Receiver<()>) {
         let now = settle(&path, now);
         last = now;
         match config::load(&path) {
-            Ok(fresh) if fresh.warnings.iter().any(|w| w.starts_with("no config file")) => {
+            Ok(fresh)
+                if fresh
+                    .warnings
+                    .iter()
+                    .any(|w| w.starts_with("no config file")) =>
+            {
                 error!(
                     "config.yaml is gone ({}); keeping the running config",
                     path.display()

@@ -143,7 +143,9 @@ pub fn wait_signal() -> std::io::Result<Signal> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn block_signals() -> std::io::Result<()> {
-    Err(std::io::Error::other("signal handling is implemented for Linux only"))
+    Err(std::io::Error::other(
+        "signal handling is implemented for Linux only",
+    ))
 }
 
 #[cfg(not(target_os = "linux"))]

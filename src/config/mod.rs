@@ -404,7 +404,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             path.display()
         ));
     }
-    config.warnings.extend(exposure_warning(path, text.as_deref()));
+    config
+        .warnings
+        .extend(exposure_warning(path, text.as_deref()));
     Ok(config)
 }
 
