@@ -181,10 +181,6 @@ fn config_changes_apply_live_without_dropping_streams_and_invalid_edits_are_refu
 
     // A later valid edit applies.
     std::fs::write(&path, &original).expect("restore config.yaml");
-    let restored = gw
-        .config_text()
-        .replace("max_body_bytes: 1048576", "max_body_bytes: 1048576");
-    assert_eq!(restored, original);
     wait_until("the valid edit applies", Duration::from_secs(5), || {
         post(&gw, &mid_body()) == 200
     });
@@ -241,7 +237,7 @@ fn key_file_readable_by_others_is_refused_and_exposed_config_only_warns() {
         "config.yaml is rewritten 0600"
     );
 
-    std::fs::set_permissions(&gw.config_path(), std::fs::Permissions::from_mode(0o644))
+    std::fs::set_permissions(gw.config_path(), std::fs::Permissions::from_mode(0o644))
         .expect("chmod config");
     let out = gw.run_cli(&["list-accounts"]);
     assert_exit(&out, 0, "an exposed config.yaml only warns");
