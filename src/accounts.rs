@@ -17,7 +17,8 @@ use crate::sticky::Sticky;
 
 pub struct Accounts {
     list: RwLock<Arc<Vec<Arc<Entry>>>>,
-    settings: BalanceSettings,
+    /// Replaced whole when config.yaml changes; readers keep the one they took.
+    settings: RwLock<Arc<BalanceSettings>>,
     /// `None` when sticky sessions are off.
     sticky: Option<Sticky>,
     /// Advances with every pick: rotates round robin and breaks ties.
@@ -222,7 +223,7 @@ impl Accounts {
             .collect();
         Accounts {
             list: RwLock::new(Arc::new(list)),
-            settings: settings.clone(),
+            settings: RwLock::new(Arc::new(settings.clone())),
             sticky: sticky
                 .enabled
                 .then(|| Sticky::new(sticky.ttl, sticky.max_entries)),
@@ -231,8 +232,14 @@ impl Accounts {
         }
     }
 
-    pub fn settings(&self) -> &BalanceSettings {
-        &self.settings
+    pub fn settings(&self) -> Arc<BalanceSettings> {
+        // Replacing an Arc cannot leave it half-written, so a poisoned lock holds a whole value.
+        Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies changed balancing settings to the next picks and outcomes.
+    pub fn set_settings(&self, settings: &BalanceSettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.clone());
     }
 
     /// Replaces the account list after the config changed, keeping live state by id.
@@ -319,7 +326,7 @@ impl Accounts {
                 })
                 .collect();
             let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-            balance::choose(self.settings.strategy, &loads, turn)
+            balance::choose(self.settings().strategy, &loads, turn)
         });
         let entry = Arc::clone(candidates[index]);
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -458,7 +465,7 @@ mod tests {
     fn cool(accounts: &Accounts, id: &str) {
         let all = accounts.snapshot();
         let e = all.iter().find(|e| e.id() == id).expect("account");
-        e.record(Signal::Failure("test".into()), accounts.settings());
+        e.record(Signal::Failure("test".into()), &accounts.settings());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const MAX_HEAD: usize = 32 * 1024;
 const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 8 * 1024;
 
+#[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_body: u64,
     pub header_timeout: Duration,

@@ -16,7 +16,6 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -267,6 +266,15 @@ pub struct Ledger {
     pending: Mutex<Pending>,
 }
 
+/// Journals are created owner-only, as every file the gateway creates.
+fn journal_options() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 impl Ledger {
     /// Opens the ledger in `dir`: reads what is there, folds unfolded journals into the
     /// summary, and starts a fresh journal generation (so a line a crash cut short is never
@@ -311,15 +319,8 @@ impl Ledger {
         self.lock().book.tokens_since(key, from)
     }
 
-    /// Appends what is queued; folds the journal into the summary when it grew large. Every
-    /// `interval`, forever.
-    pub fn flush_forever(&self, mut journal: Journal, interval: Duration) {
-        loop {
-            std::thread::sleep(interval);
-            self.flush(&mut journal);
-        }
-    }
-
+    /// Appends what is queued; folds the journal into the summary when it grew large. The
+    /// server calls it every `usage.flush_interval`, and once more before a graceful exit.
     pub fn flush(&self, journal: &mut Journal) {
         let queue = std::mem::take(&mut self.lock().queue);
         if queue.is_empty() {
@@ -366,10 +367,7 @@ impl Journal {
         lock: crate::store::FileLock,
     ) -> std::io::Result<Journal> {
         let path = journal_path(dir, generation);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = journal_options().open(&path)?;
         crate::secret::sync_parent(&path)?;
         Ok(Journal {
             file,
@@ -392,10 +390,7 @@ impl Journal {
     fn rotate(&mut self, dir: &Path) -> std::io::Result<()> {
         let old = self.path.clone();
         let path = journal_path(dir, self.generation + 1);
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        self.file = journal_options().open(&path)?;
         self.path = path;
         self.generation += 1;
         self.written = 0;

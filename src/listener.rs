@@ -2,12 +2,12 @@
 //! connections, started on demand and retired after a minute idle, so an idle gateway stays
 //! small. When every worker is busy, connections wait in a bounded queue; past that they get
 //! an immediate 503 with `retry-after` instead of hanging. Accept errors (EMFILE under load)
-//! are logged and survived.
+//! are logged and survived. `Workers::stop` ends the accept loop for a graceful shutdown.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,9 +28,25 @@ pub struct PoolSettings {
 pub struct Workers {
     alive: AtomicUsize,
     busy: AtomicUsize,
+    /// Connections accepted and waiting for a worker: in flight too, for a shutdown.
+    queued: AtomicUsize,
+    /// Set by `stop`: the accept loop returns at its next wake-up.
+    stopping: AtomicBool,
 }
 
 impl Workers {
+    /// Connections being served or waiting for a worker.
+    pub fn in_flight(&self) -> usize {
+        self.busy.load(Ordering::SeqCst) + self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Ends the accept loop serving `listener` (a clone of the one `run` was given): no
+    /// connection is accepted after this; those already accepted are still served.
+    pub fn stop(&self, listener: &TcpListener) {
+        self.stopping.store(true, Ordering::SeqCst);
+        crate::sys::stop_listening(listener);
+    }
+
     /// (busy, alive).
     pub fn counts(&self) -> (usize, usize) {
         (
@@ -45,14 +61,14 @@ struct Busy<'a>(&'a Workers);
 
 impl<'a> Busy<'a> {
     fn new(workers: &'a Workers) -> Busy<'a> {
-        workers.busy.fetch_add(1, Ordering::Relaxed);
+        workers.busy.fetch_add(1, Ordering::SeqCst);
         Busy(workers)
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -79,7 +95,7 @@ impl Pool {
     }
 }
 
-/// Accepts connections forever, handing each to `serve` on a worker thread.
+/// Accepts connections until `Workers::stop`, handing each to `serve` on a worker thread.
 pub fn run<F>(listener: TcpListener, settings: PoolSettings, workers: Arc<Workers>, serve: F)
 where
     F: Fn(TcpStream) + Send + Sync + 'static,
@@ -97,8 +113,12 @@ where
     let serve = Arc::new(serve);
     let mut last_error_log: Option<Instant> = None;
     loop {
+        if pool.workers.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         match listener.accept() {
             Ok((stream, _)) => dispatch(&pool, &serve, stream),
+            Err(_) if pool.workers.stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 if matches!(
                     e.kind(),
@@ -125,12 +145,16 @@ where
     let mut state = pool.lock();
     if state.idle > state.queue.len() {
         state.queue.push_back(stream);
+        pool.workers.queued.fetch_add(1, Ordering::SeqCst);
         drop(state);
         pool.ready.notify_one();
         return;
     }
     if state.total < pool.settings.workers {
         state.total += 1;
+        // Counted busy from here, so a shutdown counting in-flight connections sees this one
+        // before its thread runs; the worker adopts the count.
+        pool.workers.busy.fetch_add(1, Ordering::SeqCst);
         drop(state);
         let (p, s) = (Arc::clone(pool), Arc::clone(serve));
         let spawned = std::thread::Builder::new()
@@ -139,12 +163,14 @@ where
             .spawn(move || worker(&p, &*s, stream));
         if let Err(e) = spawned {
             pool.lock().total -= 1;
+            pool.workers.busy.fetch_sub(1, Ordering::SeqCst);
             warn!("could not start a worker thread: {e}");
         }
         return;
     }
     if state.queue.len() < pool.settings.queue {
         state.queue.push_back(stream);
+        pool.workers.queued.fetch_add(1, Ordering::SeqCst);
         return;
     }
     let workers = state.total;
@@ -156,14 +182,17 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
     crate::memory::mark_top();
     pool.workers.alive.fetch_add(1, Ordering::Relaxed);
     {
-        let _busy = Busy::new(&pool.workers);
+        let _busy = Busy(&pool.workers);
         serve(first);
     }
     loop {
         let mut state = pool.lock();
-        let stream = loop {
+        let (stream, _busy) = loop {
             if let Some(stream) = state.queue.pop_front() {
-                break stream;
+                // Busy before no longer queued, so a shutdown never sees it in neither.
+                let busy = Busy::new(&pool.workers);
+                pool.workers.queued.fetch_sub(1, Ordering::SeqCst);
+                break (stream, busy);
             }
             state.idle += 1;
             let (guard, wait) = pool
@@ -179,7 +208,6 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             }
         };
         drop(state);
-        let _busy = Busy::new(&pool.workers);
         serve(stream);
     }
 }

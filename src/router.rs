@@ -17,7 +17,7 @@ use crate::openai::{self, Format};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::secret::Secret;
-use crate::server::Gateway;
+use crate::server::{Gateway, Live};
 use crate::status;
 use crate::sticky;
 use crate::store;
@@ -113,7 +113,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, admin_listener: b
             if let (Outcome::UpstreamBroke(why), Some(pick)) = (&outcome, &pick) {
                 pick.entry.record(
                     Signal::Failure(format!("stream broke: {why}")),
-                    gw.accounts.settings(),
+                    &gw.accounts.settings(),
                 );
             }
             (status, outcome, keep)
@@ -178,7 +178,7 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
         error,
         Format::Anthropic,
     );
-    if gw.access_log {
+    if gw.live().access_log {
         let (method, path) = head.map_or((None, None), |h| (Some(h.method), Some(h.path)));
         let line = AccessLine {
             request_id: &request_id,
@@ -303,7 +303,7 @@ fn account_for(
             gw.metrics.time_to_first_token.observe(first - started);
         }
     }
-    if gw.access_log {
+    if gw.live().access_log {
         let line = AccessLine {
             request_id,
             method: Some(&req.method),
@@ -477,12 +477,12 @@ fn shape_request(
             let id = req.path().strip_prefix("/v1/models/");
             let (target, alias) = match id {
                 None => ("/v1/models?limit=1000".to_string(), None),
-                Some(id) => match gw.models.aliases.get(id) {
+                Some(id) => match gw.live().models.aliases.get(id) {
                     Some(to) => (format!("/v1/models/{to}"), Some(id.to_string())),
                     None => (req.path().to_string(), None),
                 },
             };
-            let aliases = gw.models.aliases.keys().cloned().collect();
+            let aliases = gw.live().models.aliases.keys().cloned().collect();
             Ok((
                 Some(derived(req, &target, req.body.clone())),
                 Shape::Models { aliases, alias },
@@ -514,9 +514,10 @@ fn shape_request(
 fn convert(gw: &Gateway, req: &Request) -> Result<(Option<Request>, Shape), ApiError> {
     let body: serde_json::Value = serde_json::from_slice(&req.body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
+    let live = gw.live();
     let options = openai::request::Options {
-        default_max_tokens: gw.models.default_max_tokens,
-        aliases: &gw.models.aliases,
+        default_max_tokens: live.models.default_max_tokens,
+        aliases: &live.models.aliases,
     };
     let converted = openai::request::convert(&body, &options).map_err(|e| ApiError::Invalid {
         message: e.message,
@@ -553,6 +554,7 @@ enum Step {
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
     let settings = gw.accounts.settings();
+    let settings = &*settings;
     let sent_at = Instant::now();
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
@@ -613,8 +615,9 @@ enum Failed {
 /// Sends the request with `entry`'s credential. An OAuth token refused with 401 is refreshed
 /// once and the request sent once more.
 fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
+    let upstream = gw.upstream();
     let forward = |processor: &dyn crate::processor::Processor| {
-        gw.upstream
+        upstream
             .forward(req, processor)
             .map(Answer::Streaming)
             .map_err(|e| match e {
@@ -631,7 +634,8 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
                 let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
                 Failed::Account(ApiError::NoAccount(why))
             })?;
-            let answer = forward(&oauth(gw, &tokens.access))?;
+            let live = gw.live();
+            let answer = forward(&oauth(&live, &tokens.access))?;
             if answer.status() != 401 {
                 return Ok(answer);
             }
@@ -640,7 +644,7 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
                 .refresher
                 .ensure(entry, Need::Rejected(tokens.access.clone()))
             {
-                Ok(fresh) => forward(&oauth(gw, &fresh.access)),
+                Ok(fresh) => forward(&oauth(&live, &fresh.access)),
                 Err(e) => {
                     warn!("account {}: 401 and no fresh token: {e}", entry.id());
                     Ok(answer)
@@ -669,10 +673,10 @@ fn unified_reset(answer: &Answer) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn oauth<'a>(gw: &'a Gateway, token: &'a Secret) -> OAuth<'a> {
+fn oauth<'a>(live: &'a Live, token: &'a Secret) -> OAuth<'a> {
     OAuth {
         token,
-        system_prompt: &gw.system_prompt,
+        system_prompt: &live.system_prompt,
     }
 }
 

@@ -72,6 +72,8 @@ pub enum SecretError {
     WrongKey { what: String, source: String },
     /// A value starting with `enc:` is not a well-formed `enc:v1:` value.
     Malformed { what: String },
+    /// The key file may be read by its group or others (as ssh does, we refuse to use it).
+    Exposed { file: PathBuf, mode: u32 },
     /// Reading or creating the key file failed.
     Io {
         file: PathBuf,
@@ -95,6 +97,12 @@ impl fmt::Display for SecretError {
                 "{what} could not be opened with the secret key from {source} (wrong key, or the value was altered)"
             ),
             SecretError::Malformed { what } => write!(f, "{what} is not a valid enc:v1: value"),
+            SecretError::Exposed { file, mode } => write!(
+                f,
+                "secret key file {} is readable by others (mode {mode:03o}); anyone who can read it can open every sealed secret. Fix it with: chmod 600 {}",
+                file.display(),
+                file.display()
+            ),
             SecretError::Io { file, error } => {
                 write!(f, "secret key file {}: {error}", file.display())
             }
@@ -128,7 +136,15 @@ impl KeySource {
             return SecretKey::from_base64(text, format!("${KEY_ENV}")).map(Some);
         }
         match std::fs::read_to_string(&self.file) {
-            Ok(text) => SecretKey::from_base64(&text, self.file.display().to_string()).map(Some),
+            Ok(text) => {
+                if let Some(mode) = readable_by_others(&self.file) {
+                    return Err(SecretError::Exposed {
+                        file: self.file.clone(),
+                        mode,
+                    });
+                }
+                SecretKey::from_base64(&text, self.file.display().to_string()).map(Some)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(SecretError::Io {
                 file: self.file.clone(),
@@ -256,6 +272,22 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 /// Constant-time equality of two byte strings of equal length.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The permission bits of `path` when its group or others may read it (`None` otherwise, or
+/// when it cannot be examined: reading it then fails on its own).
+pub fn readable_by_others(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o044 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 /// Creates a new file readable by its owner only; fails if it exists.

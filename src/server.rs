@@ -1,9 +1,13 @@
 //! `llm-gateway server`: builds the running gateway from the validated config, binds, announces
-//! the address, watches config.yaml for account and key changes, and runs the listener.
+//! the address, applies config.yaml changes live (every half second, or at once on SIGHUP),
+//! runs the listener, and on SIGTERM/SIGINT drains in-flight requests before exiting.
 
-use std::net::{TcpListener, TcpStream};
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::access::AccessLog;
@@ -12,49 +16,32 @@ use crate::auth::ClientKeys;
 use crate::config::{self, Config, ModelSettings};
 use crate::error::ApiError;
 use crate::http::{Conn, Limits};
-use crate::ledger::Ledger;
+use crate::ledger::{Journal, Ledger};
 use crate::limits::Limiter;
 use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::router;
+use crate::sys::{self, Signal};
 use crate::upstream::Upstream;
 
 /// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`).
 const ACCEPT_BACKLOG: i32 = 4096;
 
-/// Everything a worker needs to serve a request, shared by all workers.
-pub struct Gateway {
-    pub accounts: Accounts,
-    pub clients: ClientKeys,
-    pub upstream: Upstream,
-    pub refresher: Refresher,
-    /// Where config.yaml is, for the changes the server itself makes (tokens, bans).
-    pub config_path: PathBuf,
+/// The settings a config.yaml change applies live, replaced whole: a request reads the ones in
+/// force when it asks, and a stream in flight keeps the ones it started with.
+pub struct Live {
     pub system_prompt: String,
     pub models: ModelSettings,
     pub limits: Limits,
     pub access_log: bool,
-    pub access: AccessLog,
-    /// `None` when usage recording is off or another process holds the ledger.
-    pub ledger: Option<Arc<Ledger>>,
-    pub limiter: Arc<Limiter>,
-    pub metrics: Metrics,
-    pub started: Instant,
-    pub workers: Arc<Workers>,
-    pub max_workers: usize,
 }
 
-impl Gateway {
-    pub fn new(config: &Config, ledger: Option<Arc<Ledger>>) -> Gateway {
+impl Live {
+    fn new(config: &Config) -> Live {
         let s = &config.server;
-        Gateway {
-            accounts: Accounts::new(config.accounts.clone(), &config.balance, &config.sticky),
-            clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
-            upstream: Upstream::new(&config.upstream, s.workers),
-            refresher: Refresher::new(config.path.clone(), &config.oauth),
-            config_path: config.path.clone(),
+        Live {
             system_prompt: config.oauth.system_prompt.clone(),
             models: config.models.clone(),
             limits: Limits {
@@ -64,6 +51,42 @@ impl Gateway {
                 keepalive_timeout: s.keepalive_timeout,
             },
             access_log: config.access_log,
+        }
+    }
+}
+
+/// Everything a worker needs to serve a request, shared by all workers.
+pub struct Gateway {
+    pub accounts: Accounts,
+    pub clients: ClientKeys,
+    /// Rebuilt (a new connection pool) only when the `upstream:` settings change.
+    upstream: RwLock<Arc<Upstream>>,
+    pub refresher: Refresher,
+    /// Where config.yaml is, for the changes the server itself makes (tokens, bans).
+    pub config_path: PathBuf,
+    live: RwLock<Arc<Live>>,
+    pub access: AccessLog,
+    /// `None` when usage recording is off or another process holds the ledger.
+    pub ledger: Option<Arc<Ledger>>,
+    pub limiter: Arc<Limiter>,
+    pub metrics: Metrics,
+    pub started: Instant,
+    pub workers: Arc<Workers>,
+    pub max_workers: usize,
+    /// Open downstream connections, so a shutdown can close the idle ones.
+    connections: Connections,
+}
+
+impl Gateway {
+    pub fn new(config: &Config, ledger: Option<Arc<Ledger>>) -> Gateway {
+        let s = &config.server;
+        Gateway {
+            accounts: Accounts::new(config.accounts.clone(), &config.balance, &config.sticky),
+            clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
+            upstream: RwLock::new(Arc::new(Upstream::new(&config.upstream, s.workers))),
+            refresher: Refresher::new(config.path.clone(), &config.oauth),
+            config_path: config.path.clone(),
+            live: RwLock::new(Arc::new(Live::new(config))),
             access: match &config.access_file {
                 None => AccessLog::stderr(),
                 Some(path) => AccessLog::file(path).unwrap_or_else(|e| {
@@ -77,7 +100,76 @@ impl Gateway {
             started: Instant::now(),
             workers: Arc::default(),
             max_workers: s.workers,
+            connections: Connections::default(),
         }
+    }
+
+    /// The live settings in force now.
+    pub fn live(&self) -> Arc<Live> {
+        // Replacing an Arc cannot leave it half-written, so a poisoned lock holds a whole value.
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The upstream client in force now.
+    pub fn upstream(&self) -> Arc<Upstream> {
+        Arc::clone(&self.upstream.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Open downstream connections and whether each is idle between requests. Once draining, a
+/// connection that would go idle closes instead, and `drain` closes those already idle.
+#[derive(Default)]
+struct Connections {
+    state: Mutex<ConnState>,
+    next: AtomicU64,
+}
+
+#[derive(Default)]
+struct ConnState {
+    draining: bool,
+    /// Idle connections (a clone of each socket, to shut it down from another thread).
+    idle: HashMap<u64, Arc<TcpStream>>,
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        // The map is only inserted into and removed from: a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Marks the connection idle (waiting for its next request); false when draining, and the
+    /// connection should close instead.
+    fn idle(&self, id: u64, stream: &Arc<TcpStream>) -> bool {
+        let mut state = self.lock();
+        if state.draining {
+            return false;
+        }
+        state.idle.insert(id, Arc::clone(stream));
+        true
+    }
+
+    /// Marks the connection busy (a request arrived or it is closing).
+    fn busy(&self, id: u64) {
+        self.lock().idle.remove(&id);
+    }
+
+    fn draining(&self) -> bool {
+        self.lock().draining
+    }
+
+    /// Starts draining and closes every idle connection; returns how many were closed.
+    fn drain(&self) -> usize {
+        let mut state = self.lock();
+        state.draining = true;
+        let idle = std::mem::take(&mut state.idle);
+        for stream in idle.values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        idle.len()
     }
 }
 
@@ -93,8 +185,19 @@ impl std::fmt::Display for BindError {
     }
 }
 
-/// Runs the server until the process is stopped.
+/// Runs the server until SIGTERM or SIGINT has drained it (or a second one exits at once).
 pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
+    // Before any thread starts, so every thread inherits the mask and the signals wait for
+    // the one thread that takes them.
+    let signals = match sys::block_signals() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(
+                "signals keep their default action ({e}): no graceful shutdown, no SIGHUP reload"
+            );
+            false
+        }
+    };
     log::set_level(config.log_level);
     for warning in &config.warnings {
         warn!("{warning}");
@@ -117,7 +220,10 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     if let Err(e) = crate::sys::deepen_backlog(&listener, ACCEPT_BACKLOG) {
         warn!("could not deepen the accept queue ({e}); bursts of connections may wait a second");
     }
-    let ledger = open_ledger(&config);
+    let (ledger, journal) = match open_ledger(&config) {
+        Some((ledger, journal)) => (Some(ledger), Some(journal)),
+        None => (None, None),
+    };
     let gateway = Arc::new(Gateway::new(&config, ledger));
     info!(
         "serving {} accounts to {} client keys, upstream {}, up to {} workers",
@@ -138,11 +244,12 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         let _ = std::io::stdout().flush();
     }
 
+    let (reload_tx, reload_rx) = mpsc::channel();
     let watched = Arc::clone(&gateway);
-    let path = config.path.clone();
+    let running = config.clone();
     let _ = std::thread::Builder::new()
         .name("config-watch".into())
-        .spawn(move || watch_config(&watched, path));
+        .spawn(move || watch_config(&watched, running, &reload_rx));
 
     let refreshing = Arc::clone(&gateway);
     let _ = std::thread::Builder::new()
@@ -154,29 +261,115 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
             }
         });
 
-    if let Some(addr) = &config.admin_listen {
-        start_admin(&gateway, addr);
+    let mut listeners = Vec::new();
+    if let Ok(clone) = listener.try_clone() {
+        listeners.push((clone, Arc::clone(&gateway.workers)));
+    }
+    if let Some(addr) = &config.admin_listen
+        && let Some(admin) = start_admin(&gateway, addr)
+    {
+        listeners.push(admin);
+    }
+    if signals {
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || take_signals(&listeners, &reload_tx));
     }
     let settings = PoolSettings {
         workers: config.server.workers,
         queue: config.server.accept_queue,
     };
     let workers = Arc::clone(&gateway.workers);
+    let serving = Arc::clone(&gateway);
     listener::run(listener, settings, workers, move |stream| {
-        serve_connection(&gateway, stream, false)
+        serve_connection(&serving, stream, false)
     });
+    drain(&gateway, config.server.shutdown_grace);
+    if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
+        ledger.flush(&mut journal.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    info!("stopped");
     Ok(())
+}
+
+/// The signal thread: SIGHUP asks the watcher for a reload; the first SIGTERM or SIGINT stops
+/// the listeners (the main thread then drains), a second one exits at once with 128 + signal.
+fn take_signals(listeners: &[(TcpListener, Arc<Workers>)], reload: &Sender<()>) {
+    let mut stopping = false;
+    loop {
+        match sys::wait_signal() {
+            Ok(Signal::Hangup) => {
+                info!("SIGHUP: reloading config.yaml");
+                let _ = reload.send(());
+            }
+            Ok(signal) if stopping => {
+                error!(
+                    "{} again: exiting now with code {}, cutting what is in flight",
+                    signal.name(),
+                    128 + signal.number()
+                );
+                std::process::exit(128 + signal.number());
+            }
+            Ok(signal) => {
+                stopping = true;
+                info!(
+                    "{}: shutting down; no new connections (send it again to exit at once)",
+                    signal.name()
+                );
+                for (listener, workers) in listeners {
+                    workers.stop(listener);
+                }
+            }
+            Err(e) => {
+                error!("waiting for signals failed: {e}; signals are no longer handled");
+                return;
+            }
+        }
+    }
+}
+
+/// After the listener stopped: closes idle connections, lets in-flight requests and streams
+/// finish within `grace`, and says what it waited for and what it cut.
+fn drain(gw: &Gateway, grace: Duration) {
+    let closed = gw.connections.drain();
+    let deadline = Instant::now() + grace;
+    let in_flight = gw.workers.in_flight();
+    info!(
+        "shutdown: closed {closed} idle connections; waiting up to {}s for {in_flight} in flight",
+        grace.as_secs()
+    );
+    let mut said = Instant::now();
+    loop {
+        let in_flight = gw.workers.in_flight();
+        if in_flight == 0 {
+            info!("shutdown: nothing in flight");
+            return;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                "shutdown: grace of {}s over; cutting {in_flight} requests still in flight",
+                grace.as_secs()
+            );
+            return;
+        }
+        if said.elapsed() >= Duration::from_secs(5) {
+            info!("shutdown: still waiting for {in_flight} in flight");
+            said = Instant::now();
+        }
+        // Nothing signals the last request's end; a short poll costs nothing here.
+        std::thread::sleep(Duration::from_millis(20).min(deadline - Instant::now()));
+    }
 }
 
 /// The admin listener: status, health and readiness with no key, on an address that should
 /// stay private (loopback by default). A failure to bind it is reported, not fatal: status
 /// stays reachable on the main listener with an admin key.
-fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
+fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<Workers>)> {
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
             warn!("admin listener not started: cannot listen on {addr}: {e}");
-            return;
+            return None;
         }
     };
     if let Ok(local) = listener.local_addr() {
@@ -186,6 +379,8 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
         info!("admin listener on http://{local} (status, /health, /ready)");
     }
     let gw = Arc::clone(gateway);
+    let workers = Arc::new(Workers::default());
+    let stop = (listener.try_clone().ok()?, Arc::clone(&workers));
     let _ = std::thread::Builder::new()
         .name("admin-accept".into())
         .spawn(move || {
@@ -193,10 +388,11 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
                 workers: 4,
                 queue: 16,
             };
-            listener::run(listener, settings, Arc::default(), move |stream| {
+            listener::run(listener, settings, workers, move |stream| {
                 serve_connection(&gw, stream, true)
             });
         });
+    Some(stop)
 }
 
 /// Model names metrics may label by: configured names, aliases and their targets, and every
@@ -209,19 +405,28 @@ fn known_models(config: &Config) -> Vec<String> {
     names
 }
 
-/// Opens the usage ledger and starts its flusher, or explains why usage is not recorded.
-fn open_ledger(config: &Config) -> Option<Arc<Ledger>> {
+/// Opens the usage ledger and starts its flusher, or explains why usage is not recorded. The
+/// journal is returned too, for the last flush before a graceful exit.
+fn open_ledger(config: &Config) -> Option<(Arc<Ledger>, Arc<Mutex<Journal>>)> {
     if !config.usage.enabled {
         return None;
     }
     match Ledger::open(&config.usage.dir) {
         Ok((ledger, journal)) => {
-            let flusher = Arc::clone(&ledger);
+            let journal = Arc::new(Mutex::new(journal));
+            let (flusher, flushed) = (Arc::clone(&ledger), Arc::clone(&journal));
             let interval = config.usage.flush_interval;
             let _ = std::thread::Builder::new()
                 .name("usage-ledger".into())
-                .spawn(move || flusher.flush_forever(journal, interval));
-            Some(ledger)
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(interval);
+                        // Only this thread and the final flush take it; a panic mid-flush
+                        // leaves the journal as usable as an I/O error would.
+                        flusher.flush(&mut flushed.lock().unwrap_or_else(|p| p.into_inner()));
+                    }
+                });
+            Some((ledger, journal))
         }
         Err(e) => {
             warn!(
@@ -233,21 +438,39 @@ fn open_ledger(config: &Config) -> Option<Arc<Ledger>> {
     }
 }
 
-/// Serves requests on one connection until it closes, errs or stops being reusable.
+/// Serves requests on one connection until it closes, errs or stops being reusable. While the
+/// server drains, the request in hand is answered with `connection: close` and an idle
+/// connection is closed.
 fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
     let _ = stream.set_nodelay(true);
+    let limits = gw.live().limits;
     // A client that stops reading a response for this long is given up on.
-    let _ = stream.set_write_timeout(Some(gw.limits.body_timeout.max(Duration::from_secs(10))));
+    let _ = stream.set_write_timeout(Some(limits.body_timeout.max(Duration::from_secs(10))));
+    let id = gw.connections.id();
+    let handle = stream.try_clone().ok().map(Arc::new);
     let mut conn = Conn::new(stream);
+    let mut first = true;
     loop {
-        match conn.read_request(&gw.limits) {
-            Ok(req) => {
+        // A connection accepted before the drain still gets its first request answered.
+        let idle = handle.as_ref().is_none_or(|h| gw.connections.idle(id, h));
+        if !idle && !first {
+            break;
+        }
+        first = false;
+        let limits = gw.live().limits;
+        let read = conn.read_request(&limits);
+        gw.connections.busy(id);
+        match read {
+            Ok(mut req) => {
+                if gw.connections.draining() {
+                    req.keep_alive = false;
+                }
                 if !router::handle(gw, req, &mut conn, admin) {
                     break;
                 }
             }
             Err(e) => {
-                if let Some((status, message)) = e.answer(gw.limits.max_body) {
+                if let Some((status, message)) = e.answer(limits.max_body) {
                     router::refuse_unread(gw, &mut conn, &ApiError::Http { status, message });
                     conn.linger();
                 }
@@ -255,37 +478,126 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
             }
         }
     }
+    gw.connections.busy(id);
 }
 
-/// Every half second, if config.yaml changed, reload its accounts and client keys. Settings
-/// that need a restart (listen address, workers) are left as they are.
-fn watch_config(gw: &Gateway, path: PathBuf) {
-    // Writers replace the file by rename, so the inode changes even within one mtime tick.
-    let stamp = |p: &PathBuf| -> Option<(SystemTime, u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len(), m.ino()))
-    };
+/// Applies config.yaml changes: checked every half second, and at once when `reload` says so
+/// (SIGHUP, which also reloads an unchanged file). A file that does not load is refused with a
+/// logged error and the running config stays; it is tried again at its next change. Settings
+/// that need a restart are logged as such and keep their running value.
+fn watch_config(gw: &Gateway, mut running: Config, reload: &Receiver<()>) {
+    let path = running.path.clone();
     let mut last = stamp(&path);
     loop {
-        std::thread::sleep(Duration::from_millis(500));
+        let forced = match reload.recv_timeout(Duration::from_millis(500)) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(500));
+                false
+            }
+        };
         let now = stamp(&path);
-        if now == last {
+        if now == last && !forced {
             continue;
         }
+        // An editor writing in place (truncate, then write) is read only once the file has
+        // held still for a moment, so a half-written file is not taken for the new config.
+        let now = settle(&path, now);
         last = now;
         match config::load(&path) {
-            Ok(fresh) => {
-                gw.accounts.replace(fresh.accounts.clone());
-                gw.clients.replace(fresh.client_keys.clone());
-                gw.metrics.set_known_models(known_models(&fresh));
-                info!(
-                    "config reloaded: {} accounts, {} client keys",
-                    fresh.accounts.len(),
-                    fresh.client_keys.len()
+            Ok(fresh)
+                if fresh
+                    .warnings
+                    .iter()
+                    .any(|w| w.starts_with("no config file")) =>
+            {
+                error!(
+                    "config.yaml is gone ({}); keeping the running config",
+                    path.display()
                 );
+            }
+            Ok(fresh) => {
+                apply(gw, &running, &fresh);
+                running = fresh;
             }
             Err(e) => error!("config changed but cannot be loaded, keeping the previous one: {e}"),
         }
     }
+}
+
+/// What identifies a version of the file: writers that replace it by rename change the inode
+/// even within one mtime tick, and one that writes in place changes the length or the mtime.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Waits (up to a second) until the file's stamp stops changing for 100 ms.
+fn settle(path: &std::path::Path, mut seen: Stamp) -> Stamp {
+    let give_up = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(100));
+        let again = stamp(path);
+        if again == seen {
+            break;
+        }
+        seen = again;
+    }
+    seen
+}
+
+/// Applies what can change live and names what needs a restart.
+fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
+    log::set_level(fresh.log_level);
+    gw.accounts.replace(fresh.accounts.clone());
+    gw.accounts.set_settings(&fresh.balance);
+    gw.clients.replace(fresh.client_keys.clone());
+    gw.metrics.set_known_models(known_models(fresh));
+    *gw.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Live::new(fresh));
+    if format!("{:?}", old.upstream) != format!("{:?}", fresh.upstream) {
+        // Requests in flight keep the client they started with.
+        let upstream = Upstream::new(&fresh.upstream, fresh.server.workers);
+        *gw.upstream.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(upstream);
+    }
+    let mut oauth = old.oauth.clone();
+    oauth.system_prompt.clone_from(&fresh.oauth.system_prompt);
+    let restart = [
+        ("server.listen", old.server.listen != fresh.server.listen),
+        ("server.workers", old.server.workers != fresh.server.workers),
+        (
+            "server.accept_queue",
+            old.server.accept_queue != fresh.server.accept_queue,
+        ),
+        (
+            "server.shutdown_grace",
+            old.server.shutdown_grace != fresh.server.shutdown_grace,
+        ),
+        ("admin.listen", old.admin_listen != fresh.admin_listen),
+        ("auth.open", old.auth_open != fresh.auth_open),
+        ("log.access_file", old.access_file != fresh.access_file),
+        (
+            "sticky",
+            format!("{:?}", old.sticky) != format!("{:?}", fresh.sticky),
+        ),
+        (
+            "usage",
+            format!("{:?}", old.usage) != format!("{:?}", fresh.usage),
+        ),
+        (
+            "oauth (other than system_prompt)",
+            format!("{oauth:?}") != format!("{:?}", fresh.oauth),
+        ),
+    ];
+    for (name, _) in restart.iter().filter(|(_, changed)| *changed) {
+        warn!("config: {name} changed; this needs a restart, the running value stays");
+    }
+    info!(
+        "config reloaded: {} accounts, {} client keys",
+        fresh.accounts.len(),
+        fresh.client_keys.len()
+    );
 }

@@ -1,5 +1,6 @@
-//! The two Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead
-//! stack pages (`memory`) and a deeper accept queue for the listener.
+//! The Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead stack
+//! pages (`memory`), a deeper accept queue and a way to stop accepting for the listener, and
+//! receiving signals on a thread of our own (`sigwait`) for shutdown and reload.
 
 use std::ffi::{c_int, c_void};
 
@@ -9,6 +10,11 @@ mod ffi {
     unsafe extern "C" {
         pub fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
         pub fn listen(fd: c_int, backlog: c_int) -> c_int;
+        pub fn shutdown(fd: c_int, how: c_int) -> c_int;
+        pub fn sigemptyset(set: *mut SigSet) -> c_int;
+        pub fn sigaddset(set: *mut SigSet, signum: c_int) -> c_int;
+        pub fn pthread_sigmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
+        pub fn sigwait(set: *const SigSet, sig: *mut c_int) -> c_int;
     }
 }
 
@@ -51,3 +57,116 @@ pub fn deepen_backlog(listener: &std::net::TcpListener, backlog: c_int) -> std::
 pub fn deepen_backlog(_listener: &std::net::TcpListener, _backlog: c_int) -> std::io::Result<()> {
     Ok(())
 }
+
+/// `sigset_t`: 1024 bits on Linux (glibc and musl alike); only libc's functions touch it.
+#[repr(C)]
+pub struct SigSet([u64; 16]);
+
+/// The signals the server handles itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Hangup,
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    /// Its number, for the conventional exit code 128 + number.
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Hangup => 1,
+            Signal::Interrupt => 2,
+            Signal::Terminate => 15,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Hangup => "SIGHUP",
+            Signal::Interrupt => "SIGINT",
+            Signal::Terminate => "SIGTERM",
+        }
+    }
+}
+
+/// SIGHUP, SIGINT and SIGTERM.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn handled_set() -> SigSet {
+    let mut set = SigSet([0; 16]);
+    // SAFETY: `set` is a properly sized, writable sigset_t; the numbers are valid signals.
+    unsafe {
+        ffi::sigemptyset(&mut set);
+        for signal in [Signal::Hangup, Signal::Interrupt, Signal::Terminate] {
+            ffi::sigaddset(&mut set, signal.number());
+        }
+    }
+    set
+}
+
+/// Blocks SIGHUP, SIGINT and SIGTERM in the calling thread and every thread it starts after
+/// this, so they stay pending until `wait_signal` takes them. Call it before starting threads.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn block_signals() -> std::io::Result<()> {
+    const SIG_BLOCK: c_int = 0;
+    let set = handled_set();
+    // SAFETY: `set` is a valid sigset_t; a null old set is allowed.
+    let rc = unsafe { ffi::pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits for the next of the blocked signals.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn wait_signal() -> std::io::Result<Signal> {
+    let set = handled_set();
+    loop {
+        let mut sig: c_int = 0;
+        // SAFETY: `set` is a valid sigset_t and `sig` a writable int, both live for the call.
+        let rc = unsafe { ffi::sigwait(&set, &mut sig) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        match sig {
+            1 => return Ok(Signal::Hangup),
+            2 => return Ok(Signal::Interrupt),
+            15 => return Ok(Signal::Terminate),
+            _ => continue,
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn block_signals() -> std::io::Result<()> {
+    Err(std::io::Error::other(
+        "signal handling is implemented for Linux only",
+    ))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn wait_signal() -> std::io::Result<Signal> {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Stops a listening socket: a thread blocked in `accept` on it returns an error at once, and
+/// new connections are refused. The descriptor stays open until the listener is dropped.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn stop_listening(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    const SHUT_RDWR: c_int = 2;
+    // SAFETY: the descriptor is a valid socket for the borrow's duration.
+    unsafe {
+        ffi::shutdown(listener.as_raw_fd(), SHUT_RDWR);
+    }
+}
+
+#[cfg(not(unix))]
+pub fn stop_listening(_listener: &std::net::TcpListener) {}

@@ -206,6 +206,13 @@ fn normalize_args(args: &[String]) -> Vec<String> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let path = config::resolve_path(cli.config.as_deref());
+    // The server logs this among the config's warnings; other commands say it here.
+    if !matches!(cli.command, Command::Server(_)) {
+        let text = std::fs::read_to_string(&path).ok();
+        if let Some(warning) = config::exposure_warning(&path, text.as_deref()) {
+            eprintln!("warning: {warning}");
+        }
+    }
     match cli.command {
         Command::Server(cmd) => {
             crate::memory::tune_allocator();

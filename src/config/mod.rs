@@ -61,6 +61,8 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keepalive_timeout: Duration,
+    /// After SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -402,7 +404,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             path.display()
         ));
     }
+    config
+        .warnings
+        .extend(exposure_warning(path, text.as_deref()));
     Ok(config)
+}
+
+/// A warning when config.yaml holds sealed secrets and its group or others may read it:
+/// sealed values are safe without the key, but there is no reason to hand them out.
+pub fn exposure_warning(path: &Path, text: Option<&str>) -> Option<String> {
+    if !text?.contains("enc:v1:") {
+        return None;
+    }
+    let mode = secret::readable_by_others(path)?;
+    Some(format!(
+        "{} holds sealed secrets and is readable by others (mode {mode:03o}); fix it with: chmod 600 {}",
+        path.display(),
+        path.display()
+    ))
 }
 
 /// Where the secret key is looked for, given the raw config at `path`.
@@ -449,7 +468,13 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         header_timeout: dur(s.header_timeout, 10),
         body_timeout: dur(s.body_timeout, 30),
         keepalive_timeout: dur(s.keepalive_timeout, 60),
+        shutdown_grace: dur(s.shutdown_grace, 30),
     };
+    if server.shutdown_grace > Duration::from_secs(3600) {
+        return Err(invalid(
+            "server.shutdown_grace must be at most 1h (0s cuts in-flight requests at once)".into(),
+        ));
+    }
     for (name, d) in [
         ("server.header_timeout", server.header_timeout),
         ("server.body_timeout", server.body_timeout),

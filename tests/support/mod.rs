@@ -541,6 +541,36 @@ impl Gateway {
         self.server.is_some()
     }
 
+    /// Sends `signal` (`TERM`, `INT`, `HUP`) to the server with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let server = self.server.as_ref().expect("server not started");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(server.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits (polling, up to `limit`) for the server to exit; its status, or `None` if it is
+    /// still running at the deadline.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let server = self.server.as_mut().expect("server not started");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = server.child.try_wait().expect("try_wait") {
+                if let Some(drain) = server.drain.take() {
+                    let _ = drain.join();
+                }
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.server.as_ref().expect("server not started").addr
     }
