@@ -78,9 +78,20 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     }
 }
 
-/// Serves one request on `conn`. `admin_listener` is true on the admin address, where status
-/// needs no key and nothing is forwarded. Returns whether the connection may serve another.
-pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, admin_listener: bool) -> bool {
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Main,
+    /// The admin listener on a loopback address: status and metrics without a key.
+    AdminLoopback,
+    /// The admin listener on any other address: status and metrics need an admin key, as on
+    /// the main listener (anyone who can reach the address could read them otherwise).
+    AdminKeyed,
+}
+
+/// Serves one request on `conn`. Nothing is forwarded from an admin listener. Returns whether
+/// the connection may serve another.
+pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listener) -> bool {
     let started = Instant::now();
     let request_id = request_id(&req);
     let out = conn
@@ -89,7 +100,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, admin_listener: b
     let mut names = Names::default();
     let _in_flight = gw.metrics.in_flight();
     let mut meter = Meter::default();
-    let (status, outcome, keep) = match serve(gw, &req, admin_listener, &mut names) {
+    let (status, outcome, keep) = match serve(gw, &req, listener, &mut names) {
         Ok(Served::Local(status, body, content_type)) => {
             let mut head = Head::new(status);
             head.header("content-type", content_type.as_bytes());
@@ -359,7 +370,7 @@ enum Served {
 fn serve(
     gw: &Gateway,
     req: &Request,
-    admin_listener: bool,
+    listener: Listener,
     names: &mut Names,
 ) -> Result<Served, ApiError> {
     // The caller's format, as far as the path and headers tell, before anything can fail.
@@ -385,7 +396,7 @@ fn serve(
             });
         }
         Route::Status | Route::Metrics => {
-            if !admin_listener {
+            if listener != Listener::AdminLoopback {
                 let client = gw.clients.authenticate(req)?;
                 if !client.admin {
                     return Err(ApiError::Forbidden(
@@ -401,7 +412,7 @@ fn serve(
                 Served::Local(200, status::render(gw).to_string(), JSON)
             });
         }
-        _ if admin_listener => {
+        _ if listener != Listener::Main => {
             return Err(ApiError::NotFound(
                 "the admin listener serves /health, /ready, /metrics and /admin/status only".into(),
             ));

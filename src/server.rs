@@ -22,7 +22,7 @@ use crate::listener::{self, PoolSettings, Workers};
 use crate::log;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
-use crate::router;
+use crate::router::{self, Listener};
 use crate::sys::{self, Signal};
 use crate::upstream::Upstream;
 
@@ -282,7 +282,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     let workers = Arc::clone(&gateway.workers);
     let serving = Arc::clone(&gateway);
     listener::run(listener, settings, workers, move |stream| {
-        serve_connection(&serving, stream, false)
+        serve_connection(&serving, stream, Listener::Main)
     });
     drain(&gateway, config.server.shutdown_grace);
     if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
@@ -372,11 +372,19 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
             return None;
         }
     };
+    let mut kind = Listener::AdminKeyed;
     if let Ok(local) = listener.local_addr() {
         // Second line on stdout, after the main listener's, for scripts and tests.
         println!("llm-gateway admin on http://{local}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        info!("admin listener on http://{local} (status, /health, /ready)");
+        if local.ip().is_loopback() {
+            kind = Listener::AdminLoopback;
+            info!("admin listener on http://{local} (status, /health, /ready)");
+        } else {
+            warn!(
+                "admin listener on http://{local} is not loopback: status and metrics there need an admin key (add-client-key --admin)"
+            );
+        }
     }
     let gw = Arc::clone(gateway);
     let workers = Arc::new(Workers::default());
@@ -389,7 +397,7 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
                 queue: 16,
             };
             listener::run(listener, settings, workers, move |stream| {
-                serve_connection(&gw, stream, true)
+                serve_connection(&gw, stream, kind)
             });
         });
     Some(stop)
@@ -441,7 +449,7 @@ fn open_ledger(config: &Config) -> Option<(Arc<Ledger>, Arc<Mutex<Journal>>)> {
 /// Serves requests on one connection until it closes, errs or stops being reusable. While the
 /// server drains, the request in hand is answered with `connection: close` and an idle
 /// connection is closed.
-fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
+fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
     let _ = stream.set_nodelay(true);
     let limits = gw.live().limits;
     // A client that stops reading a response for this long is given up on.
@@ -465,7 +473,7 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, admin: bool) {
                 if gw.connections.draining() {
                     req.keep_alive = false;
                 }
-                if !router::handle(gw, req, &mut conn, admin) {
+                if !router::handle(gw, req, &mut conn, listener) {
                     break;
                 }
             }

@@ -16,7 +16,7 @@ use crate::support::{FakeUpstream, Framing, Recorded, Reply, base64url, sse_even
 mod login;
 mod refresh;
 mod requests;
-mod rig;
+pub mod rig;
 
 /// The prompt configured in most tests here.
 const TEST_PROMPT: &str = "You are the gateway's test prompt.";
