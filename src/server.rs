@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -122,6 +122,8 @@ impl Gateway {
 struct Connections {
     state: Mutex<ConnState>,
     next: AtomicU64,
+    /// `state.draining`, readable without the lock on every request.
+    draining: AtomicBool,
 }
 
 #[derive(Default)]
@@ -158,13 +160,14 @@ impl Connections {
     }
 
     fn draining(&self) -> bool {
-        self.lock().draining
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Starts draining and closes every idle connection; returns how many were closed.
     fn drain(&self) -> usize {
         let mut state = self.lock();
         state.draining = true;
+        self.draining.store(true, Ordering::Relaxed);
         let idle = std::mem::take(&mut state.idle);
         for stream in idle.values() {
             let _ = stream.shutdown(Shutdown::Both);
