@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 /// every block (and its `cache_control`) after ours, and nothing is added when the first block
 /// already is `text`. No `cache_control` of our own (Anthropic allows four breakpoints).
 pub fn prepend_system_text(body: &[u8], text: &str) -> Result<Vec<u8>, String> {
-    let mut request: Map<String, Value> = serde_json::from_slice(body)
+    let mut request: Map<String, Value> = crate::json::from_slice(body)
         .map_err(|e| format!("the request body is not a JSON object: {e}"))?;
     let ours = || serde_json::json!({"type": "text", "text": text});
     let system = match request.get_mut("system").map(Value::take) {

@@ -96,7 +96,7 @@ impl ReadError {
     }
 }
 
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -339,7 +339,7 @@ impl Conn {
 }
 
 /// Parses a complete head from `buf`: `Ok(None)` if more bytes are needed.
-fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -436,7 +436,7 @@ pub fn list_values(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
     let digits = line.split(|&b| b == b';').next().unwrap_or(&[]);
     let digits = String::from_utf8_lossy(digits);
     let digits = digits.trim();

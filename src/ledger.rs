@@ -64,8 +64,20 @@ impl Usage {
         set(&mut self.cache_read, r.cache_read_input_tokens);
     }
 
+    /// Adds `other`, saturating: the counts are the upstream's, and nothing bounds them.
+    fn add(&mut self, other: &Usage) {
+        self.input = self.input.saturating_add(other.input);
+        self.output = self.output.saturating_add(other.output);
+        self.cache_creation = self.cache_creation.saturating_add(other.cache_creation);
+        self.cache_read = self.cache_read.saturating_add(other.cache_read);
+    }
+
     pub fn total(&self) -> u64 {
-        self.input + self.output + self.cache_creation + self.cache_read
+        // Saturating: the counts are the upstream's, and nothing bounds them.
+        self.input
+            .saturating_add(self.output)
+            .saturating_add(self.cache_creation)
+            .saturating_add(self.cache_read)
     }
 }
 
@@ -101,19 +113,13 @@ impl Totals {
         if r.status >= 400 || r.error.is_some() {
             self.errors += 1;
         }
-        self.usage.input += r.usage.input;
-        self.usage.output += r.usage.output;
-        self.usage.cache_creation += r.usage.cache_creation;
-        self.usage.cache_read += r.usage.cache_read;
+        self.usage.add(&r.usage);
     }
 
     pub fn absorb(&mut self, other: &Totals) {
         self.requests += other.requests;
         self.errors += other.errors;
-        self.usage.input += other.usage.input;
-        self.usage.output += other.usage.output;
-        self.usage.cache_creation += other.usage.cache_creation;
-        self.usage.cache_read += other.usage.cache_read;
+        self.usage.add(&other.usage);
     }
 }
 
@@ -146,14 +152,16 @@ impl Book {
             Some(days) => days,
             None => self.tokens_by_key.entry(key.to_string()).or_default(),
         };
-        *days.entry(day).or_default() += tokens;
+        let day = days.entry(day).or_default();
+        *day = day.saturating_add(tokens);
     }
 
     /// Tokens used by client key `key` from day `from` on.
     fn tokens_since(&self, key: &str, from: u64) -> u64 {
-        self.tokens_by_key
-            .get(key)
-            .map_or(0, |days| days.range(from..).map(|(_, n)| n).sum())
+        self.tokens_by_key.get(key).map_or(0, |days| {
+            days.range(from..)
+                .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
+        })
     }
 }
 
@@ -448,6 +456,26 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
+    }
+
+    #[test]
+    fn upstream_token_counts_near_u64_max_saturate_instead_of_overflowing() {
+        // Regression (fuzz): usage counts are the upstream's; summing them overflowed.
+        let mut book = Book::default();
+        let mut huge = record(86_400, "ck_a", u64::MAX, 200);
+        huge.usage.output = u64::MAX;
+        assert_eq!(huge.usage.total(), u64::MAX);
+        book.add(&huge);
+        book.add(&huge);
+        let mut later = huge.clone();
+        later.t += 86_400;
+        book.add(&later);
+        assert_eq!(book.tokens_since("ck_a", 0), u64::MAX);
+        let mut totals = Totals::default();
+        totals.add(&huge);
+        totals.absorb(&totals.clone());
+        assert_eq!(totals.usage.input, u64::MAX);
+        assert_eq!(totals.requests, 2);
     }
 
     #[test]

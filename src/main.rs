@@ -17,7 +17,10 @@ mod config;
 mod cooldown;
 mod encoding;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod http;
+mod json;
 mod ledger;
 mod limits;
 mod listener;

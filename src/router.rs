@@ -523,7 +523,7 @@ fn shape_request(
 
 /// An OpenAI Chat Completions request as the Anthropic request to send.
 fn convert(gw: &Gateway, req: &Request) -> Result<(Option<Request>, Shape), ApiError> {
-    let body: serde_json::Value = serde_json::from_slice(&req.body)
+    let body: serde_json::Value = crate::json::from_slice(&req.body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
     let live = gw.live();
     let options = openai::request::Options {
@@ -709,7 +709,7 @@ fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
 
 /// The body must be one JSON object; returns the format it clearly belongs to, if any. One
 /// pass over the body, without building a tree (see `openai::detect`).
-fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
+pub(crate) fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::BadRequest(
             "the request body is empty; expected a JSON object".into(),

@@ -37,7 +37,7 @@ pub fn session_of_user_id(user_id: &str) -> Option<String> {
         return Some(session.to_string()).filter(|s| !s.is_empty());
     }
     if user_id.trim_start().starts_with('{') {
-        let value: serde_json::Value = serde_json::from_str(user_id).ok()?;
+        let value: serde_json::Value = crate::json::from_str(user_id).ok()?;
         return value["session_id"]
             .as_str()
             .filter(|s| !s.is_empty())

@@ -275,14 +275,14 @@ impl Meter {
     }
 
     /// Takes the usage of an Anthropic message body, if it has one.
-    fn message(&mut self, body: &[u8]) {
-        if let Ok(p) = serde_json::from_slice::<UsageProbe>(body) {
+    pub(crate) fn message(&mut self, body: &[u8]) {
+        if let Ok(p) = crate::json::from_slice::<UsageProbe>(body) {
             self.usage.take(&p.usage.unwrap_or_default());
         }
     }
 
     /// Takes the usage of complete SSE events (message_start and message_delta carry it).
-    fn events(&mut self, events: &[u8]) {
+    pub(crate) fn events(&mut self, events: &[u8]) {
         for event in sse::split_events(events) {
             let Some(name) = sse::event_names(event).next() else {
                 continue;
@@ -293,7 +293,7 @@ impl Meter {
             let Some(data) = sse::data(event) else {
                 continue;
             };
-            if let Ok(p) = serde_json::from_slice::<UsageProbe>(&data) {
+            if let Ok(p) = crate::json::from_slice::<UsageProbe>(&data) {
                 let in_message = p.message.and_then(|m| m.usage);
                 self.usage.take(&in_message.unwrap_or_default());
                 self.usage.take(&p.usage.unwrap_or_default());
@@ -451,7 +451,7 @@ fn read_all(reader: &mut dyn Read, limit: u64) -> Result<Vec<u8>, ApiError> {
 }
 
 fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
+    crate::json::from_slice(body).map_err(|e| {
         ApiError::UpstreamUnreachable(format!(
             "the upstream answered something that is not JSON: {e}"
         ))

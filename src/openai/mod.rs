@@ -316,6 +316,48 @@ mod tests {
     }
 
     #[test]
+    fn huge_max_tokens_with_a_huge_thinking_budget_saturates() {
+        // Regression (fuzz): max_tokens + budget_tokens, both the client's, overflowed.
+        let aliases = HashMap::new();
+        let options = Options {
+            default_max_tokens: 8192,
+            aliases: &aliases,
+        };
+        let body = json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "q"}],
+            "max_tokens": u64::MAX - 1,
+            "thinking": {"type": "enabled", "budget_tokens": u64::MAX},
+        });
+        let converted = convert(&body, &options).expect("converts");
+        assert_eq!(converted.body["max_tokens"], u64::MAX);
+    }
+
+    #[test]
+    fn arguments_nested_past_the_limit_are_a_400_not_a_stack_overflow() {
+        // Regression (fuzz): tool-call arguments are JSON inside a string, parsed again.
+        let aliases = HashMap::new();
+        let options = Options {
+            default_max_tokens: 8192,
+            aliases: &aliases,
+        };
+        let deep = "{\"a\":".repeat(10_000);
+        let body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": "f", "arguments": deep}}]},
+            ],
+        });
+        let err = convert(&body, &options).expect_err("too deep");
+        assert_eq!(
+            err.param.as_deref(),
+            Some("messages[1].tool_calls[0].function.arguments")
+        );
+    }
+
+    #[test]
     fn response_fixtures() {
         for (name, case) in fixtures("response") {
             let model = case["model"].as_str().expect("model");

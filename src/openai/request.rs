@@ -141,7 +141,8 @@ pub fn convert(body: &Value, options: &Options<'_>) -> Result<Converted, Invalid
     // Anthropic requires max_tokens > budget_tokens; the client's max_tokens is what it wants
     // to *see*, so the budget goes on top rather than eating into the answer.
     let max_tokens = match thinking_budget {
-        Some(budget) if max_tokens <= budget => max_tokens + budget,
+        // Saturating: both numbers are the client's, and u64::MAX of each must not overflow.
+        Some(budget) if max_tokens <= budget => max_tokens.saturating_add(budget),
         _ => max_tokens,
     };
     out.insert("max_tokens".into(), max_tokens.into());
@@ -673,7 +674,7 @@ fn tool_use(call: &Value, param: &str) -> Result<Value, Invalid> {
     let input = match function.get("arguments") {
         None | Some(Value::Null) => json!({}),
         Some(Value::String(s)) if s.trim().is_empty() => json!({}),
-        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+        Some(Value::String(s)) => crate::json::from_str::<Value>(s)
             .ok()
             .filter(Value::is_object)
             .ok_or_else(|| {

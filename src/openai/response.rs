@@ -17,13 +17,15 @@ pub fn finish_reason(stop_reason: Option<&str>) -> &'static str {
 /// counts, so the prompt total adds them back.
 pub fn usage(u: &Value) -> Value {
     let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let prompt =
-        n("input_tokens") + n("cache_creation_input_tokens") + n("cache_read_input_tokens");
+    // Saturating: the counts are the upstream's, and nothing bounds them.
+    let prompt = n("input_tokens")
+        .saturating_add(n("cache_creation_input_tokens"))
+        .saturating_add(n("cache_read_input_tokens"));
     let completion = n("output_tokens");
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt.saturating_add(completion),
         "prompt_tokens_details": {"cached_tokens": n("cache_read_input_tokens")},
     })
 }
@@ -109,7 +111,7 @@ pub fn error_body(status: u16, error_type: &str, message: &str, param: Option<&s
 /// An Anthropic error body (`{"type":"error","error":{"type","message"}}`) → OpenAI's. A body
 /// that is not Anthropic's shape keeps its text as the message.
 pub fn error_from_anthropic(status: u16, body: &[u8]) -> Value {
-    let value: Value = serde_json::from_slice(body).unwrap_or_default();
+    let value: Value = crate::json::from_slice(body).unwrap_or_default();
     let kind = value["error"]["type"].as_str().unwrap_or(if status >= 500 {
         "api_error"
     } else {
@@ -148,4 +150,21 @@ pub fn model(m: &Value) -> Value {
         "created": created,
         "owned_by": "anthropic",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_near_u64_max_saturate_instead_of_overflowing() {
+        // Regression (fuzz): the upstream's counts were summed unchecked, a panic in debug.
+        let u = usage(&json!({
+            "input_tokens": u64::MAX,
+            "cache_read_input_tokens": u64::MAX,
+            "output_tokens": u64::MAX,
+        }));
+        assert_eq!(u["prompt_tokens"], u64::MAX);
+        assert_eq!(u["total_tokens"], u64::MAX);
+    }
 }

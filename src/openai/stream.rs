@@ -78,7 +78,7 @@ impl ChunkStream {
         let Some(data) = crate::sse::data(event) else {
             return Vec::new();
         };
-        let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+        let Ok(v) = crate::json::from_slice::<Value>(&data) else {
             return Vec::new();
         };
         let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
