@@ -579,6 +579,11 @@ pub struct BodyWriter<'a> {
 }
 
 impl BodyWriter<'_> {
+    /// The client's socket, for watching whether the client is still there (`watch`).
+    pub fn socket(&self) -> &TcpStream {
+        self.stream
+    }
+
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());

@@ -37,6 +37,7 @@ mod store;
 mod sys;
 mod time;
 mod upstream;
+mod watch;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -160,6 +160,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     let settings = PoolSettings {
         workers: config.server.workers,
         queue: config.server.accept_queue,
+        idle_retire: config.server.worker_idle,
     };
     let workers = Arc::clone(&gateway.workers);
     listener::run(listener, settings, workers, move |stream| {
@@ -192,6 +193,7 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) {
             let settings = PoolSettings {
                 workers: 4,
                 queue: 16,
+                idle_retire: Duration::from_secs(60),
             };
             listener::run(listener, settings, Arc::default(), move |stream| {
                 serve_connection(&gw, stream, true)

@@ -1,5 +1,6 @@
-//! The two Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead
-//! stack pages (`memory`) and a deeper accept queue for the listener.
+//! The Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead
+//! stack pages (`memory`), a deeper accept queue for the listener, and a non-blocking peek at
+//! a client socket (`watch`).
 
 use std::ffi::{c_int, c_void};
 
@@ -9,6 +10,7 @@ mod ffi {
     unsafe extern "C" {
         pub fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
         pub fn listen(fd: c_int, backlog: c_int) -> c_int;
+        pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
     }
 }
 
@@ -50,4 +52,36 @@ pub fn deepen_backlog(listener: &std::net::TcpListener, backlog: c_int) -> std::
 #[cfg(not(unix))]
 pub fn deepen_backlog(_listener: &std::net::TcpListener, _backlog: c_int) -> std::io::Result<()> {
     Ok(())
+}
+
+/// Peeks at one byte of a socket without blocking and without consuming it: `Ok(0)` is end
+/// of stream, `WouldBlock` an open socket with nothing waiting. std's `peek` would block, and
+/// making the socket non-blocking would change it for every holder of the descriptor.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn peek_nonblocking(fd: c_int) -> std::io::Result<usize> {
+    const MSG_PEEK: c_int = 2;
+    const MSG_DONTWAIT: c_int = 0x40;
+    let mut byte = 0u8;
+    // SAFETY: the buffer is one byte we own for the duration of the call; a descriptor that is
+    // not a socket (or no longer open) makes recv fail with an error, nothing more.
+    let n = unsafe {
+        ffi::recv(
+            fd,
+            (&raw mut byte).cast::<c_void>(),
+            1,
+            MSG_PEEK | MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Elsewhere the client is never found gone early; the next write notices instead.
+#[cfg(not(target_os = "linux"))]
+pub fn peek_nonblocking(_fd: c_int) -> std::io::Result<usize> {
+    Err(std::io::ErrorKind::WouldBlock.into())
 }

@@ -61,6 +61,8 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keepalive_timeout: Duration,
+    /// How long a worker beyond the few kept waits idle before its thread ends.
+    pub worker_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -449,11 +451,13 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         header_timeout: dur(s.header_timeout, 10),
         body_timeout: dur(s.body_timeout, 30),
         keepalive_timeout: dur(s.keepalive_timeout, 60),
+        worker_idle: dur(s.worker_idle, 60),
     };
     for (name, d) in [
         ("server.header_timeout", server.header_timeout),
         ("server.body_timeout", server.body_timeout),
         ("server.keepalive_timeout", server.keepalive_timeout),
+        ("server.worker_idle", server.worker_idle),
     ] {
         if d.is_zero() {
             return Err(invalid(format!("{name} must be more than zero")));
@@ -856,6 +860,8 @@ mod tests {
         assert!(parse("server:\n  workers: many\n").is_err());
         assert!(parse("server:\n  workers: 0\n").is_err());
         assert!(parse("server:\n  header_timeout: 1d\n").is_err());
+        assert!(parse("server:\n  worker_idle: 0s\n").is_err());
+        assert!(parse("server:\n  worker_idle: soon\n").is_err());
         assert!(parse("upstream:\n  base_url: ftp://x\n").is_err());
         assert!(parse("server:\n  listen: nowhere\n").is_err());
         assert!(parse("log:\n  level: loud\n").is_err());

@@ -36,6 +36,7 @@ pub struct RawServer {
     pub header_timeout: Option<Dur>,
     pub body_timeout: Option<Dur>,
     pub keepalive_timeout: Option<Dur>,
+    pub worker_idle: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
