@@ -18,7 +18,8 @@ use crate::support::{
 };
 
 const MESSAGES_STREAM: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"count"}]}"#;
-const CHAT_STREAM: &str = r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"count"}]}"#;
+const CHAT_STREAM: &str =
+    r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"count"}]}"#;
 const CHAT_BODY: &str =
     r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -60,7 +61,9 @@ fn assert_openai_error(resp: &crate::support::Response, status: u16) -> Value {
     assert_eq!(resp.status, status, "status; body: {}", resp.text());
     let v = resp.json();
     assert!(
-        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "OpenAI error shape: {v}"
     );
     assert!(v["error"]["type"].is_string(), "OpenAI error type: {v}");
@@ -136,11 +139,176 @@ fn client_leaving_a_silent_stream_frees_worker_and_upstream_within_a_second() {
             &format!("{path}: an access line saying the client went away"),
             Duration::from_secs(2),
             || {
-                access_lines(&gw, path).iter().any(|v| {
-                    v.to_string().contains("client went away")
-                })
+                access_lines(&gw, path)
+                    .iter()
+                    .any(|v| v.to_string().contains("client went away"))
             },
         );
     }
     assert_eq!(up.requests().len(), 2, "one upstream request per stream");
+}
+
+/// Sends raw request bytes on a fresh connection and reads the answer.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> crate::support::Response {
+    let mut conn = Conn::open(addr);
+    conn.send(bytes);
+    conn.read_response()
+}
+
+/// Checks an error in the shape of the endpoint's API.
+fn assert_shaped(path: &str, resp: &crate::support::Response, status: u16, what: &str) {
+    assert_eq!(resp.status, status, "{path} {what}: {}", resp.text());
+    if path == "/v1/chat/completions" {
+        assert_openai_error(resp, status);
+    } else {
+        assert_error(resp, status, None);
+    }
+}
+
+/// Hostile framing (a 1 TB or u64::MAX `Content-Length`, `Content-Length` with
+/// `Transfer-Encoding`, conflicting duplicate lengths) gets 413 or 400 in the endpoint's error
+/// shape (Anthropic's or OpenAI's) without reading or allocating what was declared: the
+/// process stays up, its RSS grows by less than 16 MiB, and it keeps serving. Limits:
+/// `server.max_body_bytes`.
+#[test]
+fn hostile_framing_is_refused_in_the_endpoints_shape_without_memory_growth() {
+    let up = FakeUpstream::json(
+        200,
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
+    );
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let key = gw.client_key().to_string();
+    assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+    let before = rss_kib(&gw);
+
+    for path in ["/v1/messages", "/v1/chat/completions"] {
+        let head = |framing: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n\
+                 content-type: application/json\r\n{framing}\r\n"
+            )
+        };
+        for (what, framing, status) in [
+            ("1 TB length", "content-length: 1099511627776\r\n", 413),
+            (
+                "u64::MAX length",
+                "content-length: 18446744073709551615\r\n",
+                413,
+            ),
+            (
+                "length and chunked",
+                "content-length: 5\r\ntransfer-encoding: chunked\r\n",
+                400,
+            ),
+            (
+                "conflicting lengths",
+                "content-length: 2\r\ncontent-length: 300\r\n",
+                400,
+            ),
+        ] {
+            let resp = raw(gw.addr(), head(framing).as_bytes());
+            // u64::MAX may be refused as too large (413) or as unparseable (400); both are fine.
+            let status = if what == "u64::MAX length" && resp.status == 400 {
+                400
+            } else {
+                status
+            };
+            assert_shaped(path, &resp, status, what);
+        }
+    }
+    let after = rss_kib(&gw);
+    assert!(
+        after < before + 16 * 1024,
+        "RSS went from {before} KiB to {after} KiB on declared lengths"
+    );
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "no refused request reached the upstream"
+    );
+    assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+    assert_serving(&gw, "/v1/chat/completions", CHAT_BODY);
+}
+
+/// Header injection (bare CR, NUL, obs-fold, a space before the colon), invalid UTF-8 in
+/// the JSON, JSON nested 100,000 levels deep and a 50 MB body of valid JSON (over
+/// `server.max_body_bytes`) each get a clear 4xx in the endpoint's error shape; none reaches
+/// the upstream, nothing panics or overflows a stack, and the gateway keeps serving.
+#[test]
+fn hostile_headers_and_bodies_get_clear_errors_and_the_gateway_survives() {
+    let up = FakeUpstream::json(
+        200,
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
+    );
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let key = gw.client_key().to_string();
+
+    let mut deep = String::from(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}],"metadata":"#,
+    );
+    deep.push_str(&"[".repeat(100_000));
+    deep.push_str(&"]".repeat(100_000));
+    deep.push('}');
+    let mut bad_utf8 = br#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"caf"#.to_vec();
+    bad_utf8.extend_from_slice(b"\xff\xfe\xc3(");
+    bad_utf8.extend_from_slice(br#""}]}"#);
+
+    for path in ["/v1/messages", "/v1/chat/completions"] {
+        for (what, extra) in [
+            ("bare CR in a value", "x-note: a\rx-api-key: stolen\r\n"),
+            ("NUL in a value", "x-note: a\0b\r\n"),
+            ("obs-fold", "x-note: a\r\n folded: in\r\n"),
+            ("space before colon", "x-note : a\r\n"),
+        ] {
+            let bytes = format!(
+                "POST {path} HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n{extra}\
+                 content-length: {}\r\n\r\n{MESSAGE_BODY}",
+                MESSAGE_BODY.len()
+            );
+            let resp = raw(gw.addr(), bytes.as_bytes());
+            assert_shaped(path, &resp, 400, what);
+        }
+        for (what, body) in [
+            ("invalid UTF-8", bad_utf8.clone()),
+            ("100k levels of nesting", deep.clone().into_bytes()),
+        ] {
+            let resp = call(
+                gw.addr(),
+                "POST",
+                path,
+                &[("x-api-key", &key), ("content-type", "application/json")],
+                &body,
+            );
+            assert_shaped(path, &resp, 400, what);
+        }
+
+        // 50 MB of valid JSON, sent for real; the answer comes from the declared length.
+        let mut big = String::with_capacity(50 << 20);
+        big.push_str(r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":""#);
+        big.push_str(&"a".repeat(50 << 20));
+        big.push_str(r#""}]}"#);
+        let mut conn = Conn::open(gw.addr());
+        let mut writer = conn.writer();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            big.len()
+        );
+        conn.send(head.as_bytes());
+        let sender = thread::spawn(move || {
+            // The gateway stops reading after its answer: a failed write is expected.
+            let _ = writer.write_all(big.as_bytes());
+        });
+        let resp = conn.read_response();
+        assert_shaped(path, &resp, 413, "50 MB body");
+        drop(conn);
+        let _ = sender.join();
+    }
+    assert!(
+        up.requests().is_empty(),
+        "no hostile request reached the upstream: {:?}",
+        up.requests().iter().map(|r| &r.target).collect::<Vec<_>>()
+    );
+    assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+    assert_serving(&gw, "/v1/chat/completions", CHAT_BODY);
 }
