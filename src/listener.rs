@@ -176,6 +176,13 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             if wait.timed_out() && state.queue.is_empty() && state.idle >= KEEP_IDLE {
                 state.total -= 1;
                 pool.workers.alive.fetch_sub(1, Ordering::Relaxed);
+                // The last idle worker to retire in a wave (the rest are the ones kept) gives
+                // the heap that the departed connections freed back to the system, once.
+                let last = state.idle == KEEP_IDLE;
+                drop(state);
+                if last {
+                    crate::sys::trim_heap();
+                }
                 return;
             }
         };

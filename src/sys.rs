@@ -1,6 +1,6 @@
 //! The Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead
-//! stack pages (`memory`), a deeper accept queue for the listener, and a non-blocking peek at
-//! a client socket (`watch`).
+//! stack pages (`memory`), a deeper accept queue for the listener, a non-blocking peek at a
+//! client socket (`watch`), and giving freed heap back after the worker pool shrinks.
 
 use std::ffi::{c_int, c_void};
 
@@ -11,6 +11,8 @@ mod ffi {
         pub fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
         pub fn listen(fd: c_int, backlog: c_int) -> c_int;
         pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        pub fn malloc_trim(pad: usize) -> c_int;
     }
 }
 
@@ -85,3 +87,18 @@ pub fn peek_nonblocking(fd: c_int) -> std::io::Result<usize> {
 pub fn peek_nonblocking(_fd: c_int) -> std::io::Result<usize> {
     Err(std::io::ErrorKind::WouldBlock.into())
 }
+
+/// Returns the free pages of every malloc arena to the system. glibc gives back only the top
+/// of a heap on `free`; after a flood (700 slow connections) each of its 16 per-thread arenas
+/// kept about 500 KiB of freed blocks resident, 8 MB in all, until this call.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only reorganises the allocator's own free lists and takes its locks.
+    unsafe {
+        ffi::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn trim_heap() {}

@@ -312,3 +312,208 @@ fn hostile_headers_and_bodies_get_clear_errors_and_the_gateway_survives() {
     assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
     assert_serving(&gw, "/v1/chat/completions", CHAT_BODY);
 }
+
+/// One slow-loris connection and when the gateway cut it.
+struct Staller {
+    stream: TcpStream,
+    /// The request bytes still to dribble (empty for a body staller: it has sent all it will).
+    rest: Vec<u8>,
+    /// When the clock of its timeout started: the connect for a head, the last byte for a body.
+    since: Instant,
+    cut: Option<Instant>,
+}
+
+impl Staller {
+    /// Reads what the gateway sent (a 408, then EOF); records the cut at EOF or a reset.
+    fn poll(&mut self, now: Instant) {
+        let mut sink = [0u8; 512];
+        loop {
+            match self.stream.read(&mut sink) {
+                Ok(0) => break self.cut = Some(now),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => break self.cut = Some(now),
+            }
+        }
+    }
+
+    /// Sends the next byte of the head; a refused write is a cut too.
+    fn dribble(&mut self, now: Instant) {
+        if self.rest.is_empty() || self.cut.is_some() {
+            return;
+        }
+        match self.stream.write(&self.rest[..1]) {
+            Ok(_) => {
+                self.rest.remove(0);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.cut = Some(now),
+        }
+    }
+}
+
+/// 500 connections sending their head one byte a second and 200 that send a head and stall
+/// their body do not slow anyone else: normal requests during the flood are each served within
+/// 1 s; every staller is cut at its timeout (`server.header_timeout` from the connect,
+/// `server.body_timeout` from the last body byte; 2 s here) and not before; afterwards the
+/// worker threads retire (`server.worker_idle`, 1 s here) and threads and RSS come back to
+/// their baseline. Needs `server.workers` above 700 plus the normal clients: the default 1280
+/// is used (the harness's 32 would send the flood to the accept queue and 503s).
+#[test]
+fn slow_loris_flood_does_not_delay_normal_clients_and_everything_is_given_back() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let (dribblers, body_stallers) = if crate::faults::long() {
+        (2000, 800)
+    } else {
+        (500, 200)
+    };
+    let up = FakeUpstream::json(
+        200,
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
+    );
+    let config = Config::new(up.base_url())
+        .workers(1280)
+        .header_timeout("2s")
+        .body_timeout("2s")
+        .server("accept_queue", "256")
+        .server("worker_idle", "1s");
+    let gw = Gateway::started(&config);
+    let key = gw.client_key().to_string();
+    for _ in 0..3 {
+        assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+    }
+    // Baseline: the process warm, one worker alive.
+    let base_threads = threads(&gw);
+    let base_rss = rss_kib(&gw);
+
+    let head = request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        MESSAGE_BODY.as_bytes(),
+    );
+    let head_len = head.len() - MESSAGE_BODY.len();
+    let mut stallers = Vec::new();
+    for i in 0..dribblers + body_stallers {
+        let mut stream = TcpStream::connect(gw.addr()).expect("connect a staller");
+        let since = Instant::now();
+        let rest = if i < dribblers {
+            head.clone()
+        } else {
+            // The whole head and a few body bytes, then silence.
+            stream
+                .write_all(&head[..head_len + 8])
+                .expect("send a staller's head");
+            Vec::new()
+        };
+        stream.set_nonblocking(true).expect("non-blocking staller");
+        let mut s = Staller {
+            stream,
+            rest,
+            since,
+            cut: None,
+        };
+        s.dribble(since);
+        stallers.push(s);
+    }
+
+    // Normal clients, one after another for the whole flood, each timed.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let normal = {
+        let (flooding, latencies) = (Arc::clone(&flooding), Arc::clone(&latencies));
+        let (addr, key) = (gw.addr(), key.clone());
+        thread::spawn(move || {
+            while flooding.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let resp = call(
+                    addr,
+                    "POST",
+                    "/v1/messages",
+                    &[("x-api-key", &key)],
+                    MESSAGE_BODY.as_bytes(),
+                );
+                latencies
+                    .lock()
+                    .expect("latencies")
+                    .push((t.elapsed(), resp.status));
+                thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let deadline = Instant::now() + TIMEOUT + Duration::from_secs(10);
+    let mut next_byte = Instant::now() + Duration::from_secs(1);
+    while stallers.iter().any(|s| s.cut.is_none()) && Instant::now() < deadline {
+        let now = Instant::now();
+        for s in stallers.iter_mut().filter(|s| s.cut.is_none()) {
+            s.poll(now);
+        }
+        if now >= next_byte {
+            for s in &mut stallers {
+                s.dribble(now);
+            }
+            next_byte += Duration::from_secs(1);
+        }
+        // Polling 700 non-blocking sockets: the 20 ms between rounds is the measurement's
+        // resolution, not a synchronisation.
+        thread::sleep(Duration::from_millis(20));
+    }
+    flooding.store(false, Ordering::SeqCst);
+    let _ = normal.join();
+
+    let uncut = stallers.iter().filter(|s| s.cut.is_none()).count();
+    assert_eq!(
+        uncut, 0,
+        "stallers still connected 10 s after their timeout"
+    );
+    let waits: Vec<Duration> = stallers
+        .iter()
+        .filter_map(|s| Some(s.cut? - s.since))
+        .collect();
+    let (earliest, latest) = (
+        waits.iter().min().copied().unwrap_or_default(),
+        waits.iter().max().copied().unwrap_or_default(),
+    );
+    eprintln!("stallers cut after {earliest:?} to {latest:?}");
+    assert!(
+        earliest >= TIMEOUT - Duration::from_millis(50),
+        "a staller was cut after {earliest:?}, before its {TIMEOUT:?} timeout"
+    );
+    assert!(
+        latest <= TIMEOUT + Duration::from_millis(1500),
+        "a staller was cut only after {latest:?}; its timeout is {TIMEOUT:?}"
+    );
+    let latencies = latencies.lock().expect("latencies").clone();
+    let slowest = latencies.iter().map(|(d, _)| *d).max().unwrap_or_default();
+    eprintln!(
+        "{} normal requests during the flood, slowest {slowest:?}",
+        latencies.len()
+    );
+    assert!(latencies.len() >= 5, "normal clients ran during the flood");
+    assert!(
+        latencies.iter().all(|(_, status)| *status == 200),
+        "every normal request served: {latencies:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a normal request took {slowest:?} during the flood"
+    );
+    drop(stallers);
+
+    // Workers beyond the 4 a pool keeps idle retire after worker_idle; memory is given back.
+    wait_until(
+        "worker threads back to baseline",
+        Duration::from_secs(10),
+        || threads(&gw) <= base_threads + 4,
+    );
+    wait_until("RSS back to baseline", Duration::from_secs(10), || {
+        rss_kib(&gw) <= base_rss + 4 * 1024
+    });
+    eprintln!(
+        "threads {base_threads} -> {}, RSS {base_rss} KiB -> {} KiB",
+        threads(&gw),
+        rss_kib(&gw)
+    );
+    assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+}
