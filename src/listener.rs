@@ -63,6 +63,8 @@ struct State {
     idle: usize,
     /// Workers alive.
     total: usize,
+    /// Workers retired since the heap was last trimmed.
+    trim_pending: bool,
 }
 
 struct Pool {
@@ -90,6 +92,7 @@ where
             queue: VecDeque::new(),
             idle: 0,
             total: 0,
+            trim_pending: false,
         }),
         ready: Condvar::new(),
         settings,
@@ -173,17 +176,23 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
                 .unwrap_or_else(|p| p.into_inner());
             state = guard;
             state.idle -= 1;
-            if wait.timed_out() && state.queue.is_empty() && state.idle >= KEEP_IDLE {
+            if !wait.timed_out() || !state.queue.is_empty() {
+                continue;
+            }
+            if state.idle >= KEEP_IDLE {
                 state.total -= 1;
+                state.trim_pending = true;
                 pool.workers.alive.fetch_sub(1, Ordering::Relaxed);
-                // The last idle worker to retire in a wave (the rest are the ones kept) gives
-                // the heap that the departed connections freed back to the system, once.
-                let last = state.idle == KEEP_IDLE;
-                drop(state);
-                if last {
-                    crate::sys::trim_heap();
-                }
                 return;
+            }
+            if state.trim_pending {
+                // A kept worker, idle for a whole period after a wave of retirements: every
+                // retiree has exited by now, so the heap their connections freed can go back
+                // to the system, once per wave.
+                state.trim_pending = false;
+                drop(state);
+                crate::sys::trim_heap();
+                state = pool.lock();
             }
         };
         drop(state);

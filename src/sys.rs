@@ -90,7 +90,8 @@ pub fn peek_nonblocking(_fd: c_int) -> std::io::Result<usize> {
 
 /// Returns the free pages of every malloc arena to the system. glibc gives back only the top
 /// of a heap on `free`; after a flood (700 slow connections) each of its 16 per-thread arenas
-/// kept about 500 KiB of freed blocks resident, 8 MB in all, until this call.
+/// kept about 500 KiB of freed blocks resident, 8 MB in all, until this call (`listener`
+/// makes it once per wave of retiring workers).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn trim_heap() {

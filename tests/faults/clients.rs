@@ -371,8 +371,10 @@ fn slow_loris_flood_does_not_delay_normal_clients_and_everything_is_given_back()
         200,
         r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
     );
+    // The default 1280 workers, or more for the long form's bigger flood.
+    let workers = 1280.max(dribblers + body_stallers + 64);
     let config = Config::new(up.base_url())
-        .workers(1280)
+        .workers(workers)
         .header_timeout("2s")
         .body_timeout("2s")
         .server("accept_queue", "256")
@@ -516,4 +518,137 @@ fn slow_loris_flood_does_not_delay_normal_clients_and_everything_is_given_back()
         rss_kib(&gw)
     );
     assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
+}
+
+/// One request with its own short deadline: `None` when it cannot be made or answered in
+/// time (the gateway out of descriptors), so a caller can poll for recovery.
+fn try_call(addr: SocketAddr, key: &str, wait: Duration) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(wait)).ok()?;
+    let bytes = request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", key), ("connection", "close")],
+        MESSAGE_BODY.as_bytes(),
+    );
+    stream.write_all(&bytes).ok()?;
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    let line = got.split(|&b| b == b'\r').next()?;
+    std::str::from_utf8(line)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// With its descriptors capped at 256 (`prlimit`), a gateway hit by 1000 connections refuses
+/// or queues the excess (accept fails with EMFILE, logged at most once a second, and the
+/// kernel's accept queue holds the rest), never exits, and serves normal requests again within
+/// 5 s of the clients leaving, by itself. Depends on the accept loop's 10 ms back-off and
+/// `server.header_timeout` (5 s here) for idle connections it did accept.
+#[test]
+fn running_out_of_descriptors_is_survived_and_recovered_from() {
+    let clients = if crate::faults::long() { 3000 } else { 1000 };
+    let up = FakeUpstream::json(
+        200,
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
+    );
+    let config = Config::new(up.base_url())
+        .workers(1280)
+        .header_timeout("5s");
+    let gw = Gateway::started(&config);
+    let key = gw.client_key().to_string();
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", gw.pid()))
+        .arg("--nofile=256:256")
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(
+        limited.success(),
+        "prlimit lowered the gateway's RLIMIT_NOFILE"
+    );
+    assert_eq!(
+        try_call(gw.addr(), &key, Duration::from_secs(2)),
+        Some(200),
+        "served before the flood"
+    );
+
+    let flood_started = Instant::now();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..clients {
+        match TcpStream::connect_timeout(&gw.addr(), Duration::from_millis(500)) {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    wait_until("the gateway logs failing accepts", STEP_TIMEOUT, || {
+        gw.stderr().contains("accept failed")
+    });
+    let pid_alive = std::path::Path::new(&format!("/proc/{}", gw.pid())).exists();
+    assert!(
+        pid_alive,
+        "the gateway is still running while out of descriptors"
+    );
+    eprintln!(
+        "{} connections held, {refused} refused at connect",
+        held.len()
+    );
+    // A client arriving now waits in the kernel's accept queue and is served once the
+    // gateway has descriptors again: queued, not lost.
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let queued = {
+        let (addr, key) = (gw.addr(), key.clone());
+        thread::spawn(move || {
+            let mut stream = TcpStream::connect(addr).expect("queued client connects");
+            stream
+                .set_read_timeout(Some(STEP_TIMEOUT))
+                .expect("read timeout");
+            let bytes = request_bytes(
+                "POST",
+                "/v1/messages",
+                &[("x-api-key", &key), ("connection", "close")],
+                MESSAGE_BODY.as_bytes(),
+            );
+            stream.write_all(&bytes).expect("queued request sent");
+            let _ = sent_tx.send(());
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got);
+            got.starts_with(b"HTTP/1.1 200 ")
+        })
+    };
+    sent_rx
+        .recv_timeout(STEP_TIMEOUT)
+        .expect("the queued client sent its request during the flood");
+    drop(held);
+    let left = Instant::now();
+    wait_until(
+        "a normal request served after the clients left",
+        Duration::from_secs(5),
+        || try_call(gw.addr(), &key, Duration::from_secs(2)) == Some(200),
+    );
+    eprintln!("served again {:?} after the clients left", left.elapsed());
+    assert!(
+        queued.join().expect("queued client thread"),
+        "the client that arrived during the flood was served after it"
+    );
+
+    let stderr = gw.stderr();
+    let accept_errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    assert!(
+        accept_errors.iter().any(|l| l.contains("os error 24")),
+        "the log names the cause (EMFILE): {accept_errors:?}"
+    );
+    let seconds = flood_started.elapsed().as_secs() + 1;
+    assert!(
+        accept_errors.len() as u64 <= seconds,
+        "{} accept-error lines in {seconds} s: at most one a second",
+        accept_errors.len()
+    );
+    assert_serving(&gw, "/v1/chat/completions", CHAT_BODY);
 }
