@@ -120,6 +120,20 @@ pub struct HeadInfo {
     pub request_id: Option<String>,
 }
 
+/// The method and path of a head that was refused before it could be parsed whole.
+fn request_line(buf: &[u8]) -> Option<HeadInfo> {
+    let line = buf.split(|&b| b == b'\n').next()?;
+    let mut parts = std::str::from_utf8(line).ok()?.split(' ');
+    let method = parts.next()?.to_string();
+    let target = parts.next()?;
+    let path = target.split('?').next().unwrap_or(target).to_string();
+    Some(HeadInfo {
+        method,
+        path,
+        request_id: None,
+    })
+}
+
 fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -181,9 +195,17 @@ impl Conn {
         // accept, for a new connection): a client trickling one byte a second is cut.
         let deadline = if first { started } else { Instant::now() } + limits.header_timeout;
         let (mut request, framing, head_len) = loop {
-            match parse_head(&self.buf)? {
+            let parsed = parse_head(&self.buf).inspect_err(|_| {
+                // Refused for its framing or fields: the request line still tells the error
+                // answer which API's shape the client speaks.
+                self.last_head = request_line(&self.buf);
+            })?;
+            match parsed {
                 Some(parsed) => break parsed,
-                None if self.buf.len() >= MAX_HEAD => return Err(ReadError::HeadTooLarge),
+                None if self.buf.len() >= MAX_HEAD => {
+                    self.last_head = request_line(&self.buf);
+                    return Err(ReadError::HeadTooLarge);
+                }
                 None => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -580,6 +602,11 @@ pub struct BodyWriter<'a> {
 }
 
 impl BodyWriter<'_> {
+    /// The client's socket, for watching whether the client is still there (`watch`).
+    pub fn socket(&self) -> &TcpStream {
+        self.stream
+    }
+
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());

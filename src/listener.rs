@@ -1,8 +1,9 @@
 //! The listener and its worker pool: one thread accepts; at most `workers` threads serve
-//! connections, started on demand and retired after a minute idle, so an idle gateway stays
-//! small. When every worker is busy, connections wait in a bounded queue; past that they get
-//! an immediate 503 with `retry-after` instead of hanging. Accept errors (EMFILE under load)
-//! are logged and survived. `Workers::stop` ends the accept loop for a graceful shutdown.
+//! connections, started on demand and retired after `server.worker_idle` (a minute by
+//! default) idle, so an idle gateway stays small. When every worker is busy, connections wait
+//! in a bounded queue; past that they get an immediate 503 with `retry-after` instead of
+//! hanging. Accept errors (EMFILE under load) are logged and survived. `Workers::stop` ends the
+//! accept loop for a graceful shutdown.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -11,9 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Idle workers beyond this many retire after `IDLE_RETIRE`.
+/// Idle workers beyond this many retire after `PoolSettings::idle_retire`.
 const KEEP_IDLE: usize = 4;
-const IDLE_RETIRE: Duration = Duration::from_secs(60);
 // Worker stacks: serde_json caps nesting at 128, and TLS needs tens of KiB; 256 KiB of address
 // space each, of which only touched pages cost memory (see `memory`).
 use crate::memory::WORKER_STACK;
@@ -21,6 +21,8 @@ use crate::memory::WORKER_STACK;
 pub struct PoolSettings {
     pub workers: usize,
     pub queue: usize,
+    /// How long a worker beyond `KEEP_IDLE` waits for a connection before its thread ends.
+    pub idle_retire: Duration,
 }
 
 /// Worker counts, readable by status while the pool runs.
@@ -78,6 +80,8 @@ struct State {
     idle: usize,
     /// Workers alive.
     total: usize,
+    /// Workers retired since the heap was last trimmed.
+    trim_pending: bool,
 }
 
 struct Pool {
@@ -105,6 +109,7 @@ where
             queue: VecDeque::new(),
             idle: 0,
             total: 0,
+            trim_pending: false,
         }),
         ready: Condvar::new(),
         settings,
@@ -197,14 +202,27 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             state.idle += 1;
             let (guard, wait) = pool
                 .ready
-                .wait_timeout(state, IDLE_RETIRE)
+                .wait_timeout(state, pool.settings.idle_retire)
                 .unwrap_or_else(|p| p.into_inner());
             state = guard;
             state.idle -= 1;
-            if wait.timed_out() && state.queue.is_empty() && state.idle >= KEEP_IDLE {
+            if !wait.timed_out() || !state.queue.is_empty() {
+                continue;
+            }
+            if state.idle >= KEEP_IDLE {
                 state.total -= 1;
+                state.trim_pending = true;
                 pool.workers.alive.fetch_sub(1, Ordering::Relaxed);
                 return;
+            }
+            if state.trim_pending {
+                // A kept worker, idle for a whole period after a wave of retirements: every
+                // retiree has exited by now, so the heap their connections freed can go back
+                // to the system, once per wave.
+                state.trim_pending = false;
+                drop(state);
+                crate::sys::trim_heap();
+                state = pool.lock();
             }
         };
         drop(state);

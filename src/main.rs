@@ -40,6 +40,7 @@ mod store;
 mod sys;
 mod time;
 mod upstream;
+mod watch;
 
 fn main() -> std::process::ExitCode {
     cli::main()

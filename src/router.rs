@@ -184,10 +184,15 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
     let started = Instant::now();
     let head = conn.last_head().cloned();
     let request_id = request_id_from(head.as_ref().and_then(|h| h.request_id.as_deref()));
+    // The head was read, so its path says which API's error shape the client understands.
+    let mut names = Names::default();
+    if head.as_ref().is_some_and(|h| is_chat_path(&h.path)) {
+        names.format = Format::OpenAI;
+    }
     send_error(
         conn.respond(1, false).with_request_id(&request_id),
         error,
-        Format::Anthropic,
+        names.format,
     );
     if gw.live().access_log {
         let (method, path) = head.map_or((None, None), |h| (Some(h.method), Some(h.path)));
@@ -199,9 +204,13 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
             status: error.status(),
             error: Some(&error.to_string()),
         };
-        gw.access
-            .write(&line.render(&Names::default(), &Meter::default()));
+        gw.access.write(&line.render(&names, &Meter::default()));
     }
+}
+
+/// The OpenAI Chat Completions paths: their clients get OpenAI's error shape.
+fn is_chat_path(path: &str) -> bool {
+    matches!(path, "/v1/chat/completions" | "/chat/completions")
 }
 
 /// The fields of an access log line that are not in `Names` or `Meter`.
@@ -375,7 +384,7 @@ fn serve(
 ) -> Result<Served, ApiError> {
     // The caller's format, as far as the path and headers tell, before anything can fail.
     let path = req.path();
-    if matches!(path, "/v1/chat/completions" | "/chat/completions")
+    if is_chat_path(path)
         || (path.starts_with("/v1/models") && req.header("anthropic-version").is_none())
     {
         names.format = Format::OpenAI;
@@ -715,8 +724,47 @@ pub(crate) fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
             "the request body is empty; expected a JSON object".into(),
         ));
     }
-    openai::detect(body)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))
+    let format = openai::detect(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
+    // The probe skips the values it does not look at without a depth limit; a later full parse
+    // (OpenAI conversion) stops at serde_json's 128. Both endpoints refuse the same bodies.
+    if nested_deeper_than(body, MAX_JSON_DEPTH) {
+        return Err(ApiError::BadRequest(format!(
+            "the request body nests JSON deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    Ok(format)
+}
+
+/// serde_json's own recursion limit.
+const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether valid JSON `body` nests arrays and objects more than `limit` deep.
+fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Sends `error` in the client's format. Returns whether the connection may be reused.
@@ -739,6 +787,15 @@ pub fn send_error(out: Responder<'_>, error: &ApiError, format: Format) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert!(!nested_deeper_than(br#"{"a":[[1]]}"#, 3));
+        assert!(nested_deeper_than(br#"{"a":[[[1]]]}"#, 3));
+        assert!(!nested_deeper_than(br#"{"a":"[[[[\"{{{{"}"#, 1));
+        assert!(!nested_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(nested_deeper_than(&[b'['; 200], MAX_JSON_DEPTH));
+    }
 
     #[test]
     fn routes_match_paths_and_methods() {

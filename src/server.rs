@@ -281,6 +281,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     let settings = PoolSettings {
         workers: config.server.workers,
         queue: config.server.accept_queue,
+        idle_retire: config.server.worker_idle,
     };
     let workers = Arc::clone(&gateway.workers);
     let serving = Arc::clone(&gateway);
@@ -398,6 +399,7 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
             let settings = PoolSettings {
                 workers: 4,
                 queue: 16,
+                idle_retire: Duration::from_secs(60),
             };
             listener::run(listener, settings, workers, move |stream| {
                 serve_connection(&gw, stream, kind)
@@ -586,6 +588,10 @@ fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
         (
             "server.shutdown_grace",
             old.server.shutdown_grace != fresh.server.shutdown_grace,
+        ),
+        (
+            "server.worker_idle",
+            old.server.worker_idle != fresh.server.worker_idle,
         ),
         ("admin.listen", old.admin_listen != fresh.admin_listen),
         ("auth.open", old.auth_open != fresh.auth_open),

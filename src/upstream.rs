@@ -6,6 +6,8 @@ use std::io::Read;
 use std::time::Instant;
 
 use ureq::http::{self, HeaderMap};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 use ureq::{Agent, Body};
 
 use std::borrow::Cow;
@@ -17,6 +19,7 @@ use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
 use crate::sse;
+use crate::watch::{self, ClientWatch};
 
 /// Bodies up to this size are read whole and sent with the head in one write.
 const BUFFER_WHOLE: u64 = 256 * 1024;
@@ -78,7 +81,7 @@ fn withheld_from_upstream(name: &str) -> bool {
 impl Upstream {
     pub fn new(settings: &UpstreamSettings, pool_size: usize) -> Upstream {
         let agent = |output_buffer: usize| -> Agent {
-            Agent::config_builder()
+            let config = Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(0)
                 .proxy(None)
@@ -96,8 +99,14 @@ impl Upstream {
                 .input_buffer_size(12 * 1024)
                 .max_response_header_size(12 * 1024)
                 .output_buffer_size(output_buffer)
-                .build()
-                .into()
+                .build();
+            // TCP, then the client watch (under TLS, so TLS never sees its slices), then TLS
+            // for https. No proxy connectors: the agent uses no proxy.
+            let connector =
+                ().chain(TcpConnector::default())
+                    .chain(ClientWatch)
+                    .chain(RustlsConnector::default());
+            Agent::with_parts(config, connector, DefaultResolver::default())
         };
         Upstream {
             small: agent(SMALL_OUTPUT),
@@ -488,6 +497,7 @@ fn relay_stream(
     let Ok(mut writer) = writer else {
         return (Outcome::ClientGone, false);
     };
+    let watching = watch::watch(writer.socket());
     let mut buf = vec![0u8; COPY_CHUNK];
     loop {
         match reader.read(&mut buf) {
@@ -500,6 +510,10 @@ fn relay_stream(
                 if writer.write(&buf[..n]).is_err() {
                     return (Outcome::ClientGone, false);
                 }
+            }
+            Err(_) if watch::went_away() => {
+                drop(watching);
+                return (Outcome::ClientGone, writer.abort());
             }
             Err(e) => {
                 // Headers are gone: the only honest signal left is a truncated body.
@@ -525,6 +539,7 @@ fn relay_sse(
     // The stream may last minutes on a shallow stack: return the pages the request's sending
     // touched.
     crate::memory::release_unused();
+    let watching = watch::watch(writer.socket());
     let mut framer = sse::Framer::default();
     let mut finished = false;
     let mut buf = vec![0u8; SSE_CHUNK];
@@ -557,9 +572,11 @@ fn relay_sse(
                     return (Outcome::ClientGone, false);
                 }
             }
+            Err(_) if watch::went_away() => return (Outcome::ClientGone, false),
             Err(e) => break Some(e.to_string()),
         }
     };
+    drop(watching);
     if let Some(chat) = &chat {
         meter.usage.merge(&chat.usage());
     }

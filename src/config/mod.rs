@@ -63,6 +63,8 @@ pub struct ServerSettings {
     pub keepalive_timeout: Duration,
     /// After SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     pub shutdown_grace: Duration,
+    /// How long a worker beyond the few kept waits idle before its thread ends.
+    pub worker_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -469,6 +471,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         body_timeout: dur(s.body_timeout, 30),
         keepalive_timeout: dur(s.keepalive_timeout, 60),
         shutdown_grace: dur(s.shutdown_grace, 30),
+        worker_idle: dur(s.worker_idle, 60),
     };
     if server.shutdown_grace > Duration::from_secs(3600) {
         return Err(invalid(
@@ -479,6 +482,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         ("server.header_timeout", server.header_timeout),
         ("server.body_timeout", server.body_timeout),
         ("server.keepalive_timeout", server.keepalive_timeout),
+        ("server.worker_idle", server.worker_idle),
     ] {
         if d.is_zero() {
             return Err(invalid(format!("{name} must be more than zero")));
@@ -881,6 +885,8 @@ mod tests {
         assert!(parse("server:\n  workers: many\n").is_err());
         assert!(parse("server:\n  workers: 0\n").is_err());
         assert!(parse("server:\n  header_timeout: 1d\n").is_err());
+        assert!(parse("server:\n  worker_idle: 0s\n").is_err());
+        assert!(parse("server:\n  worker_idle: soon\n").is_err());
         assert!(parse("upstream:\n  base_url: ftp://x\n").is_err());
         assert!(parse("server:\n  listen: nowhere\n").is_err());
         assert!(parse("log:\n  level: loud\n").is_err());

@@ -37,6 +37,7 @@ pub struct RawServer {
     pub body_timeout: Option<Dur>,
     pub keepalive_timeout: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
+    pub worker_idle: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -215,6 +215,10 @@ pub struct Config {
     /// `oauth:` settings in order, values as YAML scalars.
     oauth: Vec<(String, String)>,
     workers: usize,
+    header_timeout: String,
+    body_timeout: String,
+    /// More `server:` settings, values as YAML scalars.
+    server: Vec<(String, String)>,
     admin_listen: String,
     sections: String,
 }
@@ -227,6 +231,9 @@ impl Config {
             log_level: None,
             oauth: Vec::new(),
             workers: 32,
+            header_timeout: "2s".to_string(),
+            body_timeout: "2s".to_string(),
+            server: Vec::new(),
             admin_listen: "off".to_string(),
             sections: String::new(),
         }
@@ -239,6 +246,25 @@ impl Config {
 
     pub fn workers(mut self, n: usize) -> Config {
         self.workers = n;
+        self
+    }
+
+    /// `server.header_timeout` (2s here).
+    pub fn header_timeout(mut self, value: &str) -> Config {
+        self.header_timeout = value.to_string();
+        self
+    }
+
+    /// `server.body_timeout` (2s here).
+    pub fn body_timeout(mut self, value: &str) -> Config {
+        self.body_timeout = value.to_string();
+        self
+    }
+
+    /// One more `server:` setting the harness does not write itself (`accept_queue`,
+    /// `worker_idle`, …); `value` goes into the YAML as written.
+    pub fn server(mut self, key: &str, value: &str) -> Config {
+        self.server.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -273,11 +299,17 @@ impl Config {
     pub fn yaml(&self) -> String {
         let mut yaml = format!(
             "server:\n  listen: 127.0.0.1:0\n  workers: {}\n  max_body_bytes: 1048576\n  \
-             header_timeout: 2s\n  body_timeout: 2s\n  keepalive_timeout: 5s\n\
-             upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
-             admin:\n  listen: {}\n",
-            self.workers, self.base_url, self.read_timeout, self.admin_listen
+             header_timeout: {}\n  body_timeout: {}\n  keepalive_timeout: 5s\n",
+            self.workers, self.header_timeout, self.body_timeout
         );
+        for (key, value) in &self.server {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
+        yaml.push_str(&format!(
+            "upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
+             admin:\n  listen: {}\n",
+            self.base_url, self.read_timeout, self.admin_listen
+        ));
         if let Some(level) = &self.log_level {
             yaml.push_str(&format!("log:\n  level: {level}\n"));
         }
@@ -318,6 +350,11 @@ pub struct Server {
 impl Server {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The process id, for reading `/proc/<pid>/status` (memory, threads).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the process and waits until everything it wrote to stderr has been collected.
@@ -601,6 +638,11 @@ impl Gateway {
     /// What the server has written to stderr so far.
     pub fn stderr(&self) -> String {
         self.server.as_ref().expect("server not started").stderr()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.server.as_ref().expect("server not started").pid()
     }
 
     /// Everything every server started with `start` wrote to stderr, stopped ones included.

@@ -80,6 +80,10 @@ pub enum Reply {
         meeting: Arc<Meeting>,
         then: Box<Reply>,
     },
+    /// A chunked SSE response that sends these events and then goes silent without ending,
+    /// reading the connection until the gateway closes it (or 30 s pass); the moment it saw
+    /// the close is in `FakeUpstream::closed_times`.
+    Stall { events: Vec<String> },
 }
 
 impl Reply {
@@ -166,6 +170,8 @@ struct Shared {
     sse_writes: Mutex<Vec<Instant>>,
     handler: Mutex<Handler>,
     stop: AtomicBool,
+    /// When each `Reply::Stall` connection saw the gateway close it.
+    closed: Mutex<Vec<Instant>>,
 }
 
 impl FakeUpstream {
@@ -177,6 +183,7 @@ impl FakeUpstream {
             sse_writes: Mutex::new(Vec::new()),
             handler: Mutex::new(Box::new(handler)),
             stop: AtomicBool::new(false),
+            closed: Mutex::new(Vec::new()),
         });
         let accept_shared = Arc::clone(&shared);
         thread::spawn(move || {
@@ -212,6 +219,11 @@ impl FakeUpstream {
             .iter()
             .map(|r| r.api_key().to_string())
             .collect()
+    }
+
+    /// When each stalled stream (`Reply::Stall`) saw the gateway close its connection.
+    pub fn closed_times(&self) -> Vec<Instant> {
+        self.shared.closed.lock().expect("closed lock").clone()
     }
 
     pub fn sse_write_times(&self) -> Vec<Instant> {
@@ -319,6 +331,32 @@ fn write_reply(
         Reply::Hang => {
             let mut sink = [0u8; 1024];
             while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+            false
+        }
+        Reply::Stall { events } => {
+            if write_sse(out, shared, &events, None, true) {
+                let mut sink = [0u8; 1024];
+                // EOF or a reset: the gateway let go. A timeout (30 s) is not a close.
+                let closed = loop {
+                    match reader.read(&mut sink) {
+                        Ok(0) => break true,
+                        Ok(_) => {}
+                        Err(e) => {
+                            break !matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            );
+                        }
+                    }
+                };
+                if closed {
+                    shared
+                        .closed
+                        .lock()
+                        .expect("closed lock")
+                        .push(Instant::now());
+                }
+            }
             false
         }
         Reply::Held { meeting, then } => {
