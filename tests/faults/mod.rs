@@ -8,3 +8,4 @@
 pub fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some_and(|v| v == "1")
 }
+mod upstreams;
