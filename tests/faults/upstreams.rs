@@ -459,3 +459,78 @@ fn broken_upstream_answers_become_precise_errors_or_failover_while_a_healthy_acc
         assert_served_by(&gw, KEY_B, "the healthy account keeps serving");
     });
 }
+
+#[test]
+fn an_untrusted_tls_certificate_is_a_precise_502_without_a_retry_storm() {
+    // An upstream whose certificate no root vouches for gets a 502 saying the certificate is
+    // not trusted, after one handshake per request (every account shares the address, so
+    // failing over could only repeat it), and no account is blamed.
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls");
+    let cert = CertificateDer::from_pem_file(format!("{dir}/cert.pem")).expect("test cert");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/key.pem")).expect("test key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("server config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind TLS upstream");
+    let addr = listener.local_addr().expect("addr");
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handshakes);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut conn) = rustls::ServerConnection::new(Arc::clone(&tls)) else {
+                continue;
+            };
+            thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                // The client refuses the certificate; the handshake ends with its alert.
+                while conn.is_handshaking() {
+                    if conn.complete_io(&mut stream).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+
+    let (gw, ids) = started(
+        &config(format!("https://{addr}")),
+        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
+    );
+    for api in [Api::Anthropic, Api::OpenAI] {
+        let case = Case {
+            fault: Fault::Garbage,
+            api,
+            stream: false,
+        };
+        let seen = send(gw.addr(), gw.client_key(), &case);
+        assert!(seen.elapsed <= MARGIN, "took {:?}", seen.elapsed);
+        assert_eq!(seen.status, 502, "{:?}", seen.body);
+        let message = error_message(api, seen.body.as_ref().expect("error body"));
+        assert!(
+            message.contains("certificate is not trusted"),
+            "{api:?}: {message}"
+        );
+    }
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        2,
+        "one handshake per request, no failover"
+    );
+    let view = admin_status(&gw);
+    for id in &ids {
+        assert_eq!(account(&view, id)["state"], "active", "{view}");
+        assert_eq!(account(&view, id)["failures"], 0, "{view}");
+    }
+}
