@@ -8,4 +8,5 @@
 pub fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some_and(|v| v == "1")
 }
+mod state;
 mod upstreams;
