@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::support::{
-    Config, FakeTokenEndpoint, FakeUpstream, Gateway, Script, Server, assert_exit, wait_until,
+    Config, FakeTokenEndpoint, FakeUpstream, Gateway, Reply, Script, Server, assert_exit,
+    wait_until,
 };
 
 /// CLI processes writing at once.
@@ -371,4 +372,195 @@ fn kill_9_during_cli_and_refresher_writes_never_loses_a_completed_write() {
         written.killed,
         issued(&tokens)
     );
+}
+
+/// A small tmpfs mounted over a directory, unmounted (lazily, so a process still inside it
+/// cannot keep it) when dropped, even if the test failed.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` over `dir`, keeping the directory's files; `Err` says why not.
+    fn mount_over(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        let aside = dir.with_extension("aside");
+        let copy = |from: &std::path::Path, to: &std::path::Path| -> std::io::Result<()> {
+            std::fs::create_dir_all(to)?;
+            for entry in std::fs::read_dir(from)? {
+                let entry = entry?;
+                std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+            }
+            Ok(())
+        };
+        copy(dir, &aside).map_err(|e| format!("copy aside: {e}"))?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&aside);
+            return Err(format!(
+                "mount refused: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let guard = Tmpfs(dir.to_path_buf());
+        copy(&aside, dir).map_err(|e| format!("copy back: {e}"))?;
+        let _ = std::fs::remove_dir_all(&aside);
+        Ok(guard)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem holding `dir` to the last byte; returns the filler's path.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("create the filler");
+    let block = [0u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    while file.write_all(&[0u8]).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+#[test]
+fn a_full_disk_fails_writes_clearly_keeps_the_old_config_and_the_server_serving() {
+    // On a full filesystem, CLI writes exit 1 saying the disk is full, a refreshed token that
+    // cannot be saved is logged and kept in memory (the server keeps serving with it and saves
+    // it once space returns), and config.yaml stays as it was and parses.
+    // The upstream refuses the first access token, so the first request makes the server
+    // refresh (and try to save) while the disk is full.
+    let first = format!("Bearer {}", crate::support::access_token(1));
+    let up = FakeUpstream::start(move |req| {
+        if req.header("authorization") == Some(first.as_str()) {
+            Reply::json(
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"expired"}}"#,
+            )
+        } else {
+            Reply::json(200, r#"{"id":"msg_disk","type":"message","content":[]}"#)
+        }
+    });
+    let tokens = FakeTokenEndpoint::start(Script {
+        rotate: true,
+        ..Script::default()
+    });
+    let config = Config::new(up.base_url())
+        .admin_listen("127.0.0.1:0")
+        .oauth("authorize_url", tokens.authorize_url())
+        .oauth("token_url", tokens.token_url())
+        .oauth("refresh_min_interval", "1s")
+        .oauth("token_timeout", "5s");
+    let mut gw = Gateway::new(&config);
+    gw.add_client_key("tests");
+    let out = gw.run_cli(&[
+        "add-oauth",
+        "--name",
+        "disk",
+        "--client-id",
+        "client-disk-fault",
+        "--json",
+    ]);
+    assert_exit(&out, 0, "add-oauth");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("add-oauth JSON");
+    let id = v["id"].as_str().expect("id").to_string();
+    login(&gw, &id);
+
+    let _tmpfs = match Tmpfs::mount_over(gw.dir(), "256k") {
+        Ok(guard) => guard,
+        Err(why) => {
+            println!("SKIPPED: a full disk needs a tmpfs mount ({why})");
+            return;
+        }
+    };
+    gw.start();
+    let before = gw.config_text();
+    let filler = fill(gw.dir());
+
+    // CLI writes fail with the run-time exit code and say why.
+    let cases: [&[&str]; 3] = [
+        &[
+            "add-api-key",
+            "--name",
+            "full",
+            "--key",
+            crate::support::ACCOUNT_KEY,
+        ],
+        &["add-client-key", "--name", "full"],
+        &["disable-account", "--account-id", &id],
+    ];
+    for args in cases {
+        let out = gw.run_cli(args);
+        assert_exit(&out, 1, &format!("{args:?} on a full disk"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("No space left on device"),
+            "{args:?}: the message should say the disk is full: {stderr}"
+        );
+        assert_eq!(gw.config_text(), before, "{args:?} changed config.yaml");
+    }
+
+    // A request makes the server refresh; the save fails, is logged, and the new token serves
+    // from memory, now and for the next request.
+    for n in 0..2 {
+        let resp = crate::support::accounts::post(&gw);
+        assert_eq!(resp.status, 200, "request {n}: {}", resp.text());
+        let used = up
+            .requests()
+            .last()
+            .expect("a request upstream")
+            .header("authorization")
+            .map(str::to_string);
+        let latest = format!("Bearer {}", crate::support::access_token(issued(&tokens)));
+        assert_eq!(
+            used,
+            Some(latest),
+            "request {n}: the in-memory token serves"
+        );
+    }
+    assert_eq!(issued(&tokens), 2, "one refresh");
+    assert!(gw.stderr().contains("could NOT save it"), "{}", gw.stderr());
+    let status = crate::support::accounts::admin_status(&gw);
+    let row = crate::support::accounts::account(&status, &id);
+    assert!(
+        row["persist_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{row}"
+    );
+    assert_eq!(
+        gw.config_text(),
+        before,
+        "the failed save changed config.yaml"
+    );
+    assert_exit(
+        &gw.run_cli(&["list-accounts", "--json"]),
+        0,
+        "config.yaml parses",
+    );
+
+    // Space returns: the refresher saves the tokens it holds.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    wait_until(
+        "the unsaved tokens are saved",
+        Duration::from_secs(10),
+        || {
+            let status = crate::support::accounts::admin_status(&gw);
+            crate::support::accounts::account(&status, &id)["persist_error"].is_null()
+        },
+    );
+    assert!(
+        gw.stderr().contains("saved the rotated tokens"),
+        "{}",
+        gw.stderr()
+    );
+    gw.stop();
 }
