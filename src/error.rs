@@ -32,6 +32,11 @@ pub enum ApiError {
     UpstreamUnreachable(String),
     /// The upstream did not answer within the configured timeout. 504.
     UpstreamTimeout(String),
+    /// The upstream answered success with a body that is not what it claims (not JSON, not an
+    /// event stream). 502.
+    UpstreamGarbled(String),
+    /// The upstream's TLS certificate is not trusted: no account would do better. 502.
+    UpstreamUntrusted(String),
 }
 
 impl ApiError {
@@ -46,7 +51,9 @@ impl ApiError {
             ApiError::NoAccount(_) => 503,
             ApiError::AllCoolingDown { .. } => 529,
             ApiError::RateLimited { .. } => 429,
-            ApiError::UpstreamUnreachable(_) => 502,
+            ApiError::UpstreamUnreachable(_)
+            | ApiError::UpstreamGarbled(_)
+            | ApiError::UpstreamUntrusted(_) => 502,
             ApiError::UpstreamTimeout(_) => 504,
         }
     }
@@ -116,6 +123,10 @@ impl fmt::Display for ApiError {
             }
             ApiError::UpstreamUnreachable(m) => write!(f, "upstream unreachable: {m}"),
             ApiError::UpstreamTimeout(m) => write!(f, "upstream timed out: {m}"),
+            ApiError::UpstreamGarbled(m) => write!(f, "upstream answered garbage: {m}"),
+            ApiError::UpstreamUntrusted(m) => {
+                write!(f, "upstream TLS certificate is not trusted: {m}")
+            }
         }
     }
 }
@@ -177,6 +188,8 @@ mod tests {
             (ApiError::NoAccount("x".into()), 503, "api_error"),
             (ApiError::UpstreamUnreachable("x".into()), 502, "api_error"),
             (ApiError::UpstreamTimeout("x".into()), 504, "api_error"),
+            (ApiError::UpstreamGarbled("x".into()), 502, "api_error"),
+            (ApiError::UpstreamUntrusted("x".into()), 502, "api_error"),
         ];
         for (error, status, kind) in cases {
             assert_eq!(error.status(), status);

@@ -592,8 +592,16 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
     };
     let status = answer.status();
     if status < 400 {
-        entry.record(Signal::Success, settings);
-        return Ok(Step::Done(answer));
+        return Ok(match answer.settle() {
+            Ok(answer) => {
+                entry.record(Signal::Success, settings);
+                Step::Done(answer)
+            }
+            Err(error) => {
+                entry.record(Signal::Failure(error.to_string()), settings);
+                Step::Next(Err(error))
+            }
+        });
     }
     // Errors are small: read them, so they can be inspected and, if we move on, replayed.
     let answer = match answer.buffer() {
@@ -644,6 +652,9 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
                 ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
                     Failed::Upstream(e)
                 }
+                // Every account shares the upstream's address: another would be refused the
+                // same way, and the account is not at fault.
+                ApiError::UpstreamUntrusted(_) => Failed::Request(e),
                 other => Failed::Request(other),
             })
     };

@@ -199,6 +199,48 @@ impl Answer {
         }
     }
 
+    /// Reads a small, non-streaming success whole and checks it is what it claims, so that a
+    /// body that stalls, breaks or is garbage is still this account's failure and the request
+    /// can move on: nothing has gone downstream yet. Streams and large bodies pass untouched
+    /// (only their content type is checked).
+    pub fn settle(self) -> Result<Answer, ApiError> {
+        let Answer::Streaming(response) = self else {
+            return Ok(self);
+        };
+        let content_type = header_str(response.headers(), "content-type");
+        if content_type.is_some_and(is_event_stream) {
+            return Ok(Answer::Streaming(response));
+        }
+        let length = header_str(response.headers(), "content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&n| n <= BUFFER_WHOLE);
+        let Some(n) = length else {
+            return match garbled_success(content_type, None) {
+                Some(why) => Err(ApiError::UpstreamGarbled(why)),
+                None => Ok(Answer::Streaming(response)),
+            };
+        };
+        let (parts, body) = response.into_parts();
+        let mut buf = Vec::with_capacity(n as usize);
+        // Read to the reader's own end (one byte past `n` at most): only a body read to its
+        // end lets ureq return the connection to its pool.
+        let got = body
+            .into_reader()
+            .take(n + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_error(&e))?;
+        if got as u64 != n {
+            return Err(ApiError::UpstreamUnreachable(format!(
+                "the upstream closed after {got} of {n} body bytes"
+            )));
+        }
+        let content_type = header_str(&parts.headers, "content-type");
+        match garbled_success(content_type, Some(&buf)) {
+            Some(why) => Err(ApiError::UpstreamGarbled(why)),
+            None => Ok(Answer::Buffered(parts, buf)),
+        }
+    }
+
     /// A response header, if present and text.
     pub fn header(&self, name: &str) -> Option<&str> {
         let headers = match self {
@@ -217,6 +259,10 @@ impl Answer {
 }
 
 fn upstream_error(e: &ureq::Error) -> ApiError {
+    let message = e.to_string();
+    if untrusted_certificate(&message) {
+        return ApiError::UpstreamUntrusted(message);
+    }
     match e {
         ureq::Error::Timeout(_) => ApiError::UpstreamTimeout(e.to_string()),
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
@@ -226,6 +272,44 @@ fn upstream_error(e: &ureq::Error) -> ApiError {
             ApiError::BadRequest(format!("the request cannot be forwarded: {e}"))
         }
         _ => ApiError::UpstreamUnreachable(e.to_string()),
+    }
+}
+
+/// Whether a connection error is rustls refusing the upstream's certificate. ureq does not
+/// expose rustls' error type to us (we do not depend on rustls directly), so its stable
+/// `Display` is matched: "invalid peer certificate: UnknownIssuer" and the like.
+fn untrusted_certificate(message: &str) -> bool {
+    message.contains("invalid peer certificate")
+}
+
+/// Whether a content type is an event stream.
+fn is_event_stream(content_type: &str) -> bool {
+    content_type.trim_start().starts_with("text/event-stream")
+}
+
+/// What is wrong with a success answer, judged before anything went downstream: every API
+/// the gateway forwards answers JSON or an event stream, so anything else (an HTML page from a
+/// broken proxy, a truncated or garbled JSON body) is the upstream's failure, not an answer.
+/// `body` is the whole body when it was read (small, non-streaming answers).
+pub fn garbled_success(content_type: Option<&str>, body: Option<&[u8]>) -> Option<String> {
+    let essence = content_type.map(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    });
+    match essence.as_deref() {
+        Some("text/event-stream") => None,
+        Some(ct) if ct != "application/json" && !ct.ends_with("+json") => Some(format!(
+            "a success with content-type {ct:?}, neither JSON nor an event stream"
+        )),
+        // JSON, or no content-type at all: a whole body must parse.
+        _ => {
+            let body = body?;
+            let error = serde_json::from_slice::<serde::de::IgnoredAny>(body).err()?;
+            Some(format!("a success whose body is not JSON ({error})"))
+        }
     }
 }
 
@@ -347,8 +431,7 @@ pub fn relay<'a>(
             head.header(name, value.as_bytes());
         }
     }
-    let is_sse = header_str(&parts.headers, "content-type")
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let is_sse = header_str(&parts.headers, "content-type").is_some_and(is_event_stream);
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
 
@@ -472,6 +555,11 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn io_error(e: &std::io::Error) -> ApiError {
+    // ureq's body reader wraps its own errors (a read timeout is `Timeout(Reason::Read)` with
+    // kind `Other`): classify those as ureq errors, so a stalled body is a 504, not a 502.
+    if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<ureq::Error>()) {
+        return upstream_error(inner);
+    }
     if matches!(
         e.kind(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -632,5 +720,53 @@ mod tests {
         ] {
             assert!(!withheld_from_upstream(name), "{name}");
         }
+    }
+
+    #[test]
+    fn successes_that_are_not_json_or_events_are_garbled() {
+        let json = Some("application/json");
+        /// Content type, whole body if read, and whether it is garbled.
+        type Case<'a> = (Option<&'a str>, Option<&'a [u8]>, bool);
+        let cases: [Case; 10] = [
+            (json, Some(br#"{"id":"msg"}"#), false),
+            (Some("application/json; charset=utf-8"), Some(b"[]"), false),
+            (Some("application/problem+json"), Some(b"{}"), false),
+            (json, None, false),
+            (Some("text/event-stream"), None, false),
+            (None, Some(b"{}"), false),
+            (json, Some(b"<html>bad gateway</html>"), true),
+            (json, Some(br#"{"id":"ms"#), true),
+            (Some("text/html"), None, true),
+            (None, Some(b"garbage"), true),
+        ];
+        for (content_type, body, garbled) in cases {
+            let verdict = garbled_success(content_type, body);
+            assert_eq!(
+                verdict.is_some(),
+                garbled,
+                "{content_type:?} {body:?}: {verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrapped_ureq_timeouts_are_timeouts() {
+        let wrapped = std::io::Error::other(ureq::Error::Timeout(ureq::Timeout::PerRead));
+        assert_eq!(io_error(&wrapped).status(), 504, "{wrapped}");
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(io_error(&reset).status(), 502);
+    }
+
+    #[test]
+    fn untrusted_certificates_are_recognised() {
+        assert!(untrusted_certificate(
+            "io: invalid peer certificate: UnknownIssuer"
+        ));
+        assert!(untrusted_certificate(
+            "rustls: invalid peer certificate: Expired"
+        ));
+        assert!(!untrusted_certificate(
+            "io: Connection refused (os error 111)"
+        ));
     }
 }

@@ -11,3 +11,5 @@ pub fn long() -> bool {
 mod clients;
 mod lifecycle;
 mod security;
+mod state;
+mod upstreams;
