@@ -13,7 +13,7 @@ pub const MAX_DEPTH: usize = 48;
 
 /// `serde_json::from_slice`, refusing input nested deeper than `MAX_DEPTH`.
 pub fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
-    if too_deep(bytes) {
+    if nested_deeper_than(bytes, MAX_DEPTH) {
         return Err(serde::de::Error::custom(format!(
             "JSON nested deeper than {MAX_DEPTH} levels"
         )));
@@ -26,9 +26,9 @@ pub fn from_str<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> 
     from_slice(text.as_bytes())
 }
 
-/// Whether `bytes` opens more than `MAX_DEPTH` arrays or objects at once, outside strings.
+/// Whether `bytes` opens more than `limit` arrays or objects at once, outside strings.
 /// Needs no valid JSON: whatever it passes, the parser still checks.
-fn too_deep(bytes: &[u8]) -> bool {
+pub fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
@@ -46,7 +46,7 @@ fn too_deep(bytes: &[u8]) -> bool {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > MAX_DEPTH {
+                if depth > limit {
                     return true;
                 }
             }

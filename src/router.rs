@@ -739,7 +739,7 @@ pub(crate) fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
     // The probe skips the values it does not look at without a depth limit; a later full parse
     // (OpenAI conversion) stops at serde_json's 128. Both endpoints refuse the same bodies.
-    if nested_deeper_than(body, MAX_JSON_DEPTH) {
+    if crate::json::nested_deeper_than(body, MAX_JSON_DEPTH) {
         return Err(ApiError::BadRequest(format!(
             "the request body nests JSON deeper than {MAX_JSON_DEPTH} levels"
         )));
@@ -749,34 +749,6 @@ pub(crate) fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
 
 /// serde_json's own recursion limit.
 const MAX_JSON_DEPTH: usize = 128;
-
-/// Whether valid JSON `body` nests arrays and objects more than `limit` deep.
-fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
-}
 
 /// Sends `error` in the client's format. Returns whether the connection may be reused.
 pub fn send_error(out: Responder<'_>, error: &ApiError, format: Format) -> bool {
@@ -801,11 +773,17 @@ mod tests {
 
     #[test]
     fn json_depth_counts_brackets_outside_strings() {
-        assert!(!nested_deeper_than(br#"{"a":[[1]]}"#, 3));
-        assert!(nested_deeper_than(br#"{"a":[[[1]]]}"#, 3));
-        assert!(!nested_deeper_than(br#"{"a":"[[[[\"{{{{"}"#, 1));
-        assert!(!nested_deeper_than(br#"{"a":"\\"}"#, 1));
-        assert!(nested_deeper_than(&[b'['; 200], MAX_JSON_DEPTH));
+        assert!(!crate::json::nested_deeper_than(br#"{"a":[[1]]}"#, 3));
+        assert!(crate::json::nested_deeper_than(br#"{"a":[[[1]]]}"#, 3));
+        assert!(!crate::json::nested_deeper_than(
+            br#"{"a":"[[[[\"{{{{"}"#,
+            1
+        ));
+        assert!(!crate::json::nested_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(crate::json::nested_deeper_than(
+            &[b'['; 200],
+            MAX_JSON_DEPTH
+        ));
     }
 
     #[test]
