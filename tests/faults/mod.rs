@@ -8,5 +8,6 @@
 pub fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some_and(|v| v == "1")
 }
+mod soak;
 mod state;
 mod upstreams;
