@@ -11,5 +11,6 @@ pub fn long() -> bool {
 mod clients;
 mod lifecycle;
 mod security;
+mod soak;
 mod state;
 mod upstreams;

@@ -26,6 +26,11 @@ const WRITERS: usize = 20;
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from a seed (xorshift needs it nonzero).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
     pub fn seeded() -> Rng {
         let seed = std::env::var("FAULTS_SEED")
             .ok()
@@ -92,7 +97,7 @@ fn cli(gw: &Gateway, args: &[&str], kill_after: Option<Duration>) -> Option<Valu
 /// One writer's share of a round: add accounts and client keys, toggle its own accounts,
 /// and kill a quarter of its own processes at random moments.
 fn writer(gw: &Gateway, w: usize, seed: u64, stop: &AtomicBool, written: &Mutex<Written>) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut mine: Vec<(String, bool)> = Vec::new();
     let mut n = 0;
     while !stop.load(Ordering::SeqCst) {
