@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The largest request head accepted; more is 431.
@@ -104,7 +105,8 @@ pub(crate) enum Framing {
 
 /// A client connection and the bytes read from it but not yet consumed (pipelining).
 pub struct Conn {
-    stream: TcpStream,
+    /// Shared with the server's connection registry, which may shut an idle one down.
+    stream: Arc<TcpStream>,
     buf: Vec<u8>,
     served: u64,
     /// What the current request's head said, once read: for answering and logging a request
@@ -144,11 +146,16 @@ fn is_timeout(e: &io::Error) -> bool {
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
         Conn {
-            stream,
+            stream: Arc::new(stream),
             buf: Vec::new(),
             served: 0,
             last_head: None,
         }
+    }
+
+    /// The client's socket, shared: another thread may shut it down.
+    pub fn socket(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.stream)
     }
 
     /// Reads more bytes into `buf`, waiting at most `wait`. `Ok(0)` is end of stream.
@@ -158,7 +165,7 @@ impl Conn {
         let start = self.buf.len();
         self.buf.resize(start + READ_CHUNK, 0);
         let result = loop {
-            match self.stream.read(&mut self.buf[start..]) {
+            match (&*self.stream).read(&mut self.buf[start..]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => break other,
             }
@@ -239,7 +246,7 @@ impl Conn {
             // Ask for the body only if we will read it and it has not started arriving.
             if body_len.is_some_and(|n| n > 0) && self.buf.is_empty() && request.minor_version == 1
             {
-                self.stream
+                (&*self.stream)
                     .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                     .map_err(|_| ReadError::Io)?;
             }
@@ -342,7 +349,7 @@ impl Conn {
             if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
                 break;
             }
-            match self.stream.read(&mut sink) {
+            match (&*self.stream).read(&mut sink) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => discarded += n,
             }
@@ -554,8 +561,7 @@ impl<'a> Responder<'a> {
     pub fn send(self, mut head: Head, body: &[u8]) -> bool {
         self.finish_head(&mut head, &format!("content-length: {}\r\n", body.len()));
         head.buf.extend_from_slice(body);
-        let stream = &mut self.conn.stream;
-        stream.write_all(&head.buf).is_ok() && self.keep_alive
+        (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
     }
 
     /// Starts a body of unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
@@ -567,9 +573,9 @@ impl<'a> Responder<'a> {
             self.keep_alive = false;
             self.finish_head(&mut head, "");
         }
-        self.conn.stream.write_all(&head.buf)?;
+        (&*self.conn.stream).write_all(&head.buf)?;
         Ok(BodyWriter {
-            stream: &mut self.conn.stream,
+            stream: &self.conn.stream,
             chunked,
             keep_alive: self.keep_alive,
             scratch: Vec::new(),
@@ -580,9 +586,9 @@ impl<'a> Responder<'a> {
     /// Starts a body of known length, copied through as it arrives.
     pub fn stream_with_length(self, mut head: Head, len: u64) -> io::Result<BodyWriter<'a>> {
         self.finish_head(&mut head, &format!("content-length: {len}\r\n"));
-        self.conn.stream.write_all(&head.buf)?;
+        (&*self.conn.stream).write_all(&head.buf)?;
         Ok(BodyWriter {
-            stream: &mut self.conn.stream,
+            stream: &self.conn.stream,
             chunked: false,
             keep_alive: self.keep_alive,
             scratch: Vec::new(),
@@ -593,7 +599,7 @@ impl<'a> Responder<'a> {
 
 /// Writes body bytes as they come; each `write` reaches the socket before it returns.
 pub struct BodyWriter<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a TcpStream,
     chunked: bool,
     keep_alive: bool,
     scratch: Vec<u8>,
@@ -629,7 +635,7 @@ impl BodyWriter<'_> {
     /// Ends the body properly. Returns whether the connection may be reused.
     pub fn finish(self) -> bool {
         if self.chunked {
-            return self.stream.write_all(b"0\r\n\r\n").is_ok() && self.keep_alive;
+            return (&*self.stream).write_all(b"0\r\n\r\n").is_ok() && self.keep_alive;
         }
         self.keep_alive && self.remaining.is_none_or(|left| left == 0)
     }

@@ -286,7 +286,8 @@ fn journal_options() -> std::fs::OpenOptions {
 impl Ledger {
     /// Opens the ledger in `dir`: reads what is there, folds unfolded journals into the
     /// summary, and starts a fresh journal generation (so a line a crash cut short is never
-    /// continued). The caller runs `flush_forever` on a thread of its own.
+    /// continued). The caller calls `flush` every flush interval on a thread of its own,
+    /// and once more before a graceful exit.
     pub fn open(dir: &Path) -> std::io::Result<(Arc<Ledger>, Journal)> {
         std::fs::create_dir_all(dir)?;
         let lock = crate::store::lock_dir(dir)?;

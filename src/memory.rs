@@ -18,6 +18,7 @@ use std::cell::Cell;
 /// - no cache of exited threads' stacks (up to 40 MiB, whose touched pages stay resident):
 ///   after a flood of 700 slow connections it held 2.5 MB of a pool that had shrunk back;
 ///   workers start rarely, so an mmap per start costs nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TUNABLES: &str = "glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=131072:glibc.pthread.stack_cache_size=0";
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -495,14 +495,15 @@ fn shape_request(
             // OpenAI clients expect every model, not Anthropic's first page of 20. An alias the
             // list shows is retrievable too: its target is asked for and named as the alias.
             let id = req.path().strip_prefix("/v1/models/");
+            let live = gw.live();
             let (target, alias) = match id {
                 None => ("/v1/models?limit=1000".to_string(), None),
-                Some(id) => match gw.live().models.aliases.get(id) {
+                Some(id) => match live.models.aliases.get(id) {
                     Some(to) => (format!("/v1/models/{to}"), Some(id.to_string())),
                     None => (req.path().to_string(), None),
                 },
             };
-            let aliases = gw.live().models.aliases.keys().cloned().collect();
+            let aliases = live.models.aliases.keys().cloned().collect();
             Ok((
                 Some(derived(req, &target, req.body.clone())),
                 Shape::Models { aliases, alias },

@@ -116,63 +116,84 @@ impl Gateway {
     }
 }
 
-/// Open downstream connections and whether each is idle between requests. Once draining, a
-/// connection that would go idle closes instead, and `drain` closes those already idle.
+/// Open downstream connections, each registered once, with whether it is idle between
+/// requests. Once draining, a connection that would go idle closes instead, and `drain` closes
+/// those already idle. Per request only the connection's own flag changes: no lock.
 #[derive(Default)]
 struct Connections {
-    state: Mutex<ConnState>,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
     next: AtomicU64,
-    /// `state.draining`, readable without the lock on every request.
     draining: AtomicBool,
 }
 
-#[derive(Default)]
-struct ConnState {
-    draining: bool,
-    /// Idle connections (a clone of each socket, to shut it down from another thread).
-    idle: HashMap<u64, Arc<TcpStream>>,
+struct Open {
+    socket: Arc<TcpStream>,
+    idle: AtomicBool,
+}
+
+/// A connection's place in the registry; leaving it unregisters the connection.
+struct Registered<'a> {
+    connections: &'a Connections,
+    id: u64,
+    open: Arc<Open>,
 }
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Open>>> {
         // The map is only inserted into and removed from: a poisoned one is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn id(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Marks the connection idle (waiting for its next request); false when draining, and the
-    /// connection should close instead.
-    fn idle(&self, id: u64, stream: &Arc<TcpStream>) -> bool {
-        let mut state = self.lock();
-        if state.draining {
-            return false;
+    fn register(&self, socket: Arc<TcpStream>) -> Registered<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let open = Arc::new(Open {
+            socket,
+            idle: AtomicBool::new(false),
+        });
+        self.lock().insert(id, Arc::clone(&open));
+        Registered {
+            connections: self,
+            id,
+            open,
         }
-        state.idle.insert(id, Arc::clone(stream));
-        true
-    }
-
-    /// Marks the connection busy (a request arrived or it is closing).
-    fn busy(&self, id: u64) {
-        self.lock().idle.remove(&id);
     }
 
     fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Starts draining and closes every idle connection; returns how many were closed.
     fn drain(&self) -> usize {
-        let mut state = self.lock();
-        state.draining = true;
-        self.draining.store(true, Ordering::Relaxed);
-        let idle = std::mem::take(&mut state.idle);
-        for stream in idle.values() {
-            let _ = stream.shutdown(Shutdown::Both);
+        // SeqCst on both sides (here and in `Registered::idle`): a connection going idle either
+        // sees the drain and closes itself, or is seen idle here and closed.
+        self.draining.store(true, Ordering::SeqCst);
+        let open = self.lock();
+        let mut closed = 0;
+        for conn in open.values().filter(|c| c.idle.load(Ordering::SeqCst)) {
+            let _ = conn.socket.shutdown(Shutdown::Both);
+            closed += 1;
         }
-        idle.len()
+        closed
+    }
+}
+
+impl Registered<'_> {
+    /// Marks the connection idle (waiting for its next request); false when draining, and the
+    /// connection should close instead.
+    fn idle(&self) -> bool {
+        self.open.idle.store(true, Ordering::SeqCst);
+        !self.connections.draining()
+    }
+
+    /// Marks the connection busy (a request arrived).
+    fn busy(&self) {
+        self.open.idle.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
     }
 }
 
@@ -459,20 +480,18 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
     let limits = gw.live().limits;
     // A client that stops reading a response for this long is given up on.
     let _ = stream.set_write_timeout(Some(limits.body_timeout.max(Duration::from_secs(10))));
-    let id = gw.connections.id();
-    let handle = stream.try_clone().ok().map(Arc::new);
     let mut conn = Conn::new(stream);
+    let registered = gw.connections.register(conn.socket());
     let mut first = true;
     loop {
         // A connection accepted before the drain still gets its first request answered.
-        let idle = handle.as_ref().is_none_or(|h| gw.connections.idle(id, h));
-        if !idle && !first {
+        if !registered.idle() && !first {
             break;
         }
         first = false;
         let limits = gw.live().limits;
         let read = conn.read_request(&limits);
-        gw.connections.busy(id);
+        registered.busy();
         match read {
             Ok(mut req) => {
                 if gw.connections.draining() {
@@ -491,7 +510,6 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
             }
         }
     }
-    gw.connections.busy(id);
 }
 
 /// Applies config.yaml changes: checked every half second, and at once when `reload` says so
@@ -518,18 +536,15 @@ fn watch_config(gw: &Gateway, mut running: Config, reload: &Receiver<()>) {
         // held still for a moment, so a half-written file is not taken for the new config.
         let now = settle(&path, now);
         last = now;
+        if now.is_none() {
+            // Loading would fall back to the embedded default: never apply that.
+            error!(
+                "config.yaml is gone ({}); keeping the running config",
+                path.display()
+            );
+            continue;
+        }
         match config::load(&path) {
-            Ok(fresh)
-                if fresh
-                    .warnings
-                    .iter()
-                    .any(|w| w.starts_with("no config file")) =>
-            {
-                error!(
-                    "config.yaml is gone ({}); keeping the running config",
-                    path.display()
-                );
-            }
             Ok(fresh) => {
                 apply(gw, &running, &fresh);
                 running = fresh;
@@ -571,7 +586,7 @@ fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
     gw.clients.replace(fresh.client_keys.clone());
     gw.metrics.set_known_models(known_models(fresh));
     *gw.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Live::new(fresh));
-    if format!("{:?}", old.upstream) != format!("{:?}", fresh.upstream) {
+    if old.upstream != fresh.upstream {
         // Requests in flight keep the client they started with.
         let upstream = Upstream::new(&fresh.upstream, fresh.server.workers);
         *gw.upstream.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(upstream);
@@ -596,18 +611,9 @@ fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
         ("admin.listen", old.admin_listen != fresh.admin_listen),
         ("auth.open", old.auth_open != fresh.auth_open),
         ("log.access_file", old.access_file != fresh.access_file),
-        (
-            "sticky",
-            format!("{:?}", old.sticky) != format!("{:?}", fresh.sticky),
-        ),
-        (
-            "usage",
-            format!("{:?}", old.usage) != format!("{:?}", fresh.usage),
-        ),
-        (
-            "oauth (other than system_prompt)",
-            format!("{oauth:?}") != format!("{:?}", fresh.oauth),
-        ),
+        ("sticky", old.sticky != fresh.sticky),
+        ("usage", old.usage != fresh.usage),
+        ("oauth (other than system_prompt)", oauth != fresh.oauth),
     ];
     for (name, _) in restart.iter().filter(|(_, changed)| *changed) {
         warn!("config: {name} changed; this needs a restart, the running value stays");

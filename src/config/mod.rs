@@ -67,7 +67,7 @@ pub struct ServerSettings {
     pub worker_idle: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     /// Scheme, host and optional port and path prefix, without a trailing slash.
     pub base_url: String,
@@ -80,7 +80,7 @@ pub struct UpstreamSettings {
 
 /// The OAuth protocol constants; defaults are Anthropic's (see shared/spec), all overridable
 /// because Anthropic moves endpoints and tests use fakes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OAuthSettings {
     pub authorize_url: String,
     pub token_url: String,
@@ -131,7 +131,7 @@ pub struct ModelSettings {
 }
 
 /// The usage ledger.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UsageSettings {
     pub enabled: bool,
     pub dir: PathBuf,
@@ -159,7 +159,7 @@ impl BalanceSettings {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StickySettings {
     pub enabled: bool,
     pub ttl: Duration,
