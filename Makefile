@@ -13,7 +13,9 @@ build:
 run: build
 	./target/release/llm-gateway --config $(CONFIG) server
 
+# The shared-state tests (tests/scale) start a real redis-server; Debian's is in the registry.
 test:
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/sdk/requirements.txt
 	$(CARGO) test
 

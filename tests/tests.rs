@@ -11,6 +11,7 @@ mod limits;
 mod oauth;
 mod openai;
 mod proxy;
+mod scale;
 mod status;
 mod support;
 mod team;

@@ -7,8 +7,9 @@
 //!
 //! This file holds the process side (temp dirs, CLI runs, the server children);
 //! `upstream` is the fake upstream, `token` the fake OAuth token endpoint,
-//! `client` the raw downstream client, `wire` the HTTP parsing they share, and
-//! `accounts` the helpers for tests with several upstream accounts.
+//! `client` the raw downstream client, `wire` the HTTP parsing they share,
+//! `accounts` the helpers for tests with several upstream accounts, and `redis` a real
+//! `redis-server` for the shared-state tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 pub mod accounts;
 mod client;
+pub mod redis;
 mod token;
 mod upstream;
 mod wire;
@@ -290,9 +292,14 @@ impl Config {
         self
     }
 
-    /// One `oauth:` setting; `value` goes into the YAML as written (quote it if needed).
+    /// One `oauth:` setting; `value` goes into the YAML as written (quote it if needed). A
+    /// setting given again replaces the earlier value (a test overriding the rig's default).
     pub fn oauth(mut self, key: &str, value: impl Into<String>) -> Config {
-        self.oauth.push((key.to_string(), value.into()));
+        let value = value.into();
+        match self.oauth.iter_mut().find(|(k, _)| k == key) {
+            Some(setting) => setting.1 = value,
+            None => self.oauth.push((key.to_string(), value)),
+        }
         self
     }
 
@@ -402,6 +409,18 @@ impl Gateway {
         gw.add_client_key("tests");
         gw.start();
         gw
+    }
+
+    /// Another instance of the same deployment: a new directory with a copy of this one's
+    /// config.yaml and secret key file (`gateway.key`), and the same client key. It has its
+    /// own usage ledger, and no server yet.
+    pub fn sibling(&self) -> Gateway {
+        let mut other = Gateway::with_yaml(&self.config_text());
+        let key = self.dir.path().join("gateway.key");
+        std::fs::copy(&key, other.dir.path().join("gateway.key"))
+            .unwrap_or_else(|e| panic!("copy {key:?}: {e}"));
+        other.client_key = self.client_key.clone();
+        other
     }
 
     pub fn dir(&self) -> &Path {

@@ -5,8 +5,13 @@
 //! `refresh_token(n)`. It keeps the set of refresh tokens still alive, so a test can
 //! prove that a rotated refresh token was persisted: with `rotate`, using a token twice
 //! is an `invalid_grant`, as it is at Anthropic.
+//!
+//! `hold_next_refresh` parks the next refresh call before the endpoint looks at it, until the
+//! test releases it: processed (the refresh token rotates even if the caller is gone by then)
+//! or dropped unprocessed (as if the caller had died before its call got through).
 
 use std::collections::HashSet;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime};
@@ -86,7 +91,34 @@ struct State {
     /// Refresh tokens that a refresh grant still accepts.
     alive: HashSet<String>,
     answers: Vec<Answer>,
+    /// Where the next refresh call waits for the test's word, if it is to be held.
+    hold: Option<Receiver<Release>>,
 }
+
+/// What a held refresh call does once released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Answered as usual (with `rotate`, the presented refresh token dies now).
+    Process,
+    /// Never processed: no answer is recorded, nothing rotates, and the connection is left
+    /// to the caller to close.
+    Drop,
+}
+
+/// The test's side of a held refresh call.
+pub struct Hold {
+    tx: Sender<Release>,
+}
+
+impl Hold {
+    pub fn release(self, how: Release) {
+        // The endpoint may have given up waiting (its 30 s deadline); then there is no one to tell.
+        let _ = self.tx.send(how);
+    }
+}
+
+/// How long a held refresh call waits for the test before it is dropped unprocessed.
+const HOLD_LIMIT: Duration = Duration::from_secs(30);
 
 pub struct FakeTokenEndpoint {
     server: FakeUpstream,
@@ -100,6 +132,7 @@ impl FakeTokenEndpoint {
             issued: 0,
             alive: HashSet::new(),
             answers: Vec::new(),
+            hold: None,
         }));
         let handler_state = Arc::clone(&state);
         let server = FakeUpstream::start(move |req| answer(&handler_state, req));
@@ -140,6 +173,22 @@ impl FakeTokenEndpoint {
 
     pub fn refreshes(&self) -> Vec<Value> {
         self.calls("refresh_token")
+    }
+
+    /// Parks the next refresh call (it is recorded as it arrives, so `refreshes()` counts it)
+    /// until `Hold::release`. The endpoint answers one call at a time: others wait behind it.
+    pub fn hold_next_refresh(&self) -> Hold {
+        let (tx, rx) = mpsc::channel();
+        self.state.lock().expect("token state").hold = Some(rx);
+        Hold { tx }
+    }
+
+    /// The refresh calls the endpoint answered 200: those that minted new tokens.
+    pub fn granted_refreshes(&self) -> usize {
+        self.answers()
+            .iter()
+            .filter(|a| a.grant_type == "refresh_token" && a.status == 200)
+            .count()
     }
 
     pub fn answers(&self) -> Vec<Answer> {
@@ -188,6 +237,14 @@ fn answer(state: &Mutex<State>, req: &Recorded) -> Reply {
             (script.exchange_expires_in, true)
         }
         "refresh_token" => {
+            let hold = state.lock().expect("token state").hold.take();
+            if let Some(hold) = hold {
+                // Waited on outside the state lock, so the test can look meanwhile.
+                let how = hold.recv_timeout(HOLD_LIMIT).unwrap_or(Release::Drop);
+                if how == Release::Drop {
+                    return Reply::Hang;
+                }
+            }
             let presented = body["refresh_token"].as_str().unwrap_or_default();
             let alive = state.lock().expect("token state").alive.contains(presented);
             if script.refresh_invalid_grant || !alive {

@@ -1,0 +1,166 @@
+//! Account state shared through Redis: a cooldown one instance put on an account keeps the
+//! others off it, and a sticky session stays on its account whichever instance it reaches.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+
+use super::{start_instances, state_section};
+use crate::support::accounts::{
+    KEY_A, KEY_B, KEY_C, error_body, new_conversation, post_body, served_by,
+};
+use crate::support::redis::RedisServer;
+use crate::support::{Config, FakeUpstream, Gateway, Reply, call};
+
+/// An upstream that names the serving account in each answer, and answers 429
+/// (`retry-after: 60`) for the key in `limited`, if any.
+pub fn limiting_upstream(limited: &Arc<Mutex<Option<String>>>) -> FakeUpstream {
+    let limited = Arc::clone(limited);
+    FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        if key.is_empty() {
+            // An OAuth account (the outage test has one): no key to name.
+            return Reply::json(200, &served_by("oauth"));
+        }
+        if limited.lock().expect("limited lock").as_deref() == Some(key) {
+            Reply::json_with(
+                429,
+                &[("retry-after", "60")],
+                &error_body("rate_limit_error", "rate limited", key),
+            )
+        } else {
+            Reply::json(200, &served_by(key))
+        }
+    })
+}
+
+/// Posts new conversations through `gw` until one reached the account with `key` (which
+/// answers 429, so the gateway fails over and the client still gets a 200). Fails the test if
+/// the instance never picks that account.
+pub fn until_it_meets(gw: &Gateway, up: &FakeUpstream, key: &str, what: &str) {
+    for _ in 0..12 {
+        let before = up.keys().len();
+        let resp = post_body(gw, &new_conversation());
+        assert_eq!(resp.status, 200, "{what}: {}", resp.text());
+        if up.keys()[before..].iter().any(|k| k == key) {
+            return;
+        }
+    }
+    panic!("{what}: 12 requests and the limited account was never tried");
+}
+
+#[test]
+fn a_429_seen_by_one_instance_benches_the_account_for_all() {
+    // After one instance got a 429 with retry-after 60 from an account, no instance sends that
+    // account anything until the minute is over.
+    let redis = RedisServer::start();
+    let limited = Arc::new(Mutex::new(Some(KEY_A.to_string())));
+    let up = limiting_upstream(&limited);
+    let mut gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
+    gw.add_api_key("x", KEY_A);
+    gw.add_api_key("y", KEY_B);
+    gw.add_client_key("tests");
+    let gws = start_instances(gw, 3);
+
+    until_it_meets(&gws[0], &up, KEY_A, "instance A");
+    let benched_at = up.keys().len();
+    for round in 0..10 {
+        for (i, gw) in gws[1..].iter().enumerate() {
+            let resp = post_body(gw, &new_conversation());
+            assert_eq!(resp.status, 200, "round {round}, instance {}", i + 1);
+            assert_eq!(resp.text(), served_by(KEY_B));
+        }
+    }
+    let after = up.keys()[benched_at..].to_vec();
+    assert_eq!(after.len(), 20, "one upstream request each: {after:?}");
+    assert!(
+        after.iter().all(|k| k == KEY_B),
+        "another instance used the benched account: {after:?}"
+    );
+}
+
+/// A Messages body of turn `turn` of a conversation; `user_id`, if given, carries the session.
+fn turn_body(user_id: Option<&str>, turn: usize) -> String {
+    let mut body = json!({
+        "model": "claude-sonnet-4-5", "max_tokens": 16,
+        "messages": [{"role": "user", "content": format!("turn {turn} of a long talk")}],
+    });
+    if let Some(user_id) = user_id {
+        body["metadata"] = json!({"user_id": user_id});
+    }
+    body.to_string()
+}
+
+/// Claude Code's `metadata.user_id` for `session`.
+fn user_id(session: &str) -> String {
+    format!(
+        "user_{}_account_7c1b6a53-2f0e-4b8e-9a43-1d2c3b4a5f60_session_{session}",
+        "5e".repeat(32)
+    )
+}
+
+#[test]
+fn a_sticky_session_stays_on_its_account_across_instances() {
+    // A session keeps its account whichever instance each turn reaches, while round robin
+    // alone would move it at every turn.
+    let redis = RedisServer::start();
+    let up = limiting_upstream(&Arc::default());
+    let config = Config::new(up.base_url()).section(&format!(
+        "balance:\n  strategy: round_robin\nsticky:\n  enabled: true\n  ttl: 1h\n{}",
+        state_section(&redis)
+    ));
+    let mut gw = Gateway::new(&config);
+    for (name, key) in [("a", KEY_A), ("b", KEY_B), ("c", KEY_C)] {
+        gw.add_api_key(name, key);
+    }
+    gw.add_client_key("tests");
+    let gws = start_instances(gw, 3);
+
+    // One session in metadata.user_id, its turns through A, B, C, A, B, C, ...
+    let session = user_id("9b2f4e1a-6c3d-4e5f-8a7b-0c1d2e3f4a5b");
+    let before = up.keys().len();
+    for turn in 0..12 {
+        let resp = post_body(&gws[turn % 3], &turn_body(Some(&session), turn));
+        assert_eq!(resp.status, 200, "turn {turn}: {}", resp.text());
+    }
+    let used = up.keys()[before..].to_vec();
+    assert!(
+        used.iter().all(|k| *k == used[0]),
+        "the metadata session hopped between accounts: {used:?}"
+    );
+
+    // One session named by `x-session-id`, with a new first message at every turn.
+    let before = up.keys().len();
+    for turn in 0..9 {
+        let gw = &gws[(turn + 1) % 3];
+        let resp = call(
+            gw.addr(),
+            "POST",
+            "/v1/messages",
+            &[
+                gw.auth(),
+                ("content-type", "application/json"),
+                ("x-session-id", "scale-header-session-1"),
+            ],
+            turn_body(None, 100 + turn).as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "header turn {turn}: {}", resp.text());
+    }
+    let used = up.keys()[before..].to_vec();
+    assert!(
+        used.iter().all(|k| *k == used[0]),
+        "the x-session-id session hopped between accounts: {used:?}"
+    );
+
+    // Other sessions are free to land elsewhere: round robin spreads new ones.
+    let before = up.keys().len();
+    for i in 0..6 {
+        let session = user_id(&format!("0000000{i}-aaaa-4bbb-8ccc-dddddddddddd"));
+        let resp = post_body(&gws[i % 3], &turn_body(Some(&session), 0));
+        assert_eq!(resp.status, 200, "new session {i}: {}", resp.text());
+    }
+    let mut spread = up.keys()[before..].to_vec();
+    spread.sort();
+    spread.dedup();
+    assert!(spread.len() >= 2, "new sessions all went to {spread:?}");
+}

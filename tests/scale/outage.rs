@@ -1,0 +1,124 @@
+//! Redis going away and coming back: requests keep flowing on local state, `/ready` tells the
+//! shared state is down (and up again), a warning is logged, and sharing resumes.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::accounts::{limiting_upstream, until_it_meets};
+use super::{SHARED, ready, start_instances, state_section};
+use crate::oauth::rig::Rig;
+use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
+use crate::support::redis::RedisServer;
+use crate::support::{Gateway, Script, wait_until};
+
+/// Polls `/ready` on every instance until each answers 200 with `shared_state` = `want`.
+fn wait_shared_state(gws: &[Gateway], want: &str, limit: Duration) {
+    for (i, gw) in gws.iter().enumerate() {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (status, view) = ready(gw.addr());
+            assert_eq!(status, 200, "instance {i}: /ready {view}");
+            if view["shared_state"] == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance {i}: /ready does not say shared_state {want} within {limit:?}: {view}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn stopping_redis_keeps_requests_flowing() {
+    // While Redis is down every request is still served from local state and /ready says
+    // so; when it is back, /ready says so within about a second and sharing works again.
+    let mut redis = RedisServer::start();
+    let limited: Arc<Mutex<Option<String>>> = Arc::default();
+    let up = limiting_upstream(&limited);
+    let script = Script {
+        exchange_expires_in: 3600,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, up, |c| c.section(&state_section(&redis)));
+    rig.login("oauth");
+    rig.gw.add_api_key("x", KEY_A);
+    rig.gw.add_api_key("y", KEY_B);
+    let gws = start_instances(rig.gw.sibling(), 2);
+    wait_shared_state(&gws, "up", SHARED);
+
+    // Steady load on both instances from two clients, each request a new conversation.
+    let stop = AtomicBool::new(false);
+    let served = AtomicUsize::new(0);
+    let failures: Mutex<Vec<String>> = Mutex::default();
+    let wait_served = |more: usize, what: &str| {
+        let target = served.load(Ordering::SeqCst) + more;
+        wait_until(what, Duration::from_secs(20), || {
+            served.load(Ordering::SeqCst) >= target
+        });
+    };
+    thread::scope(|s| {
+        for client in 0..2 {
+            let (gws, stop, served, failures) = (&gws, &stop, &served, &failures);
+            s.spawn(move || {
+                let mut i = client;
+                while !stop.load(Ordering::SeqCst) {
+                    let resp = post_body(&gws[i % 2], &new_conversation());
+                    if resp.status != 200 {
+                        failures.lock().expect("failures").push(format!(
+                            "instance {}: {} {}",
+                            i % 2,
+                            resp.status,
+                            resp.text()
+                        ));
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+            });
+        }
+        wait_served(10, "10 requests before the outage");
+        redis.stop();
+        wait_shared_state(&gws, "down", SHARED);
+        wait_served(20, "20 requests during the outage");
+        for (i, gw) in gws.iter().enumerate() {
+            let log = gw.stderr();
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+                "instance {i} logged no warning about Redis:\n{log}"
+            );
+        }
+        redis.restart();
+        // The background probe notices within about a second; 2.5 s leaves room for load.
+        wait_shared_state(&gws, "up", Duration::from_millis(2500));
+        wait_served(10, "10 requests after the outage");
+        stop.store(true, Ordering::SeqCst);
+    });
+    let failures = failures.into_inner().expect("failures");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed around the outage:\n{}",
+        failures.len(),
+        served.load(Ordering::SeqCst),
+        failures.join("\n")
+    );
+
+    // Sharing works again: a 429 one instance sees benches the account for the other.
+    *limited.lock().expect("limited lock") = Some(KEY_A.to_string());
+    until_it_meets(&gws[0], &rig.up, KEY_A, "instance 0 after the outage");
+    let benched_at = rig.up.keys().len();
+    for round in 0..12 {
+        let resp = post_body(&gws[1], &new_conversation());
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        assert_ne!(resp.text(), served_by(KEY_A), "round {round}");
+    }
+    let after = rig.up.keys()[benched_at..].to_vec();
+    assert!(
+        after.iter().all(|k| k != KEY_A),
+        "the other instance used the benched account after the outage: {after:?}"
+    );
+}

@@ -1,0 +1,296 @@
+//! OAuth tokens shared through Redis: one refresh serves every instance, and an instance killed
+//! at any point of a refresh neither loses the token nor leaves the others refreshing in a loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{
+    OK_BODY, PREFIX, SHARED, account_state, admin_status, answering_upstream, dump, promptly,
+    start_instances, state_section, try_post,
+};
+use crate::oauth::rig::{Rig, bearer, in_parallel};
+use crate::support::redis::RedisServer;
+use crate::support::{
+    Conn, FakeUpstream, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error, now_unix,
+    refresh_token, request_bytes, wait_until,
+};
+
+#[test]
+fn one_refresh_for_thirty_requests_over_three_instances() {
+    // Three instances, an expired token, 30 requests at once: one refresh for all of them, and
+    // no request goes upstream with the dead token.
+    let redis = RedisServer::start();
+    let script = Script {
+        exchange_expires_in: 0,
+        rotate: true,
+        // Long enough that the requests arrive while the refresh is under way.
+        refresh_delay: Duration::from_millis(800),
+        ..Script::default()
+    };
+    let rig = Rig::new(script, answering_upstream(), |c| {
+        c.section(&state_section(&redis))
+    });
+    let id = rig.login("shared");
+    let key = rig.gw.client_key().to_string();
+    let gws = start_instances(rig.gw.sibling(), 3);
+    let addrs: Vec<_> = gws.iter().map(|g| g.addr()).collect();
+
+    let responses = in_parallel(30, |i| super::try_post(addrs[i % 3], &key, MESSAGE_BODY));
+    for (i, resp) in responses.iter().enumerate() {
+        let resp = resp
+            .as_ref()
+            .unwrap_or_else(|| panic!("request {i}: no answer"));
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    let refreshes = rig.tokens.refreshes();
+    assert_eq!(
+        refreshes.len(),
+        1,
+        "three instances, 30 requests: exactly one refresh; calls: {refreshes:?}"
+    );
+    let reqs = rig.up.requests();
+    assert_eq!(reqs.len(), 30, "one upstream request per client request");
+    for (i, req) in reqs.iter().enumerate() {
+        assert_eq!(
+            bearer(req),
+            Some(access_token(2).as_str()),
+            "upstream request {i} did not carry the refreshed token"
+        );
+    }
+
+    // The token is in Redis under the prefix, sealed: no token in clear there.
+    let stored = dump(&redis);
+    assert!(
+        redis.keys(&format!("{PREFIX}:tok:{id}")).len() == 1,
+        "no {PREFIX}:tok:{id} in Redis:\n{stored}"
+    );
+    for secret in rig.tokens.issued() {
+        assert!(
+            !stored.contains(&secret),
+            "Redis holds a token in clear ({secret}):\n{stored}"
+        );
+    }
+    // And the instances stay on it: more requests, no more refreshes.
+    for (i, addr) in addrs.iter().enumerate() {
+        let resp = rig.post(*addr, MESSAGE_BODY);
+        assert_eq!(resp.status, 200, "instance {i} afterwards: {}", resp.text());
+    }
+    assert_eq!(rig.tokens.refreshes().len(), 1, "no refresh afterwards");
+}
+
+/// Where the refreshing instance is killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kill {
+    /// Its call never got through: the endpoint never processes it.
+    BeforeCall,
+    /// The endpoint holds the call, then rotates the refresh token for a caller that is gone.
+    WhileHeld,
+    /// After the new tokens are in Redis.
+    AfterStored,
+}
+
+#[test]
+fn killing_an_instance_mid_refresh_loses_no_token_or_reports_needs_login() {
+    // A kill -9 at any point of a refresh: the others serve on with no token lost, or, when the
+    // dead instance took the only live refresh token with it, report needs_login and stop
+    // calling the token endpoint.
+    for kill in [Kill::BeforeCall, Kill::AfterStored, Kill::WhileHeld] {
+        kill_mid_refresh(kill);
+    }
+}
+
+fn kill_mid_refresh(kill: Kill) {
+    let redis = RedisServer::start();
+    // The upstream refuses the first token once the test says so: the 401 makes one chosen
+    // instance refresh, while the others, idle, have no reason to.
+    let revoked = Arc::new(AtomicBool::new(false));
+    let refuse = Arc::clone(&revoked);
+    let up = FakeUpstream::start(move |req| {
+        if refuse.load(Ordering::SeqCst) && bearer(req) == Some(access_token(1).as_str()) {
+            Reply::json(
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"OAuth token has expired."}}"#,
+            )
+        } else {
+            Reply::json(200, OK_BODY)
+        }
+    });
+    let script = Script {
+        rotate: true,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, up, |c| {
+        c.section(&state_section(&redis))
+            .oauth("token_timeout", "1s")
+    });
+    let id = rig.login("fragile");
+    let admin = rig.gw.add_admin_key("ops");
+    let key = rig.gw.client_key().to_string();
+    let mut gws = start_instances(rig.gw.sibling(), 3);
+    let addrs: Vec<_> = gws.iter().map(|g| g.addr()).collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let resp = rig.post(*addr, MESSAGE_BODY);
+        assert_eq!(
+            resp.status,
+            200,
+            "{kill:?}: warm-up on {i}: {}",
+            resp.text()
+        );
+    }
+    let tok_key = format!("{PREFIX}:tok:{id}");
+    let issued_at = || -> u64 {
+        redis
+            .command(&["HGET", &tok_key, "issued_at"])
+            .parse()
+            .unwrap_or(0)
+    };
+    let first_issued = issued_at();
+    // So a refresh's issued_at is a later second than the login's.
+    wait_until("a second passes after the login", SHARED, || {
+        now_unix() > first_issued
+    });
+
+    // Instance 0 gets the 401 and refreshes; the endpoint holds its call.
+    let hold = rig.tokens.hold_next_refresh();
+    revoked.store(true, Ordering::SeqCst);
+    let mut doomed = Conn::open(addrs[0]);
+    doomed.send(&request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        MESSAGE_BODY.as_bytes(),
+    ));
+    promptly(
+        &format!("{kill:?}: instance 0 calls the token endpoint"),
+        Duration::from_secs(5),
+        || !rig.tokens.refreshes().is_empty(),
+    );
+    match kill {
+        Kill::BeforeCall => {
+            gws[0].stop();
+            hold.release(Release::Drop);
+        }
+        Kill::WhileHeld => {
+            gws[0].stop();
+            hold.release(Release::Process);
+            promptly("the held refresh is answered", SHARED, || {
+                rig.tokens.granted_refreshes() == 1
+            });
+        }
+        Kill::AfterStored => {
+            hold.release(Release::Process);
+            wait_until(
+                &format!("{tok_key} issued_at moves past {first_issued}"),
+                SHARED,
+                || issued_at() > first_issued,
+            );
+            gws[0].stop();
+        }
+    }
+    drop(doomed);
+    let survivors = &addrs[1..];
+
+    if kill == Kill::WhileHeld {
+        // Redis still has rt-1, which the endpoint rotated out: the survivors' refresh gets
+        // invalid_grant, and the account needs a login, for every instance.
+        let mut sent = 0;
+        wait_until(
+            "WhileHeld: a survivor reports needs_login",
+            Duration::from_secs(20),
+            || {
+                let _ = try_post(survivors[sent % 2], &key, MESSAGE_BODY);
+                sent += 1;
+                account_state(&admin_status(survivors[0], &admin), &id) == "needs_login"
+            },
+        );
+        wait_until("WhileHeld: the other survivor agrees", SHARED, || {
+            account_state(&admin_status(survivors[1], &admin), &id) == "needs_login"
+        });
+        let calls = rig.tokens.refreshes();
+        assert_eq!(
+            calls.len(),
+            2,
+            "the held call and one refresh by a survivor: {calls:?}\n{}",
+            dump(&redis)
+        );
+        assert_eq!(calls[1]["refresh_token"], refresh_token(1).as_str());
+        let answers: Vec<u16> = rig
+            .tokens
+            .answers()
+            .iter()
+            .filter(|a| a.grant_type == "refresh_token")
+            .map(|a| a.status)
+            .collect();
+        assert_eq!(answers, [200, 400], "rotated for the dead, refused after");
+        // No loop: further requests are refused without a token call, and the refreshers
+        // leave the account alone.
+        for i in 0..6 {
+            let resp = rig.post(survivors[i % 2], MESSAGE_BODY);
+            assert_error(&resp, 503, None);
+        }
+        let quiet_until = std::time::Instant::now() + Duration::from_secs(3);
+        wait_until("WhileHeld: three quiet seconds", SHARED, || {
+            assert_eq!(
+                rig.tokens.refreshes().len(),
+                2,
+                "the token endpoint is called again after invalid_grant"
+            );
+            std::time::Instant::now() >= quiet_until
+        });
+        assert!(
+            !rig.up
+                .requests()
+                .iter()
+                .any(|r| bearer(r) == Some(access_token(2).as_str())),
+            "the dead instance's token was used, yet it was never stored"
+        );
+        return;
+    }
+
+    // The survivors serve: after a fresh refresh (BeforeCall, once the dead holder's lease is
+    // over) or on the token the dead instance stored (AfterStored).
+    let served_from = rig.up.requests().len();
+    let mut sent = 0;
+    wait_until(
+        &format!("{kill:?}: a survivor serves again"),
+        Duration::from_secs(20),
+        || {
+            sent += 1;
+            try_post(survivors[sent % 2], &key, MESSAGE_BODY).is_some_and(|r| r.status == 200)
+        },
+    );
+    for (i, addr) in survivors.iter().enumerate() {
+        let resp = rig.post(*addr, MESSAGE_BODY);
+        assert_eq!(resp.status, 200, "{kill:?}: survivor {i}: {}", resp.text());
+    }
+    let reqs = rig.up.requests();
+    let last = reqs.last().expect("upstream requests");
+    assert_eq!(
+        bearer(last),
+        Some(access_token(2).as_str()),
+        "{kill:?}: the survivors use the one new token"
+    );
+    assert!(
+        reqs[served_from..]
+            .iter()
+            .all(|r| bearer(r) != Some(access_token(3).as_str())),
+        "{kill:?}: a second token was minted"
+    );
+    let calls = rig.tokens.refreshes();
+    let expected_calls = if kill == Kill::BeforeCall { 2 } else { 1 };
+    assert_eq!(
+        calls.len(),
+        expected_calls,
+        "{kill:?}: refresh calls {calls:?}\n{}",
+        dump(&redis)
+    );
+    assert_eq!(rig.tokens.granted_refreshes(), 1, "{kill:?}: one grant");
+    for addr in survivors {
+        let state = account_state(&admin_status(*addr, &admin), &id);
+        assert!(
+            state != "needs_login" && state != "not_logged_in",
+            "{kill:?}: the account stays usable, yet status says {state}"
+        );
+    }
+}
