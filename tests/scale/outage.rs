@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::accounts::{limiting_upstream, until_it_meets};
-use super::{SHARED, ready, start_instances, state_section};
+use super::{SHARED, account_state, admin_status, ready, start_instances, state_section};
 use crate::oauth::rig::Rig;
 use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
 use crate::support::redis::RedisServer;
@@ -44,7 +44,8 @@ fn stopping_redis_keeps_requests_flowing() {
         ..Script::default()
     };
     let rig = Rig::new(script, up, |c| c.section(&state_section(&redis)));
-    rig.login("oauth");
+    let oauth = rig.login("oauth");
+    let admin = rig.gw.add_admin_key("ops");
     rig.gw.add_api_key("x", KEY_A);
     rig.gw.add_api_key("y", KEY_B);
     let gws = start_instances(rig.gw.sibling(), 2);
@@ -106,6 +107,15 @@ fn stopping_redis_keeps_requests_flowing() {
         served.load(Ordering::SeqCst),
         failures.join("\n")
     );
+
+    // The OAuth account came through it logged in (Redis came back empty).
+    for (i, gw) in gws.iter().enumerate() {
+        let state = account_state(&admin_status(gw.addr(), &admin), &oauth);
+        assert_eq!(
+            state, "active",
+            "instance {i}: the OAuth account after the outage"
+        );
+    }
 
     // Sharing works again: a 429 one instance sees benches the account for the other.
     *limited.lock().expect("limited lock") = Some(KEY_A.to_string());
