@@ -760,6 +760,89 @@ mod tests {
         assert!(err.to_string().contains("oauth-start"));
     }
 
+    fn issued(access: &str, issued_at: u64) -> Tokens {
+        Tokens {
+            issued_at,
+            ..tokens(access)
+        }
+    }
+
+    fn stored(access: &str, issued_at: u64, needs_login: bool) -> Stored {
+        Stored {
+            tokens: issued(access, issued_at),
+            needs_login,
+        }
+    }
+
+    #[test]
+    fn shared_tokens_newer_wins_and_a_needs_login_sticks_to_its_tokens() {
+        let access = |live: &Live| live.tokens.as_ref().map(|t| t.access.expose().to_string());
+        // Redis has nothing: ours are offered, unless a login is needed.
+        let mut live = Live {
+            tokens: Some(issued("mine", 10)),
+            ..Live::default()
+        };
+        assert_eq!(adopt_stored(&mut live, None), Some(issued("mine", 10)));
+        live.needs_login = true;
+        assert_eq!(adopt_stored(&mut live, None), None);
+        // Newer in Redis: taken, with its needs_login (a login elsewhere clears ours).
+        assert_eq!(
+            adopt_stored(&mut live, Some(&stored("theirs", 20, false))),
+            None
+        );
+        assert_eq!(access(&live).as_deref(), Some("theirs"));
+        assert!(!live.needs_login);
+        // Ours newer (a login here): offered, not replaced.
+        live.tokens = Some(issued("login", 30));
+        let offer = adopt_stored(&mut live, Some(&stored("theirs", 20, false)));
+        assert_eq!(offer, Some(issued("login", 30)));
+        assert_eq!(access(&live).as_deref(), Some("login"));
+        // The same tokens: a needs_login found on either side stays.
+        assert_eq!(
+            adopt_stored(&mut live, Some(&stored("login", 30, true))),
+            None
+        );
+        assert!(live.needs_login);
+        assert_eq!(
+            adopt_stored(&mut live, Some(&stored("login", 30, false))),
+            None
+        );
+        assert!(live.needs_login, "not cleared by the same tokens unmarked");
+        // Nothing held: whatever Redis has.
+        let mut empty = Live::default();
+        assert_eq!(adopt_stored(&mut empty, Some(&stored("r", 1, true))), None);
+        assert!(empty.needs_login);
+    }
+
+    #[test]
+    fn shared_cooldowns_extend_and_shared_bans_come_and_go() {
+        let accounts = pool(vec![account("a", true)], Strategy::LeastBusy);
+        let e = Arc::clone(&accounts.snapshot()[0]);
+        let now = Now {
+            instant: Instant::now(),
+            unix_ms: 1_000_000,
+        };
+        let cool = (1_060_000, "rate limited elsewhere".to_string());
+        e.adopt(&mut e.live(), Some(&cool), None, now);
+        let c = e.live().health.cooldown.clone().expect("adopted");
+        assert_eq!(c.until_unix_ms, 1_060_000);
+        assert_eq!(c.until, now.instant + Duration::from_secs(60));
+        assert!(!e.live().health.available(now.instant));
+        // A shorter or past one changes nothing.
+        e.adopt(&mut e.live(), Some(&(1_010_000, "short".into())), None, now);
+        e.adopt(&mut e.live(), Some(&(999_000, "past".into())), None, now);
+        assert_eq!(e.live().health.cooldown.as_ref(), Some(&c));
+        // A ban from elsewhere disables; its lifting enables again.
+        e.adopt(&mut e.live(), None, Some(&"banned".to_string()), now);
+        assert!(!e.usable());
+        e.adopt(&mut e.live(), None, None, now);
+        assert!(e.usable());
+        // A ban seen here is not lifted by Redis having none.
+        e.live().disabled_reason = Some("seen here".into());
+        e.adopt(&mut e.live(), None, None, now);
+        assert!(!e.usable());
+    }
+
     #[test]
     fn reload_keeps_unpersisted_tokens_and_adopts_the_files_otherwise() {
         let accounts = pool(

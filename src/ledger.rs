@@ -521,6 +521,33 @@ pub fn group(book: &Book, by: &str, from_day: u64, to_day: u64) -> Vec<(String, 
 mod tests {
     use super::*;
 
+    #[test]
+    fn tokens_not_yet_sent_count_for_their_key_from_their_day() {
+        let row = |day: u64, key: &str, tokens: u64| {
+            let totals = Totals {
+                requests: 1,
+                errors: 0,
+                usage: Usage {
+                    input: tokens,
+                    ..Usage::default()
+                },
+            };
+            (
+                (day, key.to_string(), "acc".to_string(), "m".to_string()),
+                totals,
+            )
+        };
+        let mut outbox = Outbox::default();
+        outbox.unsent = Some((0, vec![row(10, "a", 5), row(9, "a", 100)]));
+        let (k, t) = row(10, "a", 7);
+        outbox.fresh.insert(k, t);
+        let (k, t) = row(10, "b", 1000);
+        outbox.fresh.insert(k, t);
+        assert_eq!(outbox.tokens_since("a", 10), 12);
+        assert_eq!(outbox.tokens_since("a", 9), 112);
+        assert_eq!(outbox.tokens_since("b", 11), 0);
+    }
+
     fn record(t: u64, key: &str, input: u64, status: u16) -> Record {
         Record {
             t,

@@ -30,18 +30,23 @@ pub struct Limiter {
 /// A request admitted under a key's concurrency limit; releases its slot when dropped.
 pub struct Permit {
     limiter: Arc<Limiter>,
-    key: Option<String>,
+    /// `None` for a key without limits (boxed: a permit travels with every answer).
+    held: Option<Box<Held>>,
+}
+
+struct Held {
+    key: String,
     /// The slot taken in Redis, when the concurrency limit is shared.
     slot: Option<String>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let (Some(key), Some(slot), Some(shared)) = (&self.key, &self.slot, &self.limiter.shared)
-        {
-            shared.release(key, slot);
-        }
-        if let Some(key) = &self.key {
+        if let Some(held) = &self.held {
+            let key = &held.key;
+            if let (Some(slot), Some(shared)) = (&held.slot, &self.limiter.shared) {
+                shared.release(key, slot);
+            }
             let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = keys.get_mut(key) {
                 state.in_flight = state.in_flight.saturating_sub(1);
@@ -86,8 +91,7 @@ impl Limiter {
         let Some(limits) = &client.limits else {
             return Ok(Permit {
                 limiter: Arc::clone(self),
-                key: None,
-                slot: None,
+                held: None,
             });
         };
         if !limits.models.is_empty() {
@@ -177,8 +181,10 @@ impl Limiter {
         state.in_flight += 1;
         Ok(Permit {
             limiter: Arc::clone(self),
-            key: Some(client.id.clone()),
-            slot,
+            held: Some(Box::new(Held {
+                key: client.id.clone(),
+                slot,
+            })),
         })
     }
 

@@ -245,7 +245,12 @@ mod tests {
                 },
             });
         }
-        let text = m.render(&Accounts::new(vec![], &test_settings(), &test_sticky()));
+        let text = m.render(&Accounts::new(
+            vec![],
+            &test_settings(),
+            &test_sticky(),
+            None,
+        ));
         assert!(text.contains(r#"llm_gateway_requests_total{status_class="2xx",account="Team \"A\"",model="claude-x"} 1"#), "{text}");
         assert!(text.contains(r#"model="other"} 2"#), "{text}");
         assert!(!text.contains("made-up"));

@@ -167,6 +167,12 @@ fn connection_failed(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
+/// A usage hash field, `["key","account","model"]|metric`, read back.
+fn parse_usage_field(field: &str) -> Option<((String, String, String), &str)> {
+    let (row, metric) = field.rsplit_once('|')?;
+    Some((serde_json::from_str(row).ok()?, metric))
+}
+
 fn eval(script: &str, keys: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(keys.len()).arg(keys);
@@ -592,12 +598,7 @@ impl Shared {
         let mut rows: std::collections::BTreeMap<RowKey, Totals> = Default::default();
         for (day, hash) in days.iter().zip(hashes) {
             for (field, value) in hash {
-                let Some((row, metric)) = field.rsplit_once('|') else {
-                    continue;
-                };
-                let Ok((key, account, model)) =
-                    serde_json::from_str::<(String, String, String)>(row)
-                else {
+                let Some(((key, account, model), metric)) = parse_usage_field(&field) else {
                     continue;
                 };
                 let t = rows.entry((*day, key, account, model)).or_default();
@@ -667,5 +668,29 @@ impl Drop for Lease<'_> {
         cmd.arg(self.fence);
         // A lease not released expires by itself.
         let _ = self.shared.call(|c| cmd.query::<i64>(c));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_fields_survive_any_names() {
+        for (key, account, model) in [
+            ("ck_1", "acc_1", "claude-sonnet-4-5"),
+            ("-", "-", ""),
+            ("k|ey", "a\"cc", "m|o\\del|requests"),
+        ] {
+            let row = (7, key.to_string(), account.to_string(), model.to_string());
+            let field = Shared::usage_field(&row, "output");
+            let ((k, a, m), metric) = parse_usage_field(&field).expect("parses");
+            assert_eq!(
+                (k.as_str(), a.as_str(), m.as_str(), metric),
+                (key, account, model, "output")
+            );
+        }
+        assert!(parse_usage_field("no separator").is_none());
+        assert!(parse_usage_field("[1,2]|input").is_none());
     }
 }

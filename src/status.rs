@@ -1,5 +1,5 @@
 //! The running server's view of itself, as JSON for `GET /admin/status` and
-//! `llm-gateway status`: uptime, worker use, and per account its state, cooldown, load and
+//! `llm-gateway status`: uptime, worker use, the shared state's health, and per account its state, cooldown, load and
 //! counts. Reads state; changes nothing.
 
 use std::time::Instant;
@@ -44,11 +44,19 @@ pub fn render(gw: &Gateway) -> Value {
         })
         .collect();
     let (busy, alive) = gw.workers.counts();
+    let state = match gw.accounts.shared() {
+        None => json!({"backend": "local"}),
+        Some(shared) => match shared.outage() {
+            None => json!({"backend": "redis", "redis": "up"}),
+            Some(why) => json!({"backend": "redis", "redis": "down", "error": why}),
+        },
+    };
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": gw.started.elapsed().as_secs(),
         "workers": {"busy": busy, "alive": alive, "max": gw.max_workers},
         "sticky_pins": gw.accounts.sticky_pins(),
+        "state": state,
         "accounts": accounts,
     })
 }

@@ -110,7 +110,7 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
 }
 
 fn config_only(config: &config::Config) -> Vec<Value> {
-    let accounts = Accounts::load(&config);
+    let accounts = Accounts::load(config);
     accounts
         .snapshot()
         .iter()
