@@ -1,16 +1,19 @@
 //! OAuth tokens shared through Redis: one refresh serves every instance, and an instance killed
 //! at any point of a refresh neither loses the token nor leaves the others refreshing in a loop.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    PREFIX, SHARED, account_state, admin_status, answering_upstream, dump, promptly,
+    OK_BODY, PREFIX, SHARED, account_state, admin_status, answering_upstream, dump, promptly,
     start_instances, state_section, try_post,
 };
 use crate::oauth::rig::{Rig, bearer, in_parallel};
 use crate::support::redis::RedisServer;
 use crate::support::{
-    MESSAGE_BODY, Release, Script, access_token, assert_error, now_unix, refresh_token, wait_until,
+    Conn, FakeUpstream, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error, now_unix,
+    refresh_token, request_bytes, wait_until,
 };
 
 #[test]
@@ -290,4 +293,92 @@ fn kill_mid_refresh(kill: Kill) {
             "{kill:?}: the account stays usable, yet status says {state}"
         );
     }
+}
+
+#[test]
+fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
+    // An instance killed holding the refresh lease before it called the endpoint leaves a
+    // valid refresh token: once its lease is over, a 401 elsewhere leads to a refresh, not to
+    // the account benched for every instance.
+    let redis = RedisServer::start();
+    let revoked = Arc::new(AtomicBool::new(false));
+    let refuse = Arc::clone(&revoked);
+    let up = FakeUpstream::start(move |req| {
+        if refuse.load(Ordering::SeqCst) && bearer(req) == Some(access_token(1).as_str()) {
+            Reply::json(
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"OAuth token has expired."}}"#,
+            )
+        } else {
+            Reply::json(200, OK_BODY)
+        }
+    });
+    let script = Script {
+        rotate: true,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, up, |c| {
+        c.section(&state_section(&redis))
+            .oauth("token_timeout", "1s")
+    });
+    rig.login("revoked");
+    let key = rig.gw.client_key().to_string();
+    let mut gws = start_instances(rig.gw.sibling(), 2);
+    for gw in &gws {
+        let resp = rig.post(gw.addr(), MESSAGE_BODY);
+        assert_eq!(resp.status, 200, "warm-up: {}", resp.text());
+    }
+
+    // Instance 0 gets a 401 and takes the lease; it dies before its call is processed.
+    let hold = rig.tokens.hold_next_refresh();
+    revoked.store(true, Ordering::SeqCst);
+    let mut doomed = Conn::open(gws[0].addr());
+    doomed.send(&request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        MESSAGE_BODY.as_bytes(),
+    ));
+    promptly(
+        "instance 0 calls the token endpoint",
+        Duration::from_secs(5),
+        || !rig.tokens.refreshes().is_empty(),
+    );
+    gws[0].stop();
+    hold.release(Release::Drop);
+    drop(doomed);
+
+    // The lease lasts 2 × 1 s + 2 s; the survivor may refuse requests meanwhile, not after.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let resp = try_post(gws[1].addr(), &key, MESSAGE_BODY);
+        if resp.as_ref().is_some_and(|r| r.status == 200) {
+            break;
+        }
+        let answer = resp.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
+        if seen.last() != Some(&answer) {
+            seen.push(answer);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor does not serve within 15 s of the kill; it answered:\n{}\n\
+             refresh calls: {:?}\nredis:\n{}\nits log:\n{}",
+            seen.join("\n"),
+            rig.tokens.refreshes(),
+            dump(&redis),
+            log_lines(&gws[1].stderr())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = rig.up.requests();
+    assert_eq!(
+        bearer(last.last().expect("upstream requests")),
+        Some(access_token(2).as_str())
+    );
+    assert_eq!(
+        rig.tokens.granted_refreshes(),
+        1,
+        "one refresh by the survivor"
+    );
 }
