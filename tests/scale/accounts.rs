@@ -116,6 +116,14 @@ fn a_sticky_session_stays_on_its_account_across_instances() {
     gw.add_client_key("tests");
     let gws = start_instances(gw, 3);
 
+    // Each instance's round robin at a different account (A at the first, B at the second, C
+    // at the third), so without shared pins a session's first turn on each would differ.
+    for (i, gw) in gws.iter().enumerate() {
+        for _ in 0..i {
+            assert_eq!(post_body(gw, &new_conversation()).status, 200);
+        }
+    }
+
     // One session in metadata.user_id, its turns through A, B, C, A, B, C, ...
     let session = user_id("9b2f4e1a-6c3d-4e5f-8a7b-0c1d2e3f4a5b");
     let before = up.keys().len();
