@@ -1,13 +1,13 @@
 //! Several gateway instances sharing state through Redis (`state: {backend: redis}`): OAuth
 //! tokens refreshed once for all and never lost when an instance dies mid-refresh, cooldowns
-//! and sticky pins seen by every instance, usage counted exactly once across them, and requests
+//! and sticky pins seen by every instance, a key's limits and usage counted once across them, and requests
 //! that keep flowing while Redis is down.
 //!
 //! Every test starts a real `redis-server` (`support::redis`) and gateway instances that are
 //! what an operator would run: one directory each, with its own config.yaml and usage ledger,
 //! and the same `gateway.key` copied in (`Gateway::sibling`). `tokens` covers the OAuth
-//! tests, `accounts` cooldowns and sticky pins, `usage` the shared counters, `outage` Redis
-//! going away and coming back.
+//! tests, `accounts` cooldowns and sticky pins, `limits` a gateway key's rpm and concurrency,
+//! `usage` the shared counters, `outage` Redis going away and coming back.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use crate::support::redis::RedisServer;
 use crate::support::{Conn, FakeUpstream, Framing, Gateway, Reply, Response, call, request_bytes};
 
 mod accounts;
+mod limits;
 mod outage;
 mod tokens;
 mod usage;

@@ -1,0 +1,85 @@
+//! A gateway key's limits are one budget across instances: its requests per minute and its
+//! requests in flight are counted in Redis, not per instance.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use super::{start_instances, state_section};
+use crate::support::redis::RedisServer;
+use crate::support::{Config, FakeUpstream, Gateway, assert_error};
+use crate::team::{SONNET, Tokens, add_key, answer, anthropic_body, post_anthropic};
+
+const SMALL: Tokens = Tokens::new(10, 2, 0, 0);
+
+#[test]
+fn a_keys_rpm_and_concurrency_hold_across_instances() {
+    // Three requests a minute means three in all, whichever instances they reach; one at a
+    // time means one in flight in all.
+    let redis = RedisServer::start();
+    let (arrived_tx, arrived) = mpsc::channel::<()>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    // A request tagged `hold` waits at the upstream until the test releases it.
+    let up = FakeUpstream::start(move |req| {
+        if String::from_utf8_lossy(&req.body).contains("hold-me") {
+            let _ = arrived_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        }
+        answer(req)
+    });
+    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
+    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let (_, rpm_key) = add_key(&gw, "three-a-minute", &["--rpm", "3"]);
+    let (_, one_key) = add_key(&gw, "one-at-a-time", &["--max-concurrent", "1"]);
+    let gws = start_instances(gw, 3);
+
+    for (i, gw) in gws.iter().enumerate() {
+        let body = anthropic_body(SONNET, SMALL, false, &format!("rpm {i}"));
+        let resp = post_anthropic(gw.addr(), &rpm_key, &body, &[]);
+        assert_eq!(resp.status, 200, "request {i} of 3: {}", resp.text());
+    }
+    for (i, gw) in gws.iter().enumerate() {
+        let body = anthropic_body(SONNET, SMALL, false, &format!("rpm past {i}"));
+        let refused = post_anthropic(gw.addr(), &rpm_key, &body, &[]);
+        assert_error(&refused, 429, Some("rate_limit_error"));
+        assert!(
+            refused.header("retry-after").is_some(),
+            "instance {i}: no retry-after on the refusal"
+        );
+    }
+
+    // One request of the one-at-a-time key held in flight on instance 0: the others refuse it.
+    thread::scope(|s| {
+        let held = s.spawn(|| {
+            let body = anthropic_body(SONNET, SMALL, false, "hold-me");
+            post_anthropic(gws[0].addr(), &one_key, &body, &[])
+        });
+        arrived
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the held request reaches the upstream");
+        for (i, gw) in gws.iter().enumerate().skip(1) {
+            let body = anthropic_body(SONNET, SMALL, false, &format!("second {i}"));
+            let refused = post_anthropic(gw.addr(), &one_key, &body, &[]);
+            assert_eq!(
+                refused.status,
+                429,
+                "instance {i}: a second request in flight: {}",
+                refused.text()
+            );
+        }
+        release.send(()).expect("release the held request");
+        let held = held.join().expect("held request thread");
+        assert_eq!(held.status, 200, "the held request: {}", held.text());
+    });
+    // Its slot is given back: the key is served again, on any instance.
+    for (i, gw) in gws.iter().enumerate() {
+        let body = anthropic_body(SONNET, SMALL, false, &format!("after {i}"));
+        let resp = post_anthropic(gw.addr(), &one_key, &body, &[]);
+        assert_eq!(
+            resp.status,
+            200,
+            "instance {i} after the release: {}",
+            resp.text()
+        );
+    }
+}
