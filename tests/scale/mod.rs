@@ -1,7 +1,7 @@
 //! Several gateway instances sharing state through Redis (`state: {backend: redis}`): OAuth
 //! tokens refreshed once for all and never lost when an instance dies mid-refresh, cooldowns
-//! and sticky pins seen by every instance, a key's limits and usage counted once across them, and requests
-//! that keep flowing while Redis is down.
+//! and sticky pins seen by every instance, a key's limits and its usage counted once across
+//! them, and requests that keep flowing while Redis is down.
 //!
 //! Every test starts a real `redis-server` (`support::redis`) and gateway instances that are
 //! what an operator would run: one directory each, with its own config.yaml and usage ledger,
