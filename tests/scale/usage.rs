@@ -2,12 +2,13 @@
 //! any instance's config with `usage --json`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{start_instances, state_section};
+use super::{ready, start_instances, state_section};
 use crate::support::accounts::{KEY_A, KEY_B};
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, wait_until};
@@ -100,35 +101,7 @@ fn usage_totals_equal_what_the_upstream_served() {
     let expected = (Some(N as u64), Some(0), total);
 
     // Each instance flushes within its interval (1 s); the totals add up from any config.
-    let mut last = Value::Null;
-    wait_until(
-        "usage --json totals equal what was served",
-        Duration::from_secs(10),
-        || {
-            last = usage(&gws[0], &[]);
-            counts(&last["total"]) == expected
-        },
-    );
-    // Three flush intervals more: nothing is counted twice.
-    let until = Instant::now() + Duration::from_secs(3);
-    let mut round = 0;
-    wait_until(
-        "three more flush intervals",
-        Duration::from_secs(10),
-        || {
-            let gw = &gws[round % 3];
-            round += 1;
-            let view = usage(gw, &[]);
-            assert_eq!(
-                counts(&view["total"]),
-                expected,
-                "usage from instance {}'s config, {round} rounds after they matched: {view}\n\
-             (first match: {last})",
-                (round - 1) % 3
-            );
-            Instant::now() >= until
-        },
-    );
+    assert_counted_once(&gws, expected);
     let view = usage(&gws[1], &["--by", "key"]);
     let rows: BTreeMap<String, (u64, Tokens)> = view["rows"]
         .as_array()
@@ -140,4 +113,103 @@ fn usage_totals_equal_what_the_upstream_served() {
         })
         .collect();
     assert_eq!(rows, by_key, "usage --by key: {view}");
+}
+
+/// Polls `usage --json` (from each instance's config in turn) until its totals equal
+/// `expected`, then for three flush intervals more, failing if they ever move past it.
+fn assert_counted_once(gws: &[Gateway], expected: (Option<u64>, Option<u64>, Tokens)) {
+    let mut last = Value::Null;
+    let mut round = 0;
+    wait_until(
+        &format!("usage --json totals equal what was served, {expected:?}"),
+        Duration::from_secs(10),
+        || {
+            last = usage(&gws[round % gws.len()], &[]);
+            round += 1;
+            counts(&last["total"]) == expected
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(3);
+    wait_until(
+        "three more flush intervals",
+        Duration::from_secs(10),
+        || {
+            let view = usage(&gws[round % gws.len()], &[]);
+            round += 1;
+            assert_eq!(
+                counts(&view["total"]),
+                expected,
+                "usage moved after it matched: {view}\n(first match: {last})"
+            );
+            Instant::now() >= until
+        },
+    );
+}
+
+#[test]
+fn usage_is_counted_once_when_redis_stalls_mid_flush() {
+    // Flushes that time out while Redis stalls (and may be applied once it wakes) are counted
+    // once: the totals still equal what the upstream served.
+    let redis = RedisServer::start();
+    let up = FakeUpstream::start(answer);
+    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
+    gw.add_api_key("alpha", KEY_A);
+    let (_, key) = add_key(&gw, "alice", &[]);
+    let gws = start_instances(gw, 2);
+
+    let stop = AtomicBool::new(false);
+    let sent = AtomicUsize::new(0);
+    let more = |n: usize, what: &str| {
+        let target = sent.load(Ordering::SeqCst) + n;
+        wait_until(what, Duration::from_secs(20), || {
+            sent.load(Ordering::SeqCst) >= target
+        });
+    };
+    thread::scope(|s| {
+        for (g, gw) in gws.iter().enumerate() {
+            let (key, stop, sent) = (&key, &stop, &sent);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let tokens = Tokens::new(10 + i % 7, 1 + i % 3, i % 2, 0);
+                    let tag = format!("stall-{g}-{i}");
+                    let body = anthropic_body(SONNET, tokens, i % 2 == 0, &tag);
+                    let resp = post_anthropic(gw.addr(), key, &body, &[]);
+                    assert_eq!(resp.status, 200, "{tag}: {}", resp.text());
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+            });
+        }
+        for stall in 0..2 {
+            more(10, &format!("10 requests before stall {stall}"));
+            // Blocks the server (not the data) for 2 s: every call meanwhile times out.
+            assert_eq!(redis.command(&["DEBUG", "SLEEP", "2"]), "OK");
+            for (i, gw) in gws.iter().enumerate() {
+                wait_until(
+                    &format!("instance {i} sees Redis up after stall {stall}"),
+                    Duration::from_secs(5),
+                    || ready(gw.addr()).1["shared_state"] == "up",
+                );
+            }
+        }
+        more(10, "10 requests after the stalls");
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    // The stalls were felt: calls timed out and the instances said so.
+    for (i, gw) in gws.iter().enumerate() {
+        let log = gw.stderr();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+            "instance {i} never noticed the stalls:\n{log}"
+        );
+    }
+    let served = up.requests();
+    let mut total = Tokens::default();
+    for req in &served {
+        total.add(served_tokens(req));
+    }
+    assert_counted_once(&gws, (Some(served.len() as u64), Some(0), total));
 }

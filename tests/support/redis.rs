@@ -145,6 +145,8 @@ impl RedisServer {
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP lets a test stall the server without losing its data.
+            .args(["--enable-debug-command", "local"])
             .args(["--daemonize", "no", "--dir"])
             .arg(self.dir.path())
             .arg("--logfile")
