@@ -173,7 +173,7 @@ fn usage_is_counted_once_when_redis_stalls_mid_flush() {
                 while !stop.load(Ordering::SeqCst) {
                     let tokens = Tokens::new(10 + i % 7, 1 + i % 3, i % 2, 0);
                     let tag = format!("stall-{g}-{i}");
-                    let body = anthropic_body(SONNET, tokens, i % 2 == 0, &tag);
+                    let body = anthropic_body(SONNET, tokens, i.is_multiple_of(2), &tag);
                     let resp = post_anthropic(gw.addr(), key, &body, &[]);
                     assert_eq!(resp.status, 200, "{tag}: {}", resp.text());
                     sent.fetch_add(1, Ordering::SeqCst);
