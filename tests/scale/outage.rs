@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::accounts::{limiting_upstream, until_it_meets};
 use super::{SHARED, account_state, admin_status, ready, start_instances, state_section};
-use crate::oauth::rig::Rig;
+use crate::oauth::rig::{Rig, bearer};
 use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
 use crate::support::redis::RedisServer;
-use crate::support::{Gateway, Script, wait_until};
+use crate::support::{Config, FakeUpstream, Gateway, Script, access_token, wait_until};
 
 /// Polls `/ready` on every instance until each answers 200 with `shared_state` = `want`.
 fn wait_shared_state(gws: &[Gateway], want: &str, limit: Duration) {
@@ -131,4 +131,82 @@ fn stopping_redis_keeps_requests_flowing() {
         after.iter().all(|k| k != KEY_A),
         "the other instance used the benched account after the outage: {after:?}"
     );
+}
+
+#[test]
+fn no_refresh_without_the_lease_while_redis_is_down() {
+    // With Redis down an expired token is not refreshed (no lease, no refresh): requests fail
+    // over to the API key; once Redis is back, one instance refreshes, once.
+    let mut redis = RedisServer::start();
+    let script = Script {
+        exchange_expires_in: 0,
+        rotate: true,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, limiting_upstream(&Arc::default()), |c| {
+        c.section(&state_section(&redis))
+            .section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
+    });
+    rig.login("expired");
+    rig.gw.add_api_key("x", KEY_A);
+    redis.stop();
+    let gws = start_instances(rig.gw.sibling(), 2);
+    wait_shared_state(&gws, "down", SHARED);
+
+    for i in 0..12 {
+        let resp = post_body(&gws[i % 2], &new_conversation());
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.text(), served_by(KEY_A), "request {i}");
+    }
+    for req in rig.up.requests() {
+        assert_eq!(req.api_key(), KEY_A, "the expired token went upstream");
+    }
+    assert!(
+        rig.tokens.refreshes().is_empty(),
+        "refreshed without the lease: {:?}",
+        rig.tokens.refreshes()
+    );
+
+    redis.restart();
+    wait_shared_state(&gws, "up", Duration::from_millis(2500));
+    wait_until("the OAuth account serves again", SHARED, || {
+        let resp = post_body(&gws[0], &new_conversation());
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.text() == served_by("oauth")
+    });
+    for i in 0..6 {
+        let resp = post_body(&gws[i % 2], &new_conversation());
+        assert_eq!(resp.status, 200, "request {i} after: {}", resp.text());
+    }
+    let oauth_requests: Vec<_> = rig
+        .up
+        .requests()
+        .iter()
+        .filter(|r| r.api_key().is_empty())
+        .map(|r| bearer(r).unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        oauth_requests.iter().all(|b| *b == access_token(2)),
+        "the OAuth requests carried {oauth_requests:?}"
+    );
+    assert_eq!(
+        rig.tokens.refreshes().len(),
+        1,
+        "one refresh for both instances once Redis is back"
+    );
+}
+
+#[test]
+fn ready_has_no_shared_state_with_the_local_backend() {
+    // `shared_state` is a fact of the redis backend only: absent by default and with `local`.
+    let up = FakeUpstream::json(200, "{}");
+    for section in ["", "state:\n  backend: local\n"] {
+        let gw = Gateway::started(&Config::new(up.base_url()).section(section));
+        let (status, view) = ready(gw.addr());
+        assert_eq!(status, 200, "{section:?}: {view}");
+        assert!(
+            view.get("shared_state").is_none(),
+            "{section:?}: /ready says {view}"
+        );
+    }
 }
