@@ -9,11 +9,11 @@ use super::{
     OK_BODY, PREFIX, SHARED, account_state, admin_status, answering_upstream, dump, promptly,
     start_instances, state_section, try_post,
 };
-use crate::oauth::rig::{Rig, bearer, in_parallel};
+use crate::oauth::rig::{Rig, bearer, in_parallel, stdout_json};
 use crate::support::redis::RedisServer;
 use crate::support::{
-    Conn, FakeUpstream, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error, now_unix,
-    refresh_token, request_bytes, wait_until,
+    Conn, FakeUpstream, Gateway, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error,
+    assert_exit, now_unix, refresh_token, request_bytes, wait_until,
 };
 
 #[test]
@@ -77,6 +77,31 @@ fn one_refresh_for_thirty_requests_over_three_instances() {
         assert_eq!(resp.status, 200, "instance {i} afterwards: {}", resp.text());
     }
     assert_eq!(rig.tokens.refreshes().len(), 1, "no refresh afterwards");
+}
+
+/// Logs account `id` in again through `gw`'s config (`oauth-start`, then the callback with
+/// `code#state`), as an operator would on one instance.
+fn login_again(gw: &Gateway, id: &str, code: &str) {
+    let out = gw.run_cli(&["oauth-start", "--account-id", id, "--json"]);
+    assert_exit(&out, 0, "oauth-start");
+    let url = stdout_json(&out, "oauth-start")["authorize_url"]
+        .as_str()
+        .expect("authorize_url")
+        .to_string();
+    let state = url
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("state="))
+        .unwrap_or_else(|| panic!("no state in {url}"));
+    let pasted = format!("{code}#{state}");
+    let out = gw.run_cli(&[
+        "oauth-callback",
+        "--account-id",
+        id,
+        "--code",
+        &pasted,
+        "--json",
+    ]);
+    assert_exit(&out, 0, "oauth-callback");
 }
 
 /// A server's log without its access lines (JSON objects), for failure messages.
@@ -229,6 +254,27 @@ fn kill_mid_refresh(kill: Kill) {
                 .iter()
                 .any(|r| bearer(r) == Some(access_token(2).as_str())),
             "the dead instance's token was used, yet it was never stored"
+        );
+
+        // A new login on one survivor's config is newer than what Redis holds: it replaces
+        // it, and the other survivor, never logged in again, serves with it.
+        rig.tokens.script(|s| s.exchange_expires_in = 3600);
+        login_again(&gws[1], &id, "code-again-Zr8q");
+        wait_until(
+            "WhileHeld: the other survivor serves after the new login",
+            SHARED,
+            || rig.post(survivors[1], MESSAGE_BODY).status == 200,
+        );
+        let last = rig.up.requests();
+        assert_eq!(
+            bearer(last.last().expect("upstream requests")),
+            Some(access_token(3).as_str()),
+            "the new login's token"
+        );
+        assert_eq!(
+            rig.tokens.refreshes().len(),
+            2,
+            "no refresh after the login"
         );
         return;
     }
