@@ -172,3 +172,60 @@ fn a_sticky_session_stays_on_its_account_across_instances() {
     spread.dedup();
     assert!(spread.len() >= 2, "new sessions all went to {spread:?}");
 }
+
+#[test]
+fn a_401_or_an_ejection_seen_by_one_instance_benches_the_account_for_all() {
+    // An API key refused with 401, or ejected after three 5xx in a row, by one instance is
+    // left alone by every instance while it rests.
+    for (status, failures) in [(401u16, 1usize), (500, 3)] {
+        let redis = RedisServer::start();
+        let up = FakeUpstream::start(move |req| {
+            let key = req.api_key();
+            if key == KEY_A {
+                let kind = if status == 401 {
+                    "authentication_error"
+                } else {
+                    "api_error"
+                };
+                Reply::json(status, &error_body(kind, "refused", key))
+            } else {
+                Reply::json(200, &served_by(key))
+            }
+        });
+        let config = Config::new(up.base_url()).section(&format!(
+            "balance:\n  eject_cooldown: 60s\n{}",
+            state_section(&redis)
+        ));
+        let mut gw = Gateway::new(&config);
+        gw.add_api_key("x", KEY_A);
+        gw.add_api_key("y", KEY_B);
+        gw.add_client_key("tests");
+        let gws = start_instances(gw, 3);
+
+        // Instance A meets the failing account until it benches it.
+        for i in 0..30 {
+            let resp = post_body(&gws[0], &new_conversation());
+            assert_eq!(resp.status, 200, "{status}: request {i}: {}", resp.text());
+            if up.keys().iter().filter(|k| *k == KEY_A).count() >= failures {
+                break;
+            }
+        }
+        let met = up.keys().iter().filter(|k| *k == KEY_A).count();
+        assert_eq!(
+            met, failures,
+            "{status}: instance A met the account {met} times"
+        );
+        let benched_at = up.keys().len();
+        for round in 0..8 {
+            for gw in &gws {
+                let resp = post_body(gw, &new_conversation());
+                assert_eq!(resp.status, 200, "{status}: round {round}: {}", resp.text());
+            }
+        }
+        let after = up.keys()[benched_at..].to_vec();
+        assert!(
+            after.iter().all(|k| k == KEY_B),
+            "{status}: the benched account was used again: {after:?}"
+        );
+    }
+}
