@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::accounts::{limiting_upstream, until_it_meets};
-use super::{SHARED, account_state, admin_status, ready, start_instances, state_section};
+use super::{PREFIX, SHARED, account_state, admin_status, ready, start_instances, state_section};
 use crate::oauth::rig::{Rig, bearer};
 use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
 use crate::support::redis::RedisServer;
@@ -208,5 +208,54 @@ fn ready_has_no_shared_state_with_the_local_backend() {
             view.get("shared_state").is_none(),
             "{section:?}: /ready says {view}"
         );
+    }
+}
+
+#[test]
+fn a_password_from_the_environment_opens_a_protected_redis() {
+    // The password named by `redis_password_env` opens Redis and never shows in a log; with a
+    // wrong one the instance says shared state is down and serves on local state.
+    const PASSWORD: &str = "redis-pw-Vq3nT8xL";
+    const WRONG: &str = "not-the-password-Hk2w";
+    const ENV: &str = "LGW_TEST_REDIS_PASSWORD";
+    let redis = RedisServer::with_password(PASSWORD);
+    let up = limiting_upstream(&Arc::default());
+    let mut gw = Gateway::new(&Config::new(up.base_url()).section(&format!(
+        "{}  redis_password_env: {ENV}\n",
+        state_section(&redis)
+    )));
+    gw.env(ENV, PASSWORD);
+    gw.add_api_key("x", KEY_A);
+    gw.add_client_key("tests");
+    let mut wrong = gw.sibling();
+    wrong.env(ENV, WRONG);
+    let gws = start_instances(gw, 2);
+    wait_shared_state(&gws, "up", SHARED);
+    for (i, gw) in gws.iter().enumerate() {
+        let resp = post_body(gw, &new_conversation());
+        assert_eq!(resp.status, 200, "instance {i}: {}", resp.text());
+    }
+    wait_until("the instances write under the prefix", SHARED, || {
+        !redis.keys(&format!("{PREFIX}:*")).is_empty()
+    });
+
+    wrong.start();
+    wait_shared_state(std::slice::from_ref(&wrong), "down", SHARED);
+    let resp = post_body(&wrong, &new_conversation());
+    assert_eq!(resp.status, 200, "wrong password: {}", resp.text());
+    let log = wrong.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+        "no warning about Redis with a wrong password:\n{log}"
+    );
+    for (what, log) in [
+        ("instance 0", gws[0].stderr()),
+        ("instance 1", gws[1].stderr()),
+        ("the wrong one", log),
+    ] {
+        for secret in [PASSWORD, WRONG] {
+            assert!(!log.contains(secret), "{what} logged a password:\n{log}");
+        }
     }
 }

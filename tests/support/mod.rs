@@ -338,6 +338,8 @@ pub struct Gateway {
     server: Option<Server>,
     /// What servers stopped with `stop` wrote to stderr, kept for leak checks.
     past_stderr: String,
+    /// Environment variables every command and server of this gateway gets.
+    envs: Vec<(String, String)>,
 }
 
 /// One `llm-gateway server` process, killed on drop.
@@ -399,6 +401,7 @@ impl Gateway {
             client_key: None,
             server: None,
             past_stderr: String::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -420,7 +423,15 @@ impl Gateway {
         std::fs::copy(&key, other.dir.path().join("gateway.key"))
             .unwrap_or_else(|e| panic!("copy {key:?}: {e}"));
         other.client_key = self.client_key.clone();
+        other.envs = self.envs.clone();
         other
+    }
+
+    /// Sets an environment variable for every later command and server of this gateway
+    /// (replacing an earlier value).
+    pub fn env(&mut self, name: &str, value: &str) {
+        self.envs.retain(|(n, _)| n != name);
+        self.envs.push((name.to_string(), value.to_string()));
     }
 
     pub fn dir(&self) -> &Path {
@@ -441,6 +452,7 @@ impl Gateway {
         cmd.env_remove("LLM_GATEWAY_SECRET_KEY")
             .env_remove("LLM_GATEWAY_CONFIG")
             .env_remove("LLM_GATEWAY_ADMIN_KEY")
+            .envs(self.envs.iter().map(|(n, v)| (n, v)))
             .current_dir(self.dir.path());
         cmd
     }

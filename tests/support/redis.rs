@@ -27,6 +27,8 @@ pub struct RedisServer {
     port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// `requirepass`, if set; `command` authenticates with it.
+    password: Option<String>,
 }
 
 /// One RESP reply.
@@ -77,11 +79,21 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a fresh server on an ephemeral port and waits until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(None)
+    }
+
+    /// A server that requires this password (`requirepass`).
+    pub fn with_password(password: &str) -> RedisServer {
+        RedisServer::start_with(Some(password.to_string()))
+    }
+
+    fn start_with(password: Option<String>) -> RedisServer {
         let dir = TempDir::new();
         let mut server = RedisServer {
             port: 0,
             dir,
             child: None,
+            password,
         };
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -141,7 +153,11 @@ impl RedisServer {
     /// exits or stays silent.
     fn launch(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("redis.log");
-        let mut child = Command::new(redis_binary())
+        let mut cmd = Command::new(redis_binary());
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
+        let mut child = cmd
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -213,12 +229,16 @@ impl RedisServer {
         let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for arg in args {
-            out.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        let mut reader = BufReader::new(stream.try_clone()?);
+        if let Some(password) = &self.password {
+            stream.write_all(&encode(&["AUTH", password]))?;
+            match read_resp(&mut reader)? {
+                Resp::Simple(ok) if ok == "OK" => {}
+                other => return Err(bad(format!("AUTH answered {other:?}"))),
+            }
         }
-        stream.write_all(&out)?;
-        read_resp(&mut BufReader::new(stream))
+        stream.write_all(&encode(args))?;
+        read_resp(&mut reader)
     }
 }
 
@@ -226,6 +246,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A command as a RESP array of bulk strings.
+fn encode(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+    }
+    out
 }
 
 fn bad(what: String) -> std::io::Error {
