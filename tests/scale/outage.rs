@@ -10,7 +10,7 @@ use super::accounts::{limiting_upstream, until_it_meets};
 use super::{PREFIX, SHARED, account_state, admin_status, ready, start_instances, state_section};
 use crate::oauth::rig::{Rig, bearer};
 use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
-use crate::support::redis::RedisServer;
+use crate::support::redis::{RedisServer, tls_dir};
 use crate::support::{Config, FakeUpstream, Gateway, Script, access_token, wait_until};
 
 /// Polls `/ready` on every instance until each answers 200 with `shared_state` = `want`.
@@ -258,4 +258,39 @@ fn a_password_from_the_environment_opens_a_protected_redis() {
             assert!(!log.contains(secret), "{what} logged a password:\n{log}");
         }
     }
+}
+
+#[test]
+fn rediss_with_the_configured_ca_is_shared_state_and_an_unknown_ca_is_not() {
+    // Over rediss:// the CA in `redis_ca_file` is trusted and the instances share state; an
+    // instance without it does not trust the server, says shared state is down, and serves.
+    let redis = RedisServer::with_tls();
+    let up = limiting_upstream(&Arc::default());
+    let state = |ca: &str| {
+        format!(
+            "state:\n  backend: redis\n  redis_url: {}\n  prefix: {PREFIX}\n{ca}",
+            redis.tls_url()
+        )
+    };
+    let ca = format!("  redis_ca_file: {}\n", tls_dir().join("ca.pem").display());
+    let mut gw = Gateway::new(&Config::new(up.base_url()).section(&state(&ca)));
+    gw.add_api_key("x", KEY_A);
+    gw.add_client_key("tests");
+    let mut untrusting = gw.sibling();
+    let yaml = untrusting.config_text().replace(&ca, "");
+    std::fs::write(untrusting.config_path(), yaml).expect("write config.yaml");
+    let gws = start_instances(gw, 2);
+    wait_shared_state(&gws, "up", SHARED);
+    for (i, gw) in gws.iter().enumerate() {
+        let resp = post_body(gw, &new_conversation());
+        assert_eq!(resp.status, 200, "instance {i}: {}", resp.text());
+    }
+    wait_until("the instances write under the prefix", SHARED, || {
+        !redis.keys(&format!("{PREFIX}:*")).is_empty()
+    });
+
+    untrusting.start();
+    wait_shared_state(std::slice::from_ref(&untrusting), "down", SHARED);
+    let resp = post_body(&untrusting, &new_conversation());
+    assert_eq!(resp.status, 200, "unknown CA: {}", resp.text());
 }

@@ -3,7 +3,10 @@
 //! killed on drop.
 //!
 //! The test talks RESP to it over a plain `TcpStream` (`command`), so no Redis client crate is
-//! needed to look at what the gateways stored. Readiness is a PING answered, polled against a
+//! needed to look at what the gateways stored. With TLS (`with_tls`) the server listens on a
+//! second port for `rediss://`, with the certificate in `tests/data/tls/redis/` (a test CA,
+//! `ca.pem`, and a server certificate for 127.0.0.1 it signed), while the plain port stays
+//! for the test. Readiness is a PING answered, polled against a
 //! deadline; nothing waits by sleeping a guessed time.
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,6 +32,13 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `requirepass`, if set; `command` authenticates with it.
     password: Option<String>,
+    /// The TLS port, when started `with_tls`.
+    tls_port: Option<u16>,
+}
+
+/// The directory of the TLS fixtures for Redis.
+pub fn tls_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/redis")
 }
 
 /// One RESP reply.
@@ -79,25 +89,32 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a fresh server on an ephemeral port and waits until it answers PING.
     pub fn start() -> RedisServer {
-        RedisServer::start_with(None)
+        RedisServer::start_with(None, false)
     }
 
     /// A server that requires this password (`requirepass`).
     pub fn with_password(password: &str) -> RedisServer {
-        RedisServer::start_with(Some(password.to_string()))
+        RedisServer::start_with(Some(password.to_string()), false)
     }
 
-    fn start_with(password: Option<String>) -> RedisServer {
+    /// A server that also serves TLS (`tls_url`), with the fixtures' certificate.
+    pub fn with_tls() -> RedisServer {
+        RedisServer::start_with(None, true)
+    }
+
+    fn start_with(password: Option<String>, tls: bool) -> RedisServer {
         let dir = TempDir::new();
         let mut server = RedisServer {
             port: 0,
             dir,
             child: None,
             password,
+            tls_port: None,
         };
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
+            server.tls_port = tls.then(free_port);
             match server.launch() {
                 Ok(()) => return server,
                 Err(why) => failures.push(format!("port {}: {why}", server.port)),
@@ -120,6 +137,12 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT/0`, for `state.redis_url`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/0`, for a server started `with_tls`.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("redis-server started without TLS");
+        format!("rediss://127.0.0.1:{port}/0")
     }
 
     /// Kills the server (an outage, not a clean shutdown) and waits for it to be gone.
@@ -156,6 +179,18 @@ impl RedisServer {
         let mut cmd = Command::new(redis_binary());
         if let Some(password) = &self.password {
             cmd.args(["--requirepass", password]);
+        }
+        if let Some(port) = self.tls_port {
+            let tls = tls_dir();
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(tls.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(tls.join("server-key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(tls.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
         }
         let mut child = cmd
             .arg("--port")
