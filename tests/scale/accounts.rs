@@ -1,13 +1,16 @@
 //! Account state shared through Redis: a cooldown one instance put on an account keeps the
 //! others off it, and a sticky session stays on its account whichever instance it reaches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
 
 use super::{start_instances, state_section};
 use crate::support::accounts::{
-    KEY_A, KEY_B, KEY_C, error_body, new_conversation, post_body, served_by,
+    KEY_A, KEY_B, KEY_C, assert_rested, error_body, new_conversation, poll_until, post_body,
+    served_by,
 };
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, Reply, call};
@@ -228,4 +231,62 @@ fn a_401_or_an_ejection_seen_by_one_instance_benches_the_account_for_all() {
             "{status}: the benched account was used again: {after:?}"
         );
     }
+}
+
+#[test]
+fn a_shared_cooldown_ends_when_its_retry_after_says_on_every_instance() {
+    // A 429 with retry-after 2 on one instance rests the account for two seconds on another:
+    // not less, and not much more.
+    let redis = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(true));
+    let arm = Arc::clone(&armed);
+    let up = FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        if key == KEY_A && arm.swap(false, Ordering::SeqCst) {
+            Reply::json_with(
+                429,
+                &[("retry-after", "2")],
+                &error_body("rate_limit_error", "rate limited", key),
+            )
+        } else {
+            Reply::json(200, &served_by(key))
+        }
+    });
+    let config = Config::new(up.base_url()).section(&format!(
+        "balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n{}",
+        state_section(&redis)
+    ));
+    let mut gw = Gateway::new(&config);
+    gw.add_api_key("x", KEY_A);
+    gw.add_api_key("y", KEY_B);
+    gw.add_client_key("tests");
+    let gws = start_instances(gw, 2);
+
+    until_it_meets(&gws[0], &up, KEY_A, "instance A");
+    let limited_at = up
+        .requests()
+        .iter()
+        .find(|r| r.api_key() == KEY_A)
+        .map(|r| r.at)
+        .expect("the 429");
+    let from = up.requests().len();
+    poll_until(
+        Duration::from_secs(6),
+        "instance B uses the account again",
+        || {
+            let resp = post_body(&gws[1], &new_conversation());
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            resp.text() == served_by(KEY_A)
+        },
+    );
+    let back = up.requests()[from..]
+        .iter()
+        .find(|r| r.api_key() == KEY_A)
+        .map(|r| r.at)
+        .expect("the account's request");
+    assert_rested(
+        back - limited_at,
+        Duration::from_secs(2),
+        "the account on instance B",
+    );
 }
