@@ -213,3 +213,95 @@ fn usage_is_counted_once_when_redis_stalls_mid_flush() {
     }
     assert_counted_once(&gws, (Some(served.len() as u64), Some(0), total));
 }
+
+/// How many records the instance's local journal holds (`usage/journal-*.jsonl` lines).
+fn journaled(gw: &Gateway) -> usize {
+    let dir = gw.dir().join("usage");
+    std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("journal-"))
+                .map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .lines()
+                        .count()
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn usage_journaled_while_redis_stalls_reaches_redis_after_a_restart() {
+    // Requests an instance served and journaled while Redis did not answer are counted in
+    // Redis once it answers, even if the instance was restarted meanwhile (a deploy during an
+    // outage): the journal has them, so the shared totals must too.
+    let redis = RedisServer::start();
+    let up = FakeUpstream::start(answer);
+    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
+    gw.add_api_key("alpha", KEY_A);
+    let (_, key) = add_key(&gw, "alice", &[]);
+    let mut gws = start_instances(gw, 2);
+    let post = |gw: &Gateway, tag: &str| {
+        let body = anthropic_body(SONNET, Tokens::new(20, 5, 0, 0), false, tag);
+        let resp = post_anthropic(gw.addr(), &key, &body, &[]);
+        assert_eq!(resp.status, 200, "{tag}: {}", resp.text());
+    };
+    for i in 0..3 {
+        post(&gws[0], &format!("before {i}"));
+    }
+    let before = (Some(3), Some(0), Tokens::new(60, 15, 0, 0));
+    wait_until(
+        "the first requests reach Redis",
+        Duration::from_secs(10),
+        || counts(&usage(&gws[1], &[])["total"]) == before,
+    );
+
+    thread::scope(|s| {
+        // Redis stalls 4 s (its data kept); meanwhile instance 0 serves, journals, and is
+        // restarted gracefully.
+        let stall = s.spawn(|| redis.command(&["DEBUG", "SLEEP", "4"]));
+        wait_until("instance 0 sees Redis down", Duration::from_secs(3), || {
+            post(&gws[0], "probe");
+            ready(gws[0].addr()).1["shared_state"] == "down"
+        });
+        for i in 0..3 {
+            post(&gws[0], &format!("during {i}"));
+        }
+        let served = up.requests().len();
+        wait_until(
+            "instance 0 journals what it served",
+            Duration::from_secs(3),
+            || journaled(&gws[0]) >= served,
+        );
+        gws[0].signal("TERM");
+        assert!(
+            gws[0].wait_exit(Duration::from_secs(3)).is_some(),
+            "instance 0 did not stop on SIGTERM"
+        );
+        gws[0].stop();
+        assert_eq!(stall.join().expect("stall thread"), "OK");
+    });
+    gws[0].start();
+
+    let served = up.requests();
+    let mut total = Tokens::default();
+    for req in &served {
+        total.add(served_tokens(req));
+    }
+    let expected = (Some(served.len() as u64), Some(0), total);
+    let mut last = usage(&gws[1], &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counts(&last["total"]) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "Redis totals {:?} are not what was served {expected:?}, though instance 0 had \
+             journaled every request before its restart",
+            counts(&last["total"]),
+        );
+        thread::sleep(Duration::from_millis(200));
+        last = usage(&gws[1], &[]);
+    }
+}

@@ -262,7 +262,8 @@ impl RedisServer {
 
     fn try_query(&self, args: &[&str]) -> std::io::Result<Resp> {
         let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // Long enough for a `DEBUG SLEEP` to answer.
+        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         if let Some(password) = &self.password {
