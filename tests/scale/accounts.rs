@@ -290,3 +290,38 @@ fn a_shared_cooldown_ends_when_its_retry_after_says_on_every_instance() {
         "the account on instance B",
     );
 }
+
+#[test]
+fn deployments_with_different_prefixes_do_not_share() {
+    // Two deployments on one Redis under different prefixes: a 429 in one benches nothing in
+    // the other.
+    let redis = RedisServer::start();
+    let limited = Arc::new(Mutex::new(Some(KEY_A.to_string())));
+    let up = limiting_upstream(&limited);
+    let deployment = |prefix: &str| {
+        let section = state_section(&redis).replace(
+            &format!("prefix: {}", super::PREFIX),
+            &format!("prefix: {prefix}"),
+        );
+        let mut gw = Gateway::new(&Config::new(up.base_url()).section(&section));
+        gw.add_api_key("x", KEY_A);
+        gw.add_api_key("y", KEY_B);
+        gw.add_client_key("tests");
+        gw.start();
+        gw
+    };
+    let first = deployment("team-one");
+    let second = deployment("team-two");
+    until_it_meets(&first, &up, KEY_A, "the first deployment");
+    assert!(
+        !redis.keys("team-one:cool:*").is_empty(),
+        "no cooldown under the first prefix: {:?}",
+        redis.keys("*")
+    );
+    assert!(
+        redis.keys("team-two:cool:*").is_empty(),
+        "a cooldown under the second prefix: {:?}",
+        redis.keys("*")
+    );
+    until_it_meets(&second, &up, KEY_A, "the second deployment");
+}

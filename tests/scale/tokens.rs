@@ -428,3 +428,53 @@ fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
         "one refresh by the survivor"
     );
 }
+
+#[test]
+fn a_token_refreshed_ahead_of_expiry_by_one_instance_is_adopted_by_all() {
+    // The refreshers of three instances come due together: one refreshes, and every instance
+    // then sends the new token, with no second refresh (which, rotated, would be refused).
+    let redis = RedisServer::start();
+    let script = Script {
+        // Lead 10m, capped at half of 6 s: due 3 s after the login.
+        exchange_expires_in: 6,
+        rotate: true,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, answering_upstream(), |c| {
+        c.section(&state_section(&redis))
+            .oauth("refresh_lead", "10m")
+    });
+    rig.login("due");
+    // No request before the refresh: a token under a minute from expiry is refreshed when
+    // picked, and this is about the refreshers.
+    let gws = start_instances(rig.gw.sibling(), 3);
+    wait_until("a refresher refreshes", Duration::from_secs(8), || {
+        rig.tokens.granted_refreshes() == 1
+    });
+    let from = rig.up.requests().len();
+    wait_until("every instance sends the new token", SHARED, || {
+        gws.iter().all(|gw| {
+            let resp = rig.post(gw.addr(), MESSAGE_BODY);
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            let reqs = rig.up.requests();
+            bearer(reqs.last().expect("upstream request")) == Some(access_token(2).as_str())
+        })
+    });
+    // Two refresher ticks more: still one refresh.
+    let quiet_until = Instant::now() + Duration::from_secs(2);
+    wait_until("two quiet seconds", SHARED, || {
+        Instant::now() >= quiet_until
+    });
+    let calls = rig.tokens.refreshes();
+    assert_eq!(calls.len(), 1, "refresh calls: {calls:?}");
+    // The old token is still valid, so an instance may send it once or twice before it looks
+    // at Redis again; not more.
+    let old = rig.up.requests()[from..]
+        .iter()
+        .filter(|r| bearer(r) != Some(access_token(2).as_str()))
+        .count();
+    assert!(
+        old <= 2,
+        "{old} requests after the refresh still carried the old token"
+    );
+}
