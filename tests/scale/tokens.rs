@@ -478,3 +478,61 @@ fn a_token_refreshed_ahead_of_expiry_by_one_instance_is_adopted_by_all() {
         "{old} requests after the refresh still carried the old token"
     );
 }
+
+#[test]
+fn an_oauth_ban_seen_by_one_instance_takes_the_account_out_everywhere() {
+    // The upstream's ban of an OAuth account, met by one instance, takes the account out of
+    // service on every instance: no other instance sends it anything.
+    let redis = RedisServer::start();
+    let ban = r#"{"type":"error","error":{"type":"permission_error","message":"OAuth authentication is currently not allowed for this organization."}}"#;
+    let up = FakeUpstream::start(move |req| {
+        if bearer(req).is_some() {
+            Reply::json(403, ban)
+        } else {
+            Reply::json(200, OK_BODY)
+        }
+    });
+    let rig = Rig::new(Script::default(), up, |c| {
+        c.section(&state_section(&redis))
+            .section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
+    });
+    let id = rig.login("banned");
+    rig.gw.add_api_key("steady", crate::support::ACCOUNT_KEY);
+    let admin = rig.gw.add_admin_key("ops");
+    let gws = start_instances(rig.gw.sibling(), 3);
+    let oauth_requests = || {
+        rig.up
+            .requests()
+            .iter()
+            .filter(|r| bearer(r).is_some())
+            .count()
+    };
+    for i in 0..4 {
+        let resp = rig.post(gws[0].addr(), &crate::support::accounts::new_conversation());
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        if oauth_requests() > 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        oauth_requests(),
+        1,
+        "instance A tried the OAuth account once"
+    );
+    for round in 0..6 {
+        for gw in &gws[1..] {
+            let body = crate::support::accounts::new_conversation();
+            let resp = rig.post(gw.addr(), &body);
+            assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        }
+    }
+    assert_eq!(
+        oauth_requests(),
+        1,
+        "another instance sent the banned account a request"
+    );
+    for (i, gw) in gws.iter().enumerate() {
+        let state = account_state(&admin_status(gw.addr(), &admin), &id);
+        assert_eq!(state, "disabled", "instance {i}: the banned account");
+    }
+}
