@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::balance::{self, Load};
 use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens};
-use crate::cooldown::{self, Health, Now, Signal};
+use crate::cooldown::{self, Cooldown, Health, Now, Signal};
 use crate::error::ApiError;
+use crate::shared::{Down, Shared, Stored};
 use crate::sticky::Sticky;
 
 pub struct Accounts {
@@ -21,6 +22,9 @@ pub struct Accounts {
     settings: RwLock<Arc<BalanceSettings>>,
     /// `None` when sticky sessions are off.
     sticky: Option<Sticky>,
+    sticky_ttl: Duration,
+    /// Cooldowns, bans and pins shared with other instances (`state.backend: redis`).
+    shared: Option<Arc<Shared>>,
     /// Advances with every pick: rotates round robin and breaks ties.
     turn: AtomicU64,
     /// Makes reading the loads and taking a slot one step, so a burst spreads evenly.
@@ -73,6 +77,9 @@ pub struct Live {
     pub persist_error: Option<String>,
     /// Cooldowns and failure counts.
     pub health: Health,
+    /// `disabled_reason` came from another instance's ban (through Redis), and goes when the
+    /// ban is lifted there.
+    pub banned_elsewhere: bool,
 }
 
 impl Entry {
@@ -82,11 +89,16 @@ impl Entry {
         {
             let mut live = shared.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(oauth) = account.oauth() {
-                // The file is the truth, except for tokens we rotated but could not write yet.
-                if live.persist_error.is_none() {
+                // The file is the truth unless it is older than what this process holds: tokens
+                // rotated but not written yet, or fresher ones adopted from another instance.
+                let older = match (&live.tokens, &oauth.tokens) {
+                    (Some(held), Some(file)) => file.issued_at < held.issued_at,
+                    _ => false,
+                };
+                if live.persist_error.is_none() && !older {
                     live.tokens = oauth.tokens.clone();
+                    live.needs_login = oauth.needs_login;
                 }
-                live.needs_login = oauth.needs_login;
             }
             if account.enabled {
                 live.disabled_reason = None;
@@ -171,8 +183,8 @@ impl Entry {
         }
     }
 
-    /// Records what using the account brought.
-    pub fn record(&self, signal: Signal, settings: &BalanceSettings) {
+    /// Records what using the account brought; returns the cooldown it started, if any.
+    pub fn record(&self, signal: Signal, settings: &BalanceSettings) -> Option<Cooldown> {
         let failed = !matches!(signal, Signal::Success);
         if failed {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -190,23 +202,55 @@ impl Entry {
         let mut live = self.live();
         let before = live.health.cooldown.clone();
         live.health.record(signal, now, jitter, settings);
-        if let Some(c) = &live.health.cooldown
-            && Some(c) != before.as_ref()
-        {
-            warn!(
-                "account {} ({}) cooling down until {}: {}",
-                self.id(),
-                self.account.name,
-                crate::time::rfc3339(c.until_unix_ms / 1000),
-                c.reason
-            );
-        }
         if live.health.invalid && failed {
             error!(
                 "account {} ({}) is invalid: its key was refused again and again; fix it and restart, or remove it",
                 self.id(),
                 self.account.name
             );
+        }
+        let c = live
+            .health
+            .cooldown
+            .as_ref()
+            .filter(|c| Some(*c) != before.as_ref())?;
+        warn!(
+            "account {} ({}) cooling down until {}: {}",
+            self.id(),
+            self.account.name,
+            crate::time::rfc3339(c.until_unix_ms / 1000),
+            c.reason
+        );
+        Some(c.clone())
+    }
+
+    /// Takes what other instances found (through Redis): a longer cooldown, a ban, a lifted
+    /// ban.
+    fn adopt(&self, live: &mut Live, cool: Option<&(u64, String)>, ban: Option<&String>, now: Now) {
+        if let Some((until_ms, reason)) = cool
+            && *until_ms > now.unix_ms
+            && live
+                .health
+                .cooldown
+                .as_ref()
+                .is_none_or(|c| c.until_unix_ms < *until_ms)
+        {
+            live.health.cooldown = Some(Cooldown {
+                until: now.instant + Duration::from_millis(until_ms - now.unix_ms),
+                until_unix_ms: *until_ms,
+                reason: reason.clone(),
+            });
+        }
+        match ban {
+            Some(reason) if live.disabled_reason.is_none() => {
+                live.disabled_reason = Some(reason.clone());
+                live.banned_elsewhere = true;
+            }
+            None if live.banned_elsewhere => {
+                live.disabled_reason = None;
+                live.banned_elsewhere = false;
+            }
+            _ => {}
         }
     }
 }
@@ -216,6 +260,7 @@ impl Accounts {
         accounts: Vec<Account>,
         settings: &BalanceSettings,
         sticky: &StickySettings,
+        shared: Option<Arc<Shared>>,
     ) -> Accounts {
         let list = accounts
             .into_iter()
@@ -227,9 +272,26 @@ impl Accounts {
             sticky: sticky
                 .enabled
                 .then(|| Sticky::new(sticky.ttl, sticky.max_entries)),
+            sticky_ttl: sticky.ttl,
+            shared,
             turn: AtomicU64::new(0),
             picking: Mutex::new(()),
         }
+    }
+
+    /// The accounts as the CLI shows them: with what Redis knows, when instances share state.
+    pub fn load(config: &crate::config::Config) -> Accounts {
+        let shared = crate::shared::open(config);
+        let accounts = Accounts::new(
+            config.accounts.clone(),
+            &config.balance,
+            &config.sticky,
+            shared,
+        );
+        if let Err(e) = accounts.sync() {
+            warn!("{e}; showing config.yaml's view only");
+        }
+        accounts
     }
 
     pub fn settings(&self) -> Arc<BalanceSettings> {
@@ -282,13 +344,32 @@ impl Accounts {
     pub fn pick(&self, tried: &[String], sticky_key: Option<u64>) -> Result<Pick, ApiError> {
         let all = self.snapshot();
         let now = Instant::now();
+        let sticky_key = sticky_key.filter(|_| self.sticky.is_some());
+        // One round trip: what other instances found about these accounts, and the pin.
+        let view = self.shared.as_ref().and_then(|shared| {
+            let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
+            shared.view(&ids, sticky_key, self.sticky_ttl).ok()
+        });
+        let clock = Now {
+            instant: now,
+            unix_ms: crate::time::now_unix_millis(),
+        };
         let mut soonest: Option<Instant> = None;
         let mut candidates: Vec<&Arc<Entry>> = Vec::with_capacity(all.len());
-        for e in all.iter() {
+        for (i, e) in all.iter().enumerate() {
+            let mut live = e.live();
+            if let Some(view) = &view {
+                let cool = view.cools.get(i).and_then(Option::as_ref);
+                e.adopt(
+                    &mut live,
+                    cool,
+                    view.bans.get(i).and_then(Option::as_ref),
+                    clock,
+                );
+            }
             if tried.iter().any(|t| t == e.id()) {
                 continue;
             }
-            let live = e.live();
             if !e.usable_with(&live) {
                 continue;
             }
@@ -312,11 +393,14 @@ impl Accounts {
         candidates.retain(|e| e.account.priority == best);
 
         let _picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
-        let pinned = sticky_key
-            .zip(self.sticky.as_ref())
-            .and_then(|(key, sticky)| {
-                sticky.find(key, now, |id| candidates.iter().position(|e| e.id() == id))
-            });
+        let position = |id: &str| candidates.iter().position(|e| e.id() == id);
+        let pinned = match &view {
+            // Redis answered: its pin is the one every instance follows.
+            Some(view) => view.pin.as_deref().and_then(position),
+            None => sticky_key
+                .zip(self.sticky.as_ref())
+                .and_then(|(key, sticky)| sticky.find(key, now, position)),
+        };
         let index = pinned.unwrap_or_else(|| {
             let loads: Vec<Load> = candidates
                 .iter()
@@ -333,6 +417,12 @@ impl Accounts {
         entry.requests.fetch_add(1, Ordering::Relaxed);
         if let (Some(key), Some(sticky)) = (sticky_key, &self.sticky) {
             sticky.pin(key, entry.id(), now);
+            // The view renewed a pin that still holds; a new or moved one is written.
+            if let (Some(view), Some(shared)) = (&view, &self.shared)
+                && view.pin.as_deref() != Some(entry.id())
+            {
+                let _ = shared.pin(key, entry.id(), self.sticky_ttl);
+            }
         }
         Ok(Pick { entry })
     }
@@ -341,10 +431,90 @@ impl Accounts {
         self.snapshot().len()
     }
 
+    /// Records what using `entry` brought, and shares a cooldown it started.
+    pub fn record(&self, entry: &Entry, signal: Signal) {
+        let started = entry.record(signal, &self.settings());
+        if let (Some(c), Some(shared)) = (started, &self.shared) {
+            let _ = shared.cool(entry.id(), c.until_unix_ms, &c.reason);
+        }
+    }
+
+    /// Takes `entry` out of service on every instance (a ban the upstream announced).
+    pub fn share_ban(&self, entry: &Entry, reason: &str) {
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.ban(entry.id(), reason)
+        {
+            warn!("account {}: the ban is not shared: {e}", entry.id());
+        }
+    }
+
+    /// Brings this instance in line with the others (once a second, and before the CLI shows
+    /// accounts): adopts fresher OAuth tokens and a `needs_login` found in Redis, offers
+    /// fresher ones of its own (config.yaml after a login, tokens it could not store), and
+    /// takes the shared cooldowns and bans.
+    pub fn sync(&self) -> Result<(), Down> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let all = self.snapshot();
+        let oauth: Vec<&Arc<Entry>> = all.iter().filter(|e| e.account.oauth().is_some()).collect();
+        let ids: Vec<&str> = oauth.iter().map(|e| e.id()).collect();
+        for (e, stored) in oauth.iter().zip(shared.tokens(&ids)?) {
+            let offer = adopt_stored(&mut e.live(), stored.as_ref());
+            if let Some(tokens) = offer
+                && shared.offer(e.id(), &tokens)?
+            {
+                let mut live = e.live();
+                if live.persist_error.is_some() && live.tokens.as_ref() == Some(&tokens) {
+                    live.persist_error = None;
+                    info!("stored the rotated tokens of account {} at last", e.id());
+                }
+            }
+        }
+        let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
+        let view = shared.view(&ids, None, self.sticky_ttl)?;
+        let now = Now {
+            instant: Instant::now(),
+            unix_ms: crate::time::now_unix_millis(),
+        };
+        for (i, e) in all.iter().enumerate() {
+            let cool = view.cools.get(i).and_then(Option::as_ref);
+            let ban = view.bans.get(i).and_then(Option::as_ref);
+            e.adopt(&mut e.live(), cool, ban, now);
+        }
+        Ok(())
+    }
+
+    /// The shared state, when instances share one.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
     /// How many sticky pins are held (bounded by `sticky.max_entries`).
     pub fn sticky_pins(&self) -> usize {
         self.sticky.as_ref().map_or(0, Sticky::len)
     }
+}
+
+/// Takes tokens Redis holds when they are as new as this instance's or newer (a
+/// `needs_login` there sticks to the tokens it names); returns this instance's tokens when
+/// they are newer, for Redis.
+pub fn adopt_stored(live: &mut Live, stored: Option<&Stored>) -> Option<Tokens> {
+    let Some(stored) = stored else {
+        return live.tokens.clone().filter(|_| !live.needs_login);
+    };
+    let held = live.tokens.as_ref().map_or(0, |t| t.issued_at);
+    if live.tokens.is_some() && held > stored.tokens.issued_at {
+        return live.tokens.clone().filter(|_| !live.needs_login);
+    }
+    if live.tokens.is_none() || stored.tokens.issued_at > held {
+        live.tokens = Some(stored.tokens.clone());
+        live.needs_login = stored.needs_login;
+    } else {
+        live.tokens = Some(stored.tokens.clone());
+        live.needs_login |= stored.needs_login;
+    }
+    None
 }
 
 /// Rounded-up seconds until `d` has passed, for `retry-after`.
@@ -446,7 +616,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             max_entries: 100,
         };
-        Accounts::new(accounts, &settings(strategy), &sticky)
+        Accounts::new(accounts, &settings(strategy), &sticky, None)
     }
 
     fn ids(accounts: &Accounts, n: usize, tried: &[String], key: Option<u64>) -> Vec<String> {

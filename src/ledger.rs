@@ -10,6 +10,10 @@
 //! it contains, so a crash between the rename and the journal's removal counts nothing twice.
 //! Why not a database: one writer, append-only data and daily totals need none, and the files
 //! stay readable with `cat` and `jq`.
+//!
+//! With shared state each flush also adds the rows gathered since the last one to Redis, as
+//! one numbered batch applied at most once, so the totals there are every instance's, exact;
+//! budgets read them (plus this instance's rows not yet sent).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -19,6 +23,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::shared::Shared;
 
 /// Past this size the journal is folded into the summary.
 const COMPACT_AT: u64 = 8 * 1024 * 1024;
@@ -135,6 +141,15 @@ pub struct Book {
 }
 
 impl Book {
+    /// A book of rows read elsewhere (Redis's totals).
+    pub fn from_rows(rows: Vec<(RowKey, Totals)>) -> Book {
+        let mut book = Book::default();
+        for (key, totals) in rows {
+            book.insert(key, totals);
+        }
+        book
+    }
+
     fn add(&mut self, r: &Record) {
         let day = r.t / 86_400;
         self.count_tokens(day, &r.key, r.usage.total());
@@ -266,12 +281,36 @@ struct Pending {
     book: Book,
     /// Lines not yet appended to the journal.
     queue: Vec<u8>,
+    outbox: Outbox,
+}
+
+/// Rows not yet added to Redis: a numbered batch whose outcome is unknown (retried under the
+/// same number, which Redis applies once), and the rows gathered since.
+#[derive(Default)]
+struct Outbox {
+    unsent: Option<(u64, Vec<(RowKey, Totals)>)>,
+    fresh: BTreeMap<RowKey, Totals>,
+    next: u64,
+}
+
+impl Outbox {
+    fn tokens_since(&self, key: &str, from: u64) -> u64 {
+        let unsent = self
+            .unsent
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(|(k, t)| (k, t)));
+        unsent
+            .chain(self.fresh.iter())
+            .filter(|(k, _)| k.0 >= from && k.1 == key)
+            .fold(0u64, |sum, (_, t)| sum.saturating_add(t.usage.total()))
+    }
 }
 
 /// The running ledger, shared by all workers.
 pub struct Ledger {
     dir: PathBuf,
     pending: Mutex<Pending>,
+    shared: Option<Arc<Shared>>,
 }
 
 /// Journals are created owner-only, as every file the gateway creates.
@@ -288,7 +327,10 @@ impl Ledger {
     /// summary, and starts a fresh journal generation (so a line a crash cut short is never
     /// continued). The caller calls `flush` every flush interval on a thread of its own,
     /// and once more before a graceful exit.
-    pub fn open(dir: &Path) -> std::io::Result<(Arc<Ledger>, Journal)> {
+    pub fn open(
+        dir: &Path,
+        shared: Option<Arc<Shared>>,
+    ) -> std::io::Result<(Arc<Ledger>, Journal)> {
         std::fs::create_dir_all(dir)?;
         let lock = crate::store::lock_dir(dir)?;
         let (book, last) = read(dir)?;
@@ -305,7 +347,9 @@ impl Ledger {
             pending: Mutex::new(Pending {
                 book,
                 queue: Vec::new(),
+                outbox: Outbox::default(),
             }),
+            shared,
         });
         Ok((ledger, journal))
     }
@@ -321,16 +365,61 @@ impl Ledger {
         let mut pending = self.lock();
         pending.book.add(record);
         pending.queue.extend_from_slice(&line);
+        if self.shared.is_some() {
+            let row = (
+                record.t / 86_400,
+                record.key.clone(),
+                record.account.clone(),
+                record.model.clone(),
+            );
+            pending.outbox.fresh.entry(row).or_default().add(record);
+        }
     }
 
-    /// Tokens used by client key `key` since the start of day `from` (days since 1970).
+    /// Tokens used by client key `key` since the start of day `from` (days since 1970): by
+    /// every instance when state is shared and Redis answers, else by this one.
     pub fn tokens_since(&self, key: &str, from: u64) -> u64 {
+        if let Some(shared) = &self.shared {
+            let today = crate::time::now_unix() / 86_400;
+            if let Ok(sent) = shared.key_tokens(key, from, today) {
+                return sent.saturating_add(self.lock().outbox.tokens_since(key, from));
+            }
+        }
         self.lock().book.tokens_since(key, from)
     }
 
-    /// Appends what is queued; folds the journal into the summary when it grew large. The
-    /// server calls it every `usage.flush_interval`, and once more before a graceful exit.
+    /// Adds the rows gathered since the last flush to Redis; what fails waits for the next.
+    fn send_shared(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        loop {
+            let batch = {
+                let mut pending = self.lock();
+                let outbox = &mut pending.outbox;
+                if outbox.unsent.is_none() && !outbox.fresh.is_empty() {
+                    let rows = std::mem::take(&mut outbox.fresh).into_iter().collect();
+                    outbox.unsent = Some((outbox.next, rows));
+                    outbox.next += 1;
+                }
+                outbox.unsent.clone()
+            };
+            let Some((number, rows)) = batch else {
+                return;
+            };
+            if shared.add_usage(number, &rows).is_err() {
+                // Said where it failed; kept, and sent under the same number later.
+                return;
+            }
+            self.lock().outbox.unsent = None;
+        }
+    }
+
+    /// Appends what is queued; folds the journal into the summary when it grew large; sends
+    /// the rows to Redis with shared state. The server calls it every
+    /// `usage.flush_interval`, and once more before a graceful exit.
     pub fn flush(&self, journal: &mut Journal) {
+        self.send_shared();
         let queue = std::mem::take(&mut self.lock().queue);
         if queue.is_empty() {
             return;
@@ -500,7 +589,7 @@ mod tests {
     fn records_survive_restart_and_a_torn_last_line() {
         let dir = temp_dir("restart");
         {
-            let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+            let (ledger, mut journal) = Ledger::open(&dir, None).expect("open");
             ledger.record(&record(86_400 * 3 + 5, "ck_a", 100, 200));
             ledger.record(&record(86_400 * 3 + 6, "ck_a", 50, 429));
             ledger.flush(&mut journal);
@@ -510,7 +599,7 @@ mod tests {
                 .write_all(b"{\"t\":1,\"key\":\"ck_a\",\"acc")
                 .expect("write");
         }
-        let (ledger, _journal) = Ledger::open(&dir).expect("reopen");
+        let (ledger, _journal) = Ledger::open(&dir, None).expect("reopen");
         assert_eq!(ledger.tokens_since("ck_a", 3), 100 + 50 + 2 * 13);
         let (book, _) = read(&dir).expect("read");
         let rows = group(&book, "key", 0, u64::MAX);
@@ -524,7 +613,7 @@ mod tests {
     #[test]
     fn compaction_keeps_every_count_once() {
         let dir = temp_dir("compact");
-        let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+        let (ledger, mut journal) = Ledger::open(&dir, None).expect("open");
         for i in 0..10 {
             ledger.record(&record(i, "ck_b", 1, 200));
         }
@@ -546,7 +635,7 @@ mod tests {
     #[ignore]
     fn measure_ledger_cost() {
         let dir = temp_dir("measure");
-        let (ledger, mut journal) = Ledger::open(&dir).expect("open");
+        let (ledger, mut journal) = Ledger::open(&dir, None).expect("open");
         let n = 200_000u64;
         let started = std::time::Instant::now();
         for i in 0..n {
@@ -577,10 +666,13 @@ mod tests {
     #[test]
     fn one_writer_per_directory() {
         let dir = temp_dir("lock");
-        let first = Ledger::open(&dir).expect("open");
-        assert!(Ledger::open(&dir).is_err(), "a second writer is refused");
+        let first = Ledger::open(&dir, None).expect("open");
+        assert!(
+            Ledger::open(&dir, None).is_err(),
+            "a second writer is refused"
+        );
         drop(first);
-        assert!(Ledger::open(&dir).is_ok());
+        assert!(Ledger::open(&dir, None).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,7 +1,9 @@
 //! Per-key limits, checked before a request goes upstream: the model allow-list, requests per
 //! minute (a sliding window, exact), concurrent requests, and daily and monthly token budgets
 //! (read from the usage ledger, so they hold across restarts). Each refusal says which limit
-//! and, for the 429s, when to retry.
+//! and, for the 429s, when to retry. With shared state the minute window, the concurrent
+//! slots and the budgets count every instance's requests (in Redis); while Redis is down each
+//! instance enforces them on its own requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::auth::Client;
 use crate::error::ApiError;
 use crate::ledger::Ledger;
+use crate::shared::Shared;
 
 #[derive(Default)]
 struct KeyState {
@@ -21,16 +24,23 @@ struct KeyState {
 #[derive(Default)]
 pub struct Limiter {
     keys: Mutex<HashMap<String, KeyState>>,
+    shared: Option<Arc<Shared>>,
 }
 
 /// A request admitted under a key's concurrency limit; releases its slot when dropped.
 pub struct Permit {
     limiter: Arc<Limiter>,
     key: Option<String>,
+    /// The slot taken in Redis, when the concurrency limit is shared.
+    slot: Option<String>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let (Some(key), Some(slot), Some(shared)) = (&self.key, &self.slot, &self.limiter.shared)
+        {
+            shared.release(key, slot);
+        }
         if let Some(key) = &self.key {
             let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = keys.get_mut(key) {
@@ -59,6 +69,13 @@ fn first_day_of_month(now: u64) -> (u64, u64) {
 }
 
 impl Limiter {
+    pub fn new(shared: Option<Arc<Shared>>) -> Limiter {
+        Limiter {
+            keys: Mutex::default(),
+            shared,
+        }
+    }
+
     /// Admits `client` for `model` now, or says which limit refuses it.
     pub fn admit(
         self: &Arc<Self>,
@@ -70,6 +87,7 @@ impl Limiter {
             return Ok(Permit {
                 limiter: Arc::clone(self),
                 key: None,
+                slot: None,
             });
         };
         if !limits.models.is_empty() {
@@ -108,10 +126,29 @@ impl Limiter {
                 }
             }
         }
+        let mut slot = None;
+        if let Some(shared) = &self.shared {
+            if let Some(rpm) = limits.rpm
+                && let Ok(Some(wait)) = shared.rpm(&client.id, rpm)
+            {
+                return Err(ApiError::RateLimited {
+                    message: format!("this gateway key is limited to {rpm} requests per minute"),
+                    retry_after: crate::accounts::ceil_secs(wait).max(1),
+                });
+            }
+            if let Some(max) = limits.max_concurrent {
+                match shared.acquire(&client.id, max) {
+                    Ok(Some(taken)) => slot = Some(taken),
+                    Ok(None) => return Err(too_many(max)),
+                    // Redis is down: the local count below decides.
+                    Err(_) => {}
+                }
+            }
+        }
         let now = Instant::now();
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let state = keys.entry(client.id.clone()).or_default();
-        if let Some(rpm) = limits.rpm {
+        if let Some(rpm) = limits.rpm.filter(|_| !self.shared_up()) {
             while state
                 .recent
                 .front()
@@ -129,12 +166,10 @@ impl Limiter {
             }
         }
         if let Some(max) = limits.max_concurrent
+            && slot.is_none()
             && state.in_flight >= max
         {
-            return Err(ApiError::RateLimited {
-                message: format!("this gateway key is limited to {max} requests at once"),
-                retry_after: 1,
-            });
+            return Err(too_many(max));
         }
         if limits.rpm.is_some() {
             state.recent.push_back(now);
@@ -143,7 +178,20 @@ impl Limiter {
         Ok(Permit {
             limiter: Arc::clone(self),
             key: Some(client.id.clone()),
+            slot,
         })
+    }
+
+    /// Whether Redis counts for every instance now (else this instance counts alone).
+    fn shared_up(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.outage().is_none())
+    }
+}
+
+fn too_many(max: u32) -> ApiError {
+    ApiError::RateLimited {
+        message: format!("this gateway key is limited to {max} requests at once"),
+        retry_after: 1,
     }
 }
 

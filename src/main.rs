@@ -33,6 +33,7 @@ mod refresh;
 mod router;
 mod secret;
 mod server;
+mod shared;
 mod sse;
 mod status;
 mod sticky;

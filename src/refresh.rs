@@ -4,14 +4,21 @@
 //! only then, if still needed, one call to the token endpoint. Rotated tokens are written to
 //! config.yaml before they are used; if that write fails they are kept in memory, retried, and
 //! reported, never dropped silently.
+//!
+//! With shared state (`state.backend: redis`) the tokens live in Redis and the lock is a Redis
+//! lease with a fencing value, taken after the local lock: the holder re-reads the tokens,
+//! refreshes, stores the rotated pair while its fence still holds, then releases. Others wait
+//! for its tokens. Without the lease (Redis down) nothing is refreshed.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::accounts::{Accounts, Entry};
 use crate::config::{self, OAuthSettings, Tokens};
 use crate::oauth::{Client, TokenEndpoint, TokenError};
 use crate::secret::Secret;
+use crate::shared::{Lease, Shared};
 use crate::store;
 use crate::time::now_unix;
 
@@ -53,15 +60,25 @@ pub struct Refresher {
     path: PathBuf,
     settings: OAuthSettings,
     endpoint: TokenEndpoint,
+    shared: Option<Arc<Shared>>,
 }
 
+/// How often a request waiting for another instance's refresh looks at Redis.
+const AWAIT_POLL: Duration = Duration::from_millis(20);
+
 impl Refresher {
-    pub fn new(path: PathBuf, settings: &OAuthSettings) -> Refresher {
+    pub fn new(path: PathBuf, settings: &OAuthSettings, shared: Option<Arc<Shared>>) -> Refresher {
         Refresher {
             path,
             settings: settings.clone(),
             endpoint: TokenEndpoint::new(settings),
+            shared,
         }
+    }
+
+    /// The shared lease outlives a token endpoint call that times out, and the store after it.
+    fn lease_ttl(&self) -> Duration {
+        self.settings.token_timeout * 2 + Duration::from_secs(2)
     }
 
     /// The lead for `tokens`: the configured one, but at most half the token's lifetime, so a
@@ -119,7 +136,7 @@ impl Refresher {
 
         let _lock = store::account_lock(&self.path, entry.id())
             .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
-        let current = self.current_tokens(entry)?;
+        let mut current = self.current_tokens(entry)?;
         let now = now_unix();
         if self.satisfied(&need, &current, now) {
             return Ok(current);
@@ -132,6 +149,31 @@ impl Refresher {
                 last.elapsed().as_secs(),
                 self.settings.refresh_min_interval.as_secs()
             )));
+        }
+
+        let mut lease = None;
+        if let Some(shared) = &self.shared {
+            match shared.lease(entry.id(), self.lease_ttl()) {
+                Ok(Some(held)) => {
+                    // The last holder may have stored fresh tokens just before releasing.
+                    current = self.current_tokens(entry)?;
+                    if self.satisfied(&need, &current, now_unix()) {
+                        return Ok(current);
+                    }
+                    lease = Some(held);
+                }
+                Ok(None) if matches!(need, Need::Due) => {
+                    return Err(RefreshError::Unavailable(
+                        "another instance is refreshing this account".into(),
+                    ));
+                }
+                Ok(None) => return self.await_holder(shared, entry, &need),
+                Err(e) => {
+                    return Err(RefreshError::Unavailable(format!(
+                        "{e}; a token is refreshed only under the shared lease"
+                    )));
+                }
+            }
         }
 
         let client = Client {
@@ -148,7 +190,8 @@ impl Refresher {
                     issued_at: now,
                 };
                 // Persist before use: a rotated refresh token exists nowhere else.
-                let persisted = store::save_tokens(&self.path, entry.id(), &tokens, None);
+                let persisted = self.persist(entry, &tokens, lease.as_ref());
+                drop(lease);
                 let mut live = entry.live();
                 live.tokens = Some(tokens.clone());
                 live.last_refresh = Some(Instant::now());
@@ -168,12 +211,11 @@ impl Refresher {
                     }
                     Err(e) => {
                         error!(
-                            "refreshed the token of account {} but could NOT save it to {}: {e}. \
+                            "refreshed the token of account {} but could NOT save it: {e}. \
                              The new tokens live only in this process until a retry succeeds",
                             entry.id(),
-                            self.path.display()
                         );
-                        live.persist_error = Some(e.to_string());
+                        live.persist_error = Some(e);
                     }
                 }
                 Ok(tokens)
@@ -189,6 +231,14 @@ impl Refresher {
                     entry.id(),
                     entry.account.name
                 );
+                if let Some(lease) = &lease
+                    && let Err(e) = lease.needs_login(current.issued_at)
+                {
+                    error!(
+                        "could not tell other instances that account {} needs a login: {e}",
+                        entry.id()
+                    );
+                }
                 if let Err(e) = store::mark_needs_login(&self.path, entry.id()) {
                     error!(
                         "could not record that account {} needs a login: {e}",
@@ -217,8 +267,98 @@ impl Refresher {
         }
     }
 
-    /// The account's tokens as they are now: from config.yaml (adopting them), unless this
-    /// process holds newer ones it has not managed to save.
+    /// Stores rotated tokens: in Redis under the lease (and config.yaml as this instance's
+    /// copy), or in config.yaml.
+    fn persist(
+        &self,
+        entry: &Entry,
+        tokens: &Tokens,
+        lease: Option<&Lease<'_>>,
+    ) -> Result<(), String> {
+        let Some(lease) = lease else {
+            return store::save_tokens(&self.path, entry.id(), tokens, None)
+                .map_err(|e| format!("{e} ({})", self.path.display()));
+        };
+        match lease.store(entry.id(), tokens) {
+            Ok(true) => {
+                if let Err(e) = store::save_tokens(&self.path, entry.id(), tokens, None) {
+                    warn!(
+                        "account {}: tokens stored in Redis, but not in {}: {e}",
+                        entry.id(),
+                        self.path.display()
+                    );
+                }
+                Ok(())
+            }
+            Ok(false) => Err("the refresh lease expired before the tokens were stored".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Another instance holds the lease: waits (as long as a lease lasts) for the tokens it
+    /// stores.
+    fn await_holder(
+        &self,
+        shared: &Shared,
+        entry: &Entry,
+        need: &Need,
+    ) -> Result<Tokens, RefreshError> {
+        let deadline = Instant::now() + self.lease_ttl();
+        let unavailable = |e: crate::shared::Down| RefreshError::Unavailable(e.to_string());
+        loop {
+            std::thread::sleep(AWAIT_POLL);
+            // Lease first: the holder stores, then releases, so tokens read after a released
+            // lease include what it stored.
+            let leased = shared.leased(entry.id()).map_err(unavailable)?;
+            let current = self.shared_tokens(shared, entry)?;
+            if let Some(tokens) = current
+                && self.satisfied(need, &tokens, now_unix())
+            {
+                return Ok(tokens);
+            }
+            if !leased {
+                return Err(RefreshError::Unavailable(
+                    "another instance's refresh ended without fresh tokens".into(),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(RefreshError::Unavailable(
+                    "timed out waiting for another instance's refresh".into(),
+                ));
+            }
+        }
+    }
+
+    /// The tokens in Redis, adopted when as new as ours or newer (ours offered when newer).
+    fn shared_tokens(
+        &self,
+        shared: &Shared,
+        entry: &Entry,
+    ) -> Result<Option<Tokens>, RefreshError> {
+        let stored = shared
+            .tokens(&[entry.id()])
+            .map_err(|e| RefreshError::Unavailable(e.to_string()))?
+            .pop()
+            .flatten();
+        let (offer, tokens) = {
+            let mut live = entry.live();
+            let offer = crate::accounts::adopt_stored(&mut live, stored.as_ref());
+            if live.needs_login {
+                return Err(RefreshError::NeedsLogin(
+                    "marked in the shared state (another instance's refresh was refused)".into(),
+                ));
+            }
+            (offer, live.tokens.clone())
+        };
+        if let Some(ours) = offer {
+            let _ = shared.offer(entry.id(), &ours);
+        }
+        Ok(tokens)
+    }
+
+    /// The account's tokens as they are now: from Redis with shared state, else (or when
+    /// neither holds any) from config.yaml, adopting them; unless this process holds newer
+    /// ones it has not managed to save.
     fn current_tokens(&self, entry: &Entry) -> Result<Tokens, RefreshError> {
         if entry.live().persist_error.is_some() {
             return entry
@@ -226,6 +366,11 @@ impl Refresher {
                 .tokens
                 .clone()
                 .ok_or_else(|| RefreshError::Unavailable("no tokens".into()));
+        }
+        if let Some(shared) = &self.shared
+            && let Some(tokens) = self.shared_tokens(shared, entry)?
+        {
+            return Ok(tokens);
         }
         let config = config::load(&self.path)
             .map_err(|e| RefreshError::Unavailable(format!("cannot read the config: {e}")))?;
@@ -247,6 +392,10 @@ impl Refresher {
             .clone()
             .ok_or_else(|| RefreshError::NeedsLogin("never logged in".into()))?;
         live.tokens = Some(tokens.clone());
+        drop(live);
+        if let Some(shared) = &self.shared {
+            let _ = shared.offer(entry.id(), &tokens);
+        }
         Ok(tokens)
     }
 
@@ -273,7 +422,8 @@ impl Refresher {
                 let unsaved = live.persist_error.is_some().then(|| tokens.clone());
                 (due, unsaved)
             };
-            if let Some(tokens) = unsaved {
+            // With shared state, `Accounts::sync` offers unsaved tokens to Redis.
+            if let Some(tokens) = unsaved.filter(|_| self.shared.is_none()) {
                 self.retry_save(entry, &tokens);
             }
             if due {
@@ -330,7 +480,7 @@ mod tests {
 
     #[test]
     fn lead_is_at_most_half_the_lifetime() {
-        let r = Refresher::new(PathBuf::from("/x"), &settings(600));
+        let r = Refresher::new(PathBuf::from("/x"), &settings(600), None);
         assert_eq!(
             r.lead(&tokens(0, 28_800)),
             600,
@@ -346,7 +496,7 @@ mod tests {
 
     #[test]
     fn needs_are_judged_against_expiry() {
-        let r = Refresher::new(PathBuf::from("/x"), &settings(600));
+        let r = Refresher::new(PathBuf::from("/x"), &settings(600), None);
         let t = tokens(0, 10_000);
         assert!(r.satisfied(&Need::Due, &t, 9_000));
         assert!(!r.satisfied(&Need::Due, &t, 9_500));

@@ -122,10 +122,8 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             };
             // After the first byte nothing is retried, but the account's failure counts.
             if let (Outcome::UpstreamBroke(why), Some(pick)) = (&outcome, &pick) {
-                pick.entry.record(
-                    Signal::Failure(format!("stream broke: {why}")),
-                    &gw.accounts.settings(),
-                );
+                gw.accounts
+                    .record(&pick.entry, Signal::Failure(format!("stream broke: {why}")));
             }
             (status, outcome, keep)
         }
@@ -392,18 +390,7 @@ fn serve(
     let route = route(&req.method, path)?;
     match route {
         Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into(), JSON)),
-        Route::Ready => {
-            return Ok(if gw.accounts.any_available() {
-                Served::Local(200, r#"{"status":"ready"}"#.into(), JSON)
-            } else {
-                Served::Local(
-                    503,
-                    r#"{"status":"not_ready","reason":"no upstream account is available now"}"#
-                        .into(),
-                    JSON,
-                )
-            });
-        }
+        Route::Ready => return Ok(ready(gw)),
         Route::Status | Route::Metrics => {
             if listener != Listener::AdminLoopback {
                 let client = gw.clients.authenticate(req)?;
@@ -574,8 +561,6 @@ enum Step {
 }
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
-    let settings = gw.accounts.settings();
-    let settings = &*settings;
     let sent_at = Instant::now();
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
@@ -587,7 +572,8 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
         // The account has no usable credential now (login needed, refresh failing).
         Err(Failed::Account(error)) => return Ok(Step::Next(Err(error))),
         Err(Failed::Upstream(error)) => {
-            entry.record(Signal::Failure(error.to_string()), settings);
+            gw.accounts
+                .record(entry, Signal::Failure(error.to_string()));
             return Ok(Step::Next(Err(error)));
         }
     };
@@ -595,11 +581,12 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
     if status < 400 {
         return Ok(match answer.settle() {
             Ok(answer) => {
-                entry.record(Signal::Success, settings);
+                gw.accounts.record(entry, Signal::Success);
                 Step::Done(answer)
             }
             Err(error) => {
-                entry.record(Signal::Failure(error.to_string()), settings);
+                gw.accounts
+                    .record(entry, Signal::Failure(error.to_string()));
                 Step::Next(Err(error))
             }
         });
@@ -608,7 +595,8 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
     let answer = match answer.buffer() {
         Ok(answer) => answer,
         Err(error) => {
-            entry.record(Signal::Failure(error.to_string()), settings);
+            gw.accounts
+                .record(entry, Signal::Failure(error.to_string()));
             return Ok(Step::Next(Err(error)));
         }
     };
@@ -630,8 +618,30 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
         // 404, 413 and the rest belong to the request, not the account.
         _ => return Ok(Step::Done(answer)),
     };
-    entry.record(signal, settings);
+    gw.accounts.record(entry, signal);
     Ok(Step::Next(Ok(answer)))
+}
+
+/// `/ready`: 503 when no account could serve now. With shared state it also says whether
+/// Redis is reachable; an outage does not make the instance unready (it serves on its own
+/// state, and a load balancer pulling every instance at once would be the larger outage).
+fn ready(gw: &Gateway) -> Served {
+    let available = gw.accounts.any_available();
+    let mut body = if available {
+        serde_json::json!({"status": "ready"})
+    } else {
+        serde_json::json!({"status": "not_ready", "reason": "no upstream account is available now"})
+    };
+    if let Some(shared) = gw.accounts.shared() {
+        match shared.outage() {
+            None => body["shared_state"] = "up".into(),
+            Some(why) => {
+                body["shared_state"] = "down".into();
+                body["shared_state_error"] = why.into();
+            }
+        }
+    }
+    Served::Local(if available { 200 } else { 503 }, body.to_string(), JSON)
 }
 
 /// Why `send` produced no answer.
@@ -720,6 +730,7 @@ fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
         entry.account.name
     );
     entry.live().disabled_reason = Some(reason.to_string());
+    gw.accounts.share_ban(entry, reason);
     if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
         error!(
             "could not record that account {} is disabled: {e}",

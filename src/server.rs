@@ -23,11 +23,14 @@ use crate::log;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::router::{self, Listener};
+use crate::shared::Shared;
 use crate::sys::{self, Signal};
 use crate::upstream::Upstream;
 
 /// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`).
 const ACCEPT_BACKLOG: i32 = 4096;
+/// How often the shared state is probed (while Redis is down) and synced (tokens, bans).
+const SHARED_SYNC: Duration = Duration::from_millis(500);
 
 /// The settings a config.yaml change applies live, replaced whole: a request reads the ones in
 /// force when it asks, and a stream in flight keeps the ones it started with.
@@ -78,13 +81,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, ledger: Option<Arc<Ledger>>) -> Gateway {
+    pub fn new(
+        config: &Config,
+        ledger: Option<Arc<Ledger>>,
+        shared: Option<Arc<Shared>>,
+    ) -> Gateway {
         let s = &config.server;
         Gateway {
-            accounts: Accounts::new(config.accounts.clone(), &config.balance, &config.sticky),
+            accounts: Accounts::new(
+                config.accounts.clone(),
+                &config.balance,
+                &config.sticky,
+                shared.clone(),
+            ),
             clients: ClientKeys::new(config.client_keys.clone(), config.auth_open),
             upstream: RwLock::new(Arc::new(Upstream::new(&config.upstream, s.workers))),
-            refresher: Refresher::new(config.path.clone(), &config.oauth),
+            refresher: Refresher::new(config.path.clone(), &config.oauth, shared.clone()),
             config_path: config.path.clone(),
             live: RwLock::new(Arc::new(Live::new(config))),
             access: match &config.access_file {
@@ -95,7 +107,7 @@ impl Gateway {
                 }),
             },
             ledger,
-            limiter: Arc::default(),
+            limiter: Arc::new(Limiter::new(shared)),
             metrics: Metrics::new(known_models(config)),
             started: Instant::now(),
             workers: Arc::default(),
@@ -244,11 +256,12 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     if let Err(e) = crate::sys::deepen_backlog(&listener, ACCEPT_BACKLOG) {
         warn!("could not deepen the accept queue ({e}); bursts of connections may wait a second");
     }
-    let (ledger, journal) = match open_ledger(&config) {
+    let shared = start_shared(&config);
+    let (ledger, journal) = match open_ledger(&config, shared.clone()) {
         Some((ledger, journal)) => (Some(ledger), Some(journal)),
         None => (None, None),
     };
-    let gateway = Arc::new(Gateway::new(&config, ledger));
+    let gateway = Arc::new(Gateway::new(&config, ledger, shared));
     info!(
         "serving {} accounts to {} client keys, upstream {}, up to {} workers",
         gateway.accounts.len(),
@@ -275,6 +288,18 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         .name("config-watch".into())
         .spawn(move || watch_config(&watched, running, &reload_rx));
 
+    if let Some(shared) = gateway.accounts.shared().cloned() {
+        let syncing = Arc::clone(&gateway);
+        let _ = std::thread::Builder::new()
+            .name("shared-state".into())
+            .spawn(move || {
+                loop {
+                    shared.probe();
+                    let _ = syncing.accounts.sync();
+                    std::thread::sleep(SHARED_SYNC);
+                }
+            });
+    }
     let refreshing = Arc::clone(&gateway);
     let _ = std::thread::Builder::new()
         .name("oauth-refresh".into())
@@ -429,6 +454,22 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
     Some(stop)
 }
 
+/// Connects the shared state `state:` names, and says where it is (or that it is not there
+/// yet: an outage at start is survived like any other).
+fn start_shared(config: &Config) -> Option<Arc<Shared>> {
+    let shared = crate::shared::open(config)?;
+    let settings = config.state.as_ref()?;
+    match shared.ping() {
+        Ok(()) => info!(
+            "shared state: Redis at {} (keys {}:*)",
+            settings.url, settings.prefix
+        ),
+        // Logged where it failed; the probe finds Redis when it comes.
+        Err(_) => {}
+    }
+    Some(shared)
+}
+
 /// Model names metrics may label by: configured names, aliases and their targets, and every
 /// key's allow-list.
 fn known_models(config: &Config) -> Vec<String> {
@@ -441,11 +482,14 @@ fn known_models(config: &Config) -> Vec<String> {
 
 /// Opens the usage ledger and starts its flusher, or explains why usage is not recorded. The
 /// journal is returned too, for the last flush before a graceful exit.
-fn open_ledger(config: &Config) -> Option<(Arc<Ledger>, Arc<Mutex<Journal>>)> {
+fn open_ledger(
+    config: &Config,
+    shared: Option<Arc<Shared>>,
+) -> Option<(Arc<Ledger>, Arc<Mutex<Journal>>)> {
     if !config.usage.enabled {
         return None;
     }
-    match Ledger::open(&config.usage.dir) {
+    match Ledger::open(&config.usage.dir, shared) {
         Ok((ledger, journal)) => {
             let journal = Arc::new(Mutex::new(journal));
             let (flusher, flushed) = (Arc::clone(&ledger), Arc::clone(&journal));
@@ -613,6 +657,7 @@ fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
         ("log.access_file", old.access_file != fresh.access_file),
         ("sticky", old.sticky != fresh.sticky),
         ("usage", old.usage != fresh.usage),
+        ("state", old.state != fresh.state),
         ("oauth (other than system_prompt)", oauth != fresh.oauth),
     ];
     for (name, _) in restart.iter().filter(|(_, changed)| *changed) {

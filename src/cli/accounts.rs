@@ -131,7 +131,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
 
 pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
     let config = config::load(path)?;
-    let accounts = Accounts::new(config.accounts, &config.balance, &config.sticky);
+    let accounts = Accounts::load(&config);
     let entries = accounts.snapshot();
     if as_json {
         let rows: Vec<_> = entries
@@ -255,6 +255,13 @@ pub fn change_account(
         }
         Ok(m.accounts[index].name.clone())
     })?;
+    if matches!(change, Change::Enable(true))
+        && let Ok(config) = config::load(path)
+        && let Some(shared) = crate::shared::open(&config)
+        && let Err(e) = shared.clear(id)
+    {
+        warn!("the account is enabled here, but its shared ban or cooldown stays: {e}");
+    }
     let (verb, enabled) = match change {
         Change::Remove => ("removed", None),
         Change::Enable(true) => ("enabled", Some(true)),

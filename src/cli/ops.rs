@@ -110,7 +110,7 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
 }
 
 fn config_only(config: &config::Config) -> Vec<Value> {
-    let accounts = Accounts::new(config.accounts.clone(), &config.balance, &config.sticky);
+    let accounts = Accounts::load(&config);
     accounts
         .snapshot()
         .iter()
@@ -202,7 +202,7 @@ fn print_status(url: &str, view: &Value) {
 
 pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
     let config = config::load(path)?;
-    let accounts = Accounts::new(config.accounts.clone(), &config.balance, &config.sticky);
+    let accounts = Accounts::load(&config);
     let entries: Vec<_> = accounts
         .snapshot()
         .iter()
@@ -218,7 +218,11 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
         });
     }
     let upstream = Upstream::new(&config.upstream, 1);
-    let refresher = Refresher::new(config.path.clone(), &config.oauth);
+    let refresher = Refresher::new(
+        config.path.clone(),
+        &config.oauth,
+        accounts.shared().cloned(),
+    );
     let probe = Request {
         method: "GET".into(),
         target: "/v1/models?limit=1".into(),
@@ -347,13 +351,31 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
     let config = config::load(path)?;
     let from = day_of("since", &cmd.since, 0)?;
     let to = day_of("until", &cmd.until, u64::MAX)?;
-    let (book, _) = crate::ledger::read(&config.usage.dir).map_err(|e| CliError {
-        exit: Exit::Failure,
-        message: format!(
-            "cannot read the usage ledger in {}: {e}",
-            config.usage.dir.display()
-        ),
-    })?;
+    let shared_rows = crate::shared::open(&config).map(|shared| shared.usage_rows(from, to));
+    let book = match shared_rows {
+        // Every instance's totals.
+        Some(Ok(rows)) => crate::ledger::Book::from_rows(rows),
+        Some(Err(e)) => {
+            return Err(CliError {
+                exit: Exit::Unreachable,
+                message: format!(
+                    "{e}; this instance's own ledger is in {}",
+                    config.usage.dir.display()
+                ),
+            });
+        }
+        None => {
+            crate::ledger::read(&config.usage.dir)
+                .map_err(|e| CliError {
+                    exit: Exit::Failure,
+                    message: format!(
+                        "cannot read the usage ledger in {}: {e}",
+                        config.usage.dir.display()
+                    ),
+                })?
+                .0
+        }
+    };
     let names: std::collections::HashMap<&str, &str> = match cmd.by.as_str() {
         "key" => config
             .client_keys

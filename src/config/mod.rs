@@ -11,6 +11,7 @@ pub use raw::*;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::log::Level;
@@ -41,6 +42,8 @@ pub struct Config {
     /// The access log's file; stderr when `None`.
     pub access_file: Option<PathBuf>,
     pub usage: UsageSettings,
+    /// Where state shared by several instances lives; `None` for the local default.
+    pub state: Option<RedisSettings>,
     pub accounts: Vec<Account>,
     pub client_keys: Vec<ClientKey>,
     /// Things worth telling the operator that do not stop the gateway.
@@ -137,6 +140,51 @@ pub struct UsageSettings {
     pub dir: PathBuf,
     /// How often buffered records reach the journal: the most a `kill -9` can lose.
     pub flush_interval: Duration,
+}
+
+/// `state.backend: redis`: the Redis that instances share (see `shared`).
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// Without a password: that comes from `password`.
+    pub url: String,
+    pub password: Option<Secret>,
+    /// PEM bytes of the CA for `rediss://`, when not the system's.
+    pub ca: Option<Vec<u8>>,
+    /// Every key starts with `prefix:`, so gateways can share one Redis.
+    pub prefix: String,
+    /// Each Redis call's connect, read and write timeout.
+    pub timeout: Duration,
+    /// Seals the OAuth tokens kept in Redis: every instance needs the same key.
+    pub key: Arc<SecretKey>,
+}
+
+impl PartialEq for RedisSettings {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.url,
+            &self.password,
+            &self.ca,
+            &self.prefix,
+            self.timeout,
+        ) == (
+            &other.url,
+            &other.password,
+            &other.ca,
+            &other.prefix,
+            other.timeout,
+        )
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url)
+            .field("password", &self.password)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
@@ -690,6 +738,8 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
 
+    let state = redis_settings(&raw.state, dir, &keys, key).map_err(invalid)?;
+
     let auth_open = raw.auth.open.unwrap_or(false);
     if auth_open {
         warnings.push(
@@ -710,10 +760,101 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         access_log: raw.log.access.unwrap_or(true),
         access_file,
         usage,
+        state,
         accounts,
         client_keys,
         warnings,
     })
+}
+
+/// The `state:` section: `None` for the local backend. The Redis password comes from an
+/// environment variable, so no secret sits in the file; one written into the URL is refused.
+fn redis_settings(
+    raw: &RawState,
+    dir: &Path,
+    keys: &KeySource,
+    key: Option<SecretKey>,
+) -> Result<Option<RedisSettings>, String> {
+    match raw.backend.as_deref().unwrap_or("local") {
+        "local" => return Ok(None),
+        "redis" => {}
+        other => {
+            return Err(format!(
+                "state.backend {other:?} is not one of local, redis"
+            ));
+        }
+    }
+    let url = raw
+        .redis_url
+        .clone()
+        .ok_or("state.backend is redis but state.redis_url is not set (redis://host:6379/0)")?;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "state.redis_url {url:?} is not a redis:// or rediss:// URL"
+        ));
+    };
+    if !matches!(scheme, "redis" | "rediss") {
+        return Err(format!(
+            "state.redis_url must start with redis:// or rediss://, not {scheme}://"
+        ));
+    }
+    if rest
+        .split('/')
+        .next()
+        .is_some_and(|authority| authority.contains('@'))
+    {
+        return Err(
+            "state.redis_url must not carry credentials: put the password in an environment \
+             variable and name it in state.redis_password_env"
+                .into(),
+        );
+    }
+    redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| format!("state.redis_url {url:?}: {e}"))?;
+    let password = match &raw.redis_password_env {
+        None => None,
+        Some(name) => match std::env::var(name) {
+            Ok(value) if !value.is_empty() => Some(Secret::new(value)),
+            _ => {
+                return Err(format!(
+                    "state.redis_password_env names {name}, which is not set in the environment"
+                ));
+            }
+        },
+    };
+    let ca = match &raw.redis_ca_file {
+        None => None,
+        Some(file) => {
+            let path = dir.join(file);
+            Some(
+                std::fs::read(&path)
+                    .map_err(|e| format!("state.redis_ca_file {}: {e}", path.display()))?,
+            )
+        }
+    };
+    let prefix = raw.prefix.clone().unwrap_or_else(|| "llm-gateway".into());
+    if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
+        return Err(format!(
+            "state.prefix {prefix:?} must be a non-empty word (it starts every Redis key)"
+        ));
+    }
+    let timeout = raw.timeout.map_or(Duration::from_millis(250), |d| d.0);
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        return Err("state.timeout must be between 1ms and 10s".into());
+    }
+    let key = match key {
+        Some(key) => key,
+        // The tokens in Redis are sealed with it: every instance needs the same file.
+        None => keys.load_or_create().map_err(|e| e.to_string())?,
+    };
+    Ok(Some(RedisSettings {
+        url,
+        password,
+        ca,
+        prefix,
+        timeout,
+        key: Arc::new(key),
+    }))
 }
 
 enum AccountError {

@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub models: RawModels,
     pub usage: RawUsage,
+    pub state: RawState,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -108,6 +109,20 @@ pub struct RawUsage {
     /// The ledger's directory, relative to the config file.
     pub dir: Option<String>,
     pub flush_interval: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    /// `local` (the default) or `redis`.
+    pub backend: Option<String>,
+    pub redis_url: Option<String>,
+    /// The name of an environment variable holding the Redis password (never the password).
+    pub redis_password_env: Option<String>,
+    /// A PEM CA bundle for `rediss://` to a private CA, relative to the config.
+    pub redis_ca_file: Option<String>,
+    pub prefix: Option<String>,
+    pub timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

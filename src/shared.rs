@@ -1,0 +1,671 @@
+//! State shared by several gateway instances through Redis (`state.backend: redis`): OAuth
+//! tokens (sealed) under a fenced refresh lease, cooldowns and bans, sticky pins, usage
+//! counters and per-key limits. Every operation is one round trip (a pipeline or a Lua script,
+//! so each is atomic); every call has a short timeout. When Redis fails, `Shared` says `Down`
+//! at once until a background probe finds it back, and callers fall back to local state.
+//!
+//! Keys, all under `prefix:`: `tok:<account>` (hash), `lease:<account>` and
+//! `fence:<account>`, `cool:<account>` and `ban:<account>`, `pin:<sticky key>`,
+//! `usage:<day>` and `keytok:<day>` (hashes), `batch:<instance>:<n>`, `rpm:<client key>`
+//! and `conc:<client key>` (sorted sets). One Redis node; Redis Cluster is not supported.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::{Connection, RedisError, RedisResult};
+
+use crate::config::{RedisSettings, Tokens};
+use crate::ledger::{RowKey, Totals, Usage};
+use crate::secret::SecretKey;
+
+/// Connections kept open between calls; more concurrent callers open and close their own.
+const IDLE_CONNECTIONS: usize = 64;
+/// How long a counted concurrency slot lives if its instance dies before releasing it.
+const SLOT_HOLD: Duration = Duration::from_secs(600);
+
+/// Redis could not be used now: the caller falls back to local state.
+#[derive(Debug, Clone)]
+pub struct Down(pub String);
+
+impl fmt::Display for Down {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shared state (Redis) unavailable: {}", self.0)
+    }
+}
+
+pub struct Shared {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    key: Arc<SecretKey>,
+    idle: Mutex<Vec<Connection>>,
+    /// Set by a failed call, cleared only by `probe`: while set, calls fail at once.
+    down: AtomicBool,
+    outage: Mutex<Option<String>>,
+    /// Names this process in batch ids and slot members.
+    instance: String,
+    counter: AtomicU64,
+}
+
+/// An account's tokens as Redis holds them.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub tokens: Tokens,
+    pub needs_login: bool,
+}
+
+/// What a pick needs to know from Redis: per account (in the order asked) its cooldown
+/// (`until` in Unix ms, and why) and ban; and the sticky key's pinned account.
+#[derive(Debug, Default)]
+pub struct View {
+    pub cools: Vec<Option<(u64, String)>>,
+    pub bans: Vec<Option<String>>,
+    pub pin: Option<String>,
+}
+
+/// The refresh lease on one account: held until dropped, then released if still ours.
+pub struct Lease<'a> {
+    shared: &'a Shared,
+    lease: String,
+    tok: String,
+    fence: i64,
+}
+
+const VIEW: &str = r"
+local n = tonumber(ARGV[1])
+local out = {}
+if n > 0 then out = redis.call('MGET', unpack(KEYS, 1, 2 * n)) end
+if #KEYS > 2 * n then
+  local pin = redis.call('GET', KEYS[#KEYS])
+  if pin then redis.call('PEXPIRE', KEYS[#KEYS], ARGV[2]) end
+  out[2 * n + 1] = pin
+end
+return out";
+
+/// Extends a cooldown, never shortens one.
+const COOL: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local until_ms = tonumber(string.match(cur, '^(%d+)'))
+  if until_ms and until_ms >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1";
+
+const LEASE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local f = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], f, 'PX', ARGV[1])
+return f";
+
+/// Writes the token hash only while the caller's fence still holds the lease.
+const STORE_FENCED: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return 1";
+
+/// Marks the tokens the caller refreshed with (by issue time) as needing a login.
+const NEEDS_LOGIN: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'issued_at') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'needs_login', '1')
+return 1";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+/// Newer wins: tokens issued later than the stored ones replace them (a login, a seed).
+const OFFER: &str = r"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'issued_at') or '-1')
+if tonumber(ARGV[1]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1";
+
+/// Applies a usage batch once: a retried batch (its reply lost) is not counted twice.
+const USAGE: &str = r"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 0 end
+for i = 1, #ARGV, 3 do redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+return 1";
+
+/// A sliding minute on Redis's clock: -1 when admitted, else milliseconds to wait.
+const RPM: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return 60000 - (now - tonumber(oldest[2]))
+end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 60000)
+return -1";
+
+/// Takes a concurrency slot (members expire, so a dead instance's slots come back).
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1";
+
+const METRICS: [&str; 6] = [
+    "requests",
+    "errors",
+    "input",
+    "output",
+    "cache_creation",
+    "cache_read",
+];
+
+/// A failure of the connection itself (not an error Redis answered).
+fn connection_failed(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+fn eval(script: &str, keys: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// The shared state `config` names, if any (a client that does not build is reported).
+pub fn open(config: &crate::config::Config) -> Option<Arc<Shared>> {
+    let settings = config.state.as_ref()?;
+    match Shared::new(settings) {
+        Ok(shared) => Some(Arc::new(shared)),
+        Err(e) => {
+            error!("shared state: {e}; using this instance's own state only");
+            None
+        }
+    }
+}
+
+impl Shared {
+    /// Prepares the client; connects on first use (a Redis down at start is an outage like
+    /// any other, not a reason to refuse to serve).
+    pub fn new(settings: &RedisSettings) -> Result<Shared, String> {
+        use redis::IntoConnectionInfo;
+        let mut info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("state.redis_url: {e}"))?;
+        if let Some(password) = &settings.password {
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(redis);
+        }
+        let client = match &settings.ca {
+            None => redis::Client::open(info),
+            Some(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+        }
+        .map_err(|e| format!("state.redis_url: {e}"))?;
+        let id = crate::secret::random_bytes::<6>();
+        Ok(Shared {
+            client,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            key: Arc::clone(&settings.key),
+            idle: Mutex::new(Vec::new()),
+            down: AtomicBool::new(false),
+            outage: Mutex::new(None),
+            instance: crate::encoding::hex(&id),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    fn name(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    fn connect(&self) -> RedisResult<Connection> {
+        let conn = self.client.get_connection_with_timeout(self.timeout)?;
+        conn.set_read_timeout(Some(self.timeout))?;
+        conn.set_write_timeout(Some(self.timeout))?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on a connection. A connection that failed is dropped; if it was a pooled one
+    /// (Redis may have closed it), `f` gets one fresh connection before Redis counts as down.
+    fn call<T>(&self, f: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T, Down> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(Down(self.outage().unwrap_or_default()));
+        }
+        self.attempt(f)
+    }
+
+    fn attempt<T>(&self, f: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T, Down> {
+        let pooled = self.lock_idle().pop();
+        let fresh = pooled.is_none();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect().map_err(|e| self.went_down(&e))?,
+        };
+        let mut result = f(&mut conn);
+        if !fresh && result.as_ref().is_err_and(connection_failed) {
+            conn = self.connect().map_err(|e| self.went_down(&e))?;
+            result = f(&mut conn);
+        }
+        match result {
+            Ok(value) => {
+                self.put_back(conn);
+                Ok(value)
+            }
+            Err(e) if connection_failed(&e) => Err(self.went_down(&e)),
+            // Redis answered with an error: the connection is fine, the call is not.
+            Err(e) => {
+                self.put_back(conn);
+                Err(Down(format!("Redis refused a call: {e}")))
+            }
+        }
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put_back(&self, conn: Connection) {
+        let mut idle = self.lock_idle();
+        if idle.len() < IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+
+    fn went_down(&self, e: &RedisError) -> Down {
+        let why = e.to_string();
+        if !self.down.swap(true, Ordering::Relaxed) {
+            warn!(
+                "shared state: Redis is unreachable ({why}); serving from this instance's own \
+                 state (no OAuth refresh without the lease) until it is back"
+            );
+        }
+        *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        self.lock_idle().clear();
+        Down(why)
+    }
+
+    /// Why Redis is down, or `None` when it is up.
+    pub fn outage(&self) -> Option<String> {
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The background probe (every half second or so): while Redis is down, tries it; says
+    /// when it is back.
+    pub fn probe(&self) {
+        if !self.down.load(Ordering::Relaxed) {
+            return;
+        }
+        let ping = |c: &mut Connection| redis::cmd("PING").query::<String>(c);
+        if self.attempt(ping).is_ok() {
+            self.down.store(false, Ordering::Relaxed);
+            *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            info!("shared state: Redis is back; sharing state again");
+        }
+    }
+
+    /// A connection check for start-up and the CLI.
+    pub fn ping(&self) -> Result<(), Down> {
+        self.attempt(|c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
+    }
+
+    fn unique(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.instance)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Accounts: cooldowns, bans, sticky pins.
+
+    /// Cooldowns and bans of `ids`, and the account `pin` is pinned to (its TTL renewed).
+    pub fn view(&self, ids: &[&str], pin: Option<u64>, ttl: Duration) -> Result<View, Down> {
+        let mut keys: Vec<String> = ids.iter().map(|id| self.name("cool", id)).collect();
+        keys.extend(ids.iter().map(|id| self.name("ban", id)));
+        if let Some(pin) = pin {
+            keys.push(self.name("pin", &format!("{pin:016x}")));
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut cmd = eval(VIEW, &keys);
+        cmd.arg(ids.len()).arg(ttl.as_millis() as u64);
+        let mut out: Vec<Option<String>> = self.call(|c| cmd.query(c))?;
+        let pin = if out.len() > 2 * ids.len() {
+            out.pop().flatten()
+        } else {
+            None
+        };
+        out.resize(2 * ids.len(), None);
+        let bans = out.split_off(ids.len());
+        let cools = out
+            .into_iter()
+            .map(|v| {
+                let v = v?;
+                let (until, reason) = v.split_once('\t')?;
+                Some((until.parse().ok()?, reason.to_string()))
+            })
+            .collect();
+        Ok(View { cools, bans, pin })
+    }
+
+    /// Tells every instance that `id` cools down until `until_unix_ms` (never shortening a
+    /// longer cooldown already shared).
+    pub fn cool(&self, id: &str, until_unix_ms: u64, reason: &str) -> Result<(), Down> {
+        let left = until_unix_ms.saturating_sub(crate::time::now_unix_millis());
+        if left == 0 {
+            return Ok(());
+        }
+        let key = self.name("cool", id);
+        let mut cmd = eval(COOL, &[&key]);
+        cmd.arg(until_unix_ms)
+            .arg(format!("{until_unix_ms}\t{reason}"))
+            .arg(left);
+        self.call(|c| cmd.query::<i64>(c)).map(|_| ())
+    }
+
+    /// Takes `id` out of service on every instance (a ban the upstream announced).
+    pub fn ban(&self, id: &str, reason: &str) -> Result<(), Down> {
+        let key = self.name("ban", id);
+        self.call(|c| redis::cmd("SET").arg(&key).arg(reason).query::<()>(c))
+    }
+
+    /// Puts `id` back in service everywhere: no ban, no cooldown (`enable-account`).
+    pub fn clear(&self, id: &str) -> Result<(), Down> {
+        let (ban, cool) = (self.name("ban", id), self.name("cool", id));
+        self.call(|c| redis::cmd("DEL").arg(&ban).arg(&cool).query::<()>(c))
+    }
+
+    /// Pins sticky key `pin` to account `id` for `ttl`.
+    pub fn pin(&self, pin: u64, id: &str, ttl: Duration) -> Result<(), Down> {
+        let key = self.name("pin", &format!("{pin:016x}"));
+        let ms = ttl.as_millis().max(1) as u64;
+        self.call(|c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(id)
+                .arg("PX")
+                .arg(ms)
+                .query::<()>(c)
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // OAuth tokens.
+
+    fn token_fields(&self, id: &str, tokens: &Tokens, needs_login: bool) -> Vec<String> {
+        vec![
+            "access".into(),
+            self.key.seal(id, "redis_access", &tokens.access),
+            "refresh".into(),
+            self.key.seal(id, "redis_refresh", &tokens.refresh),
+            "expires_at".into(),
+            tokens.expires_at.to_string(),
+            "issued_at".into(),
+            tokens.issued_at.to_string(),
+            "needs_login".into(),
+            if needs_login { "1" } else { "0" }.into(),
+        ]
+    }
+
+    fn open_stored(
+        &self,
+        id: &str,
+        hash: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<Stored>, Down> {
+        let field = |name: &str| hash.get(name).map(String::as_str);
+        let (Some(access), Some(refresh)) = (field("access"), field("refresh")) else {
+            return Ok(None);
+        };
+        let open = |name: &str, value: &str| {
+            self.key.open(id, name, value).map_err(|e| {
+                Down(format!(
+                    "the tokens of account {id} in Redis do not open ({e}): every instance needs the same secret key"
+                ))
+            })
+        };
+        let number = |name: &str| field(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Some(Stored {
+            tokens: Tokens {
+                access: open("redis_access", access)?,
+                refresh: open("redis_refresh", refresh)?,
+                expires_at: number("expires_at"),
+                issued_at: number("issued_at"),
+            },
+            needs_login: field("needs_login") == Some("1"),
+        }))
+    }
+
+    /// The tokens Redis holds for each of `ids` (`None` where it holds none).
+    pub fn tokens(&self, ids: &[&str]) -> Result<Vec<Option<Stored>>, Down> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(self.name("tok", id));
+        }
+        let hashes: Vec<std::collections::HashMap<String, String>> =
+            self.call(|c| pipe.query(c))?;
+        ids.iter()
+            .zip(&hashes)
+            .map(|(id, hash)| self.open_stored(id, hash))
+            .collect()
+    }
+
+    /// Offers tokens found elsewhere (config.yaml after a login, tokens not saved before):
+    /// stored only when issued later than what Redis holds. Returns whether they were.
+    pub fn offer(&self, id: &str, tokens: &Tokens) -> Result<bool, Down> {
+        let key = self.name("tok", id);
+        let mut cmd = eval(OFFER, &[&key]);
+        cmd.arg(tokens.issued_at)
+            .arg(self.token_fields(id, tokens, false));
+        self.call(|c| cmd.query::<i64>(c)).map(|n| n == 1)
+    }
+
+    /// Takes the refresh lease on `id` for `ttl`; `None` when another holder has it.
+    pub fn lease(&self, id: &str, ttl: Duration) -> Result<Option<Lease<'_>>, Down> {
+        let (lease, fence) = (self.name("lease", id), self.name("fence", id));
+        let mut cmd = eval(LEASE, &[&lease, &fence]);
+        cmd.arg(ttl.as_millis().max(1) as u64);
+        let fence: i64 = self.call(|c| cmd.query(c))?;
+        Ok((fence > 0).then(|| Lease {
+            shared: self,
+            lease,
+            tok: self.name("tok", id),
+            fence,
+        }))
+    }
+
+    /// Whether someone holds the refresh lease on `id` now.
+    pub fn leased(&self, id: &str) -> Result<bool, Down> {
+        let lease = self.name("lease", id);
+        self.call(|c| redis::cmd("EXISTS").arg(&lease).query::<bool>(c))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Usage and limits.
+
+    fn usage_field(key: &RowKey, metric: &str) -> String {
+        let row = serde_json::json!([key.1, key.2, key.3]);
+        format!("{row}|{metric}")
+    }
+
+    /// Adds a batch of usage rows, exactly once per `batch` number even when retried.
+    pub fn add_usage(&self, batch: u64, rows: &[(RowKey, Totals)]) -> Result<(), Down> {
+        let marker = self.name("batch", &format!("{}:{batch}", self.instance));
+        let mut cmd = eval(USAGE, &[&marker]);
+        for (key, t) in rows {
+            let hash = self.name("usage", &key.0.to_string());
+            let values = [
+                t.requests,
+                t.errors,
+                t.usage.input,
+                t.usage.output,
+                t.usage.cache_creation,
+                t.usage.cache_read,
+            ];
+            for (metric, value) in METRICS.iter().zip(values) {
+                if value > 0 {
+                    let value = value.min(i64::MAX as u64);
+                    cmd.arg(&hash)
+                        .arg(Self::usage_field(key, metric))
+                        .arg(value);
+                }
+            }
+            let tokens = t.usage.total().min(i64::MAX as u64);
+            if tokens > 0 {
+                cmd.arg(self.name("keytok", &key.0.to_string()))
+                    .arg(&key.1)
+                    .arg(tokens);
+            }
+        }
+        self.call(|c| cmd.query::<i64>(c)).map(|_| ())
+    }
+
+    /// Tokens client key `key` used on days `from..=to`, as every instance reported them.
+    pub fn key_tokens(&self, key: &str, from: u64, to: u64) -> Result<u64, Down> {
+        let mut pipe = redis::pipe();
+        for day in from..=to {
+            pipe.cmd("HGET")
+                .arg(self.name("keytok", &day.to_string()))
+                .arg(key);
+        }
+        let days: Vec<Option<u64>> = self.call(|c| pipe.query(c))?;
+        Ok(days
+            .into_iter()
+            .flatten()
+            .fold(0u64, |sum, n| sum.saturating_add(n)))
+    }
+
+    /// Every usage row of days `from..=to`, for `llm-gateway usage`.
+    pub fn usage_rows(&self, from: u64, to: u64) -> Result<Vec<(RowKey, Totals)>, Down> {
+        let pattern = self.name("usage", "*");
+        let names: Vec<String> = self.call(|c| {
+            let mut names = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)?;
+                names.extend(batch);
+                if next == 0 {
+                    return Ok(names);
+                }
+                cursor = next;
+            }
+        })?;
+        let days: Vec<u64> = names
+            .iter()
+            .filter_map(|n| n.rsplit(':').next()?.parse().ok())
+            .filter(|d| (from..=to).contains(d))
+            .collect();
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for day in &days {
+            pipe.cmd("HGETALL")
+                .arg(self.name("usage", &day.to_string()));
+        }
+        let hashes: Vec<std::collections::HashMap<String, u64>> = self.call(|c| pipe.query(c))?;
+        let mut rows: std::collections::BTreeMap<RowKey, Totals> = Default::default();
+        for (day, hash) in days.iter().zip(hashes) {
+            for (field, value) in hash {
+                let Some((row, metric)) = field.rsplit_once('|') else {
+                    continue;
+                };
+                let Ok((key, account, model)) =
+                    serde_json::from_str::<(String, String, String)>(row)
+                else {
+                    continue;
+                };
+                let t = rows.entry((*day, key, account, model)).or_default();
+                let u: &mut Usage = &mut t.usage;
+                let slot = match metric {
+                    "requests" => &mut t.requests,
+                    "errors" => &mut t.errors,
+                    "input" => &mut u.input,
+                    "output" => &mut u.output,
+                    "cache_creation" => &mut u.cache_creation,
+                    "cache_read" => &mut u.cache_read,
+                    _ => continue,
+                };
+                *slot = slot.saturating_add(value);
+            }
+        }
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Counts a request against `key`'s requests per minute on every instance: `None` when
+    /// admitted, else how long until the oldest of the minute leaves the window.
+    pub fn rpm(&self, key: &str, rpm: u32) -> Result<Option<Duration>, Down> {
+        let name = self.name("rpm", key);
+        let mut cmd = eval(RPM, &[&name]);
+        cmd.arg(rpm).arg(self.unique());
+        let wait: i64 = self.call(|c| cmd.query(c))?;
+        Ok((wait >= 0).then(|| Duration::from_millis(wait as u64)))
+    }
+
+    /// Takes one of `key`'s `max` concurrent slots; returns the slot's name, or `None` when all
+    /// are taken.
+    pub fn acquire(&self, key: &str, max: u32) -> Result<Option<String>, Down> {
+        let name = self.name("conc", key);
+        let member = self.unique();
+        let mut cmd = eval(ACQUIRE, &[&name]);
+        cmd.arg(max).arg(&member).arg(SLOT_HOLD.as_millis() as u64);
+        let taken: i64 = self.call(|c| cmd.query(c))?;
+        Ok((taken == 1).then_some(member))
+    }
+
+    pub fn release(&self, key: &str, slot: &str) {
+        let name = self.name("conc", key);
+        let _ = self.call(|c| redis::cmd("ZREM").arg(&name).arg(slot).query::<()>(c));
+    }
+}
+
+impl Lease<'_> {
+    /// Stores rotated tokens; false when the lease was lost (expired and taken) meanwhile.
+    pub fn store(&self, id: &str, tokens: &Tokens) -> Result<bool, Down> {
+        let mut cmd = eval(STORE_FENCED, &[&self.lease, &self.tok]);
+        cmd.arg(self.fence)
+            .arg(self.shared.token_fields(id, tokens, false));
+        self.shared.call(|c| cmd.query::<i64>(c)).map(|n| n == 1)
+    }
+
+    /// Records that the tokens issued at `issued_at` were refused for good (`invalid_grant`).
+    pub fn needs_login(&self, issued_at: u64) -> Result<bool, Down> {
+        let mut cmd = eval(NEEDS_LOGIN, &[&self.lease, &self.tok]);
+        cmd.arg(self.fence).arg(issued_at);
+        self.shared.call(|c| cmd.query::<i64>(c)).map(|n| n == 1)
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut cmd = eval(RELEASE, &[&self.lease]);
+        cmd.arg(self.fence);
+        // A lease not released expires by itself.
+        let _ = self.shared.call(|c| cmd.query::<i64>(c));
+    }
+}
