@@ -695,7 +695,7 @@ EOF
         LOAD=("${saved_load[@]}")
 
         if [[ $backend == redis ]]; then
-            k0=$(rcli --scan --pattern "llm-gateway-bench-$label*" | wc -l)
+            k0=$(rcli --scan --pattern "llm-gateway-bench-$label:*" | wc -l)
             put "scale_redis_keys_$label" "$k0"
             ((k0 > 0)) || log "scale $label: no key under llm-gateway-bench-$label in Redis: is the state shared?"
         fi
