@@ -12,8 +12,18 @@
 #     and 64 connections; for Anthropic requests and for OpenAI requests through the converter;
 #   - SSE (ssebench): per-event delay p50/p99/max, time to first byte, completed streams, peak
 #     RSS and threads, at 10, 200 and 1000 concurrent streams (40 events 100 ms apart);
-#   - idle RSS, release and static binary size, CLI start-up time (list-accounts).
+#   - idle RSS, release and static binary size, CLI start-up time (list-accounts);
+#   - scale (after the others; SCALE=0 skips it): several gateway instances sharing state
+#     through one Redis, behind nginx as a load balancer, against one instance behind the same
+#     nginx and one instance with local state and no nginx; JSON at 16 and 64 connections, Redis'
+#     CPU and commands per request. See the phase's own comment for what it can and cannot show.
 # With two or more cores, load generators run on core 0 and every server on core 1.
+#
+# Switches: QUICK=1 (short run), SCALE=0 (no scale phase), SCALE_BACKEND=local (the scale
+# phase's instances keep local state, no `state:` section: checks the load balancer and the
+# multi-instance start-up with a gateway that has no Redis backend), ONLY=PHASE[,PHASE...] (run
+# only these of json, sse, footprint, scale; such a partial run prints its figures and leaves
+# bench/results.* and README.md as they were).
 #
 # Prints `name value` lines, then tables and PASS/MISS per target; writes bench/results.txt and
 # bench/results.md, and regenerates README's Performance section from the latter. A missed
@@ -40,6 +50,23 @@ else
 fi
 SSE_INTERVAL_MS=100
 CONNS=(1 16 64)
+case "${SCALE:-1}" in "" | 0 | no | false) SCALE=0 ;; *) SCALE=1 ;; esac
+SCALE_BACKEND=${SCALE_BACKEND:-redis}
+[[ $SCALE_BACKEND == redis || $SCALE_BACKEND == local ]] ||
+    { echo "bench: SCALE_BACKEND is redis or local, not $SCALE_BACKEND" >&2; exit 1; }
+ONLY=${ONLY:-}
+for p in ${ONLY//,/ }; do
+    case $p in json | sse | footprint | scale) ;; *)
+        echo "bench: ONLY takes json, sse, footprint and scale, not $p" >&2
+        exit 1
+        ;;
+    esac
+done
+# Whether a phase runs: every phase without ONLY, else the phases it names; scale also needs SCALE.
+phase() {
+    [[ $1 == scale ]] && ((!SCALE)) && return 1
+    [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]
+}
 
 # ---------------------------------------------------------------------------------------------
 # Build and tools (not part of the timed run).
@@ -64,14 +91,21 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v jq >/dev/null || missing+=(jq)
 command -v curl >/dev/null || missing+=(curl)
 [[ -n $(sbin_path nginx) ]] || missing+=(nginx-light)
+if phase scale; then
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+fi
 ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
 if ! command -v hyperfine >/dev/null && [[ $(id -u) == 0 ]]; then
     apt_install hyperfine || log "no hyperfine; timing the CLI with a shell loop"
 fi
 NGINX=$(sbin_path nginx)
 for tool in wrk jq curl "$NGINX"; do command -v "$tool" >/dev/null || die "$tool is still missing"; done
+if phase scale; then
+    for tool in redis-server redis-cli; do command -v "$tool" >/dev/null || die "$tool is still missing"; done
+fi
 
-if [[ ! -x $STATIC ]] && ((!QUICK)); then
+if [[ ! -x $STATIC ]] && ((!QUICK)) && phase footprint; then
     log "building the static binary (make static)"
     make --no-print-directory static CARGO="$CARGO" >/dev/null ||
         log "make static failed: the static binary size is left out"
@@ -285,6 +319,10 @@ done
 # JSON: wrk, one thread on the load core.
 
 # run_wrk NAME BASE_URL PATH BODY CONNS SECS PID...  (PIDs: the server whose CPU is counted)
+# Figures are named NAME_FIGURE, or NAME_FIGURE_$WRK_SUFFIX when WRK_SUFFIX is set; WRK_REQUESTS
+# is left holding the number of requests the run made.
+WRK_SUFFIX=
+WRK_REQUESTS=0
 run_wrk() {
     local name=$1 url=$2 path=$3 body=$4 conns=$5 secs=$6
     shift 6
@@ -306,17 +344,19 @@ run_wrk() {
     local n us
     n=$(jq .requests <<<"$j")
     us=$(jq .duration_us <<<"$j")
-    put "${name}_rps" "$(calc 0 "$n / ($us / 1e6)")"
-    put "${name}_p50_ms" "$(calc 3 "$(jq .p50_us <<<"$j") / 1000")"
-    put "${name}_p99_ms" "$(calc 3 "$(jq .p99_us <<<"$j") / 1000")"
-    put "${name}_errors" "$(jq '.status_errors + .connect_errors + .read_errors + .write_errors + .timeout_errors' <<<"$j")"
+    WRK_REQUESTS=$n
+    k() { echo "${name}_$1${WRK_SUFFIX:+_$WRK_SUFFIX}"; }
+    put "$(k rps)" "$(calc 0 "$n / ($us / 1e6)")"
+    put "$(k p50_ms)" "$(calc 3 "$(jq .p50_us <<<"$j") / 1000")"
+    put "$(k p99_ms)" "$(calc 3 "$(jq .p99_us <<<"$j") / 1000")"
+    put "$(k errors)" "$(jq '.status_errors + .connect_errors + .read_errors + .write_errors + .timeout_errors' <<<"$j")"
     if ((n > 0)); then
-        put "${name}_cpu_us_per_req" "$(calc 1 "($c1 - $c0) / $CLK_TCK * 1e6 / $n")"
+        put "$(k cpu_us_per_req)" "$(calc 1 "($c1 - $c0) / $CLK_TCK * 1e6 / $n")"
     fi
     # wrk's own CPU per second of run (1.00 = its core saturated), and how busy the server core
     # was (the server, the mock, and anything else running there).
-    put "${name}_wrk_cpu" "$(calc 2 "($w1 - $w0) / ($us / 1e6)")"
-    put "${name}_server_core_busy" "$(calc 2 "($sb1 - $sb0) / ($st1 - $st0 + 0.001)")"
+    put "$(k wrk_cpu)" "$(calc 2 "($w1 - $w0) / ($us / 1e6)")"
+    put "$(k server_core_busy)" "$(calc 2 "($sb1 - $sb0) / ($st1 - $st0 + 0.001)")"
 }
 
 json_target() { # TARGET BASE_URL PATH BODY PIDS...
@@ -328,24 +368,26 @@ json_target() { # TARGET BASE_URL PATH BODY PIDS...
         run_wrk "json_c${c}_$target" "$url" "$path" "$body" "$c" "$JSON_SECS" "$@"
     done
 }
-json_target direct "$MOCK_URL" /v1/messages "$ANTHROPIC_BODY" "$MOCK_PID"
-json_target nginx "$NGINX_URL" /v1/messages "$ANTHROPIC_BODY" $(nginx_pids)
-json_target gateway "$GW_URL" /v1/messages "$ANTHROPIC_BODY" "$GW_PID"
-json_target gateway_openai "$GW_URL" /v1/chat/completions "$OPENAI_BODY" "$GW_PID"
+if phase json; then
+    json_target direct "$MOCK_URL" /v1/messages "$ANTHROPIC_BODY" "$MOCK_PID"
+    json_target nginx "$NGINX_URL" /v1/messages "$ANTHROPIC_BODY" $(nginx_pids)
+    json_target gateway "$GW_URL" /v1/messages "$ANTHROPIC_BODY" "$GW_PID"
+    json_target gateway_openai "$GW_URL" /v1/chat/completions "$OPENAI_BODY" "$GW_PID"
 
-for c in "${CONNS[@]}"; do
-    p=json_c$c
-    for t in nginx gateway gateway_openai; do
-        put "${p}_${t}_vs_direct_rps" "$(ratio "$(get "${p}_${t}_rps")" "$(get "${p}_direct_rps")")"
-        put "${p}_${t}_added_p50_ms" "$(minus "$(get "${p}_${t}_p50_ms")" "$(get "${p}_direct_p50_ms")")"
-        put "${p}_${t}_added_p99_ms" "$(minus "$(get "${p}_${t}_p99_ms")" "$(get "${p}_direct_p99_ms")")"
+    for c in "${CONNS[@]}"; do
+        p=json_c$c
+        for t in nginx gateway gateway_openai; do
+            put "${p}_${t}_vs_direct_rps" "$(ratio "$(get "${p}_${t}_rps")" "$(get "${p}_direct_rps")")"
+            put "${p}_${t}_added_p50_ms" "$(minus "$(get "${p}_${t}_p50_ms")" "$(get "${p}_direct_p50_ms")")"
+            put "${p}_${t}_added_p99_ms" "$(minus "$(get "${p}_${t}_p99_ms")" "$(get "${p}_direct_p99_ms")")"
+        done
+        for t in gateway gateway_openai; do
+            put "${p}_${t}_vs_nginx_rps" "$(ratio "$(get "${p}_${t}_rps")" "$(get "${p}_nginx_rps")")"
+            put "${p}_${t}_vs_nginx_added_p50" "$(ratio "$(get "${p}_${t}_added_p50_ms")" "$(get "${p}_nginx_added_p50_ms")")"
+            put "${p}_${t}_vs_nginx_cpu" "$(ratio "$(get "${p}_${t}_cpu_us_per_req")" "$(get "${p}_nginx_cpu_us_per_req")")"
+        done
     done
-    for t in gateway gateway_openai; do
-        put "${p}_${t}_vs_nginx_rps" "$(ratio "$(get "${p}_${t}_rps")" "$(get "${p}_nginx_rps")")"
-        put "${p}_${t}_vs_nginx_added_p50" "$(ratio "$(get "${p}_${t}_added_p50_ms")" "$(get "${p}_nginx_added_p50_ms")")"
-        put "${p}_${t}_vs_nginx_cpu" "$(ratio "$(get "${p}_${t}_cpu_us_per_req")" "$(get "${p}_nginx_cpu_us_per_req")")"
-    done
-done
+fi
 
 # ---------------------------------------------------------------------------------------------
 # SSE: ssebench on the load core.
@@ -422,45 +464,267 @@ sse_report() {
 }
 
 # Repetitions interleave the paths, so that other work on the machine hits all of them alike.
-for c in "${SSE_LEVELS[@]}"; do
-    log "SSE: $c streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart, $SSE_REPS run(s) per path"
-    p=sse_c$c
-    for rep in $(seq "$SSE_REPS"); do
-        sse_once "${p}_direct" "$rep" "$MOCK_URL/v1/messages" "$ANTHROPIC_SSE" "$c"
-        sse_once "${p}_nginx" "$rep" "$NGINX_URL/v1/messages" "$ANTHROPIC_SSE" "$c" "$NGINX_WORKER" $(nginx_pids)
-        sse_once "${p}_gateway" "$rep" "$GW_URL/v1/messages" "$ANTHROPIC_SSE" "$c" "$GW_PID"
-        sse_once "${p}_gateway_openai" "$rep" "$GW_URL/v1/chat/completions" "$OPENAI_SSE" "$c" "$GW_PID"
-    done
-    sse_report "${p}_direct" 0
-    for t in nginx gateway gateway_openai; do sse_report "${p}_$t" 1; done
-    for t in nginx gateway gateway_openai; do
-        for q in p50 p99 max; do
-            put "${p}_${t}_added_${q}_ms" "$(minus "$(get "${p}_${t}_delay_${q}_ms")" "$(get "${p}_direct_delay_${q}_ms")")"
+if phase sse; then
+    for c in "${SSE_LEVELS[@]}"; do
+        log "SSE: $c streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart, $SSE_REPS run(s) per path"
+        p=sse_c$c
+        for rep in $(seq "$SSE_REPS"); do
+            sse_once "${p}_direct" "$rep" "$MOCK_URL/v1/messages" "$ANTHROPIC_SSE" "$c"
+            sse_once "${p}_nginx" "$rep" "$NGINX_URL/v1/messages" "$ANTHROPIC_SSE" "$c" "$NGINX_WORKER" $(nginx_pids)
+            sse_once "${p}_gateway" "$rep" "$GW_URL/v1/messages" "$ANTHROPIC_SSE" "$c" "$GW_PID"
+            sse_once "${p}_gateway_openai" "$rep" "$GW_URL/v1/chat/completions" "$OPENAI_SSE" "$c" "$GW_PID"
+        done
+        sse_report "${p}_direct" 0
+        for t in nginx gateway gateway_openai; do sse_report "${p}_$t" 1; done
+        for t in nginx gateway gateway_openai; do
+            for q in p50 p99 max; do
+                put "${p}_${t}_added_${q}_ms" "$(minus "$(get "${p}_${t}_delay_${q}_ms")" "$(get "${p}_direct_delay_${q}_ms")")"
+            done
+        done
+        for t in gateway gateway_openai; do
+            put "${p}_${t}_p99_minus_nginx_ms" "$(minus "$(get "${p}_${t}_delay_p99_ms")" "$(get "${p}_nginx_delay_p99_ms")")"
         done
     done
-    for t in gateway gateway_openai; do
-        put "${p}_${t}_p99_minus_nginx_ms" "$(minus "$(get "${p}_${t}_delay_p99_ms")" "$(get "${p}_nginx_delay_p99_ms")")"
-    done
-done
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Footprint: idle RSS, binary sizes, CLI start-up.
 
-log "footprint and CLI start-up"
-put gateway_idle_rss_mb "$(calc 1 "$IDLE_RSS_KB / 1024")"
-put release_binary_mb "$(calc 2 "$(stat -c %s "$GW") / 1048576")"
-if [[ -x $STATIC ]]; then
-    put static_binary_mb "$(calc 2 "$(stat -c %s "$STATIC") / 1048576")"
+if phase footprint; then
+    log "footprint and CLI start-up"
+    put gateway_idle_rss_mb "$(calc 1 "$IDLE_RSS_KB / 1024")"
+    put release_binary_mb "$(calc 2 "$(stat -c %s "$GW") / 1048576")"
+    if [[ -x $STATIC ]]; then
+        put static_binary_mb "$(calc 2 "$(stat -c %s "$STATIC") / 1048576")"
+    fi
+    CLI_RUNS=20
+    if command -v hyperfine >/dev/null; then
+        hyperfine -N --style none --warmup 3 --runs "$CLI_RUNS" --export-json "$WORK/cli.json" \
+            "$GW --config $CFG list-accounts" >/dev/null 2>&1
+        put cli_list_accounts_ms "$(calc 2 "$(jq '.results[0].mean' "$WORK/cli.json") * 1000")"
+    else
+        t0=$(date +%s%N)
+        for _ in $(seq "$CLI_RUNS"); do gw list-accounts >/dev/null; done
+        put cli_list_accounts_ms "$(calc 2 "($(date +%s%N) - $t0) / $CLI_RUNS / 1e6")"
+    fi
 fi
-CLI_RUNS=20
-if command -v hyperfine >/dev/null; then
-    hyperfine -N --style none --warmup 3 --runs "$CLI_RUNS" --export-json "$WORK/cli.json" \
-        "$GW --config $CFG list-accounts" >/dev/null 2>&1
-    put cli_list_accounts_ms "$(calc 2 "$(jq '.results[0].mean' "$WORK/cli.json") * 1000")"
-else
-    t0=$(date +%s%N)
-    for _ in $(seq "$CLI_RUNS"); do gw list-accounts >/dev/null; done
-    put cli_list_accounts_ms "$(calc 2 "($(date +%s%N) - $t0) / $CLI_RUNS / 1e6")"
+
+# ---------------------------------------------------------------------------------------------
+# Scale: several gateway instances sharing state through Redis, behind nginx as a load balancer.
+#
+# Setups, each measured with JSON requests (wrk, the same body and 64 sessions) at 16 and 64
+# connections:
+#   local      one instance, state.backend local (no `state:` section), clients straight to it:
+#              the single-instance baseline;
+#   1x         one instance, state.backend redis, behind nginx (an upstream block of one);
+#   3x         three instances, state.backend redis, behind the same nginx (three servers);
+#   1x_spread, 3x_spread: the same as 1x and 3x with nothing pinned: wrk, nginx, Redis, the
+#              instances and the mock may use both cores.
+# Every instance runs from its own directory: a copy of the bench's config.yaml (4 API-key
+# accounts, 1 OAuth account, sticky on, usage ledger on, access log to a file) with a `state:`
+# section added, a copy of its gateway.key (the AES key that seals the secrets: every instance
+# needs the same one), its own usage ledger and access log. Each setup has its own key prefix
+# in the one Redis, so no setup starts with another's pins, counters or tokens.
+#
+# NOTE: this 2-core machine cannot show real scale-out. Pinned, nginx, Redis, the mock and every
+# instance share core 1, so three instances have no more CPU than one; unpinned, they share the
+# same two cores with wrk. What 3x/1x measures here is the cost of the shared state (the Redis
+# round trips and Redis' own CPU, the extra processes) at the same CPU, not the gain of more
+# machines: on separate hosts each instance brings its own cores, and the limit becomes Redis
+# (see its CPU per request) and the load balancer.
+
+if phase scale; then
+    SCALE_SECS=8 SCALE_WARM=2
+    ((QUICK)) && SCALE_SECS=3 SCALE_WARM=1
+    SCALE_CONNS=(16 64)
+    SCALE_DIR=$WORK/scale
+    mkdir -p "$SCALE_DIR"
+    log "scale: Redis, instances with state.backend $SCALE_BACKEND behind nginx (${SCALE_SECS}s per row)"
+
+    # stop PID...: ends processes this script started and forgets them.
+    stop() {
+        local p q keep=()
+        for p in "$@"; do kill "$p" 2>/dev/null || true; done
+        for p in "$@"; do wait "$p" 2>/dev/null || true; done
+        for q in "${PIDS[@]}"; do [[ " $* " == *" $q "* ]] || keep+=("$q"); done
+        PIDS=("${keep[@]}")
+    }
+    # repin CPUS PID...: sets the CPU affinity of every thread of running processes.
+    repin() {
+        local cpus=$1 p
+        shift
+        for p in "$@"; do
+            taskset -a -p -c "$cpus" "$p" >/dev/null 2>&1 || log "could not set the CPUs of process $p to $cpus"
+        done
+    }
+
+    # One Redis for every setup: no persistence, on a free port, a server like the others.
+    REDIS_PORT=$("$MOCK" --free-port)
+    mkdir -p "$SCALE_DIR/redis"
+    "${SERVER[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$SCALE_DIR/redis" >"$SCALE_DIR/redis.out" 2>"$SCALE_DIR/redis.err" &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    wait_port "$REDIS_PORT"
+    rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+    [[ $(rcli ping) == PONG ]] || die "redis-server on port $REDIS_PORT does not answer PING"
+    # Commands Redis has executed (commandstats, less our own INFO; commands a Lua script runs
+    # count as well as the script's EVAL/EVALSHA).
+    redis_calls() {
+        rcli info commandstats | tr -d '\r' |
+            awk -F'[:,=]' '/^cmdstat_/ && $1 != "cmdstat_info" { s += $3 } END { print s + 0 }'
+    }
+
+    # scale_setup LABEL INSTANCES BACKEND VIA PINNED: VIA is lb or direct; PINNED 1 or 0.
+    scale_setup() {
+        local label=$1 n=$2 backend=$3 via=$4 pinned=$5
+        local pin=() load=("${LOAD[@]}") all_cpus="0-$(($(nproc) - 1))"
+        ((pinned)) && pin=("${SERVER[@]}")
+        ((pinned)) || load=()
+        log "scale $label: $n instance(s), state.backend $backend, $([[ $via == lb ]] && echo "behind nginx" || echo direct), $( ((pinned)) && echo "servers on core $SERVER_CPU, wrk on core $LOAD_CPU" || echo "nothing pinned")"
+        if ((!pinned)) && ((${#SERVER[@]} > 0)); then repin "$all_cpus" "$MOCK_PID" "$REDIS_PID"; fi
+
+        local i dir pids=() addrs=() pid
+        for i in $(seq "$n"); do
+            dir=$SCALE_DIR/$label-$i
+            mkdir -p "$dir"
+            {
+                if [[ $backend == redis ]]; then
+                    cat <<EOF
+state:
+  backend: redis
+  redis_url: redis://127.0.0.1:$REDIS_PORT/0
+  prefix: llm-gateway-bench-$label
+  timeout: 250ms
+EOF
+                fi
+                cat "$CFG"
+            } >"$dir/config.yaml"
+            chmod 600 "$dir/config.yaml"
+            cp -p "$(dirname "$CFG")/gateway.key" "$dir/gateway.key"
+            "${pin[@]}" "$GW" --config "$dir/config.yaml" server --listen 127.0.0.1:0 \
+                >"$dir/gateway.out" 2>"$dir/gateway.err" &
+            pid=$!
+            PIDS+=("$pid")
+            pids+=("$pid")
+            addrs+=("$(wait_line "$dir/gateway.out" "listening on" "$pid" | sed 's|.*listening on http://||')")
+        done
+
+        local url=http://${addrs[0]} lb_pid='' lb_port conf
+        if [[ $via == lb ]]; then
+            lb_port=$("$MOCK" --free-port)
+            conf=$SCALE_DIR/nginx-$label
+            mkdir -p "$conf"
+            {
+                [[ $(id -u) == 0 ]] && echo "user root;"
+                cat <<EOF
+worker_processes 1;
+daemon off;
+pid $conf/nginx.pid;
+error_log $conf/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $conf/body;
+    proxy_temp_path $conf/proxy;
+    fastcgi_temp_path $conf/fastcgi;
+    uwsgi_temp_path $conf/uwsgi;
+    scgi_temp_path $conf/scgi;
+    keepalive_requests 1000000;
+    client_max_body_size 32m;
+    upstream gateways {
+$(printf '        server %s;\n' "${addrs[@]}")
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$lb_port;
+        location / {
+            proxy_pass http://gateways;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+EOF
+            } >"$conf/nginx.conf"
+            "${pin[@]}" "$NGINX" -p "$conf" -e "$conf/error.log" -c "$conf/nginx.conf" \
+                >"$conf/nginx.out" 2>&1 &
+            lb_pid=$!
+            PIDS+=("$lb_pid")
+            wait_port "$lb_port"
+            url=http://127.0.0.1:$lb_port
+        fi
+        # Every instance answers (nginx takes them in turn).
+        local code
+        for i in $(seq $((2 * n))); do
+            code=$(curl -s -o "$SCALE_DIR/check.json" -w '%{http_code}' -H "x-api-key: $KEY" \
+                -H 'content-type: application/json' --data-binary "@$ANTHROPIC_BODY" "$url/v1/messages") || true
+            [[ $code == 200 ]] || die "scale $label: $url answered $code: $(cat "$SCALE_DIR/check.json")"
+        done
+        # The CPU counted per request: the instances, nginx (master and worker) and Redis.
+        local cpu_pids=("${pids[@]}") workers=()
+        if [[ -n $lb_pid ]]; then
+            mapfile -t workers < <(pgrep -P "$lb_pid" || true)
+            cpu_pids+=("$lb_pid" "${workers[@]}")
+        fi
+        [[ $backend == redis ]] && cpu_pids+=("$REDIS_PID")
+
+        local saved_load=("${LOAD[@]}") c calls0 calls1 r0 r1 k0 k1
+        LOAD=("${load[@]}")
+        run_wrk "" "$url" /v1/messages "$ANTHROPIC_BODY" 64 "$SCALE_WARM" "${cpu_pids[@]}"
+        WRK_SUFFIX=$label
+        for c in "${SCALE_CONNS[@]}"; do
+            calls0=$(redis_calls)
+            r0=$(ticks "$REDIS_PID")
+            run_wrk "scale_json_c$c" "$url" /v1/messages "$ANTHROPIC_BODY" "$c" "$SCALE_SECS" "${cpu_pids[@]}"
+            r1=$(ticks "$REDIS_PID")
+            calls1=$(redis_calls)
+            # The baseline never talks to Redis.
+            [[ $label == local ]] && continue
+            put "scale_json_c${c}_redis_cpu_s_$label" "$(calc 2 "($r1 - $r0) / $CLK_TCK")"
+            if ((WRK_REQUESTS > 0)); then
+                put "scale_json_c${c}_redis_cpu_us_per_req_$label" "$(calc 1 "($r1 - $r0) / $CLK_TCK * 1e6 / $WRK_REQUESTS")"
+                put "scale_json_c${c}_redis_calls_per_req_$label" "$(calc 2 "($calls1 - $calls0) / $WRK_REQUESTS")"
+            fi
+        done
+        WRK_SUFFIX=
+        LOAD=("${saved_load[@]}")
+
+        if [[ $backend == redis ]]; then
+            k0=$(rcli --scan --pattern "llm-gateway-bench-$label:*" | wc -l)
+            put "scale_redis_keys_$label" "$k0"
+            ((k0 > 0)) || log "scale $label: no key under llm-gateway-bench-$label in Redis: is the state shared?"
+        fi
+        for i in $(seq "$n"); do
+            k1=$(grep -ci 'warn\|error' "$SCALE_DIR/$label-$i/gateway.err" || true)
+            ((k1 == 0)) || log "scale $label: instance $i logged $k1 warning/error line(s), first: $(grep -im1 'warn\|error' "$SCALE_DIR/$label-$i/gateway.err")"
+        done
+        # nginx first: its idle keep-alive connections close, so the instances stop at once.
+        [[ -n $lb_pid ]] && stop "$lb_pid"
+        stop "${pids[@]}"
+        if ((!pinned)) && ((${#SERVER[@]} > 0)); then repin "$SERVER_CPU" "$MOCK_PID" "$REDIS_PID"; fi
+    }
+
+    SCALE_START=$(date +%s)
+    scale_setup local 1 local direct 1
+    scale_setup 1x 1 "$SCALE_BACKEND" lb 1
+    scale_setup 3x 3 "$SCALE_BACKEND" lb 1
+    scale_setup 1x_spread 1 "$SCALE_BACKEND" lb 0
+    scale_setup 3x_spread 3 "$SCALE_BACKEND" lb 0
+    stop "$REDIS_PID"
+    for c in "${SCALE_CONNS[@]}"; do
+        p=scale_json_c$c
+        put "${p}_ratio_3x_1x" "$(ratio "$(get "${p}_rps_3x")" "$(get "${p}_rps_1x")")"
+        put "${p}_ratio_3x_spread_1x_spread" "$(ratio "$(get "${p}_rps_3x_spread")" "$(get "${p}_rps_1x_spread")")"
+        for t in 1x 3x 1x_spread 3x_spread; do
+            put "${p}_ratio_${t}_local" "$(ratio "$(get "${p}_rps_$t")" "$(get "${p}_rps_local")")"
+        done
+    done
+    put scale_elapsed_s $(($(date +%s) - SCALE_START))
 fi
 ELAPSED=$(($(date +%s) - START))
 put bench_elapsed_s "$ELAPSED"
@@ -483,37 +747,43 @@ check() { # DESCRIPTION MEASURED EXPR VALUES...: n/a when a figure is missing (s
     }; done
     if holds "$expr" "$@"; then target "$desc" "$measured" PASS; else target "$desc" "$measured" MISS; fi
 }
-g16=$(get json_c16_gateway_vs_nginx_rps)
-check "JSON at 16 connections: gateway req/s >= 0.8x nginx" "${g16}x" "$g16 >= 0.8" "$g16"
-ga=$(get json_c16_gateway_added_p50_ms) na=$(get json_c16_nginx_added_p50_ms)
-check "JSON at 16 connections: added p50 <= 1.5x nginx's" "$ga ms vs nginx $na ms" \
-    "$ga <= 1.5 * $na" "$ga" "$na"
-if [[ " ${SSE_LEVELS[*]} " == *" 1000 "* ]]; then
-    done_=$(get sse_c1000_gateway_completed) done_o=$(get sse_c1000_gateway_openai_completed)
-    all=$(get sse_c1000_gateway_streams)
-    check "SSE 1000 streams: every stream completes" \
-        "$done_/$all Anthropic, $done_o/$all OpenAI ($SSE_REPS runs)" "$done_ == $all && $done_o == $all" \
-        "$done_" "$done_o" "$all"
-    gp=$(get sse_c1000_gateway_delay_p99_ms) np=$(get sse_c1000_nginx_delay_p99_ms)
-    check "SSE 1000 streams: p99 per-event delay <= nginx's + 0.5 ms" "$gp ms vs nginx $np ms" \
-        "$gp <= $np + 0.5" "$gp" "$np"
-    rss=$(get sse_c1000_gateway_peak_rss_mb)
-    check "SSE 1000 streams in <= 64 MB RSS" "$rss MB" "$rss <= 64" "$rss"
-else
-    for d in "SSE 1000 streams: every stream completes" "SSE 1000 streams: p99 per-event delay <= nginx's + 0.5 ms" \
-        "SSE 1000 streams in <= 64 MB RSS"; do
-        target "$d" "not measured (QUICK)" SKIP
-    done
+if phase json; then
+    g16=$(get json_c16_gateway_vs_nginx_rps)
+    check "JSON at 16 connections: gateway req/s >= 0.8x nginx" "${g16}x" "$g16 >= 0.8" "$g16"
+    ga=$(get json_c16_gateway_added_p50_ms) na=$(get json_c16_nginx_added_p50_ms)
+    check "JSON at 16 connections: added p50 <= 1.5x nginx's" "$ga ms vs nginx $na ms" \
+        "$ga <= 1.5 * $na" "$ga" "$na"
 fi
-idle=$(get gateway_idle_rss_mb)
-check "idle RSS <= 10 MB" "$idle MB" "$idle <= 10" "$idle"
-cli=$(get cli_list_accounts_ms)
-check "CLI start-up (list-accounts) < 10 ms" "$cli ms" "$cli < 10" "$cli"
-st=$(get static_binary_mb)
-if isnum "$st"; then
-    check "static binary < 10 MB" "$st MB" "$st < 10" "$st"
-else
-    target "static binary < 10 MB" "not built (QUICK; make static)" SKIP
+if phase sse; then
+    if [[ " ${SSE_LEVELS[*]} " == *" 1000 "* ]]; then
+        done_=$(get sse_c1000_gateway_completed) done_o=$(get sse_c1000_gateway_openai_completed)
+        all=$(get sse_c1000_gateway_streams)
+        check "SSE 1000 streams: every stream completes" \
+            "$done_/$all Anthropic, $done_o/$all OpenAI ($SSE_REPS runs)" "$done_ == $all && $done_o == $all" \
+            "$done_" "$done_o" "$all"
+        gp=$(get sse_c1000_gateway_delay_p99_ms) np=$(get sse_c1000_nginx_delay_p99_ms)
+        check "SSE 1000 streams: p99 per-event delay <= nginx's + 0.5 ms" "$gp ms vs nginx $np ms" \
+            "$gp <= $np + 0.5" "$gp" "$np"
+        rss=$(get sse_c1000_gateway_peak_rss_mb)
+        check "SSE 1000 streams in <= 64 MB RSS" "$rss MB" "$rss <= 64" "$rss"
+    else
+        for d in "SSE 1000 streams: every stream completes" "SSE 1000 streams: p99 per-event delay <= nginx's + 0.5 ms" \
+            "SSE 1000 streams in <= 64 MB RSS"; do
+            target "$d" "not measured (QUICK)" SKIP
+        done
+    fi
+fi
+if phase footprint; then
+    idle=$(get gateway_idle_rss_mb)
+    check "idle RSS <= 10 MB" "$idle MB" "$idle <= 10" "$idle"
+    cli=$(get cli_list_accounts_ms)
+    check "CLI start-up (list-accounts) < 10 ms" "$cli ms" "$cli < 10" "$cli"
+    st=$(get static_binary_mb)
+    if isnum "$st"; then
+        check "static binary < 10 MB" "$st MB" "$st < 10" "$st"
+    else
+        target "static binary < 10 MB" "not built (QUICK; make static)" SKIP
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +795,7 @@ cell() { local v=${R[$1]:-}; echo "${v:-–}"; }
     mem=$(awk '/^MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo)
     kind="full run"
     ((QUICK)) && kind="QUICK run: shorter, no 1000-stream level"
+    [[ -n $ONLY ]] && kind="$kind, only $ONLY"
     echo "Measured by \`make bench\` on $(date -u +%Y-%m-%d) ($kind, ${ELAPSED} s): $cpu, $(nproc) cores, $mem, Linux $(uname -r);"
     echo "1-minute load average before the run: $(get loadavg_start) (above 0: other work shared the cores; during the run the bench's own threads raise it)."
     echo "Load generators (wrk $(wrk -v 2>&1 | awk 'NR == 1 { sub(/^debian\//, "", $2); print $2 }'), examples/ssebench.rs) on core $LOAD_CPU; the server under test and the mock upstream"
@@ -533,56 +804,102 @@ cell() { local v=${R[$1]:-}; echo "${v:-–}"; }
     echo "sessions on (64 sessions), usage ledger on, access log to a file. nginx $("$NGINX" -v 2>&1 | sed 's|.*nginx/||'): one worker,"
     echo "\`proxy_buffering off\`, upstream keep-alive 64. *Added* = minus the direct figure (client to mock, no proxy)."
     echo
-    echo "**JSON** (wrk, ${JSON_SECS} s per row; \`POST /v1/messages\`, and \`POST /v1/chat/completions\` through the OpenAI converter):"
-    echo
-    echo "| conns | path | req/s | vs direct | vs nginx | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req |"
-    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    for c in "${CONNS[@]}"; do
-        for t in direct nginx gateway gateway_openai; do
-            p=json_c${c}_$t
-            label=${t/gateway_openai/gateway (OpenAI)}
-            echo "| $c | $label | $(cell "${p}_rps") | $(cell "${p}_vs_direct_rps") | $(cell "${p}_vs_nginx_rps") | $(cell "${p}_p50_ms") | $(cell "${p}_p99_ms") | $(cell "${p}_added_p50_ms") | $(cell "${p}_added_p99_ms") | $(cell "${p}_cpu_us_per_req") |"
+    if phase json; then
+        echo "**JSON** (wrk, ${JSON_SECS} s per row; \`POST /v1/messages\`, and \`POST /v1/chat/completions\` through the OpenAI converter):"
+        echo
+        echo "| conns | path | req/s | vs direct | vs nginx | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for c in "${CONNS[@]}"; do
+            for t in direct nginx gateway gateway_openai; do
+                p=json_c${c}_$t
+                label=${t/gateway_openai/gateway (OpenAI)}
+                echo "| $c | $label | $(cell "${p}_rps") | $(cell "${p}_vs_direct_rps") | $(cell "${p}_vs_nginx_rps") | $(cell "${p}_p50_ms") | $(cell "${p}_p99_ms") | $(cell "${p}_added_p50_ms") | $(cell "${p}_added_p99_ms") | $(cell "${p}_cpu_us_per_req") |"
+            done
         done
-    done
-    echo
-    pct() { if isnum "$1"; then calc 0 "$1 * 100"; else echo "?"; fi; }
-    echo "wrk is not what limits the proxies: at 16 connections it drives direct to $(cell json_c16_direct_rps) req/s ($(ratio "$(get json_c16_direct_rps)" "$(get json_c16_nginx_rps)")x nginx, $(ratio "$(get json_c16_direct_rps)" "$(get json_c16_gateway_rps)")x the gateway),"
-    echo "and against nginx and the gateway it uses $(pct "$(get json_c16_nginx_wrk_cpu)")% and $(pct "$(get json_c16_gateway_wrk_cpu)")% of its core while the server core is $(pct "$(get json_c16_nginx_server_core_busy)")% and $(pct "$(get json_c16_gateway_server_core_busy)")% busy."
-    echo
-    echo "**SSE** (ssebench; $SSE_EVENTS events ${SSE_INTERVAL_MS} ms apart per stream, stream starts spread over ${SSE_INTERVAL_MS} ms, after a warm-up at the same"
-    echo "concurrency; delay = arrival at the client minus the send time the mock embeds in each event. $SSE_REPS run(s) per row, interleaved across"
-    echo "the paths: completed counts every run, TTFB and delay percentiles are the median run's, max and peaks the largest. Peak RSS and"
-    echo "threads: the gateway process, or nginx's worker):"
-    echo
-    echo "| streams | path | completed | TTFB p50 ms | delay p50 ms | delay p99 ms | delay max ms | added p99 ms | peak RSS MB | threads | CPU µs/event |"
-    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    for c in "${SSE_LEVELS[@]}"; do
-        for t in direct nginx gateway gateway_openai; do
-            p=sse_c${c}_$t
-            label=${t/gateway_openai/gateway (OpenAI)}
-            echo "| $c | $label | $(cell "${p}_completed")/$(cell "${p}_streams") | $(cell "${p}_ttfb_p50_ms") | $(cell "${p}_delay_p50_ms") | $(cell "${p}_delay_p99_ms") | $(cell "${p}_delay_max_ms") | $(cell "${p}_added_p99_ms") | $(cell "${p}_peak_rss_mb") | $(cell "${p}_peak_threads") | $(cell "${p}_cpu_us_per_event") |"
+        echo
+        pct() { if isnum "$1"; then calc 0 "$1 * 100"; else echo "?"; fi; }
+        echo "wrk is not what limits the proxies: at 16 connections it drives direct to $(cell json_c16_direct_rps) req/s ($(ratio "$(get json_c16_direct_rps)" "$(get json_c16_nginx_rps)")x nginx, $(ratio "$(get json_c16_direct_rps)" "$(get json_c16_gateway_rps)")x the gateway),"
+        echo "and against nginx and the gateway it uses $(pct "$(get json_c16_nginx_wrk_cpu)")% and $(pct "$(get json_c16_gateway_wrk_cpu)")% of its core while the server core is $(pct "$(get json_c16_nginx_server_core_busy)")% and $(pct "$(get json_c16_gateway_server_core_busy)")% busy."
+        echo
+    fi
+    if phase sse; then
+        echo "**SSE** (ssebench; $SSE_EVENTS events ${SSE_INTERVAL_MS} ms apart per stream, stream starts spread over ${SSE_INTERVAL_MS} ms, after a warm-up at the same"
+        echo "concurrency; delay = arrival at the client minus the send time the mock embeds in each event. $SSE_REPS run(s) per row, interleaved across"
+        echo "the paths: completed counts every run, TTFB and delay percentiles are the median run's, max and peaks the largest. Peak RSS and"
+        echo "threads: the gateway process, or nginx's worker):"
+        echo
+        echo "| streams | path | completed | TTFB p50 ms | delay p50 ms | delay p99 ms | delay max ms | added p99 ms | peak RSS MB | threads | CPU µs/event |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for c in "${SSE_LEVELS[@]}"; do
+            for t in direct nginx gateway gateway_openai; do
+                p=sse_c${c}_$t
+                label=${t/gateway_openai/gateway (OpenAI)}
+                echo "| $c | $label | $(cell "${p}_completed")/$(cell "${p}_streams") | $(cell "${p}_ttfb_p50_ms") | $(cell "${p}_delay_p50_ms") | $(cell "${p}_delay_p99_ms") | $(cell "${p}_delay_max_ms") | $(cell "${p}_added_p99_ms") | $(cell "${p}_peak_rss_mb") | $(cell "${p}_peak_threads") | $(cell "${p}_cpu_us_per_event") |"
+            done
         done
-    done
-    echo
-    echo "**Footprint**: idle RSS $(cell gateway_idle_rss_mb) MB (fresh gateway); release binary $(cell release_binary_mb) MB; static (musl) binary $(cell static_binary_mb) MB; CLI start-up (\`list-accounts\`, mean of $CLI_RUNS) $(cell cli_list_accounts_ms) ms."
-    echo
-    echo "**Targets**:"
-    echo
-    echo "| target | measured | |"
-    echo "|---|---|---|"
-    for t in "${TARGETS[@]}"; do
-        IFS='|' read -r d m r <<<"$t"
-        echo "| $d | $m | $r |"
-    done
+        echo
+    fi
+    if phase footprint; then
+        echo "**Footprint**: idle RSS $(cell gateway_idle_rss_mb) MB (fresh gateway); release binary $(cell release_binary_mb) MB; static (musl) binary $(cell static_binary_mb) MB; CLI start-up (\`list-accounts\`, mean of $CLI_RUNS) $(cell cli_list_accounts_ms) ms."
+        echo
+    fi
+    if phase scale; then
+        echo "**Scaling out** (wrk, ${SCALE_SECS} s per row, \`POST /v1/messages\`, same config and sessions as above; one Redis"
+        echo "$(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), no persistence; nginx as the load balancer: one worker, round robin, keep-alive 64)."
+        if [[ $SCALE_BACKEND == redis ]]; then
+            echo "*local*: one instance, \`state.backend: local\`, no nginx; the others run \`state.backend: redis\` behind nginx."
+        else
+            echo "**SCALE_BACKEND=local**: every instance keeps local state (nothing shared): a check of the setup, not the cost of shared state."
+        fi
+        echo "*pinned*: wrk on core $LOAD_CPU, nginx, Redis, the mock and the instances on core $SERVER_CPU; *spread*: nothing pinned. CPU µs/req: the instances,"
+        echo "nginx and Redis. Redis cmds/req: commands Redis ran (commandstats; a Lua script's commands count too) per request."
+        echo "**This $(nproc)-core machine cannot show real scale-out**: the instances share the same cores, so 3 vs 1 instance is the cost"
+        echo "of the shared state at equal CPU, not the gain of more machines (each of which would bring its own cores)."
+        echo
+        echo "| conns | setup | req/s | vs local | vs 1 instance | p50 ms | p99 ms | errors | CPU µs/req | Redis CPU s | Redis µs/req | Redis cmds/req |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for c in "${SCALE_CONNS[@]}"; do
+            p=scale_json_c$c
+            for t in local 1x 3x 1x_spread 3x_spread; do
+                case $t in
+                    local) label="1 instance, local state, direct, pinned" ;;
+                    1x) label="1 instance + nginx, pinned" ;;
+                    3x) label="3 instances + nginx, pinned" ;;
+                    1x_spread) label="1 instance + nginx, spread" ;;
+                    3x_spread) label="3 instances + nginx, spread" ;;
+                esac
+                vs1=
+                [[ $t == 3x ]] && vs1=$(cell "${p}_ratio_3x_1x")
+                [[ $t == 3x_spread ]] && vs1=$(cell "${p}_ratio_3x_spread_1x_spread")
+                echo "| $c | $label | $(cell "${p}_rps_$t") | $(cell "${p}_ratio_${t}_local") | ${vs1:-–} | $(cell "${p}_p50_ms_$t") | $(cell "${p}_p99_ms_$t") | $(cell "${p}_errors_$t") | $(cell "${p}_cpu_us_per_req_$t") | $(cell "${p}_redis_cpu_s_$t") | $(cell "${p}_redis_cpu_us_per_req_$t") | $(cell "${p}_redis_calls_per_req_$t") |"
+            done
+        done
+        echo
+    fi
+    if ((${#TARGETS[@]} > 0)); then
+        echo "**Targets**:"
+        echo
+        echo "| target | measured | |"
+        echo "|---|---|---|"
+        for t in "${TARGETS[@]}"; do
+            IFS='|' read -r d m r <<<"$t"
+            echo "| $d | $m | $r |"
+        done
+    fi
 } >"$WORK/results.md"
 
-for n in "${NAMES[@]}"; do printf '%s %s\n' "$n" "${R[$n]}"; done >"$ROOT/bench/results.txt"
-cp "$WORK/results.md" "$ROOT/bench/results.md"
+# A partial run (ONLY=...) leaves the results files and README as they were.
+if [[ -z $ONLY ]]; then
+    for n in "${NAMES[@]}"; do printf '%s %s\n' "$n" "${R[$n]}"; done >"$ROOT/bench/results.txt"
+    cp "$WORK/results.md" "$ROOT/bench/results.md"
+fi
 
 # README: replace what lies between the markers; add the section before Development if absent.
 # Only a full run does: a QUICK run's figures are not what README should quote.
 README=$ROOT/README.md
-if ((QUICK)); then
+FULL=1
+if ((QUICK)) || [[ -n $ONLY ]]; then FULL=0; fi
+if ((!FULL)); then
     :
 elif ! grep -q '<!-- bench:start -->' "$README"; then
     section=$(printf '%s\n' "## Performance" "" \
@@ -595,19 +912,27 @@ elif ! grep -q '<!-- bench:start -->' "$README"; then
     fi
     cat "$WORK/README.md" >"$README"
 fi
-((QUICK)) || awk -v f="$WORK/results.md" '
+((!FULL)) || awk -v f="$WORK/results.md" '
     /<!-- bench:end -->/ { while ((getline l < f) > 0) print l; skip = 0 }
     !skip { print }
     /<!-- bench:start -->/ { skip = 1 }
 ' "$README" >"$WORK/README.md"
-((QUICK)) || cat "$WORK/README.md" >"$README"
+((!FULL)) || cat "$WORK/README.md" >"$README"
 
 echo
 cat "$WORK/results.md"
+if ((${#TARGETS[@]} > 0)); then
+    echo
+    for t in "${TARGETS[@]}"; do
+        IFS='|' read -r d m r <<<"$t"
+        printf '%-5s %s: %s\n' "$r" "$d" "$m"
+    done
+fi
 echo
-for t in "${TARGETS[@]}"; do
-    IFS='|' read -r d m r <<<"$t"
-    printf '%-5s %s: %s\n' "$r" "$d" "$m"
-done
-echo
-echo "bench: ${ELAPSED}s after the build; results in bench/results.txt, bench/results.md and README.md"
+if [[ -n $ONLY ]]; then
+    echo "bench: ${ELAPSED}s after the build; partial run (ONLY=$ONLY): bench/results.* and README.md left as they were"
+elif ((QUICK)); then
+    echo "bench: ${ELAPSED}s after the build; results in bench/results.txt and bench/results.md (README.md only after a full run)"
+else
+    echo "bench: ${ELAPSED}s after the build; results in bench/results.txt, bench/results.md and README.md"
+fi

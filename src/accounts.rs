@@ -392,7 +392,7 @@ impl Accounts {
         };
         candidates.retain(|e| e.account.priority == best);
 
-        let _picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
+        let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let position = |id: &str| candidates.iter().position(|e| e.id() == id);
         let pinned = match &view {
             // Redis answered: its pin is the one every instance follows.
@@ -417,7 +417,9 @@ impl Accounts {
         entry.requests.fetch_add(1, Ordering::Relaxed);
         if let (Some(key), Some(sticky)) = (sticky_key, &self.sticky) {
             sticky.pin(key, entry.id(), now);
-            // The view renewed a pin that still holds; a new or moved one is written.
+            drop(picking);
+            // The view renewed a pin that still holds; a new or moved one is written (outside
+            // the picking lock: a round trip).
             if let (Some(view), Some(shared)) = (&view, &self.shared)
                 && view.pin.as_deref() != Some(entry.id())
             {
