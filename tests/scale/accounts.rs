@@ -140,6 +140,17 @@ fn a_sticky_session_stays_on_its_account_across_instances() {
         "the metadata session hopped between accounts: {used:?}"
     );
 
+    // The pins live in Redis with the configured TTL (1 h), not forever.
+    let pins = redis.keys(&format!("{}:pin:*", super::PREFIX));
+    assert!(!pins.is_empty(), "no pin in Redis: {:?}", redis.keys("*"));
+    for pin in &pins {
+        let ttl: i64 = redis.command(&["PTTL", pin]).parse().expect("PTTL");
+        assert!(
+            ttl > 0 && ttl <= 3_600_000,
+            "pin {pin} lives {ttl} ms; the ttl is 1h"
+        );
+    }
+
     // One session named by `x-session-id`, with a new first message at every turn.
     let before = up.keys().len();
     for turn in 0..9 {

@@ -1,5 +1,5 @@
-//! A gateway key's limits are one budget across instances: its requests per minute and its
-//! requests in flight are counted in Redis, not per instance.
+//! A gateway key's limits are one budget across instances: its requests per minute, its
+//! requests in flight and its token budgets are counted in Redis, not per instance.
 
 use std::sync::mpsc;
 use std::thread;
@@ -8,7 +8,9 @@ use std::time::Duration;
 use super::{SHARED, start_instances, state_section};
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, assert_error, wait_until};
-use crate::team::{SONNET, Tokens, add_key, answer, anthropic_body, post_anthropic};
+use crate::team::{
+    SONNET, Tokens, add_key, answer, anthropic_body, post_anthropic, retry_after, usage,
+};
 
 const SMALL: Tokens = Tokens::new(10, 2, 0, 0);
 
@@ -110,5 +112,48 @@ fn a_client_that_waits_for_each_answer_is_never_refused_by_max_concurrent_one() 
         "{} of {TURNS} sequential requests refused:\n{}",
         refused.len(),
         refused.join("\n")
+    );
+}
+
+#[test]
+fn a_keys_daily_token_budget_is_spent_across_instances() {
+    // Tokens a key spent through one instance count against its budget on every instance.
+    let redis = RedisServer::start();
+    let up = FakeUpstream::start(answer);
+    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
+    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let (daily_id, daily) = add_key(&gw, "daily", &["--daily-tokens", "120"]);
+    let gws = start_instances(gw, 3);
+
+    // 50 + 50 + 21 tokens through instance A: over the 120 by the last answer's size.
+    let steps = [
+        Tokens::new(30, 10, 5, 5),
+        Tokens::new(20, 15, 10, 5),
+        Tokens::new(10, 5, 3, 3),
+    ];
+    for (i, tokens) in steps.into_iter().enumerate() {
+        let body = anthropic_body(SONNET, tokens, i == 1, &format!("budget {i}"));
+        let resp = post_anthropic(gws[0].addr(), &daily, &body, &[]);
+        assert_eq!(resp.status, 200, "budget {i}: {}", resp.text());
+    }
+    // Once the shared totals have them (A's flush), every instance refuses the key.
+    wait_until("the key's 121 tokens reach Redis", SHARED, || {
+        let view = usage(&gws[1], &["--by", "key"]);
+        view["rows"].as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["key"] == daily_id.as_str() && r["total_tokens"] == 121)
+        })
+    });
+    for (i, gw) in gws.iter().enumerate() {
+        let body = anthropic_body(SONNET, SMALL, false, &format!("over {i}"));
+        let refused = post_anthropic(gw.addr(), &daily, &body, &[]);
+        assert_error(&refused, 429, Some("rate_limit_error"));
+        let wait = retry_after(&refused);
+        assert!(wait > 0, "instance {i}: retry-after {wait}");
+    }
+    assert_eq!(
+        up.requests().len(),
+        3,
+        "only the admitted requests went upstream"
     );
 }
