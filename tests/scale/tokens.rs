@@ -536,3 +536,72 @@ fn an_oauth_ban_seen_by_one_instance_takes_the_account_out_everywhere() {
         assert_eq!(state, "disabled", "instance {i}: the banned account");
     }
 }
+
+#[test]
+fn a_stalled_holder_does_not_release_the_lease_another_instance_took_after_it() {
+    // An instance frozen mid-refresh until its lease ran out, then thawed, leaves the lease the
+    // next instance took alone: that refresh completes, and everyone uses its token.
+    let redis = RedisServer::start();
+    let script = Script {
+        exchange_expires_in: 0,
+        rotate: true,
+        ..Script::default()
+    };
+    let rig = Rig::new(script, answering_upstream(), |c| {
+        c.section(&state_section(&redis))
+            .oauth("token_timeout", "1s")
+    });
+    let id = rig.login("contended");
+    let mut gws: Vec<_> = (0..3).map(|_| rig.gw.sibling()).collect();
+    let lease_key = format!("{PREFIX}:lease:{id}");
+
+    // A refreshes and is frozen (SIGSTOP) while the endpoint holds its call, which is then
+    // dropped unprocessed.
+    let first = rig.tokens.hold_next_refresh();
+    gws[0].start();
+    promptly("A calls the token endpoint", Duration::from_secs(5), || {
+        rig.tokens.refreshes().len() == 1
+    });
+    gws[0].signal("STOP");
+    let a_fence = redis.command(&["GET", &lease_key]);
+    assert_ne!(a_fence, "(nil)", "A holds no lease: {}", dump(&redis));
+    first.release(Release::Drop);
+    wait_until("A's lease runs out", Duration::from_secs(8), || {
+        redis.command(&["EXISTS", &lease_key]) == "0"
+    });
+
+    // B takes the lease and calls; the endpoint holds it while A thaws and gives up.
+    let second = rig.tokens.hold_next_refresh();
+    gws[1].start();
+    promptly("B calls the token endpoint", Duration::from_secs(5), || {
+        rig.tokens.refreshes().len() == 2
+    });
+    let b_fence = redis.command(&["GET", &lease_key]);
+    assert!(
+        b_fence != "(nil)" && b_fence != a_fence,
+        "B's lease: {b_fence} (A's was {a_fence})"
+    );
+    gws[0].signal("CONT");
+    let failed = format!("refreshing account {id} failed");
+    wait_until("A notices its refresh failed", SHARED, || {
+        gws[0].stderr().contains(&failed)
+    });
+    assert_eq!(
+        redis.command(&["GET", &lease_key]),
+        b_fence,
+        "A released (or replaced) B's lease"
+    );
+    second.release(Release::Process);
+
+    gws[2].start();
+    wait_until("every instance serves with B's token", SHARED, || {
+        gws.iter().all(|gw| {
+            let resp = rig.post(gw.addr(), MESSAGE_BODY);
+            let reqs = rig.up.requests();
+            resp.status == 200
+                && bearer(reqs.last().expect("upstream request")) == Some(access_token(2).as_str())
+        })
+    });
+    assert_eq!(rig.tokens.granted_refreshes(), 1, "B's refresh only");
+    assert_eq!(rig.tokens.refreshes().len(), 2, "A's dropped call and B's");
+}
