@@ -284,13 +284,41 @@ struct Pending {
     outbox: Outbox,
 }
 
-/// Rows not yet added to Redis: a numbered batch whose outcome is unknown (retried under the
-/// same number, which Redis applies once), and the rows gathered since.
-#[derive(Default)]
+/// Rows not yet added to Redis: a named batch whose outcome is unknown (retried under the same
+/// name, which Redis applies once), and the rows gathered since. While it is not empty after a
+/// flush it is also kept in `outbox.json`, so a restart sends it (under the same name).
+#[derive(Default, Serialize, Deserialize)]
 struct Outbox {
-    unsent: Option<(u64, Vec<(RowKey, Totals)>)>,
+    unsent: Option<(String, Vec<(RowKey, Totals)>)>,
+    #[serde(with = "rows")]
     fresh: BTreeMap<RowKey, Totals>,
+    #[serde(skip)]
     next: u64,
+}
+
+/// A map with tuple keys, as a list of pairs (JSON keys are strings).
+mod rows {
+    use super::{BTreeMap, RowKey, Totals};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<RowKey, Totals>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<RowKey, Totals>, D::Error> {
+        Ok(Vec::<(RowKey, Totals)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
+fn outbox_path(dir: &Path) -> PathBuf {
+    dir.join("outbox.json")
 }
 
 impl Outbox {
@@ -311,6 +339,9 @@ pub struct Ledger {
     dir: PathBuf,
     pending: Mutex<Pending>,
     shared: Option<Arc<Shared>>,
+    /// Names this process's batches (with a counter), so a batch resent after a restart is
+    /// still recognised.
+    instance: String,
 }
 
 /// Journals are created owner-only, as every file the gateway creates.
@@ -342,14 +373,27 @@ impl Ledger {
         }
         let generation = last + 1;
         let journal = Journal::create(dir, generation, lock)?;
+        let mut outbox = Outbox::default();
+        if shared.is_some()
+            && let Ok(text) = std::fs::read(outbox_path(dir))
+        {
+            match serde_json::from_slice::<Outbox>(&text) {
+                Ok(saved) => outbox = saved,
+                Err(e) => warn!(
+                    "usage ledger: {} is unreadable ({e}); not sent",
+                    outbox_path(dir).display()
+                ),
+            }
+        }
         let ledger = Arc::new(Ledger {
             dir: dir.to_path_buf(),
             pending: Mutex::new(Pending {
                 book,
                 queue: Vec::new(),
-                outbox: Outbox::default(),
+                outbox,
             }),
             shared,
+            instance: crate::encoding::hex(&crate::secret::random_bytes::<6>()),
         });
         Ok((ledger, journal))
     }
@@ -399,19 +443,45 @@ impl Ledger {
                 let outbox = &mut pending.outbox;
                 if outbox.unsent.is_none() && !outbox.fresh.is_empty() {
                     let rows = std::mem::take(&mut outbox.fresh).into_iter().collect();
-                    outbox.unsent = Some((outbox.next, rows));
+                    outbox.unsent = Some((format!("{}:{}", self.instance, outbox.next), rows));
                     outbox.next += 1;
                 }
                 outbox.unsent.clone()
             };
-            let Some((number, rows)) = batch else {
-                return;
+            let Some((name, rows)) = batch else {
+                break;
             };
-            if shared.add_usage(number, &rows).is_err() {
-                // Said where it failed; kept, and sent under the same number later.
-                return;
+            if shared.add_usage(&name, &rows).is_err() {
+                // Said where it failed; kept, and sent under the same name later.
+                break;
             }
             self.lock().outbox.unsent = None;
+        }
+        self.keep_outbox();
+    }
+
+    /// Writes what Redis has not got yet to `outbox.json`, or removes the file once it all
+    /// arrived.
+    fn keep_outbox(&self) {
+        let path = outbox_path(&self.dir);
+        let saved = {
+            let pending = self.lock();
+            let outbox = &pending.outbox;
+            if outbox.unsent.is_none() && outbox.fresh.is_empty() {
+                None
+            } else {
+                Some(serde_json::to_vec(outbox).unwrap_or_default())
+            }
+        };
+        let result = match saved {
+            Some(bytes) => crate::store::write_atomically(&path, &bytes),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            warn!("usage ledger: {}: {e}", path.display());
         }
     }
 
@@ -537,8 +607,10 @@ mod tests {
                 totals,
             )
         };
-        let mut outbox = Outbox::default();
-        outbox.unsent = Some((0, vec![row(10, "a", 5), row(9, "a", 100)]));
+        let mut outbox = Outbox {
+            unsent: Some(("i:0".into(), vec![row(10, "a", 5), row(9, "a", 100)])),
+            ..Outbox::default()
+        };
         let (k, t) = row(10, "a", 7);
         outbox.fresh.insert(k, t);
         let (k, t) = row(10, "b", 1000);

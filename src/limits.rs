@@ -25,7 +25,14 @@ struct KeyState {
 pub struct Limiter {
     keys: Mutex<HashMap<String, KeyState>>,
     shared: Option<Arc<Shared>>,
+    /// This instance's slots in Redis (slot → key), renewed while held.
+    slots: Mutex<HashMap<String, String>>,
 }
+
+/// A key at its concurrency limit waits this long for a slot before the 429, in steps: the
+/// client that just got its answer may be a moment ahead of the slot's release.
+const SLOT_GRACE_STEP: Duration = Duration::from_millis(10);
+const SLOT_GRACE_STEPS: u32 = 5;
 
 /// A request admitted under a key's concurrency limit; releases its slot when dropped.
 pub struct Permit {
@@ -45,6 +52,7 @@ impl Drop for Permit {
         if let Some(held) = &self.held {
             let key = &held.key;
             if let (Some(slot), Some(shared)) = (&held.slot, &self.limiter.shared) {
+                self.limiter.lock_slots().remove(slot);
                 shared.release(key, slot);
             }
             let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
@@ -78,6 +86,7 @@ impl Limiter {
         Limiter {
             keys: Mutex::default(),
             shared,
+            slots: Mutex::default(),
         }
     }
 
@@ -132,53 +141,80 @@ impl Limiter {
         }
         let mut slot = None;
         if let Some(shared) = &self.shared {
+            if let Some(max) = limits.max_concurrent {
+                for waited in 0.. {
+                    match shared.acquire(&client.id, max) {
+                        Ok(Some(taken)) => slot = Some(taken),
+                        Ok(None) if waited < SLOT_GRACE_STEPS => {
+                            std::thread::sleep(SLOT_GRACE_STEP);
+                            continue;
+                        }
+                        Ok(None) => return Err(too_many(max)),
+                        // Redis is down: the local count below decides.
+                        Err(_) => {}
+                    }
+                    break;
+                }
+            }
             if let Some(rpm) = limits.rpm
                 && let Ok(Some(wait)) = shared.rpm(&client.id, rpm)
             {
+                if let Some(slot) = slot {
+                    shared.release(&client.id, &slot);
+                }
                 return Err(ApiError::RateLimited {
                     message: format!("this gateway key is limited to {rpm} requests per minute"),
                     retry_after: crate::accounts::ceil_secs(wait).max(1),
                 });
             }
-            if let Some(max) = limits.max_concurrent {
-                match shared.acquire(&client.id, max) {
-                    Ok(Some(taken)) => slot = Some(taken),
-                    Ok(None) => return Err(too_many(max)),
-                    // Redis is down: the local count below decides.
-                    Err(_) => {}
+        }
+        let shared_up = self.shared_up();
+        for waited in 0.. {
+            let now = Instant::now();
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let state = keys.entry(client.id.clone()).or_default();
+            if let Some(rpm) = limits.rpm.filter(|_| !shared_up) {
+                while state
+                    .recent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+                {
+                    state.recent.pop_front();
+                }
+                if state.recent.len() >= rpm as usize {
+                    let oldest = state.recent.front().copied().unwrap_or(now);
+                    let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+                    if let (Some(slot), Some(shared)) = (&slot, &self.shared) {
+                        shared.release(&client.id, slot);
+                    }
+                    return Err(ApiError::RateLimited {
+                        message: format!(
+                            "this gateway key is limited to {rpm} requests per minute"
+                        ),
+                        retry_after: crate::accounts::ceil_secs(wait).max(1),
+                    });
                 }
             }
-        }
-        let now = Instant::now();
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let state = keys.entry(client.id.clone()).or_default();
-        if let Some(rpm) = limits.rpm.filter(|_| !self.shared_up()) {
-            while state
-                .recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+            if let Some(max) = limits.max_concurrent
+                && slot.is_none()
+                && state.in_flight >= max
             {
-                state.recent.pop_front();
+                drop(keys);
+                if waited < SLOT_GRACE_STEPS {
+                    std::thread::sleep(SLOT_GRACE_STEP);
+                    continue;
+                }
+                return Err(too_many(max));
             }
-            if state.recent.len() >= rpm as usize {
-                let oldest = state.recent.front().copied().unwrap_or(now);
-                let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-                return Err(ApiError::RateLimited {
-                    message: format!("this gateway key is limited to {rpm} requests per minute"),
-                    retry_after: crate::accounts::ceil_secs(wait).max(1),
-                });
+            if limits.rpm.is_some() {
+                state.recent.push_back(now);
             }
+            state.in_flight += 1;
+            break;
         }
-        if let Some(max) = limits.max_concurrent
-            && slot.is_none()
-            && state.in_flight >= max
-        {
-            return Err(too_many(max));
+        if let Some(slot) = &slot {
+            self.lock_slots().insert(slot.clone(), client.id.clone());
         }
-        if limits.rpm.is_some() {
-            state.recent.push_back(now);
-        }
-        state.in_flight += 1;
         Ok(Permit {
             limiter: Arc::clone(self),
             held: Some(Box::new(Held {
@@ -186,6 +222,26 @@ impl Limiter {
                 slot,
             })),
         })
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps this instance's shared concurrency slots alive (the `shared-state` thread, every
+    /// few seconds): a slot not renewed, because its instance died, frees itself.
+    pub fn renew_slots(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let slots: Vec<(String, String)> = self
+            .lock_slots()
+            .iter()
+            .map(|(slot, key)| (key.clone(), slot.clone()))
+            .collect();
+        if !slots.is_empty() {
+            let _ = shared.renew(&slots);
+        }
     }
 
     /// Whether Redis counts for every instance now (else this instance counts alone).

@@ -153,25 +153,39 @@ impl Refresher {
 
         let mut lease = None;
         if let Some(shared) = &self.shared {
-            match shared.lease(entry.id(), self.lease_ttl()) {
-                Ok(Some(held)) => {
-                    // The last holder may have stored fresh tokens just before releasing.
-                    current = self.current_tokens(entry)?;
-                    if self.satisfied(&need, &current, now_unix()) {
-                        return Ok(current);
+            // Another holder may end without fresh tokens (it failed, or died and its lease
+            // lapsed): then the lease is taken here, once more at most.
+            for round in 0.. {
+                match shared.lease(entry.id(), self.lease_ttl()) {
+                    Ok(Some(held)) => {
+                        // The last holder may have stored fresh tokens just before releasing.
+                        current = self.current_tokens(entry)?;
+                        if self.satisfied(&need, &current, now_unix()) {
+                            return Ok(current);
+                        }
+                        lease = Some(held);
+                        break;
                     }
-                    lease = Some(held);
-                }
-                Ok(None) if matches!(need, Need::Due) => {
-                    return Err(RefreshError::Unavailable(
-                        "another instance is refreshing this account".into(),
-                    ));
-                }
-                Ok(None) => return self.await_holder(shared, entry, &need),
-                Err(e) => {
-                    return Err(RefreshError::Unavailable(format!(
-                        "{e}; a token is refreshed only under the shared lease"
-                    )));
+                    Ok(None) if matches!(need, Need::Due) => {
+                        return Err(RefreshError::Unavailable(
+                            "another instance is refreshing this account".into(),
+                        ));
+                    }
+                    Ok(None) => {
+                        if let Some(tokens) = self.await_holder(shared, entry, &need)? {
+                            return Ok(tokens);
+                        }
+                        if round == 1 {
+                            return Err(RefreshError::Unavailable(
+                                "other instances' refreshes ended without fresh tokens".into(),
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        return Err(RefreshError::Unavailable(format!(
+                            "{e}; a token is refreshed only under the shared lease"
+                        )));
+                    }
                 }
             }
         }
@@ -296,13 +310,13 @@ impl Refresher {
     }
 
     /// Another instance holds the lease: waits (as long as a lease lasts) for the tokens it
-    /// stores.
+    /// stores; `None` when the lease ended without them.
     fn await_holder(
         &self,
         shared: &Shared,
         entry: &Entry,
         need: &Need,
-    ) -> Result<Tokens, RefreshError> {
+    ) -> Result<Option<Tokens>, RefreshError> {
         let deadline = Instant::now() + self.lease_ttl();
         let unavailable = |e: crate::shared::Down| RefreshError::Unavailable(e.to_string());
         loop {
@@ -314,12 +328,10 @@ impl Refresher {
             if let Some(tokens) = current
                 && self.satisfied(need, &tokens, now_unix())
             {
-                return Ok(tokens);
+                return Ok(Some(tokens));
             }
             if !leased {
-                return Err(RefreshError::Unavailable(
-                    "another instance's refresh ended without fresh tokens".into(),
-                ));
+                return Ok(None);
             }
             if Instant::now() >= deadline {
                 return Err(RefreshError::Unavailable(

@@ -687,9 +687,16 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
                 .ensure(entry, Need::Rejected(tokens.access.clone()))
             {
                 Ok(fresh) => forward(&oauth(&live, &fresh.access)),
+                // Not an API key refused: the token could not be renewed now. The account
+                // counts a failure (ejected by the usual rules), and a login needed shows as
+                // such on the account.
                 Err(e) => {
                     warn!("account {}: 401 and no fresh token: {e}", entry.id());
-                    Ok(answer)
+                    Err(Failed::Upstream(ApiError::NoAccount(format!(
+                        "account {} ({}): its token was refused and {e}",
+                        entry.id(),
+                        entry.account.name
+                    ))))
                 }
             }
         }

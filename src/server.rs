@@ -293,9 +293,14 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         let _ = std::thread::Builder::new()
             .name("shared-state".into())
             .spawn(move || {
+                let mut renewed = Instant::now();
                 loop {
                     shared.probe();
                     let _ = syncing.accounts.sync();
+                    if renewed.elapsed() >= crate::shared::SLOT_HOLD / 6 {
+                        syncing.limiter.renew_slots();
+                        renewed = Instant::now();
+                    }
                     std::thread::sleep(SHARED_SYNC);
                 }
             });

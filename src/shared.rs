@@ -22,8 +22,9 @@ use crate::secret::SecretKey;
 
 /// Connections kept open between calls; more concurrent callers open and close their own.
 const IDLE_CONNECTIONS: usize = 64;
-/// How long a counted concurrency slot lives if its instance dies before releasing it.
-const SLOT_HOLD: Duration = Duration::from_secs(600);
+/// How long a concurrency slot lives unless renewed: its instance renews it every few
+/// seconds while the request runs, so a dead instance's slots free themselves this soon.
+pub const SLOT_HOLD: Duration = Duration::from_secs(30);
 
 /// Redis could not be used now: the caller falls back to local state.
 #[derive(Debug, Clone)]
@@ -152,6 +153,16 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1";
+
+/// Pushes back the expiry of slots still held (KEYS[i] holds member ARGV[i + 1]).
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS";
 
 const METRICS: [&str; 6] = [
     "requests",
@@ -513,9 +524,9 @@ impl Shared {
         format!("{row}|{metric}")
     }
 
-    /// Adds a batch of usage rows, exactly once per `batch` number even when retried.
-    pub fn add_usage(&self, batch: u64, rows: &[(RowKey, Totals)]) -> Result<(), Down> {
-        let marker = self.name("batch", &format!("{}:{batch}", self.instance));
+    /// Adds a batch of usage rows, exactly once per `batch` name even when retried.
+    pub fn add_usage(&self, batch: &str, rows: &[(RowKey, Totals)]) -> Result<(), Down> {
+        let marker = self.name("batch", batch);
         let mut cmd = eval(USAGE, &[&marker]);
         for (key, t) in rows {
             let hash = self.name("usage", &key.0.to_string());
@@ -637,6 +648,21 @@ impl Shared {
         cmd.arg(max).arg(&member).arg(SLOT_HOLD.as_millis() as u64);
         let taken: i64 = self.call(|c| cmd.query(c))?;
         Ok((taken == 1).then_some(member))
+    }
+
+    /// Renews slots still held: `(client key, slot)` pairs.
+    pub fn renew(&self, slots: &[(String, String)]) -> Result<(), Down> {
+        let names: Vec<String> = slots
+            .iter()
+            .map(|(key, _)| self.name("conc", key))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut cmd = eval(RENEW, &names);
+        cmd.arg(SLOT_HOLD.as_millis() as u64);
+        for (_, slot) in slots {
+            cmd.arg(slot);
+        }
+        self.call(|c| cmd.query::<i64>(c)).map(|_| ())
     }
 
     pub fn release(&self, key: &str, slot: &str) {
