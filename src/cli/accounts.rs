@@ -256,6 +256,7 @@ pub fn change_account(
         Ok(m.accounts[index].name.clone())
     })?;
     if matches!(change, Change::Enable(true))
+        && config::shares_state(path)
         && let Ok(config) = config::load(path)
         && let Some(shared) = crate::shared::open(&config)
         && let Err(e) = shared.clear(id)

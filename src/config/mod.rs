@@ -378,6 +378,16 @@ impl From<SecretError> for ConfigError {
     }
 }
 
+/// Whether the file names a shared state backend (read without opening any secret), so a CLI
+/// command that must tell Redis pays for the full load only then.
+pub fn shares_state(path: &Path) -> bool {
+    read_text(path)
+        .ok()
+        .flatten()
+        .and_then(|text| parse_raw(path, &text).ok())
+        .is_some_and(|raw| raw.state.backend.as_deref() == Some("redis"))
+}
+
 /// The config path: `--config`, else `$LLM_GATEWAY_CONFIG`, else `./config.yaml`.
 pub fn resolve_path(flag: Option<&str>) -> PathBuf {
     flag.map(PathBuf::from)
