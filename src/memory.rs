@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 
-/// Three glibc settings, which glibc reads only from the environment at start-up, so the
+/// Four glibc settings, which glibc reads only from the environment at start-up, so the
 /// server sets them and executes itself again, once, before it starts anything (a
 /// `GLIBC_TUNABLES` the operator set, not empty, is left as it is):
 /// - no per-thread cache of freed blocks (tcache): a worker frees a few hundred blocks while it
@@ -17,7 +17,10 @@ use std::cell::Cell;
 ///   large blocks go back to the kernel when freed and RSS stays flat;
 /// - no cache of exited threads' stacks (up to 40 MiB, whose touched pages stay resident):
 ///   after a flood of 700 slow connections it held 2.5 MB of a pool that had shrunk back;
-///   workers start rarely, so an mmap per start costs nothing.
+///   workers start rarely, so an mmap per start costs nothing;
+/// - as many malloc arenas as cores (glibc's default is eight per core): no more threads run
+///   at once than there are cores, and each arena keeps its own free pages; at 1000 streams
+///   on 2 cores this held about 1 to 3 MB.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TUNABLES: &str = "glibc.malloc.tcache_count=0:glibc.malloc.mmap_threshold=131072:glibc.pthread.stack_cache_size=0";
 
@@ -36,7 +39,9 @@ pub fn tune_allocator() {
     if let Some(arg0) = args.next() {
         command.arg0(arg0);
     }
-    let error = command.args(args).env(VAR, TUNABLES).exec();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let tunables = format!("{TUNABLES}:glibc.malloc.arena_max={cores}");
+    let error = command.args(args).env(VAR, tunables).exec();
     warn!("could not restart with the allocator tuned ({error}); going on untuned");
 }
 

@@ -309,15 +309,17 @@ impl Refresher {
         }
     }
 
-    /// Another instance holds the lease: waits (as long as a lease lasts) for the tokens it
-    /// stores; `None` when the lease ended without them.
+    /// Another instance holds the lease: waits for the tokens it stores, as long as a live
+    /// holder can take (one token endpoint call and the store), not the whole lease: a request
+    /// should fail over rather than sit out a dead holder's lease. `None` when the lease ended
+    /// without tokens.
     fn await_holder(
         &self,
         shared: &Shared,
         entry: &Entry,
         need: &Need,
     ) -> Result<Option<Tokens>, RefreshError> {
-        let deadline = Instant::now() + self.lease_ttl();
+        let deadline = Instant::now() + self.settings.token_timeout + Duration::from_secs(2);
         let unavailable = |e: crate::shared::Down| RefreshError::Unavailable(e.to_string());
         loop {
             std::thread::sleep(AWAIT_POLL);

@@ -26,7 +26,7 @@ const BUFFER_WHOLE: u64 = 256 * 1024;
 const COPY_CHUNK: usize = 8 * 1024;
 /// SSE events are small (Anthropic's deltas are a few hundred bytes) and each read is relayed at
 /// once, so a stream's read buffer is small too.
-const SSE_CHUNK: usize = 4 * 1024;
+const SSE_CHUNK: usize = 2 * 1024;
 /// Error bodies read for inspection are capped here.
 const MAX_INSPECTED: u64 = 1024 * 1024;
 /// A whole message read for conversion is capped here (far above any real answer).
@@ -95,9 +95,9 @@ impl Upstream {
                 // Buffers are per upstream connection, so per stream: keep them small. The
                 // input buffer holds the response head (nginx's proxy_buffer_size is one page;
                 // Anthropic's heads are 1 to 3 KiB); ureq grows it to 10 KiB while it sends a
-                // body anyway.
-                .input_buffer_size(12 * 1024)
-                .max_response_header_size(12 * 1024)
+                // body anyway, so that is its size.
+                .input_buffer_size(10 * 1024)
+                .max_response_header_size(10 * 1024)
                 .output_buffer_size(output_buffer)
                 .build();
             // TCP, then the client watch (under TLS, so TLS never sees its slices), then TLS
