@@ -350,22 +350,18 @@ impl Accounts {
             let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
             shared.view(&ids, sticky_key, self.sticky_ttl).ok()
         });
-        let clock = Now {
+        let clock = view.as_ref().map(|_| Now {
             instant: now,
             unix_ms: crate::time::now_unix_millis(),
-        };
+        });
         let mut soonest: Option<Instant> = None;
         let mut candidates: Vec<&Arc<Entry>> = Vec::with_capacity(all.len());
         for (i, e) in all.iter().enumerate() {
             let mut live = e.live();
-            if let Some(view) = &view {
+            if let (Some(view), Some(clock)) = (&view, clock) {
                 let cool = view.cools.get(i).and_then(Option::as_ref);
-                e.adopt(
-                    &mut live,
-                    cool,
-                    view.bans.get(i).and_then(Option::as_ref),
-                    clock,
-                );
+                let ban = view.bans.get(i).and_then(Option::as_ref);
+                e.adopt(&mut live, cool, ban, clock);
             }
             if tried.iter().any(|t| t == e.id()) {
                 continue;

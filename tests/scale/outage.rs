@@ -230,14 +230,7 @@ fn a_password_from_the_environment_opens_a_protected_redis() {
     let mut wrong = gw.sibling();
     wrong.env(ENV, WRONG);
     let gws = start_instances(gw, 2);
-    wait_shared_state(&gws, "up", SHARED);
-    for (i, gw) in gws.iter().enumerate() {
-        let resp = post_body(gw, &new_conversation());
-        assert_eq!(resp.status, 200, "instance {i}: {}", resp.text());
-    }
-    wait_until("the instances write under the prefix", SHARED, || {
-        !redis.keys(&format!("{PREFIX}:*")).is_empty()
-    });
+    assert_sharing(&gws, &redis);
 
     wrong.start();
     wait_shared_state(std::slice::from_ref(&wrong), "down", SHARED);
@@ -280,7 +273,17 @@ fn rediss_with_the_configured_ca_is_shared_state_and_an_unknown_ca_is_not() {
     let yaml = untrusting.config_text().replace(&ca, "");
     std::fs::write(untrusting.config_path(), yaml).expect("write config.yaml");
     let gws = start_instances(gw, 2);
-    wait_shared_state(&gws, "up", SHARED);
+    assert_sharing(&gws, &redis);
+
+    untrusting.start();
+    wait_shared_state(std::slice::from_ref(&untrusting), "down", SHARED);
+    let resp = post_body(&untrusting, &new_conversation());
+    assert_eq!(resp.status, 200, "unknown CA: {}", resp.text());
+}
+
+/// The instances say Redis is up, serve, and write their state under the prefix.
+fn assert_sharing(gws: &[Gateway], redis: &RedisServer) {
+    wait_shared_state(gws, "up", SHARED);
     for (i, gw) in gws.iter().enumerate() {
         let resp = post_body(gw, &new_conversation());
         assert_eq!(resp.status, 200, "instance {i}: {}", resp.text());
@@ -288,9 +291,4 @@ fn rediss_with_the_configured_ca_is_shared_state_and_an_unknown_ca_is_not() {
     wait_until("the instances write under the prefix", SHARED, || {
         !redis.keys(&format!("{PREFIX}:*")).is_empty()
     });
-
-    untrusting.start();
-    wait_shared_state(std::slice::from_ref(&untrusting), "down", SHARED);
-    let resp = post_body(&untrusting, &new_conversation());
-    assert_eq!(resp.status, 200, "unknown CA: {}", resp.text());
 }
