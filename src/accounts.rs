@@ -224,6 +224,23 @@ impl Entry {
         Some(c.clone())
     }
 
+    /// Meets the tokens Redis holds for this account: takes them when as new as ours or newer
+    /// (`adopt_stored`), else offers ours; rotated tokens that could not be stored before and
+    /// now are clear `persist_error`.
+    pub fn meet_stored(&self, shared: &Shared, stored: Option<&Stored>) -> Result<(), Down> {
+        let offer = adopt_stored(&mut self.live(), stored);
+        if let Some(tokens) = offer
+            && shared.offer(self.id(), &tokens)?
+        {
+            let mut live = self.live();
+            if live.persist_error.is_some() && live.tokens.as_ref() == Some(&tokens) {
+                live.persist_error = None;
+                info!("stored the rotated tokens of account {} at last", self.id());
+            }
+        }
+        Ok(())
+    }
+
     /// Takes what other instances found (through Redis): a longer cooldown, a ban, a lifted
     /// ban.
     fn adopt(&self, live: &mut Live, cool: Option<&(u64, String)>, ban: Option<&String>, now: Now) {
@@ -458,16 +475,7 @@ impl Accounts {
         let oauth: Vec<&Arc<Entry>> = all.iter().filter(|e| e.account.oauth().is_some()).collect();
         let ids: Vec<&str> = oauth.iter().map(|e| e.id()).collect();
         for (e, stored) in oauth.iter().zip(shared.tokens(&ids)?) {
-            let offer = adopt_stored(&mut e.live(), stored.as_ref());
-            if let Some(tokens) = offer
-                && shared.offer(e.id(), &tokens)?
-            {
-                let mut live = e.live();
-                if live.persist_error.is_some() && live.tokens.as_ref() == Some(&tokens) {
-                    live.persist_error = None;
-                    info!("stored the rotated tokens of account {} at last", e.id());
-                }
-            }
+            e.meet_stored(shared, stored.as_ref())?;
         }
         let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
         let view = shared.view(&ids, None, self.sticky_ttl)?;
@@ -497,7 +505,7 @@ impl Accounts {
 /// Takes tokens Redis holds when they are as new as this instance's or newer (a
 /// `needs_login` there sticks to the tokens it names); returns this instance's tokens when
 /// they are newer, for Redis.
-pub fn adopt_stored(live: &mut Live, stored: Option<&Stored>) -> Option<Tokens> {
+fn adopt_stored(live: &mut Live, stored: Option<&Stored>) -> Option<Tokens> {
     let Some(stored) = stored else {
         return live.tokens.clone().filter(|_| !live.needs_login);
     };

@@ -354,20 +354,15 @@ impl Refresher {
             .map_err(|e| RefreshError::Unavailable(e.to_string()))?
             .pop()
             .flatten();
-        let (offer, tokens) = {
-            let mut live = entry.live();
-            let offer = crate::accounts::adopt_stored(&mut live, stored.as_ref());
-            if live.needs_login {
-                return Err(RefreshError::NeedsLogin(
-                    "marked in the shared state (another instance's refresh was refused)".into(),
-                ));
-            }
-            (offer, live.tokens.clone())
-        };
-        if let Some(ours) = offer {
-            let _ = shared.offer(entry.id(), &ours);
+        // Redis answered just now; an offer that fails here is retried by the sync.
+        let _ = entry.meet_stored(shared, stored.as_ref());
+        let live = entry.live();
+        if live.needs_login {
+            return Err(RefreshError::NeedsLogin(
+                "marked in the shared state (another instance's refresh was refused)".into(),
+            ));
         }
-        Ok(tokens)
+        Ok(live.tokens.clone())
     }
 
     /// The account's tokens as they are now: from Redis with shared state, else (or when
