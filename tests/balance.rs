@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::accounts::{
     KEY_A, KEY_B, KEY_C, KEY_D, account, admin_status, assert_rested, assert_served_by, ceil_secs,
-    each_case, error_body, poll_until, post, post_body, retry_after, served_by, started, unix_now,
+    each_case, error_body, poll_until, post, post_body, rests_key_a_once, retry_after, served_by,
+    started, unix_now,
 };
 use crate::support::{
     Config, Conn, FakeUpstream, Meeting, Reply, StreamEnd, assert_error, assert_exit, call,
@@ -549,20 +550,7 @@ fn sticky_sessions_stay_on_one_account_and_move_when_it_is_limited() {
 
 #[test]
 fn priority_tiers_use_the_backup_only_while_the_main_account_rests() {
-    let limit_main_once = Arc::new(AtomicBool::new(false));
-    let limit = Arc::clone(&limit_main_once);
-    let up = FakeUpstream::start(move |req| {
-        let key = req.api_key();
-        if key == KEY_A && limit.swap(false, Ordering::SeqCst) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", key),
-            )
-        } else {
-            Reply::json(200, &served_by(key))
-        }
-    });
+    let (up, limit_main_once) = rests_key_a_once(false);
     // The backup is added first, so only its priority keeps it back.
     let (gw, ids) = started(
         &Config::new(up.base_url()),

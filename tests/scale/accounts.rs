@@ -1,7 +1,6 @@
 //! Account state shared through Redis: a cooldown one instance put on an account keeps the
 //! others off it, and a sticky session stays on its account whichever instance it reaches.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use serde_json::json;
 use super::{start_instances, state_section};
 use crate::support::accounts::{
     KEY_A, KEY_B, KEY_C, assert_rested, error_body, new_conversation, poll_until, post_body,
-    served_by,
+    rests_key_a_once, served_by,
 };
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, Reply, call};
@@ -249,20 +248,7 @@ fn a_shared_cooldown_ends_when_its_retry_after_says_on_every_instance() {
     // A 429 with retry-after 2 on one instance rests the account for two seconds on another:
     // not less, and not much more.
     let redis = RedisServer::start();
-    let armed = Arc::new(AtomicBool::new(true));
-    let arm = Arc::clone(&armed);
-    let up = FakeUpstream::start(move |req| {
-        let key = req.api_key();
-        if key == KEY_A && arm.swap(false, Ordering::SeqCst) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", key),
-            )
-        } else {
-            Reply::json(200, &served_by(key))
-        }
-    });
+    let (up, _) = rests_key_a_once(true);
     let config = Config::new(up.base_url()).section(&format!(
         "balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n{}",
         state_section(&redis)

@@ -3,13 +3,14 @@
 //! polling, cases run side by side, and reading the status views.
 
 use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::{Config, Gateway, Response, call};
+use super::{Config, FakeUpstream, Gateway, Reply, Response, call};
 
 pub const KEY_A: &str = "sk-ant-api03-BalanceAccountAlpha-aaaa";
 pub const KEY_B: &str = "sk-ant-api03-BalanceAccountBravo-bbbb";
@@ -30,6 +31,26 @@ pub fn error_body(kind: &str, message: &str, key: &str) -> String {
         r#"{{"type":"error","error":{{"type":"{kind}","message":"{message} ({})"}}}}"#,
         &key[key.len() - 4..]
     )
+}
+
+/// An upstream that answers `KEY_A` with 429 and `retry-after: 2` once each time the returned
+/// switch is set (set from the start when `armed`), and every other request with `served_by`.
+pub fn rests_key_a_once(armed: bool) -> (FakeUpstream, Arc<AtomicBool>) {
+    let switch = Arc::new(AtomicBool::new(armed));
+    let set = Arc::clone(&switch);
+    let up = FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        if key == KEY_A && set.swap(false, Ordering::SeqCst) {
+            Reply::json_with(
+                429,
+                &[("retry-after", "2")],
+                &error_body("rate_limit_error", "rate limited", key),
+            )
+        } else {
+            Reply::json(200, &served_by(key))
+        }
+    });
+    (up, switch)
 }
 
 /// A running gateway with these API-key accounts (name, key, extra flags) and one client key;
