@@ -211,36 +211,42 @@ PIDS+=("$MOCK_PID")
 MOCK_ADDR=$(wait_line "$WORK/mock.out" "listening on" "$MOCK_PID" | sed 's/listening on //')
 MOCK_URL=http://$MOCK_ADDR
 
-# nginx: a plain streaming reverse proxy, one worker, like the README's example.
-NGINX_PORT=$("$MOCK" --free-port)
-mkdir -p "$WORK/nginx"
-{
-    [[ $(id -u) == 0 ]] && echo "user root;"
-    cat <<EOF
+# start_nginx LAUNCH DIR PORT SERVER...: nginx as a plain streaming reverse proxy (one worker,
+# keep-alive to the SERVERs, round robin over them), like the README's example, on
+# 127.0.0.1:PORT, with its config and logs in DIR, started under the command prefix in the array
+# named LAUNCH. Sets NGINX_STARTED to its pid.
+start_nginx() {
+    local -n launch=$1
+    local dir=$2 port=$3
+    shift 3
+    mkdir -p "$dir"
+    {
+        [[ $(id -u) == 0 ]] && echo "user root;"
+        cat <<EOF
 worker_processes 1;
 daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
 worker_rlimit_nofile 16384;
 events { worker_connections 8192; }
 http {
     access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
     keepalive_requests 1000000;
     client_max_body_size 32m;
-    upstream mock {
-        server $MOCK_ADDR;
+    upstream backends {
+$(printf '        server %s;\n' "$@")
         keepalive 64;
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+        listen 127.0.0.1:$port;
         location / {
-            proxy_pass http://mock;
+            proxy_pass http://backends;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -249,12 +255,17 @@ http {
     }
 }
 EOF
-} >"$WORK/nginx/nginx.conf"
-"${SERVER[@]}" "$NGINX" -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf" \
-    >"$WORK/nginx.out" 2>&1 &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-wait_port "$NGINX_PORT"
+    } >"$dir/nginx.conf"
+    "${launch[@]}" "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" >"$dir/nginx.out" 2>&1 &
+    NGINX_STARTED=$!
+    PIDS+=("$NGINX_STARTED")
+    wait_port "$port"
+}
+
+# nginx in front of the mock.
+NGINX_PORT=$("$MOCK" --free-port)
+start_nginx SERVER "$WORK/nginx" "$NGINX_PORT" "$MOCK_ADDR"
+NGINX_PID=$NGINX_STARTED
 NGINX_URL=http://127.0.0.1:$NGINX_PORT
 nginx_pids() { echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true); }
 for _ in $(seq 100); do
@@ -262,7 +273,7 @@ for _ in $(seq 100); do
     [[ -n $NGINX_WORKER ]] && break
     sleep 0.05
 done
-[[ -n $NGINX_WORKER ]] || die "nginx started no worker: $(cat "$WORK/nginx.out" "$WORK/nginx/error.log")"
+[[ -n $NGINX_WORKER ]] || die "nginx started no worker: $(cat "$WORK/nginx/nginx.out" "$WORK/nginx/error.log")"
 
 # The gateway: a realistic team config. Access log on, to a file in the work dir.
 CFG=$WORK/gateway/config.yaml
@@ -616,48 +627,8 @@ EOF
         if [[ $via == lb ]]; then
             lb_port=$("$MOCK" --free-port)
             conf=$SCALE_DIR/nginx-$label
-            mkdir -p "$conf"
-            {
-                [[ $(id -u) == 0 ]] && echo "user root;"
-                cat <<EOF
-worker_processes 1;
-daemon off;
-pid $conf/nginx.pid;
-error_log $conf/error.log warn;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $conf/body;
-    proxy_temp_path $conf/proxy;
-    fastcgi_temp_path $conf/fastcgi;
-    uwsgi_temp_path $conf/uwsgi;
-    scgi_temp_path $conf/scgi;
-    keepalive_requests 1000000;
-    client_max_body_size 32m;
-    upstream gateways {
-$(printf '        server %s;\n' "${addrs[@]}")
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$lb_port;
-        location / {
-            proxy_pass http://gateways;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_read_timeout 600s;
-        }
-    }
-}
-EOF
-            } >"$conf/nginx.conf"
-            "${pin[@]}" "$NGINX" -p "$conf" -e "$conf/error.log" -c "$conf/nginx.conf" \
-                >"$conf/nginx.out" 2>&1 &
-            lb_pid=$!
-            PIDS+=("$lb_pid")
-            wait_port "$lb_port"
+            start_nginx pin "$conf" "$lb_port" "${addrs[@]}"
+            lb_pid=$NGINX_STARTED
             url=http://127.0.0.1:$lb_port
         fi
         # Every instance answers (nginx takes them in turn).
