@@ -22,7 +22,6 @@ pub struct Accounts {
     settings: RwLock<Arc<BalanceSettings>>,
     /// `None` when sticky sessions are off.
     sticky: Option<Sticky>,
-    sticky_ttl: Duration,
     /// Cooldowns, bans and pins shared with other instances (`state.backend: redis`).
     shared: Option<Arc<Shared>>,
     /// Advances with every pick: rotates round robin and breaks ties.
@@ -289,7 +288,6 @@ impl Accounts {
             sticky: sticky
                 .enabled
                 .then(|| Sticky::new(sticky.ttl, sticky.max_entries)),
-            sticky_ttl: sticky.ttl,
             shared,
             turn: AtomicU64::new(0),
             picking: Mutex::new(()),
@@ -361,11 +359,13 @@ impl Accounts {
     pub fn pick(&self, tried: &[String], sticky_key: Option<u64>) -> Result<Pick, ApiError> {
         let all = self.snapshot();
         let now = Instant::now();
-        let sticky_key = sticky_key.filter(|_| self.sticky.is_some());
+        // The key with its pins' TTL, when sticky sessions are on.
+        let sticky = sticky_key.zip(self.sticky.as_ref().map(Sticky::ttl));
+        let sticky_key = sticky.map(|(key, _)| key);
         // One round trip: what other instances found about these accounts, and the pin.
         let view = self.shared.as_ref().and_then(|shared| {
             let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
-            shared.view(&ids, sticky_key, self.sticky_ttl).ok()
+            shared.view(&ids, sticky).ok()
         });
         let clock = view.as_ref().map(|_| Now {
             instant: now,
@@ -428,15 +428,15 @@ impl Accounts {
         let entry = Arc::clone(candidates[index]);
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.requests.fetch_add(1, Ordering::Relaxed);
-        if let (Some(key), Some(sticky)) = (sticky_key, &self.sticky) {
-            sticky.pin(key, entry.id(), now);
+        if let (Some((key, ttl)), Some(pins)) = (sticky, &self.sticky) {
+            pins.pin(key, entry.id(), now);
             drop(picking);
             // The view renewed a pin that still holds; a new or moved one is written (outside
             // the picking lock: a round trip).
             if let (Some(view), Some(shared)) = (&view, &self.shared)
                 && view.pin.as_deref() != Some(entry.id())
             {
-                let _ = shared.pin(key, entry.id(), self.sticky_ttl);
+                let _ = shared.pin(key, entry.id(), ttl);
             }
         }
         Ok(Pick { entry })
@@ -478,7 +478,7 @@ impl Accounts {
             e.meet_stored(shared, stored.as_ref())?;
         }
         let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
-        let view = shared.view(&ids, None, self.sticky_ttl)?;
+        let view = shared.view(&ids, None)?;
         let now = Now {
             instant: Instant::now(),
             unix_ms: crate::time::now_unix_millis(),

@@ -353,16 +353,18 @@ impl Shared {
     // -----------------------------------------------------------------------------------------
     // Accounts: cooldowns, bans, sticky pins.
 
-    /// Cooldowns and bans of `ids`, and the account `pin` is pinned to (its TTL renewed).
-    pub fn view(&self, ids: &[&str], pin: Option<u64>, ttl: Duration) -> Result<View, Down> {
+    /// Cooldowns and bans of `ids`, and the account the sticky key in `pin` is pinned to
+    /// (that pin's TTL renewed to the one given).
+    pub fn view(&self, ids: &[&str], pin: Option<(u64, Duration)>) -> Result<View, Down> {
         let mut keys: Vec<String> = ids.iter().map(|id| self.name("cool", id)).collect();
         keys.extend(ids.iter().map(|id| self.name("ban", id)));
-        if let Some(pin) = pin {
+        if let Some((pin, _)) = pin {
             keys.push(self.name("pin", &format!("{pin:016x}")));
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut cmd = eval(VIEW, &keys);
-        cmd.arg(ids.len()).arg(ttl.as_millis() as u64);
+        let ttl = pin.map_or(0, |(_, ttl)| ttl.as_millis() as u64);
+        cmd.arg(ids.len()).arg(ttl);
         let mut out: Vec<Option<String>> = self.call(|c| cmd.query(c))?;
         let pin = if out.len() > 2 * ids.len() {
             out.pop().flatten()

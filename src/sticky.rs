@@ -176,6 +176,11 @@ impl Sticky {
         }
     }
 
+    /// How long a pin lives after its last use.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
