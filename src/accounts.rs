@@ -14,7 +14,7 @@ use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens
 use crate::cooldown::{self, Cooldown, Health, Now, Signal};
 use crate::error::ApiError;
 use crate::shared::{Down, Shared, Stored};
-use crate::sticky::Sticky;
+use crate::sticky::{Key, Sticky};
 
 pub struct Accounts {
     list: RwLock<Arc<Vec<Arc<Entry>>>>,
@@ -63,6 +63,9 @@ pub struct Live {
     pub needs_login: bool,
     /// A permanent failure seen at run time (a ban): the account is out of service.
     pub disabled_reason: Option<String>,
+    /// A ban the upstream announced that a probe could not settle: the account rests, and is
+    /// probed again before it next serves.
+    pub suspected_ban: Option<crate::anthropic::Ban>,
     /// Consecutive failed refresh attempts, and when the next may be made.
     pub refresh_failures: u32,
     pub next_refresh_attempt: Option<Instant>,
@@ -136,6 +139,10 @@ impl Entry {
 
     pub fn id(&self) -> &str {
         &self.account.id
+    }
+
+    pub fn is_oauth(&self) -> bool {
+        self.account.oauth().is_some()
     }
 
     /// Whether requests may be sent with this account now.
@@ -287,7 +294,7 @@ impl Accounts {
             settings: RwLock::new(Arc::new(settings.clone())),
             sticky: sticky
                 .enabled
-                .then(|| Sticky::new(sticky.ttl, sticky.max_entries)),
+                .then(|| Sticky::new(sticky.ttl, sticky.max_entries, sticky.max_per_key)),
             shared,
             turn: AtomicU64::new(0),
             picking: Mutex::new(()),
@@ -356,12 +363,12 @@ impl Accounts {
     /// the sticky pin if it is in that tier, else the strategy. When all usable accounts are
     /// cooling down: 529 with the soonest return as `retry-after`; when none is usable: 503
     /// saying why.
-    pub fn pick(&self, tried: &[String], sticky_key: Option<u64>) -> Result<Pick, ApiError> {
+    pub fn pick(&self, tried: &[String], sticky_key: Option<Key<'_>>) -> Result<Pick, ApiError> {
         let all = self.snapshot();
         let now = Instant::now();
-        // The key with its pins' TTL, when sticky sessions are on.
-        let sticky = sticky_key.zip(self.sticky.as_ref().map(Sticky::ttl));
-        let sticky_key = sticky.map(|(key, _)| key);
+        // The key's hash with its pins' TTL, when sticky sessions are on.
+        let sticky = (sticky_key.map(|k| k.hash)).zip(self.sticky.as_ref().map(Sticky::ttl));
+        let sticky_hash = sticky.map(|(hash, _)| hash);
         // One round trip: what other instances found about these accounts, and the pin.
         let view = self.shared.as_ref().and_then(|shared| {
             let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
@@ -410,7 +417,7 @@ impl Accounts {
         let pinned = match &view {
             // Redis answered: its pin is the one every instance follows.
             Some(view) => view.pin.as_deref().and_then(position),
-            None => sticky_key
+            None => sticky_hash
                 .zip(self.sticky.as_ref())
                 .and_then(|(key, sticky)| sticky.find(key, now, position)),
         };
@@ -428,7 +435,9 @@ impl Accounts {
         let entry = Arc::clone(candidates[index]);
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.requests.fetch_add(1, Ordering::Relaxed);
-        if let (Some((key, ttl)), Some(pins)) = (sticky, &self.sticky) {
+        if let (Some(key), Some(ttl), Some(pins)) =
+            (sticky_key, sticky.map(|(_, t)| t), &self.sticky)
+        {
             pins.pin(key, entry.id(), now);
             drop(picking);
             // The view renewed a pin that still holds; a new or moved one is written (outside
@@ -436,7 +445,7 @@ impl Accounts {
             if let (Some(view), Some(shared)) = (&view, &self.shared)
                 && view.pin.as_deref() != Some(entry.id())
             {
-                let _ = shared.pin(key, entry.id(), ttl);
+                let _ = shared.pin(key.hash, entry.id(), ttl);
             }
         }
         Ok(Pick { entry })
@@ -621,6 +630,7 @@ mod tests {
             enabled: true,
             ttl: Duration::from_secs(3600),
             max_entries: 100,
+            max_per_key: 100,
         };
         Accounts::new(accounts, &settings(strategy), &sticky, None)
     }
@@ -629,7 +639,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 accounts
-                    .pick(tried, key)
+                    .pick(tried, key.map(|k| Key::new(k, "ck_test")))
                     .expect("usable")
                     .entry
                     .id()
@@ -737,7 +747,9 @@ mod tests {
             let rounds = 200_000u64;
             let started = Instant::now();
             for i in 0..rounds {
-                let pick = accounts.pick(&[], Some(i % 1000)).expect("usable");
+                let pick = accounts
+                    .pick(&[], Some(Key::new(i % 1000, "ck_test")))
+                    .expect("usable");
                 std::hint::black_box(&pick);
             }
             let ns = started.elapsed().as_nanos() as f64 / rounds as f64;

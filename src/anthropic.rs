@@ -1,6 +1,6 @@
 //! The Anthropic Messages format, as far as the gateway edits it: prepending a system text
-//! block, merging `anthropic-beta` values, and recognising account-level failures in error
-//! bodies. Pure functions: bytes and strings in, values out.
+//! block, merging `anthropic-beta` values, and recognising a ban in an error answer. Pure
+//! functions: bytes and strings in, values out.
 
 use serde_json::{Map, Value};
 
@@ -51,20 +51,49 @@ pub fn merge_beta<'a>(values: impl IntoIterator<Item = &'a str>, add: &str) -> S
     out.join(",")
 }
 
-/// Error answers that mean the account itself is finished, not the request: the account is
-/// disabled with this reason instead of cycling through cooldowns.
-pub fn permanent_failure(status: u16, body: &[u8]) -> Option<&'static str> {
-    const BANS: [(u16, &str); 2] = [
-        (
-            403,
-            "OAuth authentication is currently not allowed for this organization.",
-        ),
-        (400, "This organization has been disabled."),
-    ];
-    let text = String::from_utf8_lossy(body);
+/// A ban the upstream announced for an account: the sentence (the account's disabled reason),
+/// and the `error.type` it came with, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub reason: &'static str,
+    pub error_type: Option<String>,
+}
+
+/// The ban sentences: the status each comes with, and whether it concerns OAuth accounts only.
+const BANS: [(u16, &str, bool); 2] = [
+    (
+        403,
+        "OAuth authentication is currently not allowed for this organization.",
+        true,
+    ),
+    (400, "This organization has been disabled.", false),
+];
+
+/// The ban an error answer announces, decided only on what the request cannot put there: the
+/// status, and the whole `error.message` (trimmed) equal to a ban sentence. Anthropic's 400s
+/// quote the request back (an unknown beta header, a bad tag), so a sentence merely contained
+/// in the message, or anywhere else in the body, is the client's words and never a ban.
+pub fn ban(status: u16, body: &[u8], oauth: bool) -> Option<Ban> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Error,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        message: String,
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+    }
+    let answer: Answer = crate::json::from_slice(body).ok()?;
+    let message = answer.error.message.trim();
     BANS.iter()
-        .find(|(s, message)| *s == status && text.contains(message))
-        .map(|(_, message)| *message)
+        .find(|(s, sentence, oauth_only)| {
+            *s == status && *sentence == message && (oauth || !oauth_only)
+        })
+        .map(|(_, sentence, _)| Ban {
+            reason: sentence,
+            error_type: answer.error.kind,
+        })
 }
 
 #[cfg(test)]
@@ -132,12 +161,24 @@ mod tests {
     }
 
     #[test]
-    fn bans_are_recognised_by_status_and_message() {
+    fn bans_are_the_whole_message_with_its_status() {
         let body = br#"{"type":"error","error":{"type":"permission_error","message":"OAuth authentication is currently not allowed for this organization."}}"#;
-        assert!(permanent_failure(403, body).is_some());
-        assert!(permanent_failure(401, body).is_none());
-        let disabled = br#"{"error":{"message":"This organization has been disabled."}}"#;
-        assert!(permanent_failure(400, disabled).is_some());
-        assert!(permanent_failure(400, br#"{"error":{"message":"max_tokens too big"}}"#).is_none());
+        let ban403 = ban(403, body, true).expect("a ban");
+        assert_eq!(ban403.error_type.as_deref(), Some("permission_error"));
+        assert!(ban(401, body, true).is_none(), "wrong status");
+        assert!(ban(403, body, false).is_none(), "OAuth-only sentence");
+        let disabled = br#"{"error":{"message":"  This organization has been disabled.\n"}}"#;
+        assert!(
+            ban(400, disabled, false).is_some(),
+            "trimmed, type optional"
+        );
+        assert!(ban(400, br#"{"error":{"message":"max_tokens too big"}}"#, false).is_none());
+        // Quoted back from the request: contained, not equal.
+        let quoted = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Unexpected value(s) `This organization has been disabled.` for the `anthropic-beta` header."}}"#;
+        assert!(ban(400, quoted, true).is_none());
+        let elsewhere =
+            br#"{"error":{"message":"bad"},"note":"This organization has been disabled."}"#;
+        assert!(ban(400, elsewhere, true).is_none());
+        assert!(ban(400, b"This organization has been disabled.", true).is_none());
     }
 }

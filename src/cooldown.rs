@@ -21,6 +21,9 @@ pub enum Signal {
     Failure(String),
     /// An API key was refused (401).
     AuthFailed,
+    /// The upstream announced a ban that a probe of the account could neither confirm nor
+    /// refute: the account rests like an ejection, and is probed again before it serves.
+    SuspectedBan(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +117,11 @@ impl Health {
                     );
                     cool(self, d + jitter, reason);
                 }
+            }
+            Signal::SuspectedBan(what) => {
+                let d = doubling(s.eject_cooldown, self.ejections, s.eject_cooldown_max);
+                self.ejections += 1;
+                cool(self, d + jitter, what);
             }
             Signal::AuthFailed => {
                 self.auth_failures += 1;
@@ -243,6 +251,22 @@ mod tests {
         assert_eq!(remaining(&h, at(t0, 11)), Duration::from_secs(20));
         h.record(Signal::Success, at(t0, 40), Duration::ZERO, &s);
         assert_eq!((h.consecutive_failures, h.ejections), (0, 0));
+    }
+
+    #[test]
+    fn a_suspected_ban_ejects_at_once_and_doubles() {
+        let t0 = Instant::now();
+        let s = settings();
+        let mut h = Health::default();
+        let suspect = || Signal::SuspectedBan("ban unconfirmed".into());
+        h.record(suspect(), at(t0, 0), Duration::ZERO, &s);
+        assert_eq!(remaining(&h, at(t0, 0)), Duration::from_secs(10));
+        assert_eq!(
+            h.cooldown.as_ref().expect("cooling").reason,
+            "ban unconfirmed"
+        );
+        h.record(suspect(), at(t0, 11), Duration::ZERO, &s);
+        assert_eq!(remaining(&h, at(t0, 11)), Duration::from_secs(20));
     }
 
     #[test]

@@ -658,6 +658,8 @@ fn http_conn(input: &[u8]) {
         header_timeout: Duration::from_secs(5),
         body_timeout: Duration::from_secs(5),
         keepalive_timeout: Duration::from_secs(5),
+        body_min_rate: 0,
+        body_rate_grace: Duration::from_secs(5),
     };
     let mut conn = Conn::new(server);
     let mut body_bytes = 0;

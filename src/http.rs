@@ -21,6 +21,10 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub keepalive_timeout: Duration,
+    /// The slowest average a body may arrive at, in bytes a second, once `body_rate_grace`
+    /// has passed (0: no minimum).
+    pub body_min_rate: u64,
+    pub body_rate_grace: Duration,
 }
 
 pub struct Request {
@@ -65,6 +69,8 @@ pub enum ReadError {
     BodyTooLarge,
     /// The body stalled longer than the body timeout.
     BodyTimeout,
+    /// The body arrived slower than the minimum rate (bytes a second) allows.
+    BodyTooSlow(u64),
     /// The request violates HTTP/1.1 framing (or would allow request smuggling).
     Malformed(&'static str),
     /// A framing feature we do not implement, such as a transfer coding other than chunked.
@@ -90,6 +96,10 @@ impl ReadError {
                 format!("the request body is larger than the gateway's limit of {max_body} bytes"),
             ),
             ReadError::BodyTimeout => (408, "the request body stalled".into()),
+            ReadError::BodyTooSlow(rate) => (
+                408,
+                format!("the request body arrived slower than {rate} bytes a second"),
+            ),
             ReadError::Malformed(why) => (400, format!("malformed HTTP request: {why}")),
             ReadError::NotImplemented(why) => (501, format!("not supported: {why}")),
             ReadError::ExpectationFailed => (417, "only Expect: 100-continue is supported".into()),
@@ -112,6 +122,12 @@ pub struct Conn {
     /// What the current request's head said, once read: for answering and logging a request
     /// whose body is then refused.
     last_head: Option<HeadInfo>,
+    /// The framing of a body announced by the head just read and not read yet.
+    pending: Option<Framing>,
+    /// A body was refused part way: the rest of it is still on the wire.
+    broken: bool,
+    /// When the body being read started, and the bytes received for it since.
+    body_clock: (Instant, u64),
 }
 
 /// The parts of a request head that identify it in logs.
@@ -150,6 +166,9 @@ impl Conn {
             buf: Vec::new(),
             served: 0,
             last_head: None,
+            pending: None,
+            broken: false,
+            body_clock: (Instant::now(), 0),
         }
     }
 
@@ -174,14 +193,35 @@ impl Conn {
         result
     }
 
-    /// Reads the next request, head and body.
     /// The head of the request being read, if it was read.
     pub fn last_head(&self) -> Option<&HeadInfo> {
         self.last_head.as_ref()
     }
 
+    /// Whether bytes of a next request (pipelined) are already here.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Whether the request just read left bytes of its body on the wire (it was answered
+    /// without reading it, or reading it failed): the connection must close after the answer.
+    pub fn body_unread(&self) -> bool {
+        self.pending.is_some() || self.broken
+    }
+
+    /// Reads the next request, head and body (the fuzzer's whole-request entry point).
+    #[cfg(test)]
     pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
+        let mut req = self.read_head(limits)?;
+        self.read_body(&mut req, limits)?;
+        Ok(req)
+    }
+
+    /// Reads the next request's head. Its body, if it has one, stays unread until
+    /// `read_body`: the key and the per-key limits are checked first.
+    pub fn read_head(&mut self, limits: &Limits) -> Result<Request, ReadError> {
         self.last_head = None;
+        self.pending = None;
         let first = self.served == 0;
         let started = Instant::now();
         if self.buf.is_empty() {
@@ -201,7 +241,7 @@ impl Conn {
         // The whole head must arrive within the header timeout of its first byte (or of the
         // accept, for a new connection): a client trickling one byte a second is cut.
         let deadline = if first { started } else { Instant::now() } + limits.header_timeout;
-        let (mut request, framing, head_len) = loop {
+        let (request, framing, head_len) = loop {
             let parsed = parse_head(&self.buf).inspect_err(|_| {
                 // Refused for its framing or fields: the request line still tells the error
                 // answer which API's shape the client speaks.
@@ -232,42 +272,97 @@ impl Conn {
             path: request.path().to_string(),
             request_id: request.header("x-request-id").map(String::from),
         });
-
-        let body_len = match framing {
-            Framing::None => None,
-            Framing::Length(n) if n > limits.max_body => return Err(ReadError::BodyTooLarge),
-            Framing::Length(n) => Some(n),
-            Framing::Chunked => Some(1),
-        };
-        if let Some(expect) = request.header("expect") {
-            if !expect.eq_ignore_ascii_case("100-continue") {
-                return Err(ReadError::ExpectationFailed);
+        match framing {
+            Framing::Length(n) if n > limits.max_body => {
+                self.pending = Some(framing);
+                return Err(ReadError::BodyTooLarge);
             }
-            // Ask for the body only if we will read it and it has not started arriving.
-            if body_len.is_some_and(|n| n > 0) && self.buf.is_empty() && request.minor_version == 1
-            {
-                (&*self.stream)
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    .map_err(|_| ReadError::Io)?;
+            Framing::None | Framing::Length(0) => {}
+            _ => self.pending = Some(framing),
+        }
+        if let Some(expect) = request.header("expect")
+            && !expect.eq_ignore_ascii_case("100-continue")
+        {
+            return Err(ReadError::ExpectationFailed);
+        }
+        if self.pending.is_none() {
+            self.finish_request();
+        }
+        Ok(request)
+    }
+
+    /// Reads the body the head of `req` announced (nothing if it announced none), under the
+    /// size limit, the idle timeout and the minimum rate.
+    pub fn read_body(&mut self, req: &mut Request, limits: &Limits) -> Result<(), ReadError> {
+        let Some(framing) = self.pending.take() else {
+            return Ok(());
+        };
+        // Ask for the body only now that it will be read, and if it has not started arriving.
+        if req
+            .header("expect")
+            .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+            && self.buf.is_empty()
+            && req.minor_version == 1
+        {
+            (&*self.stream)
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .map_err(|_| ReadError::Io)?;
+        }
+        self.body_clock = (Instant::now(), self.buf.len() as u64);
+        let body = match framing {
+            Framing::None => Ok(Vec::new()),
+            Framing::Length(n) => self.read_exact_body(n, limits),
+            Framing::Chunked => self.read_chunked_body(limits),
+        };
+        match body {
+            Ok(body) => {
+                req.body = body;
+                self.finish_request();
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
             }
         }
-        request.body = match framing {
-            Framing::None => Vec::new(),
-            Framing::Length(n) => self.read_exact_body(n, limits)?,
-            Framing::Chunked => self.read_chunked_body(limits)?,
-        };
+    }
+
+    /// A request was read whole.
+    fn finish_request(&mut self) {
         self.served += 1;
         if self.buf.is_empty() {
             // The answer may stream for minutes: hold no read buffer meanwhile.
             self.buf = Vec::new();
         }
-        Ok(request)
     }
 
+    /// More body bytes: waits no longer than the body timeout, nor past the moment the body
+    /// falls below the minimum rate (after its grace period, the bytes received so far buy
+    /// `1 / body_min_rate` seconds each).
     fn need(&mut self, limits: &Limits) -> Result<(), ReadError> {
-        match self.fill(limits.body_timeout) {
+        let (started, received) = self.body_clock;
+        let mut wait = limits.body_timeout;
+        let mut rate_bound = false;
+        if limits.body_min_rate > 0 {
+            let earned = Duration::from_secs_f64(received as f64 / limits.body_min_rate as f64);
+            let left = (started + limits.body_rate_grace + earned)
+                .saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::BodyTooSlow(limits.body_min_rate));
+            }
+            if left < wait {
+                (wait, rate_bound) = (left, true);
+            }
+        }
+        match self.fill(wait) {
             Ok(0) => Err(ReadError::Closed),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                self.body_clock.1 += n as u64;
+                Ok(())
+            }
+            Err(e) if is_timeout(&e) && rate_bound => {
+                Err(ReadError::BodyTooSlow(limits.body_min_rate))
+            }
             Err(e) if is_timeout(&e) => Err(ReadError::BodyTimeout),
             Err(_) => Err(ReadError::Io),
         }

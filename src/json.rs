@@ -26,6 +26,78 @@ pub fn from_str<'a, T: Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> 
     from_slice(text.as_bytes())
 }
 
+/// Whether a JSON body is text the upstream can take: valid UTF-8, and no `\u` escape that
+/// leaves a surrogate unpaired (a high one not followed by a low one, or a low one alone), in
+/// any string of any field. A flat byte scan, no parse: pass-through bodies stay unparsed.
+/// Outside strings a valid body holds no backslash, so every one is an escape in a string.
+pub fn check_text(bytes: &[u8]) -> Result<(), String> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(format!(
+            "the request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ));
+    }
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = bytes.get(at..at + 4)?;
+        digits.iter().try_fold(0u16, |n, &d| {
+            let v = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return None,
+            };
+            Some(n << 4 | u16::from(v))
+        })
+    };
+    let lone = |at: usize| {
+        Err(format!(
+            "the request body has an unpaired surrogate escape (\\u{:04x}) at byte {at}; JSON strings must be valid Unicode",
+            hex4(at + 2).unwrap_or(0)
+        ))
+    };
+    let mut i = 0;
+    while let Some(at) = find_backslash(bytes, i) {
+        if bytes.get(at + 1) != Some(&b'u') {
+            // Any other escape is two bytes (`\\` included, so its second byte is skipped).
+            i = at + 2;
+            continue;
+        }
+        match hex4(at + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let paired = bytes.get(at + 6..at + 8) == Some(&b"\\u"[..])
+                    && matches!(hex4(at + 8), Some(0xDC00..=0xDFFF));
+                if !paired {
+                    return lone(at);
+                }
+                i = at + 12;
+            }
+            Some(0xDC00..=0xDFFF) => return lone(at),
+            // Other escapes, and malformed ones (the parser's to refuse).
+            _ => i = at + 6,
+        }
+    }
+    Ok(())
+}
+
+/// The first `\\` in `bytes` from `from`, eight bytes at a time (a word holds a backslash
+/// when `word ^ 0x5c5c…` has a zero byte).
+fn find_backslash(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while i + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i..i + 8]);
+        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(b'\\'));
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(i + (zero.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    (bytes.get(i..)?.iter().position(|&b| b == b'\\')).map(|p| i + p)
+}
+
 /// Whether `bytes` opens more than `limit` arrays or objects at once, outside strings.
 /// Needs no valid JSON: whatever it passes, the parser still checks.
 pub fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
@@ -61,6 +133,84 @@ pub fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    /// The cost of the text check per MiB, on a realistic body (prose with escapes, a few
+    /// emoji as surrogate pairs) and on one made of escapes only, its worst case
+    /// (`cargo test --release measure_text -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure_text_check_cost() {
+        let prose = r#"{"role":"user","content":"Line one,\n\"quoted\" \ud83d\ude00 text \u00e9 and plain words to fill the line."},"#;
+        let plain = r#"{"role":"user","content":"A line of plain words, as code and prose mostly are, no escapes at all here."},"#;
+        let escapes = r#"\n\t\u00e9\ud83d\ude00\\"#;
+        for (what, piece) in [
+            ("plain", plain),
+            ("prose", prose),
+            ("escapes only", escapes),
+        ] {
+            let mut body = String::from(r#"{"messages":["#);
+            if what == "escapes only" {
+                body.push('"');
+            }
+            while body.len() < 32 * 1024 * 1024 {
+                body.push_str(piece);
+            }
+            body.push_str(if what == "escapes only" {
+                "\"]}"
+            } else {
+                "{}]}"
+            });
+            let mib = body.len() as f64 / (1024.0 * 1024.0);
+            let rounds = 5;
+            let started = std::time::Instant::now();
+            for _ in 0..rounds {
+                assert!(check_text(std::hint::black_box(body.as_bytes())).is_ok());
+            }
+            let per_mib = started.elapsed().as_secs_f64() * 1e6 / (mib * rounds as f64);
+            eprintln!("check_text, {what}: {per_mib:.0} µs per MiB ({mib:.0} MiB bodies)");
+        }
+    }
+
+    #[test]
+    fn backslashes_are_found_at_every_offset() {
+        for len in 0..40 {
+            for at in 0..len {
+                let mut bytes = vec![b'a'; len];
+                bytes[at] = b'\\';
+                for from in 0..=at {
+                    assert_eq!(find_backslash(&bytes, from), Some(at), "{len} {at} {from}");
+                }
+                assert_eq!(find_backslash(&bytes, at + 1), None);
+            }
+            assert_eq!(find_backslash(&vec![0x5d; len], 0), None);
+        }
+    }
+
+    #[test]
+    fn text_checks_find_bad_utf8_and_lone_surrogates_anywhere() {
+        for ok in [
+            &br#"{"a":"plain"}"#[..],
+            br#"{"a":"\ud83d\ude00"}"#,
+            br#"{"a":"\\ud800 is text"}"#,
+            br#"{"a":"\\\ud83d\ude00"}"#,
+            br#"{"a":"\u00e9\n\"\\"}"#,
+            "{\"a\":\"é 中\"}".as_bytes(),
+        ] {
+            assert!(check_text(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"{\"a\":\"caf\xc3\"}"[..],
+            b"{\"a\":\"\xff\"}",
+            br#"{"a":"\ud800"}"#,
+            br#"{"a":"\uDBFFx"}"#,
+            br#"{"a":"\udc00"}"#,
+            br#"{"a":"\ud83d\ud83d"}"#,
+            br#"{"deep":[{"x":["\ud83d"]}]}"#,
+            br#"{"a":"\\\ud800"}"#,
+        ] {
+            assert!(check_text(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     fn nest(levels: usize) -> String {
         "[".repeat(levels) + &"]".repeat(levels)

@@ -353,6 +353,17 @@ fn journal_options() -> std::fs::OpenOptions {
     options
 }
 
+/// Creates `dir` (mode 0700) or makes an existing one private: who used what is the team's
+/// business only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 impl Ledger {
     /// Opens the ledger in `dir`: reads what is there, folds unfolded journals into the
     /// summary, and starts a fresh journal generation (so a line a crash cut short is never
@@ -362,7 +373,7 @@ impl Ledger {
         dir: &Path,
         shared: Option<Arc<Shared>>,
     ) -> std::io::Result<(Arc<Ledger>, Journal)> {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
         let lock = crate::store::lock_dir(dir)?;
         let (book, last) = read(dir)?;
         write_summary(dir, &book, last)?;

@@ -90,11 +90,26 @@ impl Limiter {
         }
     }
 
-    /// Admits `client` for `model` now, or says which limit refuses it.
+    /// Whether `client` may use `model` (its allow-list), once the body has named it.
+    pub fn allow_model(client: &Client, model: Option<&str>) -> Result<(), ApiError> {
+        let Some(limits) = client.limits.as_ref().filter(|l| !l.models.is_empty()) else {
+            return Ok(());
+        };
+        let model = model.unwrap_or("");
+        if limits.models.iter().any(|m| m == model) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(format!(
+            "this gateway key may not use model {model:?}; allowed: {}",
+            limits.models.join(", ")
+        )))
+    }
+
+    /// Admits `client` now under its budgets, rate and concurrency, or says which limit
+    /// refuses it: all of it from the head, before the body is read.
     pub fn admit(
         self: &Arc<Self>,
         client: &Client,
-        model: Option<&str>,
         ledger: Option<&Ledger>,
     ) -> Result<Permit, ApiError> {
         let Some(limits) = &client.limits else {
@@ -103,15 +118,6 @@ impl Limiter {
                 held: None,
             });
         };
-        if !limits.models.is_empty() {
-            let model = model.unwrap_or("");
-            if !limits.models.iter().any(|m| m == model) {
-                return Err(ApiError::Forbidden(format!(
-                    "this gateway key may not use model {model:?}; allowed: {}",
-                    limits.models.join(", ")
-                )));
-            }
-        }
         let now_unix = crate::time::now_unix();
         if let Some(ledger) = ledger {
             let today = now_unix / 86_400;
@@ -278,13 +284,10 @@ mod tests {
             rpm: Some(2),
             ..KeyLimits::default()
         });
-        let a = limiter.admit(&c, None, None).expect("first");
-        let b = limiter.admit(&c, None, None).expect("second");
+        let a = limiter.admit(&c, None).expect("first");
+        let b = limiter.admit(&c, None).expect("second");
         drop((a, b));
-        let err = limiter
-            .admit(&c, None, None)
-            .err()
-            .expect("third in the minute");
+        let err = limiter.admit(&c, None).err().expect("third in the minute");
         assert_eq!(err.status(), 429);
         assert!((59..=60).contains(&err.retry_after().unwrap_or(0)));
     }
@@ -296,28 +299,23 @@ mod tests {
             max_concurrent: Some(1),
             ..KeyLimits::default()
         });
-        let held = limiter.admit(&c, None, None).expect("first");
-        assert_eq!(
-            limiter.admit(&c, None, None).err().map(|e| e.status()),
-            Some(429)
-        );
+        let held = limiter.admit(&c, None).expect("first");
+        assert_eq!(limiter.admit(&c, None).err().map(|e| e.status()), Some(429));
         drop(held);
-        assert!(limiter.admit(&c, None, None).is_ok());
+        assert!(limiter.admit(&c, None).is_ok());
     }
 
     #[test]
     fn models_outside_the_list_are_forbidden() {
-        let limiter = Arc::new(Limiter::default());
         let c = client(KeyLimits {
             models: vec!["claude-haiku".into()],
             ..KeyLimits::default()
         });
-        assert!(limiter.admit(&c, Some("claude-haiku"), None).is_ok());
-        let err = limiter
-            .admit(&c, Some("claude-opus"), None)
-            .err()
-            .expect("forbidden");
+        assert!(Limiter::allow_model(&c, Some("claude-haiku")).is_ok());
+        let err = Limiter::allow_model(&c, Some("claude-opus")).expect_err("forbidden");
         assert_eq!(err.status(), 403);
+        assert!(Limiter::allow_model(&c, None).is_err());
+        assert!(Limiter::allow_model(&client(KeyLimits::default()), Some("x")).is_ok());
     }
 
     #[test]

@@ -89,6 +89,8 @@ struct Pool {
     ready: Condvar,
     settings: PoolSettings,
     workers: Arc<Workers>,
+    /// Asks one idle keep-alive connection to give its worker up; true when one did.
+    reclaim: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Pool {
@@ -100,9 +102,17 @@ impl Pool {
 }
 
 /// Accepts connections until `Workers::stop`, handing each to `serve` on a worker thread.
-pub fn run<F>(listener: TcpListener, settings: PoolSettings, workers: Arc<Workers>, serve: F)
-where
+/// When every worker is busy, `reclaim` is asked to close one idle keep-alive connection, whose
+/// worker then takes the newcomer: an idle client never costs a new one its answer.
+pub fn run<F, R>(
+    listener: TcpListener,
+    settings: PoolSettings,
+    workers: Arc<Workers>,
+    serve: F,
+    reclaim: R,
+) where
     F: Fn(TcpStream) + Send + Sync + 'static,
+    R: Fn() -> bool + Send + Sync + 'static,
 {
     let pool = Arc::new(Pool {
         state: Mutex::new(State {
@@ -114,6 +124,7 @@ where
         ready: Condvar::new(),
         settings,
         workers,
+        reclaim: Box::new(reclaim),
     });
     let serve = Arc::new(serve);
     let mut last_error_log: Option<Instant> = None;
@@ -173,9 +184,17 @@ where
         }
         return;
     }
-    if state.queue.len() < pool.settings.queue {
+    // Every worker is busy. One held by an idle keep-alive connection is freed for this one
+    // (the connection is closed, as a server may close any idle one); else it waits in the
+    // queue, if there is room.
+    drop(state);
+    let reclaimed = (pool.reclaim)();
+    let mut state = pool.lock();
+    if reclaimed || state.queue.len() < pool.settings.queue {
         state.queue.push_back(stream);
         pool.workers.queued.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        pool.ready.notify_one();
         return;
     }
     let workers = state.total;

@@ -28,6 +28,7 @@ mod memory;
 mod metrics;
 mod oauth;
 mod openai;
+mod probe;
 mod processor;
 mod refresh;
 mod router;

@@ -281,6 +281,7 @@ mod tests {
             enabled: false,
             ttl: Duration::from_secs(1),
             max_entries: 1,
+            max_per_key: 1,
         }
     }
 }

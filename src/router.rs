@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use crate::accounts::{Entry, Pick};
 use crate::anthropic;
+use crate::auth::Client;
 use crate::config::Credential;
 use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::http::{Conn, Head, Request, Responder};
 use crate::ledger::Record;
-use crate::limits::Permit;
+use crate::limits::{Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
+use crate::probe::{self, Verdict};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::secret::Secret;
@@ -59,10 +61,13 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         "/v1/messages/count_tokens" => ("POST", Route::Messages { count_tokens: true }),
         "/v1/chat/completions" | "/chat/completions" => ("POST", Route::Chat),
         "/v1/models" => ("GET", Route::Models),
-        p if p
-            .strip_prefix("/v1/models/")
-            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
-        {
+        p if p.starts_with("/v1/models/") => {
+            let id = &p["/v1/models/".len()..];
+            if !is_model_id(id) {
+                return Err(ApiError::BadRequest(
+                    "the path does not end in a model id: ids are letters, digits, '-', '_', '.', ':' and '@', up to 128 of them, without '..'".into(),
+                ));
+            }
             ("GET", Route::Models)
         }
         _ => {
@@ -75,6 +80,56 @@ fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         Ok(route)
     } else {
         Err(ApiError::MethodNotAllowed { allow })
+    }
+}
+
+/// A model id as a piece of an upstream path: model-name characters only, so that nothing a
+/// client writes there (`..`, an encoded `/` or `\\`, a control byte) can lead the upstream
+/// request anywhere but to one model.
+fn is_model_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+        && !id.starts_with(['.', '-'])
+        && !id.contains("..")
+}
+
+/// The query string a client sent, checked before it is passed on (`?beta=true`, the model
+/// list's paging): `key=value` pairs of URL characters whose percent-decoding is text without
+/// control characters.
+fn check_query(target: &str) -> Result<(), ApiError> {
+    let Some((_, query)) = target.split_once('?') else {
+        return Ok(());
+    };
+    let bad = |why: &str| Err(ApiError::BadRequest(format!("the query string {why}")));
+    let bytes = query.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => decoded.push(v),
+                None => return bad("has a '%' not followed by two hex digits"),
+            }
+            i += 3;
+            continue;
+        }
+        // RFC 3986's query characters: unreserved, sub-delims, ':', '@', '/' and '?'.
+        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b)) {
+            return bad("has a character a query may not hold");
+        }
+        decoded.push(b);
+        i += 1;
+    }
+    match std::str::from_utf8(&decoded) {
+        Ok(text) if !text.chars().any(char::is_control) => Ok(()),
+        Ok(_) => bad("decodes to control characters"),
+        Err(_) => bad("does not decode to UTF-8 text"),
     }
 }
 
@@ -94,13 +149,31 @@ pub enum Listener {
 pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listener) -> bool {
     let started = Instant::now();
     let request_id = request_id(&req);
-    let out = conn
-        .respond(req.minor_version, req.keep_alive)
-        .with_request_id(&request_id);
     let mut names = Names::default();
     let _in_flight = gw.metrics.in_flight();
     let mut meter = Meter::default();
-    let (status, outcome, keep) = match serve(gw, &req, listener, &mut names) {
+    // The head decides first (route, key, limits); only an admitted request's body is read.
+    let served = match admit(gw, &req, listener, &mut names) {
+        Ok(Admitted::Local(served)) => Ok(served),
+        Ok(Admitted::Forward(admitted)) => {
+            let limits = gw.live().limits;
+            match conn.read_body(&mut req, &limits) {
+                Ok(()) => serve(gw, &req, admitted, &mut names),
+                Err(e) => match e.answer(limits.max_body) {
+                    Some((status, message)) => Err(ApiError::Http { status, message }),
+                    // The client went away: nobody to answer.
+                    None => return false,
+                },
+            }
+        }
+        Err(error) => Err(error),
+    };
+    // An answer given without reading the whole body leaves the rest on the wire.
+    let unread = conn.body_unread();
+    let out = conn
+        .respond(req.minor_version, req.keep_alive && !unread)
+        .with_request_id(&request_id);
+    let (status, outcome, keep) = match served {
         Ok(Served::Local(status, body, content_type)) => {
             let mut head = Head::new(status);
             head.header("content-type", content_type.as_bytes());
@@ -134,6 +207,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             (status, Outcome::Complete, keep)
         }
     };
+    if unread {
+        conn.linger();
+    }
     account_for(
         gw,
         &req,
@@ -144,7 +220,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         &meter,
         &names,
     );
-    keep
+    keep && !unread
 }
 
 /// The request's id: the client's `x-request-id` when it is sane, else a new one.
@@ -374,12 +450,29 @@ enum Served {
     Upstream(Answer, Option<Pick>, Shape, Permit),
 }
 
-fn serve(
+/// What the head alone decided.
+enum Admitted {
+    /// Answered here (health, readiness, status, metrics).
+    Local(Served),
+    /// An authenticated client, admitted under its limits, for a route that is forwarded.
+    Forward(Forward),
+}
+
+struct Forward {
+    route: Route,
+    client: Client,
+    /// The key's concurrency slot, held until the answer has been relayed.
+    permit: Permit,
+}
+
+/// Decides from the head alone: the route, the client's key, and the key's budgets, rate and
+/// concurrency. Nothing here needs the body, so a refusal never waits for one.
+fn admit(
     gw: &Gateway,
     req: &Request,
     listener: Listener,
     names: &mut Names,
-) -> Result<Served, ApiError> {
+) -> Result<Admitted, ApiError> {
     // The caller's format, as far as the path and headers tell, before anything can fail.
     let path = req.path();
     if is_chat_path(path)
@@ -388,9 +481,16 @@ fn serve(
         names.format = Format::OpenAI;
     }
     let route = route(&req.method, path)?;
+    check_query(&req.target)?;
     match route {
-        Route::Health => return Ok(Served::Local(200, r#"{"status":"ok"}"#.into(), JSON)),
-        Route::Ready => return Ok(ready(gw)),
+        Route::Health => {
+            return Ok(Admitted::Local(Served::Local(
+                200,
+                r#"{"status":"ok"}"#.into(),
+                JSON,
+            )));
+        }
+        Route::Ready => return Ok(Admitted::Local(ready(gw))),
         Route::Status | Route::Metrics => {
             if listener != Listener::AdminLoopback {
                 let client = gw.clients.authenticate(req)?;
@@ -401,12 +501,12 @@ fn serve(
                     ));
                 }
             }
-            return Ok(if route == Route::Metrics {
+            return Ok(Admitted::Local(if route == Route::Metrics {
                 let text = gw.metrics.render(&gw.accounts);
                 Served::Local(200, text, "text/plain; version=0.0.4; charset=utf-8")
             } else {
                 Served::Local(200, status::render(gw).to_string(), JSON)
-            });
+            }));
         }
         _ if listener != Listener::Main => {
             return Err(ApiError::NotFound(
@@ -418,6 +518,30 @@ fn serve(
     let client = gw.clients.authenticate(req)?;
     names.client.clone_from(&client.name);
     names.client_id = Some(client.id.clone());
+    let permit = gw.limiter.admit(&client, gw.ledger.as_deref())?;
+    Ok(Admitted::Forward(Forward {
+        route,
+        client,
+        permit,
+    }))
+}
+
+/// Serves an admitted request once its body is read: checks the body, shapes it for the
+/// upstream, applies the key's model list, and runs the failover loop.
+fn serve(
+    gw: &Gateway,
+    req: &Request,
+    admitted: Forward,
+    names: &mut Names,
+) -> Result<Served, ApiError> {
+    let Forward {
+        route,
+        client,
+        permit,
+    } = admitted;
+    if !req.body.is_empty() {
+        crate::json::check_text(&req.body).map_err(ApiError::BadRequest)?;
+    }
     let (converted, shape) = shape_request(gw, req, route, &mut names.format)?;
     let req = converted.as_ref().unwrap_or(req);
     let facts = sticky::facts(&req.body, req.header("x-session-id"));
@@ -425,10 +549,10 @@ fn serve(
         Shape::Chat { model, .. } => Some(model.clone()),
         _ => facts.model,
     };
-    let sticky_key = facts.key.filter(|_| shape.is_message());
-    let permit = gw
-        .limiter
-        .admit(&client, names.model.as_deref(), gw.ledger.as_deref())?;
+    let sticky_key = (facts.key)
+        .filter(|_| shape.is_message())
+        .map(|conversation| sticky::Key::new(conversation, &client.id));
+    Limiter::allow_model(&client, names.model.as_deref())?;
 
     // Until the first byte goes downstream, an account's failure moves the request to the
     // next; attempts and time are bounded. If none is left, the client gets the last
@@ -561,6 +685,18 @@ enum Step {
 }
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
+    // A ban left unsettled is settled before the account serves again.
+    let suspected = entry.live().suspected_ban.clone();
+    if let Some(ban) = suspected
+        && confirm_ban(gw, entry, &ban) != Verdict::Refuted
+    {
+        return Ok(Step::Next(Err(ApiError::NoAccount(format!(
+            "account {} ({}): {}",
+            entry.id(),
+            entry.account.name,
+            ban.reason
+        )))));
+    }
     let sent_at = Instant::now();
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
@@ -607,19 +743,67 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
         },
         401 => Signal::AuthFailed,
         500 | 502 | 503 | 504 | 529 => Signal::Failure(format!("{status} from upstream")),
-        400 | 403 => match anthropic::permanent_failure(status, answer.body()) {
-            Some(reason) => {
-                disable(gw, entry, reason);
-                return Ok(Step::Next(Ok(answer)));
-            }
-            // The client's own mistake (invalid_request_error, …): never retried.
-            None => return Ok(Step::Done(answer)),
-        },
+        400 | 403 => {
+            return Ok(
+                match anthropic::ban(status, answer.body(), entry.is_oauth()) {
+                    // A ban the probe refutes was the request's doing: the client's own error.
+                    Some(ban) if confirm_ban(gw, entry, &ban) != Verdict::Refuted => {
+                        Step::Next(Ok(answer))
+                    }
+                    // The client's own mistake (invalid_request_error, …): never retried.
+                    _ => Step::Done(answer),
+                },
+            );
+        }
         // 404, 413 and the rest belong to the request, not the account.
         _ => return Ok(Step::Done(answer)),
     };
     gw.accounts.record(entry, signal);
     Ok(Step::Next(Ok(answer)))
+}
+
+/// Probes an account that announced `ban` (or was left suspected of one) and acts on the
+/// verdict: confirmed, the account is disabled for good; inconclusive, it rests like an
+/// ejection and stays suspected; refuted, it is back in service, untouched.
+fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
+    let probed = probe::account(
+        &gw.upstream(),
+        &gw.refresher,
+        entry,
+        &gw.live().system_prompt,
+    );
+    let verdict = probe::verdict(&probed, ban, entry.is_oauth());
+    let kind = ban.error_type.as_deref().unwrap_or("no type");
+    match &verdict {
+        Verdict::Confirmed => {
+            entry.live().suspected_ban = None;
+            disable(gw, entry, ban.reason);
+        }
+        Verdict::Inconclusive(why) => {
+            warn!(
+                "account {} ({}): the upstream says \"{}\" ({kind}), unconfirmed: {why}",
+                entry.id(),
+                entry.account.name,
+                ban.reason
+            );
+            entry.live().suspected_ban = Some(ban.clone());
+            let reason = format!(
+                "the upstream said \"{}\" and {why}; probed again when this rest ends",
+                ban.reason
+            );
+            gw.accounts.record(entry, Signal::SuspectedBan(reason));
+        }
+        Verdict::Refuted => {
+            info!(
+                "account {} ({}): the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
+                entry.id(),
+                entry.account.name,
+                ban.reason
+            );
+            entry.live().suspected_ban = None;
+        }
+    }
+    verdict
 }
 
 /// `/ready`: 503 when no account could serve now. With shared state it also says whether
@@ -821,11 +1005,44 @@ mod tests {
             Some(Route::Models)
         );
         assert_eq!(route("GET", "/v1/messages").expect_err("405").status(), 405);
-        assert_eq!(
-            route("GET", "/v1/models/a/b").expect_err("404").status(),
-            404
-        );
+        for bad in ["a/b", "..", "a%2Fb", "a\\b", ".x", "-x", "a..b", "a%00", ""] {
+            let path = format!("/v1/models/{bad}");
+            assert_eq!(route("GET", &path).expect_err(bad).status(), 400, "{bad}");
+        }
+        for good in [
+            "claude-sonnet-4-5",
+            "claude-3-5-sonnet@20240620",
+            "anthropic.claude-v2:1",
+        ] {
+            assert!(
+                route("GET", &format!("/v1/models/{good}")).is_ok(),
+                "{good}"
+            );
+        }
         assert_eq!(route("POST", "/nope").expect_err("404").status(), 404);
+    }
+
+    #[test]
+    fn queries_are_url_text() {
+        for good in [
+            "/v1/messages",
+            "/v1/messages?beta=true",
+            "/m?limit=5&after_id=x%20y",
+            "/m?q=%C3%A9",
+        ] {
+            assert!(check_query(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "/m?a=%zz",
+            "/m?a=%f",
+            "/m?a=%ff",
+            "/m?a=%0d%0a",
+            "/m?a=\"",
+            "/m?a=#x",
+            "/m?a b",
+        ] {
+            assert_eq!(check_query(bad).expect_err(bad).status(), 400, "{bad}");
+        }
     }
 
     #[test]

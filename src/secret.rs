@@ -99,7 +99,7 @@ impl fmt::Display for SecretError {
             SecretError::Malformed { what } => write!(f, "{what} is not a valid enc:v1: value"),
             SecretError::Exposed { file, mode } => write!(
                 f,
-                "secret key file {} is readable by others (mode {mode:03o}); anyone who can read it can open every sealed secret. Fix it with: chmod 600 {}",
+                "secret key file {} is open to others (mode {mode:03o}); anyone who can read it can open every sealed secret, and anyone who can write it can replace the key. Fix it with: chmod 600 {}",
                 file.display(),
                 file.display()
             ),
@@ -137,7 +137,8 @@ impl KeySource {
         }
         match std::fs::read_to_string(&self.file) {
             Ok(text) => {
-                if let Some(mode) = readable_by_others(&self.file) {
+                // Read: anyone could open every secret; written: anyone could swap the key.
+                if let Some(mode) = mode_with_any(&self.file, 0o066) {
                     return Err(SecretError::Exposed {
                         file: self.file.clone(),
                         mode,
@@ -277,15 +278,25 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The permission bits of `path` when its group or others may read it (`None` otherwise, or
 /// when it cannot be examined: reading it then fails on its own).
 pub fn readable_by_others(path: &Path) -> Option<u32> {
+    mode_with_any(path, 0o044)
+}
+
+/// The permission bits of `path` when its group or others may write it.
+pub fn writable_by_others(path: &Path) -> Option<u32> {
+    mode_with_any(path, 0o022)
+}
+
+/// The permission bits of `path` when any of `bits` is set.
+fn mode_with_any(path: &Path, bits: u32) -> Option<u32> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-        (mode & 0o044 != 0).then_some(mode)
+        (mode & bits != 0).then_some(mode)
     }
     #[cfg(not(unix))]
     {
-        let _ = path;
+        let _ = (path, bits);
         None
     }
 }

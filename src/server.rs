@@ -52,6 +52,8 @@ impl Live {
                 header_timeout: s.header_timeout,
                 body_timeout: s.body_timeout,
                 keepalive_timeout: s.keepalive_timeout,
+                body_min_rate: s.body_min_rate,
+                body_rate_grace: s.body_rate_grace,
             },
             access_log: config.access_log,
         }
@@ -172,6 +174,22 @@ impl Connections {
 
     fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Closes the oldest connection idle between requests, so its worker can serve a new
+    /// one; false when none is idle.
+    fn reclaim_idle(&self) -> bool {
+        let open = self.lock();
+        let oldest = (open.iter())
+            .filter(|(_, c)| c.idle.load(Ordering::SeqCst))
+            .min_by_key(|(id, _)| **id);
+        let Some((_, conn)) = oldest else {
+            return false;
+        };
+        // Not idle any more as far as a second reclaim or a drain can tell.
+        conn.idle.store(false, Ordering::SeqCst);
+        let _ = conn.socket.shutdown(Shutdown::Both);
+        true
     }
 
     /// Starts draining and closes every idle connection; returns how many were closed.
@@ -336,9 +354,14 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
     };
     let workers = Arc::clone(&gateway.workers);
     let serving = Arc::clone(&gateway);
-    listener::run(listener, settings, workers, move |stream| {
-        serve_connection(&serving, stream, Listener::Main)
-    });
+    let reclaiming = Arc::clone(&gateway);
+    listener::run(
+        listener,
+        settings,
+        workers,
+        move |stream| serve_connection(&serving, stream, Listener::Main),
+        move || reclaiming.connections.reclaim_idle(),
+    );
     drain(&gateway, config.server.shutdown_grace);
     if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
         ledger.flush(&mut journal.lock().unwrap_or_else(|p| p.into_inner()));
@@ -452,9 +475,14 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
                 queue: 16,
                 idle_retire: Duration::from_secs(60),
             };
-            listener::run(listener, settings, workers, move |stream| {
-                serve_connection(&gw, stream, kind)
-            });
+            // The admin pool's connections are few; it frees none of the main pool's.
+            listener::run(
+                listener,
+                settings,
+                workers,
+                move |stream| serve_connection(&gw, stream, kind),
+                || false,
+            );
         });
     Some(stop)
 }
@@ -532,13 +560,15 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
     let registered = gw.connections.register(conn.socket());
     let mut first = true;
     loop {
-        // A connection accepted before the drain still gets its first request answered.
-        if !registered.idle() && !first {
+        // Between requests the connection is idle: a drain closes it, and so may a newcomer
+        // needing its worker. One with a pipelined request already here is not idle. A
+        // connection accepted before the drain still gets its first request answered.
+        if !first && !conn.has_buffered() && !registered.idle() {
             break;
         }
         first = false;
         let limits = gw.live().limits;
-        let read = conn.read_request(&limits);
+        let read = conn.read_head(&limits);
         registered.busy();
         match read {
             Ok(mut req) => {

@@ -1,7 +1,9 @@
 //! Sticky sessions: keep a conversation on one account so Anthropic's prompt cache stays warm.
 //! The key comes from the request (`metadata.user_id`'s session, else `x-session-id`, else a
-//! hash of the system prompt and first message); pins expire after a TTL, and the table is
-//! bounded: past `max_entries`, expired pins go first, then the oldest.
+//! hash of the system prompt and first message), scoped by the client key that sent it, so no
+//! key can reach another's pin by sending its session id. Pins expire after a TTL, and the
+//! table is bounded twice: one key holds at most `max_per_key` pins (its own oldest go first),
+//! and past `max_entries`, expired pins go first, then the oldest.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -95,6 +97,23 @@ fn key_of(probe: Option<&Probe<'_>>, session_header: Option<&str>) -> Option<u64
     ]))
 }
 
+/// A request's sticky key: the conversation's hash scoped by the client key (`owner`, its id)
+/// that sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<'a> {
+    pub hash: u64,
+    pub owner: &'a str,
+}
+
+impl Key<'_> {
+    pub fn new(conversation: u64, owner: &str) -> Key<'_> {
+        Key {
+            hash: hash(&[b"scope", owner.as_bytes(), &conversation.to_le_bytes()]),
+            owner,
+        }
+    }
+}
+
 fn hash(parts: &[&[u8]]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     for p in parts {
@@ -106,26 +125,52 @@ fn hash(parts: &[&[u8]]) -> u64 {
 struct Pin {
     account: String,
     expires: Instant,
+    /// The client key whose pin it is.
+    owner: String,
 }
 
-/// The pins, bounded in number.
+/// The pins and how many each client key holds.
+#[derive(Default)]
+struct Table {
+    pins: HashMap<u64, Pin>,
+    held: HashMap<String, usize>,
+}
+
+impl Table {
+    /// Keeps the pins `keep` approves, and the counts in step.
+    fn retain(&mut self, mut keep: impl FnMut(&Pin) -> bool) {
+        let held = &mut self.held;
+        self.pins.retain(|_, p| {
+            let kept = keep(p);
+            if !kept && let Some(n) = held.get_mut(&p.owner) {
+                *n -= 1;
+            }
+            kept
+        });
+        held.retain(|_, n| *n > 0);
+    }
+}
+
+/// The pins, bounded in number overall and per client key.
 pub struct Sticky {
-    pins: Mutex<HashMap<u64, Pin>>,
+    table: Mutex<Table>,
     ttl: Duration,
     max_entries: usize,
+    max_per_key: usize,
 }
 
 impl Sticky {
-    pub fn new(ttl: Duration, max_entries: usize) -> Sticky {
+    pub fn new(ttl: Duration, max_entries: usize, max_per_key: usize) -> Sticky {
         Sticky {
-            pins: Mutex::new(HashMap::new()),
+            table: Mutex::default(),
             ttl,
             max_entries: max_entries.max(1),
+            max_per_key: max_per_key.max(1),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pin>> {
-        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The account pinned for `key`, if the pin is still alive.
@@ -142,38 +187,57 @@ impl Sticky {
         now: Instant,
         lookup: impl FnOnce(&str) -> Option<T>,
     ) -> Option<T> {
-        let pins = self.lock();
-        pins.get(&key)
+        let table = self.lock();
+        table
+            .pins
+            .get(&key)
             .filter(|p| now < p.expires)
             .and_then(|p| lookup(&p.account))
     }
 
     /// Pins `key` to `account` for the TTL from now (a use renews the pin).
-    pub fn pin(&self, key: u64, account: &str, now: Instant) {
-        let mut pins = self.lock();
-        if pins.len() >= self.max_entries && !pins.contains_key(&key) {
-            pins.retain(|_, p| now < p.expires);
-            if pins.len() >= self.max_entries {
+    pub fn pin(&self, key: Key<'_>, account: &str, now: Instant) {
+        let mut table = self.lock();
+        if let Some(p) = table.pins.get_mut(&key.hash) {
+            p.expires = now + self.ttl;
+            if p.account != account {
+                p.account = account.to_string();
+            }
+            return;
+        }
+        if table.held.get(key.owner).copied().unwrap_or(0) >= self.max_per_key {
+            // The key is at its share: its own oldest pin makes room, nobody else's.
+            let oldest = (table.pins.iter())
+                .filter(|(_, p)| p.owner == key.owner)
+                .min_by_key(|(_, p)| p.expires)
+                .map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                table.pins.remove(&oldest);
+                if let Some(n) = table.held.get_mut(key.owner) {
+                    *n -= 1;
+                }
+            }
+        }
+        if table.pins.len() >= self.max_entries {
+            table.retain(|p| now < p.expires);
+            if table.pins.len() >= self.max_entries {
                 // Drop the oldest tenth in one sweep, so eviction stays rare and cheap.
-                let mut ages: Vec<Instant> = pins.values().map(|p| p.expires).collect();
+                let mut ages: Vec<Instant> = table.pins.values().map(|p| p.expires).collect();
                 let cut = (self.max_entries / 10).max(1).min(ages.len() - 1);
                 let (_, nth, _) = ages.select_nth_unstable(cut);
                 let limit = *nth;
-                pins.retain(|_, p| p.expires > limit);
+                table.retain(|p| p.expires > limit);
             }
         }
-        match pins.get_mut(&key) {
-            Some(p) if p.account == account => p.expires = now + self.ttl,
-            _ => {
-                pins.insert(
-                    key,
-                    Pin {
-                        account: account.to_string(),
-                        expires: now + self.ttl,
-                    },
-                );
-            }
-        }
+        *table.held.entry(key.owner.to_string()).or_default() += 1;
+        table.pins.insert(
+            key.hash,
+            Pin {
+                account: account.to_string(),
+                expires: now + self.ttl,
+                owner: key.owner.to_string(),
+            },
+        );
     }
 
     /// How long a pin lives after its last use.
@@ -182,7 +246,7 @@ impl Sticky {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().pins.len()
     }
 }
 
@@ -235,26 +299,67 @@ mod tests {
 
     #[test]
     fn pins_expire_and_renew() {
-        let s = Sticky::new(Duration::from_secs(10), 100);
+        let s = Sticky::new(Duration::from_secs(10), 100, 100);
         let t0 = Instant::now();
-        s.pin(1, "a", t0);
-        assert_eq!(s.get(1, t0 + Duration::from_secs(9)).as_deref(), Some("a"));
-        s.pin(1, "a", t0 + Duration::from_secs(9));
-        assert_eq!(s.get(1, t0 + Duration::from_secs(15)).as_deref(), Some("a"));
-        assert_eq!(s.get(1, t0 + Duration::from_secs(20)), None);
-        s.pin(1, "b", t0);
-        assert_eq!(s.get(1, t0).as_deref(), Some("b"), "re-pinned");
+        let k = Key::new(1, "ck_1");
+        s.pin(k, "a", t0);
+        assert_eq!(
+            s.get(k.hash, t0 + Duration::from_secs(9)).as_deref(),
+            Some("a")
+        );
+        s.pin(k, "a", t0 + Duration::from_secs(9));
+        assert_eq!(
+            s.get(k.hash, t0 + Duration::from_secs(15)).as_deref(),
+            Some("a")
+        );
+        assert_eq!(s.get(k.hash, t0 + Duration::from_secs(20)), None);
+        s.pin(k, "b", t0);
+        assert_eq!(s.get(k.hash, t0).as_deref(), Some("b"), "re-pinned");
     }
 
     #[test]
     fn the_table_stays_bounded() {
-        let s = Sticky::new(Duration::from_secs(3600), 1000);
+        let s = Sticky::new(Duration::from_secs(3600), 1000, 1000);
         let t0 = Instant::now();
+        let owners = ["ck_1", "ck_2", "ck_3"];
         for k in 0..50_000u64 {
-            s.pin(k, "a", t0 + Duration::from_millis(k));
+            let key = Key::new(k, owners[k as usize % 3]);
+            s.pin(key, "a", t0 + Duration::from_millis(k));
             assert!(s.len() <= 1000);
         }
-        assert!(s.get(49_999, t0).is_some(), "the newest pins survive");
-        assert!(s.get(0, t0).is_none(), "the oldest were evicted");
+        let newest = Key::new(49_999, owners[49_999 % 3]);
+        assert!(s.get(newest.hash, t0).is_some(), "the newest pins survive");
+        assert!(
+            s.get(Key::new(0, "ck_1").hash, t0).is_none(),
+            "the oldest were evicted"
+        );
+        let table = s.lock();
+        assert_eq!(table.held.values().sum::<usize>(), table.pins.len());
+    }
+
+    #[test]
+    fn keys_are_scoped_and_hold_at_most_their_share() {
+        assert_ne!(Key::new(7, "ck_1").hash, Key::new(7, "ck_2").hash);
+        let s = Sticky::new(Duration::from_secs(3600), 100, 5);
+        let t0 = Instant::now();
+        let kept = Key::new(0, "ck_quiet");
+        s.pin(kept, "a", t0);
+        for k in 0..500u64 {
+            s.pin(
+                Key::new(k, "ck_flood"),
+                "b",
+                t0 + Duration::from_millis(k + 1),
+            );
+        }
+        assert_eq!(s.len(), 6, "the flooding key holds its share only");
+        assert_eq!(s.get(kept.hash, t0).as_deref(), Some("a"));
+        assert!(
+            s.get(Key::new(499, "ck_flood").hash, t0).is_some(),
+            "its newest pins stay"
+        );
+        assert!(
+            s.get(Key::new(0, "ck_flood").hash, t0).is_none(),
+            "its oldest went"
+        );
     }
 }

@@ -71,11 +71,24 @@ fn hop_by_hop(name: &str) -> bool {
 /// Request headers never forwarded: hop-by-hop, the client's credentials, and what the
 /// gateway sets for the upstream itself.
 fn withheld_from_upstream(name: &str) -> bool {
-    hop_by_hop(name)
-        || matches!(
-            name,
-            "host" | "x-api-key" | "authorization" | "cookie" | "expect" | "accept-encoding"
-        )
+    hop_by_hop(name) || is_credential(name) || matches!(name, "host" | "expect" | "accept-encoding")
+}
+
+/// A client credential header (names arrive lowercased), in any spelling a proxy or server
+/// may take for it: `x_api_key` is `x-api-key` to nginx with `underscores_in_headers`.
+fn is_credential(name: &str) -> bool {
+    [
+        "x-api-key",
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+    ]
+    .iter()
+    .any(|credential| {
+        name.len() == credential.len()
+            && (name.bytes().zip(credential.bytes()))
+                .all(|(n, c)| n == c || (n == b'_' && c == b'-'))
+    })
 }
 
 impl Upstream {
@@ -702,7 +715,10 @@ mod tests {
     fn credentials_and_hop_by_hop_headers_are_withheld() {
         for name in [
             "x-api-key",
+            "x_api_key",
+            "x-api_key",
             "authorization",
+            "proxy_authorization",
             "cookie",
             "connection",
             "transfer-encoding",

@@ -140,7 +140,13 @@ struct ServerCmd {
 
 /// Parses the process arguments, runs the command, and returns its exit code.
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
+    let args = match text_args(std::env::args_os()) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
     let program = args.first().map_or("llm-gateway", String::as_str);
     let rest = normalize_args(&args[1.min(args.len())..]);
     if rest.len() == 1 && (rest[0] == "--version" || rest[0] == "-V") {
@@ -167,6 +173,34 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.exit as u8)
         }
     }
+}
+
+/// The arguments as text. One that is not UTF-8 is a usage error that names its position (and
+/// its `--option=`, if it has one) but never shows its value: it may be a key.
+fn text_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<String>, String> {
+    args.enumerate()
+        .map(|(i, arg)| {
+            if i == 0 {
+                return Ok(arg.to_string_lossy().into_owned());
+            }
+            arg.into_string().map_err(|arg| {
+                let bytes = arg.as_encoded_bytes();
+                let option = (bytes.starts_with(b"--"))
+                    .then(|| bytes.split(|&b| b == b'=').next())
+                    .flatten()
+                    .filter(|_| bytes.contains(&b'='))
+                    .and_then(|name| std::str::from_utf8(name).ok());
+                match option {
+                    Some(name) => format!(
+                        "the value of {name} (argument {i}) is not valid UTF-8; it is not shown here, since it may be a secret"
+                    ),
+                    None => format!(
+                        "argument {i} is not valid UTF-8; it is not shown here, since it may be a secret"
+                    ),
+                }
+            })
+        })
+        .collect()
 }
 
 /// `--flag=value` becomes `--flag value` (argh takes only the latter), and a `--config` given
@@ -338,6 +372,27 @@ pub fn print_json(value: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_utf8_arguments_are_refused_without_their_value() {
+        use std::os::unix::ffi::OsStringExt;
+        let args = |last: &[u8]| {
+            vec![
+                std::ffi::OsString::from("llm-gateway"),
+                "add-api-key".into(),
+                std::ffi::OsString::from_vec(last.to_vec()),
+            ]
+        };
+        let err = text_args(args(b"--key=sk-ant-secret\xff").into_iter()).expect_err("refused");
+        assert!(err.contains("--key") && err.contains("argument 2"), "{err}");
+        assert!(!err.contains("sk-ant"), "{err}");
+        let err = text_args(args(b"sk-ant-secret\xff").into_iter()).expect_err("refused");
+        assert!(
+            !err.contains("sk-ant") && err.contains("argument 2"),
+            "{err}"
+        );
+        assert!(text_args(args(b"--json").into_iter()).is_ok());
+    }
 
     fn norm(args: &[&str]) -> Vec<String> {
         normalize_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())

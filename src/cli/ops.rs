@@ -11,10 +11,9 @@ use serde_json::{Value, json};
 
 use super::{CliError, Exit, print_json, print_table};
 use crate::accounts::Accounts;
-use crate::config::{self, Credential};
-use crate::http::Request;
-use crate::processor::{ApiKey, OAuth};
-use crate::refresh::{Need, Refresher};
+use crate::config;
+use crate::probe;
+use crate::refresh::Refresher;
 use crate::upstream::Upstream;
 
 /// Where `status` finds the admin key for the main listener.
@@ -119,8 +118,10 @@ fn config_only(config: &config::Config) -> Vec<Value> {
 }
 
 fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
+    // No redirects: the admin key goes to the URL given and nowhere else.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .max_redirects(0)
         .proxy(None)
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
@@ -131,6 +132,16 @@ fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
     }
     let response = request.call().map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
+    if response.status().is_redirection() {
+        let target = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("nowhere");
+        return Err(format!(
+            "answered {status}, a redirect to {target}; redirects are not followed (the admin key goes only to the URL given): use --url with the server's own address"
+        ));
+    }
     let body = response
         .into_body()
         .read_to_string()
@@ -223,47 +234,18 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
         &config.oauth,
         accounts.shared().cloned(),
     );
-    let probe = Request {
-        method: "GET".into(),
-        target: "/v1/models?limit=1".into(),
-        minor_version: 1,
-        headers: Vec::new(),
-        body: Vec::new(),
-        keep_alive: true,
-    };
     let mut results = Vec::new();
     for e in &entries {
         let started = Instant::now();
         let outcome: Result<(), String> = if !e.usable() {
             Err(format!("not in service: {}", e.state()))
         } else {
-            let answer = match &e.account.credential {
-                Credential::ApiKey(key) => upstream.forward(&probe, &ApiKey(key)),
-                Credential::OAuth(_) => match refresher.ensure(e, Need::Expired) {
-                    Ok(tokens) => upstream.forward(
-                        &probe,
-                        &OAuth {
-                            token: &tokens.access,
-                            system_prompt: &config.oauth.system_prompt,
-                        },
-                    ),
-                    Err(why) => Err(crate::error::ApiError::NoAccount(why.to_string())),
-                },
-                Credential::Unusable(why) => Err(crate::error::ApiError::NoAccount(why.clone())),
-            };
-            match answer {
-                Ok(response) if response.status().is_success() => Ok(()),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let body = response
-                        .into_body()
-                        .with_config()
-                        .limit(64 * 1024)
-                        .read_to_string()
-                        .unwrap_or_default();
-                    let value: Value = serde_json::from_str(&body).unwrap_or_default();
+            match probe::account(&upstream, &refresher, e, &config.oauth.system_prompt) {
+                Ok(p) if (200..300).contains(&p.status) => Ok(()),
+                Ok(p) => {
+                    let value: Value = serde_json::from_slice(&p.body).unwrap_or_default();
                     let message = value["error"]["message"].as_str().unwrap_or("");
-                    Err(format!("{status} {message}").trim_end().to_string())
+                    Err(format!("{} {message}", p.status).trim_end().to_string())
                 }
                 Err(e) => Err(e.to_string()),
             }

@@ -64,6 +64,10 @@ pub struct ServerSettings {
     pub body_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keepalive_timeout: Duration,
+    /// The slowest average a request body may arrive at (bytes a second; 0: none), after
+    /// `body_rate_grace`.
+    pub body_min_rate: u64,
+    pub body_rate_grace: Duration,
     /// After SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     pub shutdown_grace: Duration,
     /// How long a worker beyond the few kept waits idle before its thread ends.
@@ -212,6 +216,8 @@ pub struct StickySettings {
     pub enabled: bool,
     pub ttl: Duration,
     pub max_entries: usize,
+    /// The most pins one client key may hold, so that no key can fill the table.
+    pub max_per_key: usize,
 }
 
 pub const DEFAULT_SYSTEM_PROMPT: &str = "你是 Claude Code，Anthropic的官方CLI工具";
@@ -457,6 +463,16 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
 /// Loads and validates the config at `path`, opening its secrets.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read_text(path)?;
+    if let (Some(_), Some(mode)) = (&text, secret::writable_by_others(path)) {
+        // Whoever can write it can point the gateway at their own upstream, or add a key.
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "others may write this file (mode {mode:03o}), and whoever can write it controls the gateway; fix it with: chmod go-w {}",
+                path.display()
+            ),
+        });
+    }
     let mut config = validate(path, parse_raw(path, text.as_deref().unwrap_or(""))?)?;
     if text.is_none() {
         config.warnings.push(format!(
@@ -528,6 +544,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         header_timeout: dur(s.header_timeout, 10),
         body_timeout: dur(s.body_timeout, 30),
         keepalive_timeout: dur(s.keepalive_timeout, 60),
+        // 8 KiB/s is 64 kbit/s, slower than any link people still work on (a 2G phone
+        // uploads faster), so honest bodies pass, a 32 MiB one included (68 minutes); a
+        // client holding a worker must at least keep sending that much. The grace covers
+        // TCP slow start and a client that waits a moment before sending.
+        body_min_rate: s.body_min_rate.unwrap_or(8 * 1024),
+        body_rate_grace: dur(s.body_rate_grace, 10),
         shutdown_grace: dur(s.shutdown_grace, 30),
         worker_idle: dur(s.worker_idle, 60),
     };
@@ -629,6 +651,12 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         enabled: raw.sticky.enabled.unwrap_or(true),
         ttl: dur(raw.sticky.ttl, 3600),
         max_entries: raw.sticky.max_entries.unwrap_or(10_000),
+        // A tenth of the table by default: ten busy keys could fill it, no single one can.
+        max_per_key: raw
+            .sticky
+            .max_per_key
+            .unwrap_or_else(|| raw.sticky.max_entries.unwrap_or(10_000) / 10)
+            .max(1),
     };
     let admin_listen = match raw.admin.listen.as_deref().map(str::trim) {
         None => Some("127.0.0.1:8081".to_string()),
@@ -900,6 +928,16 @@ fn open_field(
     Ok(Some(Secret::new(value.trim())))
 }
 
+/// An environment variable's name as a shell writes one: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 255
+}
+
 fn validate_account(
     mut a: RawAccount,
     key: Option<&SecretKey>,
@@ -924,6 +962,12 @@ fn validate_account(
                 )));
             }
             (Some(key), None) => Credential::ApiKey(key),
+            (None, Some(var)) if !is_env_name(var) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: api_key_env must be the name of an environment variable (letters, digits and _, such as ANTHROPIC_KEY_PROD), not {}; if that is a key, move it out of the file: give the variable's name here, or add it with `llm-gateway add-api-key --key-file`",
+                    Secret::new(var.as_str()).mask()
+                )));
+            }
             (None, Some(var)) => match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
                 _ => Credential::Unusable(format!("environment variable {var} is not set")),

@@ -37,6 +37,8 @@ pub struct RawServer {
     pub header_timeout: Option<Dur>,
     pub body_timeout: Option<Dur>,
     pub keepalive_timeout: Option<Dur>,
+    pub body_min_rate: Option<u64>,
+    pub body_rate_grace: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
     pub worker_idle: Option<Dur>,
 }
@@ -91,6 +93,7 @@ pub struct RawSticky {
     pub enabled: Option<bool>,
     pub ttl: Option<Dur>,
     pub max_entries: Option<usize>,
+    pub max_per_key: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,4 +13,5 @@ mod lifecycle;
 mod security;
 mod soak;
 mod state;
+mod trust;
 mod upstreams;

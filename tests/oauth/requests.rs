@@ -248,7 +248,7 @@ fn banned_oauth_account_is_disabled_and_others_serve() {
             rig.up
                 .requests()
                 .iter()
-                .filter(|r| bearer(r).is_some())
+                .filter(|r| bearer(r).is_some() && r.target.starts_with("/v1/messages"))
                 .count()
         };
         for i in 0..4 {
@@ -264,6 +264,10 @@ fn banned_oauth_account_is_disabled_and_others_serve() {
             1,
             "{status}: the OAuth account was tried"
         );
+        let probes = rig.up.requests().into_iter().filter(|r| {
+            bearer(r).is_some() && r.method == "GET" && r.target.starts_with("/v1/models")
+        });
+        assert_eq!(probes.count(), 1, "{status}: a probe confirmed the ban");
         let row = rig.account(&id);
         assert_eq!(row["enabled"], false, "{status}: {row}");
         assert_eq!(row["state"], "disabled", "{status}: {row}");

@@ -1,0 +1,123 @@
+//! One content-free probe of an account: `GET /v1/models?limit=1` with the account's own
+//! credential, through its processor, generating no tokens. `health-check` reports it; the
+//! router asks it to confirm a ban before an account is disabled for good.
+
+use crate::accounts::Entry;
+use crate::anthropic;
+use crate::config::Credential;
+use crate::error::ApiError;
+use crate::http::Request;
+use crate::processor::{ApiKey, OAuth};
+use crate::refresh::{Need, Refresher};
+use crate::upstream::Upstream;
+
+/// What of a probe's answer is kept: its status and (a bounded start of) its body.
+#[derive(Debug)]
+pub struct Probed {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// An error body is read this far, no more.
+const MAX_BODY: u64 = 64 * 1024;
+
+/// Probes `entry` upstream. An OAuth account's token is refreshed first when it has expired.
+pub fn account(
+    upstream: &Upstream,
+    refresher: &Refresher,
+    entry: &Entry,
+    system_prompt: &str,
+) -> Result<Probed, ApiError> {
+    let request = Request {
+        method: "GET".into(),
+        target: "/v1/models?limit=1".into(),
+        minor_version: 1,
+        headers: Vec::new(),
+        body: Vec::new(),
+        keep_alive: true,
+    };
+    let response = match &entry.account.credential {
+        Credential::ApiKey(key) => upstream.forward(&request, &ApiKey(key))?,
+        Credential::OAuth(_) => {
+            let tokens = refresher
+                .ensure(entry, Need::Expired)
+                .map_err(|e| ApiError::NoAccount(e.to_string()))?;
+            let oauth = OAuth {
+                token: &tokens.access,
+                system_prompt,
+            };
+            upstream.forward(&request, &oauth)?
+        }
+        Credential::Unusable(why) => return Err(ApiError::NoAccount(why.clone())),
+    };
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .into_with_config()
+        .limit(MAX_BODY)
+        .read_to_vec()
+        .unwrap_or_default();
+    Ok(Probed { status, body })
+}
+
+/// What a probe says of a ban the upstream announced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The account answers: the ban answer was the request's doing.
+    Refuted,
+    /// The same ban, or the credential refused (401/403).
+    Confirmed,
+    /// Nothing either way (429, 5xx, no connection): what was seen, for the rest's reason.
+    Inconclusive(String),
+}
+
+/// Judges a probe of an account that answered with `ban`.
+pub fn verdict(probed: &Result<Probed, ApiError>, ban: &anthropic::Ban, oauth: bool) -> Verdict {
+    match probed {
+        Ok(p) if (200..300).contains(&p.status) => Verdict::Refuted,
+        Ok(p) if matches!(p.status, 401 | 403) => Verdict::Confirmed,
+        Ok(p)
+            if anthropic::ban(p.status, &p.body, oauth).is_some_and(|b| b.reason == ban.reason) =>
+        {
+            Verdict::Confirmed
+        }
+        Ok(p) => Verdict::Inconclusive(format!("the probe answered {}", p.status)),
+        Err(e) => Verdict::Inconclusive(format!("the probe failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probed(status: u16, body: &str) -> Result<Probed, ApiError> {
+        Ok(Probed {
+            status,
+            body: body.as_bytes().to_vec(),
+        })
+    }
+
+    #[test]
+    fn verdicts_follow_the_probes_answer() {
+        let disabled = r#"{"error":{"type":"invalid_request_error","message":"This organization has been disabled."}}"#;
+        let ban = anthropic::ban(400, disabled.as_bytes(), false).expect("a ban");
+        assert_eq!(verdict(&probed(200, "{}"), &ban, false), Verdict::Refuted);
+        assert_eq!(verdict(&probed(401, "{}"), &ban, false), Verdict::Confirmed);
+        assert_eq!(verdict(&probed(403, ""), &ban, false), Verdict::Confirmed);
+        assert_eq!(
+            verdict(&probed(400, disabled), &ban, false),
+            Verdict::Confirmed
+        );
+        for status in [400, 429, 500, 529] {
+            assert!(matches!(
+                verdict(&probed(status, "{}"), &ban, false),
+                Verdict::Inconclusive(_)
+            ));
+        }
+        let timeout = Err(ApiError::UpstreamTimeout("no answer".into()));
+        assert!(matches!(
+            verdict(&timeout, &ban, false),
+            Verdict::Inconclusive(_)
+        ));
+    }
+}
