@@ -66,6 +66,8 @@ pub struct Live {
     /// A ban the upstream announced that a probe could not settle: the account rests, and is
     /// probed again before it next serves.
     pub suspected_ban: Option<crate::anthropic::Ban>,
+    /// A probe of the account is in flight (`router::confirm_ban`): one at a time.
+    pub probing: bool,
     /// Consecutive failed refresh attempts, and when the next may be made.
     pub refresh_failures: u32,
     pub next_refresh_attempt: Option<Instant>,
@@ -639,7 +641,7 @@ mod tests {
         (0..n)
             .map(|_| {
                 accounts
-                    .pick(tried, key.map(|k| Key::new(k, "ck_test")))
+                    .pick(tried, key.map(|k| Key::new(k, Some("ck_test"))))
                     .expect("usable")
                     .entry
                     .id()
@@ -748,7 +750,7 @@ mod tests {
             let started = Instant::now();
             for i in 0..rounds {
                 let pick = accounts
-                    .pick(&[], Some(Key::new(i % 1000, "ck_test")))
+                    .pick(&[], Some(Key::new(i % 1000, Some("ck_test"))))
                     .expect("usable");
                 std::hint::black_box(&pick);
             }

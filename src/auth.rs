@@ -11,6 +11,8 @@ use crate::http::Request;
 use crate::secret::{self, Secret};
 
 pub const KEY_PREFIX: &str = "lgw_";
+/// The id of the one anonymous client when `auth.open` serves requests without a key.
+const OPEN_ID: &str = "-";
 
 /// A freshly generated gateway key: 256 bits of OS randomness behind a recognisable prefix.
 pub fn generate_key() -> Secret {
@@ -38,6 +40,13 @@ pub struct Client {
     pub admin: bool,
     /// `None`: no limit of any kind.
     pub limits: Option<Arc<KeyLimits>>,
+}
+
+impl Client {
+    /// The anonymous client of `auth.open`, not a key.
+    pub fn is_open(&self) -> bool {
+        self.id == OPEN_ID
+    }
 }
 
 pub struct ClientKeys {
@@ -75,7 +84,7 @@ impl ClientKeys {
         let keys = self.snapshot();
         if self.open && presented.is_none() {
             return Ok(Client {
-                id: "-".into(),
+                id: OPEN_ID.into(),
                 name: "open".into(),
                 admin: false,
                 limits: None,

@@ -209,6 +209,19 @@ impl Conn {
         self.pending.is_some() || self.broken
     }
 
+    /// Drops an unread body that has already arrived whole (a small one sent with its head), so
+    /// a request answered without its body can still leave the connection reusable.
+    pub fn skip_arrived_body(&mut self) {
+        if let Some(Framing::Length(n)) = self.pending
+            && !self.broken
+            && self.buf.len() as u64 >= n
+        {
+            self.buf.drain(..n as usize);
+            self.pending = None;
+            self.finish_request();
+        }
+    }
+
     /// Reads the next request, head and body (the fuzzer's whole-request entry point).
     #[cfg(test)]
     pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {

@@ -353,15 +353,26 @@ fn journal_options() -> std::fs::OpenOptions {
     options
 }
 
-/// Creates `dir` (mode 0700) or makes an existing one private: who used what is the team's
-/// business only.
+/// Creates `dir` with mode 0700 (who used what is the team's business only). An existing one
+/// keeps its mode, since a volume may be shared with a group on purpose; one open to others
+/// is reported.
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            warn!(
+                "usage directory {} is open to others (mode {mode:03o}); fix it with: chmod o-rwx {}",
+                dir.display(),
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .create(dir)
 }
 
 impl Ledger {
@@ -654,7 +665,7 @@ mod tests {
             std::process::id(),
             crate::encoding::hex(&crate::secret::random_bytes::<4>())
         ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        create_private_dir(&dir).expect("temp dir");
         dir
     }
 

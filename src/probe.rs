@@ -2,12 +2,14 @@
 //! credential, through its processor, generating no tokens. `health-check` reports it; the
 //! router asks it to confirm a ban before an account is disabled for good.
 
+use std::time::Duration;
+
 use crate::accounts::Entry;
 use crate::anthropic;
 use crate::config::Credential;
 use crate::error::ApiError;
 use crate::http::Request;
-use crate::processor::{ApiKey, OAuth};
+use crate::processor::{ApiKey, OAuth, Processor};
 use crate::refresh::{Need, Refresher};
 use crate::upstream::Upstream;
 
@@ -20,8 +22,12 @@ pub struct Probed {
 
 /// An error body is read this far, no more.
 const MAX_BODY: u64 = 64 * 1024;
+/// A probe's whole exchange, body included: an upstream that hangs is inconclusive soon,
+/// rather than after the read timeout meant for long generations.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Probes `entry` upstream. An OAuth account's token is refreshed first when it has expired.
+/// Probes `entry` upstream. An OAuth account's token is refreshed first when it has expired,
+/// and once more when the probe's answer is a 401 (as a request's would be).
 pub fn account(
     upstream: &Upstream,
     refresher: &Refresher,
@@ -36,28 +42,38 @@ pub fn account(
         body: Vec::new(),
         keep_alive: true,
     };
-    let response = match &entry.account.credential {
-        Credential::ApiKey(key) => upstream.forward(&request, &ApiKey(key))?,
+    let send = |processor: &dyn Processor| {
+        let response = upstream.forward_within(&request, processor, Some(PROBE_TIMEOUT))?;
+        let status = response.status().as_u16();
+        let body = (response.into_body().into_with_config())
+            .limit(MAX_BODY)
+            .read_to_vec()
+            .unwrap_or_default();
+        Ok(Probed { status, body })
+    };
+    let fresh = |need: Need| {
+        refresher
+            .ensure(entry, need)
+            .map_err(|e| ApiError::NoAccount(e.to_string()))
+    };
+    match &entry.account.credential {
+        Credential::ApiKey(key) => send(&ApiKey(key)),
         Credential::OAuth(_) => {
-            let tokens = refresher
-                .ensure(entry, Need::Expired)
-                .map_err(|e| ApiError::NoAccount(e.to_string()))?;
-            let oauth = OAuth {
-                token: &tokens.access,
+            let tokens = fresh(Need::Expired)?;
+            let oauth = |token| OAuth {
+                token,
                 system_prompt,
             };
-            upstream.forward(&request, &oauth)?
+            let probed = send(&oauth(&tokens.access))?;
+            if probed.status != 401 {
+                return Ok(probed);
+            }
+            send(&oauth(
+                &fresh(Need::Rejected(tokens.access.clone()))?.access,
+            ))
         }
-        Credential::Unusable(why) => return Err(ApiError::NoAccount(why.clone())),
-    };
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .into_with_config()
-        .limit(MAX_BODY)
-        .read_to_vec()
-        .unwrap_or_default();
-    Ok(Probed { status, body })
+        Credential::Unusable(why) => Err(ApiError::NoAccount(why.clone())),
+    }
 }
 
 /// What a probe says of a ban the upstream announced.

@@ -109,8 +109,8 @@ fn check_query(target: &str) -> Result<(), ApiError> {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
+            let hex = (bytes.get(i + 1..i + 3))
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok());
             match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 Some(v) => decoded.push(v),
@@ -168,7 +168,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         }
         Err(error) => Err(error),
     };
-    // An answer given without reading the whole body leaves the rest on the wire.
+    // An answer given without reading the whole body leaves the rest on the wire, unless it
+    // is all here already.
+    conn.skip_arrived_body();
     let unread = conn.body_unread();
     let out = conn
         .respond(req.minor_version, req.keep_alive && !unread)
@@ -551,7 +553,9 @@ fn serve(
     };
     let sticky_key = (facts.key)
         .filter(|_| shape.is_message())
-        .map(|conversation| sticky::Key::new(conversation, &client.id));
+        .map(|conversation| {
+            sticky::Key::new(conversation, (!client.is_open()).then_some(&*client.id))
+        });
     Limiter::allow_model(&client, names.model.as_deref())?;
 
     // Until the first byte goes downstream, an account's failure moves the request to the
@@ -764,8 +768,12 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
 
 /// Probes an account that announced `ban` (or was left suspected of one) and acts on the
 /// verdict: confirmed, the account is disabled for good; inconclusive, it rests like an
-/// ejection and stays suspected; refuted, it is back in service, untouched.
+/// ejection and stays suspected; refuted, it is back in service, untouched. One probe of an
+/// account runs at a time; a request that finds one running moves on without it.
 fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
+    let Some(_probing) = Probing::start(entry) else {
+        return Verdict::Inconclusive("another request is probing the account".into());
+    };
     let probed = probe::account(
         &gw.upstream(),
         &gw.refresher,
@@ -773,17 +781,20 @@ fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
         &gw.live().system_prompt,
     );
     let verdict = probe::verdict(&probed, ban, entry.is_oauth());
-    let kind = ban.error_type.as_deref().unwrap_or("no type");
+    let kind = ban.error_type.as_deref().unwrap_or("no error type");
+    let account = format!("account {} ({})", entry.id(), entry.account.name);
     match &verdict {
         Verdict::Confirmed => {
+            error!(
+                "{account} disabled: the upstream says \"{}\" ({kind}), and its probe confirms it",
+                ban.reason
+            );
             entry.live().suspected_ban = None;
             disable(gw, entry, ban.reason);
         }
         Verdict::Inconclusive(why) => {
             warn!(
-                "account {} ({}): the upstream says \"{}\" ({kind}), unconfirmed: {why}",
-                entry.id(),
-                entry.account.name,
+                "{account}: the upstream says \"{}\" ({kind}), unconfirmed: {why}",
                 ban.reason
             );
             entry.live().suspected_ban = Some(ban.clone());
@@ -795,15 +806,33 @@ fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
         }
         Verdict::Refuted => {
             info!(
-                "account {} ({}): the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
-                entry.id(),
-                entry.account.name,
+                "{account}: the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
                 ban.reason
             );
             entry.live().suspected_ban = None;
         }
     }
     verdict
+}
+
+/// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
+struct Probing<'a>(&'a Entry);
+
+impl<'a> Probing<'a> {
+    fn start(entry: &'a Entry) -> Option<Probing<'a>> {
+        let mut live = entry.live();
+        if live.probing {
+            return None;
+        }
+        live.probing = true;
+        Some(Probing(entry))
+    }
+}
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.live().probing = false;
+    }
 }
 
 /// `/ready`: 503 when no account could serve now. With shared state it also says whether
@@ -915,11 +944,6 @@ fn oauth<'a>(live: &'a Live, token: &'a Secret) -> OAuth<'a> {
 
 /// Takes an account out of service for good: in memory at once, and in config.yaml.
 fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
-    error!(
-        "account {} ({}) disabled: upstream says \"{reason}\"",
-        entry.id(),
-        entry.account.name
-    );
     entry.live().disabled_reason = Some(reason.to_string());
     gw.accounts.share_ban(entry, reason);
     if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
@@ -1033,6 +1057,7 @@ mod tests {
             assert!(check_query(good).is_ok(), "{good}");
         }
         for bad in [
+            "/m?a=%+f",
             "/m?a=%zz",
             "/m?a=%f",
             "/m?a=%ff",

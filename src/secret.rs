@@ -281,9 +281,9 @@ pub fn readable_by_others(path: &Path) -> Option<u32> {
     mode_with_any(path, 0o044)
 }
 
-/// The permission bits of `path` when its group or others may write it.
+/// The permission bits of `path` when others (not its group) may write it.
 pub fn writable_by_others(path: &Path) -> Option<u32> {
-    mode_with_any(path, 0o022)
+    mode_with_any(path, 0o002)
 }
 
 /// The permission bits of `path` when any of `bits` is set.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -132,7 +132,8 @@ impl Gateway {
 
 /// Open downstream connections, each registered once, with whether it is idle between
 /// requests. Once draining, a connection that would go idle closes instead, and `drain` closes
-/// those already idle. Per request only the connection's own flag changes: no lock.
+/// those already idle; a newcomer needing a worker closes the oldest idle one. Per request
+/// only the connection's own state changes: no lock.
 #[derive(Default)]
 struct Connections {
     open: Mutex<HashMap<u64, Arc<Open>>>,
@@ -142,7 +143,29 @@ struct Connections {
 
 struct Open {
     socket: Arc<TcpStream>,
-    idle: AtomicBool,
+    /// `BUSY`, `IDLE` or `CLOSED`. Only an idle connection is closed from outside, and only by
+    /// swapping `IDLE` for `CLOSED`, which its worker's own swap back to `BUSY` then loses: a
+    /// request that arrived as it was closed is never served into a shut socket.
+    state: AtomicU8,
+    /// On the main listener: its worker may be reclaimed for the main pool.
+    main: bool,
+}
+
+const BUSY: u8 = 0;
+const IDLE: u8 = 1;
+const CLOSED: u8 = 2;
+
+impl Open {
+    /// Closes the connection if it is idle; true when it was.
+    fn close_if_idle(&self) -> bool {
+        let closed = (self.state)
+            .compare_exchange(IDLE, CLOSED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if closed {
+            let _ = self.socket.shutdown(Shutdown::Both);
+        }
+        closed
+    }
 }
 
 /// A connection's place in the registry; leaving it unregisters the connection.
@@ -158,11 +181,12 @@ impl Connections {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, socket: Arc<TcpStream>) -> Registered<'_> {
+    fn register(&self, socket: Arc<TcpStream>, main: bool) -> Registered<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let open = Arc::new(Open {
             socket,
-            idle: AtomicBool::new(false),
+            state: AtomicU8::new(BUSY),
+            main,
         });
         self.lock().insert(id, Arc::clone(&open));
         Registered {
@@ -176,20 +200,16 @@ impl Connections {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Closes the oldest connection idle between requests, so its worker can serve a new
-    /// one; false when none is idle.
+    /// Closes the oldest main-listener connection idle between requests, so its worker can
+    /// serve a new one; false when none is idle.
     fn reclaim_idle(&self) -> bool {
         let open = self.lock();
-        let oldest = (open.iter())
-            .filter(|(_, c)| c.idle.load(Ordering::SeqCst))
-            .min_by_key(|(id, _)| **id);
-        let Some((_, conn)) = oldest else {
-            return false;
-        };
-        // Not idle any more as far as a second reclaim or a drain can tell.
-        conn.idle.store(false, Ordering::SeqCst);
-        let _ = conn.socket.shutdown(Shutdown::Both);
-        true
+        let mut idle: Vec<(&u64, &Arc<Open>)> = (open.iter())
+            .filter(|(_, c)| c.main && c.state.load(Ordering::SeqCst) == IDLE)
+            .collect();
+        idle.sort_unstable_by_key(|(id, _)| **id);
+        // The oldest first; one that got a request meanwhile is skipped.
+        idle.iter().any(|(_, c)| c.close_if_idle())
     }
 
     /// Starts draining and closes every idle connection; returns how many were closed.
@@ -198,12 +218,7 @@ impl Connections {
         // sees the drain and closes itself, or is seen idle here and closed.
         self.draining.store(true, Ordering::SeqCst);
         let open = self.lock();
-        let mut closed = 0;
-        for conn in open.values().filter(|c| c.idle.load(Ordering::SeqCst)) {
-            let _ = conn.socket.shutdown(Shutdown::Both);
-            closed += 1;
-        }
-        closed
+        open.values().filter(|c| c.close_if_idle()).count()
     }
 }
 
@@ -211,13 +226,16 @@ impl Registered<'_> {
     /// Marks the connection idle (waiting for its next request); false when draining, and the
     /// connection should close instead.
     fn idle(&self) -> bool {
-        self.open.idle.store(true, Ordering::SeqCst);
+        self.open.state.store(IDLE, Ordering::SeqCst);
         !self.connections.draining()
     }
 
-    /// Marks the connection busy (a request arrived).
-    fn busy(&self) {
-        self.open.idle.store(false, Ordering::SeqCst);
+    /// Marks the connection busy (a request arrived, or the read ended); false when it was
+    /// closed from outside while idle, and whatever was read must not be served.
+    fn busy(&self) -> bool {
+        let swapped =
+            (self.open.state).compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst);
+        !matches!(swapped, Err(CLOSED))
     }
 }
 
@@ -557,7 +575,9 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
     // A client that stops reading a response for this long is given up on.
     let _ = stream.set_write_timeout(Some(limits.body_timeout.max(Duration::from_secs(10))));
     let mut conn = Conn::new(stream);
-    let registered = gw.connections.register(conn.socket());
+    let registered = gw
+        .connections
+        .register(conn.socket(), listener == Listener::Main);
     let mut first = true;
     loop {
         // Between requests the connection is idle: a drain closes it, and so may a newcomer
@@ -569,7 +589,9 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
         first = false;
         let limits = gw.live().limits;
         let read = conn.read_head(&limits);
-        registered.busy();
+        if !registered.busy() {
+            break;
+        }
         match read {
             Ok(mut req) => {
                 if gw.connections.draining() {

@@ -6,7 +6,7 @@
 //! and past `max_entries`, expired pins go first, then the oldest.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -97,18 +97,23 @@ fn key_of(probe: Option<&Probe<'_>>, session_header: Option<&str>) -> Option<u64
     ]))
 }
 
-/// A request's sticky key: the conversation's hash scoped by the client key (`owner`, its id)
-/// that sent it.
+/// A request's sticky key: the conversation's hash scoped by the client key that sent it, and
+/// that key's id (`owner`), whose share of the table is bounded; `None` when auth is open and
+/// every request is the one anonymous client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key<'a> {
     pub hash: u64,
-    pub owner: &'a str,
+    pub owner: Option<&'a str>,
 }
 
 impl Key<'_> {
-    pub fn new(conversation: u64, owner: &str) -> Key<'_> {
+    pub fn new(conversation: u64, owner: Option<&str>) -> Key<'_> {
         Key {
-            hash: hash(&[b"scope", owner.as_bytes(), &conversation.to_le_bytes()]),
+            hash: hash(&[
+                b"scope",
+                owner.unwrap_or("").as_bytes(),
+                &conversation.to_le_bytes(),
+            ]),
             owner,
         }
     }
@@ -125,29 +130,43 @@ fn hash(parts: &[&[u8]]) -> u64 {
 struct Pin {
     account: String,
     expires: Instant,
-    /// The client key whose pin it is.
-    owner: String,
+    /// The client key whose pin it is, if its share is bounded.
+    owner: Option<String>,
 }
 
-/// The pins and how many each client key holds.
+/// The pins, and each bounded key's pins ordered by expiry (its oldest first).
 #[derive(Default)]
 struct Table {
     pins: HashMap<u64, Pin>,
-    held: HashMap<String, usize>,
+    by_owner: HashMap<String, BTreeSet<(Instant, u64)>>,
 }
 
 impl Table {
-    /// Keeps the pins `keep` approves, and the counts in step.
-    fn retain(&mut self, mut keep: impl FnMut(&Pin) -> bool) {
-        let held = &mut self.held;
-        self.pins.retain(|_, p| {
-            let kept = keep(p);
-            if !kept && let Some(n) = held.get_mut(&p.owner) {
-                *n -= 1;
+    fn owned(&mut self, owner: &Option<String>) -> Option<&mut BTreeSet<(Instant, u64)>> {
+        self.by_owner.get_mut(owner.as_deref()?)
+    }
+
+    fn remove(&mut self, key: u64) {
+        if let Some(pin) = self.pins.remove(&key)
+            && let Some(owner) = pin.owner
+            && let Some(set) = self.by_owner.get_mut(&owner)
+        {
+            set.remove(&(pin.expires, key));
+            if set.is_empty() {
+                self.by_owner.remove(&owner);
             }
-            kept
-        });
-        held.retain(|_, n| *n > 0);
+        }
+    }
+
+    /// Removes the pins `drop` names.
+    fn remove_where(&mut self, drop: impl Fn(&Pin) -> bool) {
+        let gone: Vec<u64> = (self.pins.iter())
+            .filter(|(_, p)| drop(p))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.remove(key);
+        }
     }
 }
 
@@ -197,45 +216,52 @@ impl Sticky {
 
     /// Pins `key` to `account` for the TTL from now (a use renews the pin).
     pub fn pin(&self, key: Key<'_>, account: &str, now: Instant) {
+        let expires = now + self.ttl;
         let mut table = self.lock();
+        let table = &mut *table;
         if let Some(p) = table.pins.get_mut(&key.hash) {
-            p.expires = now + self.ttl;
+            let before = std::mem::replace(&mut p.expires, expires);
             if p.account != account {
                 p.account = account.to_string();
             }
+            let owner = p.owner.clone();
+            if let Some(set) = table.owned(&owner) {
+                set.remove(&(before, key.hash));
+                set.insert((expires, key.hash));
+            }
             return;
         }
-        if table.held.get(key.owner).copied().unwrap_or(0) >= self.max_per_key {
+        if let Some(owner) = key.owner {
+            let oldest = (table.by_owner.get(owner))
+                .filter(|set| set.len() >= self.max_per_key)
+                .and_then(|set| set.first())
+                .map(|(_, k)| *k);
             // The key is at its share: its own oldest pin makes room, nobody else's.
-            let oldest = (table.pins.iter())
-                .filter(|(_, p)| p.owner == key.owner)
-                .min_by_key(|(_, p)| p.expires)
-                .map(|(k, _)| *k);
             if let Some(oldest) = oldest {
-                table.pins.remove(&oldest);
-                if let Some(n) = table.held.get_mut(key.owner) {
-                    *n -= 1;
-                }
+                table.remove(oldest);
             }
         }
         if table.pins.len() >= self.max_entries {
-            table.retain(|p| now < p.expires);
+            table.remove_where(|p| now >= p.expires);
             if table.pins.len() >= self.max_entries {
                 // Drop the oldest tenth in one sweep, so eviction stays rare and cheap.
                 let mut ages: Vec<Instant> = table.pins.values().map(|p| p.expires).collect();
                 let cut = (self.max_entries / 10).max(1).min(ages.len() - 1);
                 let (_, nth, _) = ages.select_nth_unstable(cut);
                 let limit = *nth;
-                table.retain(|p| p.expires > limit);
+                table.remove_where(|p| p.expires <= limit);
             }
         }
-        *table.held.entry(key.owner.to_string()).or_default() += 1;
+        if let Some(owner) = key.owner {
+            let set = table.by_owner.entry(owner.to_string()).or_default();
+            set.insert((expires, key.hash));
+        }
         table.pins.insert(
             key.hash,
             Pin {
                 account: account.to_string(),
-                expires: now + self.ttl,
-                owner: key.owner.to_string(),
+                expires,
+                owner: key.owner.map(String::from),
             },
         );
     }
@@ -301,7 +327,7 @@ mod tests {
     fn pins_expire_and_renew() {
         let s = Sticky::new(Duration::from_secs(10), 100, 100);
         let t0 = Instant::now();
-        let k = Key::new(1, "ck_1");
+        let k = Key::new(1, Some("ck_1"));
         s.pin(k, "a", t0);
         assert_eq!(
             s.get(k.hash, t0 + Duration::from_secs(9)).as_deref(),
@@ -323,43 +349,49 @@ mod tests {
         let t0 = Instant::now();
         let owners = ["ck_1", "ck_2", "ck_3"];
         for k in 0..50_000u64 {
-            let key = Key::new(k, owners[k as usize % 3]);
+            let key = Key::new(k, Some(owners[k as usize % 3]));
             s.pin(key, "a", t0 + Duration::from_millis(k));
             assert!(s.len() <= 1000);
         }
-        let newest = Key::new(49_999, owners[49_999 % 3]);
+        let newest = Key::new(49_999, Some(owners[49_999 % 3]));
         assert!(s.get(newest.hash, t0).is_some(), "the newest pins survive");
         assert!(
-            s.get(Key::new(0, "ck_1").hash, t0).is_none(),
+            s.get(Key::new(0, Some("ck_1")).hash, t0).is_none(),
             "the oldest were evicted"
         );
         let table = s.lock();
-        assert_eq!(table.held.values().sum::<usize>(), table.pins.len());
+        let owned: usize = table.by_owner.values().map(BTreeSet::len).sum();
+        assert_eq!(owned, table.pins.len(), "every pin is in its owner's order");
     }
 
     #[test]
     fn keys_are_scoped_and_hold_at_most_their_share() {
-        assert_ne!(Key::new(7, "ck_1").hash, Key::new(7, "ck_2").hash);
+        assert_ne!(
+            Key::new(7, Some("ck_1")).hash,
+            Key::new(7, Some("ck_2")).hash
+        );
         let s = Sticky::new(Duration::from_secs(3600), 100, 5);
         let t0 = Instant::now();
-        let kept = Key::new(0, "ck_quiet");
+        let kept = Key::new(0, Some("ck_quiet"));
         s.pin(kept, "a", t0);
-        for k in 0..500u64 {
-            s.pin(
-                Key::new(k, "ck_flood"),
-                "b",
-                t0 + Duration::from_millis(k + 1),
-            );
+        let flood = |k: u64| Key::new(k, Some("ck_flood"));
+        s.pin(flood(0), "b", t0);
+        for k in 1..500u64 {
+            let at = t0 + Duration::from_millis(k);
+            s.pin(flood(k), "b", at);
+            // Its first pin stays in use: renewed, it is never its oldest.
+            s.pin(flood(0), "b", at);
         }
         assert_eq!(s.len(), 6, "the flooding key holds its share only");
         assert_eq!(s.get(kept.hash, t0).as_deref(), Some("a"));
-        assert!(
-            s.get(Key::new(499, "ck_flood").hash, t0).is_some(),
-            "its newest pins stay"
-        );
-        assert!(
-            s.get(Key::new(0, "ck_flood").hash, t0).is_none(),
-            "its oldest went"
-        );
+        assert!(s.get(flood(499).hash, t0).is_some(), "its newest pins stay");
+        assert!(s.get(flood(0).hash, t0).is_some(), "and the one in use");
+        assert!(s.get(flood(1).hash, t0).is_none(), "its oldest went");
+        // The open client (auth.open) is not bounded per key.
+        let open = Sticky::new(Duration::from_secs(3600), 100, 5);
+        for k in 0..50u64 {
+            open.pin(Key::new(k, None), "a", t0);
+        }
+        assert_eq!(open.len(), 50);
     }
 }

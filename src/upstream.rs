@@ -135,6 +135,17 @@ impl Upstream {
         req: &Request,
         processor: &dyn Processor,
     ) -> Result<http::Response<Body>, ApiError> {
+        self.forward_within(req, processor, None)
+    }
+
+    /// `forward`, with the whole exchange up to the response head bounded by `within` (a
+    /// probe must not wait out the read timeout meant for long generations).
+    pub fn forward_within(
+        &self,
+        req: &Request,
+        processor: &dyn Processor,
+        within: Option<std::time::Duration>,
+    ) -> Result<http::Response<Body>, ApiError> {
         // Names listed in `Connection:` are hop-by-hop too.
         let tokens = crate::http::list_values(&req.headers, "connection");
         let mut out = Outgoing {
@@ -174,11 +185,33 @@ impl Upstream {
         };
         let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
         let result = if req.method == "GET" {
-            agent.run(builder.body(()).map_err(invalid)?)
+            run(agent, builder.body(()).map_err(invalid)?, within)
         } else {
-            agent.run(builder.body(out.body.as_ref()).map_err(invalid)?)
+            run(
+                agent,
+                builder.body(out.body.as_ref()).map_err(invalid)?,
+                within,
+            )
         };
         result.map_err(|e| upstream_error(&e))
+    }
+}
+
+/// Runs `request` on `agent`, within `within` in all when given (else under the agent's
+/// per-read timeouts only).
+fn run<S: ureq::AsSendBody>(
+    agent: &Agent,
+    request: http::Request<S>,
+    within: Option<std::time::Duration>,
+) -> Result<http::Response<Body>, ureq::Error> {
+    match within {
+        Some(limit) => agent.run(
+            agent
+                .configure_request(request)
+                .timeout_global(Some(limit))
+                .build(),
+        ),
+        None => agent.run(request),
     }
 }
 

@@ -464,11 +464,12 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read_text(path)?;
     if let (Some(_), Some(mode)) = (&text, secret::writable_by_others(path)) {
-        // Whoever can write it can point the gateway at their own upstream, or add a key.
+        // Whoever can write it can point the gateway at their own upstream, or add a key. (A
+        // group may write it on purpose: an operators' group, umask 002.)
         return Err(ConfigError::Invalid {
             path: path.to_path_buf(),
             message: format!(
-                "others may write this file (mode {mode:03o}), and whoever can write it controls the gateway; fix it with: chmod go-w {}",
+                "others may write this file (mode {mode:03o}), and whoever can write it controls the gateway; fix it with: chmod o-w {}",
                 path.display()
             ),
         });

@@ -254,6 +254,7 @@ fn an_inconclusive_probe_rests_the_account_and_it_is_probed_again() {
     // While it rests, B serves and A is not probed.
     let resp = post_messages(&gw, &[], MESSAGE_BODY);
     assert_eq!(resp.text(), served_by(KEY_B));
+    assert_eq!(probes.load(Ordering::SeqCst), 1, "no probe while it rests");
     // After the rest, the first request that would use A probes it first; the probe now
     // confirms the ban, A is disabled, and the request is served by B.
     poll_until(Duration::from_secs(10), "A probed again", || {
@@ -358,18 +359,26 @@ fn head_only(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (Conn, Insta
     (conn, Instant::now())
 }
 
-/// No key, a wrong key, a revoked or expired one, and a key over its rate: each gets its
-/// refusal from the head alone, before a byte of the body is sent (the body timeout would
-/// make it a 408), with `Expect: 100-continue` answered by the refusal and no `100
-/// Continue`; the connection is closed after it.
+/// No key, a wrong key, a revoked or expired one, a key over its rate and one at its
+/// concurrency: each gets its refusal from the head alone, before a byte of the body is sent
+/// (the body timeout would make it a 408), an `Expect: 100-continue` answered by the refusal
+/// and never by `100 Continue`; the connection is closed after it. A refused request whose
+/// small body arrived with its head keeps its connection.
 #[test]
 fn keys_are_checked_from_the_head_before_the_body_is_read() {
-    let up = FakeUpstream::json(200, r#"{"id":"m","type":"message","content":[]}"#);
+    let up = FakeUpstream::start(|req| {
+        if String::from_utf8_lossy(&req.body).contains("hold-me") {
+            Reply::Hang
+        } else {
+            Reply::json(200, r#"{"id":"m","type":"message","content":[]}"#)
+        }
+    });
     let mut gw = Gateway::new(&Config::new(up.base_url()).body_timeout("30s"));
     gw.add_api_key("primary", ACCOUNT_KEY);
     let revoked = gw.add_client_key("revoked");
     let expired = gw.add_client_key("expired");
     let limited = gw.add_client_key("limited");
+    let busy = gw.add_client_key("busy");
     let keys = gw.run_cli(&["list-client-keys", "--json"]);
     let keys: Value = serde_json::from_slice(&keys.stdout).expect("json");
     let id_of = |name: &str| {
@@ -379,33 +388,20 @@ fn keys_are_checked_from_the_head_before_the_body_is_read() {
             .expect("key id")
             .to_string()
     };
-    assert_exit(
-        &gw.run_cli(&["revoke-client-key", "--key-id", &id_of("revoked")]),
-        0,
-        "revoke",
-    );
-    assert_exit(
-        &gw.run_cli(&[
-            "update-client-key",
-            "--key-id",
-            &id_of("expired"),
-            "--expires",
-            "2020-01-01",
-        ]),
-        0,
-        "expire",
-    );
-    assert_exit(
-        &gw.run_cli(&[
-            "update-client-key",
-            "--key-id",
-            &id_of("limited"),
-            "--rpm",
-            "1",
-        ]),
-        0,
-        "rpm",
-    );
+    for (name, args) in [
+        ("revoked", vec!["revoke-client-key"]),
+        (
+            "expired",
+            vec!["update-client-key", "--expires", "2020-01-01"],
+        ),
+        ("limited", vec!["update-client-key", "--rpm", "1"]),
+        ("busy", vec!["update-client-key", "--max-concurrent", "1"]),
+    ] {
+        let id = id_of(name);
+        let mut args = args;
+        args.extend(["--key-id", id.as_str()]);
+        assert_exit(&gw.run_cli(&args), 0, name);
+    }
     gw.start();
     let ok = call(
         gw.addr(),
@@ -415,6 +411,23 @@ fn keys_are_checked_from_the_head_before_the_body_is_read() {
         MESSAGE_BODY.as_bytes(),
     );
     assert_eq!(ok.status, 200, "the limited key's first request");
+    // The busy key's one slot is held by a request the upstream never answers.
+    let addr = gw.addr();
+    let held_key = busy.clone();
+    let held = thread::spawn(move || {
+        let body = MESSAGE_BODY.replace("\"hi\"", "\"hold-me\"");
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", &held_key)],
+            body.as_bytes(),
+        )
+        .status
+    });
+    poll_until(Duration::from_secs(5), "the held request upstream", || {
+        up.requests().len() == 2
+    });
     let bearer_expired = format!("Bearer {expired}");
     let cases: Vec<(Vec<(&str, &str)>, u16)> = vec![
         (vec![], 401),
@@ -422,6 +435,7 @@ fn keys_are_checked_from_the_head_before_the_body_is_read() {
         (vec![("x-api-key", revoked.as_str())], 401),
         (vec![("authorization", bearer_expired.as_str())], 401),
         (vec![("x-api-key", limited.as_str())], 429),
+        (vec![("x-api-key", busy.as_str())], 429),
     ];
     for (path, expect) in [("/v1/messages", false), ("/v1/chat/completions", true)] {
         for (headers, status) in &cases {
@@ -430,24 +444,48 @@ fn keys_are_checked_from_the_head_before_the_body_is_read() {
                 headers.push(("expect", "100-continue"));
             }
             let (mut conn, sent) = head_only(&gw, path, &headers);
-            let resp = conn.read_response();
-            assert_eq!(resp.status, *status, "{path} {headers:?}: {}", resp.text());
+            let raw = String::from_utf8_lossy(&conn.read_until_closed()).into_owned();
+            assert!(
+                raw.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{path} {headers:?}: {raw}"
+            );
             assert!(
                 sent.elapsed() < Duration::from_secs(10),
                 "answered from the head"
             );
-            assert_eq!(resp.header("connection"), Some("close"), "{headers:?}");
-            let rest = conn.read_until_closed();
-            assert!(
-                !String::from_utf8_lossy(&rest).contains("100 Continue"),
-                "{rest:?}"
-            );
+            assert!(raw.contains("connection: close"), "{headers:?}: {raw}");
+            assert!(!raw.contains("100 Continue"), "{headers:?}: {raw}");
         }
     }
     assert_eq!(
         up.requests().len(),
-        1,
-        "only the first request went upstream"
+        2,
+        "only the admitted requests went upstream"
+    );
+    assert_eq!(held.join().expect("held request"), 504);
+
+    // A small body that came with its head is dropped, not left on the wire: the connection
+    // serves the next request.
+    let mut conn = Conn::open(gw.addr());
+    conn.send(&request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "lgw_wrong")],
+        MESSAGE_BODY.as_bytes(),
+    ));
+    let refused = conn.read_response();
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("connection"), None, "kept open");
+    conn.send(&request_bytes(
+        "POST",
+        "/v1/messages",
+        &[gw.auth()],
+        MESSAGE_BODY.as_bytes(),
+    ));
+    assert_eq!(
+        conn.read_response().status,
+        200,
+        "the same connection serves on"
     );
 }
 
@@ -797,7 +835,8 @@ fn api_key_env_holding_a_key_is_refused_and_masked() {
 }
 
 /// A key file group or others may write (not only read), or a config.yaml others may write,
-/// is refused at start with the chmod that fixes it; the usage directory is 0700.
+/// is refused at start with the chmod that fixes it (a group may write the config); the usage
+/// directory is created 0700.
 #[test]
 fn writable_key_and_config_files_are_refused_and_usage_is_private() {
     use std::os::unix::fs::PermissionsExt;
@@ -821,16 +860,23 @@ fn writable_key_and_config_files_are_refused_and_usage_is_private() {
     }
     chmod(&key, 0o600);
     let config = gw.config_path();
-    for mode in [0o602, 0o622] {
+    for mode in [0o602, 0o666] {
         chmod(&config, mode);
         let out = gw.run_cli(&["server"]);
         assert_exit(&out, 3, &format!("a config.yaml of mode {mode:o}"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains(&format!("chmod go-w {}", config.display())),
+            err.contains(&format!("chmod o-w {}", config.display())),
             "{err}"
         );
     }
+    // A group may write it on purpose (an operators' group with umask 002).
+    chmod(&config, 0o660);
+    assert_exit(
+        &gw.run_cli(&["list-accounts"]),
+        0,
+        "a group-writable config.yaml",
+    );
     chmod(&config, 0o600);
     gw.start();
     let resp = call(
