@@ -79,23 +79,156 @@ pub fn check_text(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The first `\\` in `bytes` from `from`, eight bytes at a time (a word holds a backslash
-/// when `word ^ 0x5c5c…` has a zero byte).
+/// The first `\\` in `bytes` from `from`.
 fn find_backslash(bytes: &[u8], from: usize) -> Option<usize> {
+    find_any2(bytes, from, b'\\', b'\\')
+}
+
+/// The first `a` or `b` in `bytes` from `from`, eight bytes at a time (a word holds `a` when
+/// `word ^ aaaa…` has a zero byte; the lowest such flag is always a true one).
+fn find_any2(bytes: &[u8], from: usize, a: u8, b: u8) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
     let mut i = from;
     while i + 8 <= bytes.len() {
         let mut word = [0u8; 8];
         word.copy_from_slice(&bytes[i..i + 8]);
-        let x = u64::from_le_bytes(word) ^ (ONES * u64::from(b'\\'));
-        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
-        if zero != 0 {
-            return Some(i + (zero.trailing_zeros() / 8) as usize);
+        let w = u64::from_le_bytes(word);
+        let hits = zero_byte(w ^ (ONES * u64::from(a))) | zero_byte(w ^ (ONES * u64::from(b)));
+        if hits != 0 {
+            return Some(i + (hits.trailing_zeros() / 8) as usize);
         }
         i += 8;
     }
-    (bytes.get(i..)?.iter().position(|&b| b == b'\\')).map(|p| i + p)
+    (bytes.get(i..)?.iter().position(|&c| c == a || c == b)).map(|p| i + p)
+}
+
+/// Finds the value of one top-level field of a JSON object (`usage` in a message) as the
+/// object streams through in pieces of any size, keeping only that value, and only up to
+/// `limit` bytes (a larger one is dropped). The last occurrence wins. Needs no valid JSON:
+/// what it finds is parsed afterwards.
+pub struct FieldScan {
+    name: &'static [u8],
+    limit: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1, the next string is a key (after `{` or `,`), not a value (after `:`).
+    expect_key: bool,
+    reading_key: bool,
+    key: Vec<u8>,
+    key_matches: bool,
+    capturing: bool,
+    overflow: bool,
+    value: Vec<u8>,
+    found: Option<Vec<u8>>,
+}
+
+impl FieldScan {
+    pub fn new(name: &'static str, limit: usize) -> FieldScan {
+        FieldScan {
+            name: name.as_bytes(),
+            limit,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            expect_key: false,
+            reading_key: false,
+            key: Vec::new(),
+            key_matches: false,
+            capturing: false,
+            overflow: false,
+            value: Vec::new(),
+            found: None,
+        }
+    }
+
+    /// The field's value (its JSON text), once it has been seen whole.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.found.as_deref()
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let mut i = 0;
+        while i < bytes.len() {
+            // Inside a string nothing matters but its end and its escapes: skip to them, a
+            // word at a time (most of an answer is text).
+            if self.in_string && !self.escaped && !self.reading_key && !self.capturing {
+                match find_any2(bytes, i, b'"', b'\\') {
+                    Some(at) => i = at,
+                    None => return,
+                }
+            }
+            self.step(bytes[i]);
+            i += 1;
+        }
+    }
+
+    fn step(&mut self, b: u8) {
+        let outside = !self.in_string;
+        if self.capturing {
+            if outside && self.depth == 1 && (b == b',' || b == b'}') {
+                self.finish();
+            } else if self.value.len() < self.limit {
+                self.value.push(b);
+            } else {
+                self.overflow = true;
+            }
+        }
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                if self.reading_key {
+                    self.reading_key = false;
+                    self.key_matches = self.key == self.name;
+                }
+                return;
+            }
+            if self.reading_key && self.key.len() <= self.name.len() {
+                self.key.push(b);
+            }
+            return;
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                self.reading_key = self.depth == 1 && self.expect_key;
+                if self.reading_key {
+                    self.key.clear();
+                }
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.depth == 1 {
+                    self.expect_key = b == b'{';
+                }
+            }
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            b':' if self.depth == 1 => {
+                self.expect_key = false;
+                if self.key_matches {
+                    self.key_matches = false;
+                    self.capturing = true;
+                    self.value.clear();
+                }
+            }
+            b',' if self.depth == 1 => self.expect_key = true,
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        self.capturing = false;
+        let value = std::mem::take(&mut self.value);
+        if !std::mem::take(&mut self.overflow) {
+            self.found = Some(value);
+        }
+    }
 }
 
 /// Whether `bytes` opens more than `limit` arrays or objects at once, outside strings.
@@ -171,6 +304,37 @@ mod tests {
         }
     }
 
+    fn scan_in_pieces(body: &[u8], piece: usize) -> Option<Vec<u8>> {
+        let mut scan = FieldScan::new("usage", 1024);
+        for chunk in body.chunks(piece.max(1)) {
+            scan.feed(chunk);
+        }
+        scan.value().map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn a_top_level_field_is_found_however_the_body_is_cut() {
+        let body = br#"{"id":"m","content":[{"type":"text","text":"a \"usage\": {\"x\":1}, } {"},{"usage":{"input_tokens":99}}],"meta":{"usage":{"input_tokens":98}},"usage" : {"input_tokens":3,"output_tokens":4,"nested":{"a":[1,2]}},"stop_reason":"end_turn"}"#;
+        for piece in [1, 2, 3, 7, 64, body.len()] {
+            let found = scan_in_pieces(body, piece).expect("found");
+            let v: Value = serde_json::from_slice(&found).expect("the value parses");
+            assert_eq!(v["input_tokens"], 3, "piece {piece}");
+            assert_eq!(v["output_tokens"], 4);
+        }
+        let last = br#"{"usage":{"output_tokens":1},"x":1,"usage":{"output_tokens":2}}"#;
+        let v: Value =
+            serde_json::from_slice(&scan_in_pieces(last, 5).expect("found")).expect("json");
+        assert_eq!(v["output_tokens"], 2, "the last occurrence wins");
+        assert!(scan_in_pieces(br#"{"usages":{"a":1},"xusage":2}"#, 3).is_none());
+        assert!(scan_in_pieces(br#"["usage",{"usage":1}]"#, 3).is_none());
+        let big = format!(r#"{{"usage":{{"pad":"{}"}}}}"#, "x".repeat(2000));
+        assert!(
+            scan_in_pieces(big.as_bytes(), 100).is_none(),
+            "over the limit"
+        );
+        assert!(scan_in_pieces(b"\xff\x00{{{{\"usage\"", 2).is_none());
+    }
+
     #[test]
     fn backslashes_are_found_at_every_offset() {
         for len in 0..40 {
@@ -184,6 +348,31 @@ mod tests {
             }
             assert_eq!(find_backslash(&vec![0x5d; len], 0), None);
         }
+    }
+
+    /// The cost of finding `usage` in a streamed answer, per MiB, fed in 8 KiB reads as the
+    /// relay does (`cargo test --release measure_usage_scan -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure_usage_scan_cost() {
+        let block = r#"{"type":"text","text":"Some answer text with \"quotes\" and\nlines, as models write it."},"#;
+        let mut body = String::from(r#"{"id":"m","content":["#);
+        while body.len() < 32 * 1024 * 1024 {
+            body.push_str(block);
+        }
+        body.push_str(r#"{}],"usage":{"input_tokens":1,"output_tokens":2}}"#);
+        let mib = body.len() as f64 / (1024.0 * 1024.0);
+        let rounds = 3;
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            let mut scan = FieldScan::new("usage", 16 * 1024);
+            for chunk in body.as_bytes().chunks(8 * 1024) {
+                scan.feed(std::hint::black_box(chunk));
+            }
+            assert!(scan.value().is_some());
+        }
+        let per_mib = started.elapsed().as_secs_f64() * 1e6 / (mib * rounds as f64);
+        eprintln!("usage scan: {per_mib:.0} µs per MiB");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::http::{Head, Request, Responder};
+use crate::json;
 use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
@@ -29,6 +30,8 @@ const COPY_CHUNK: usize = 8 * 1024;
 const SSE_CHUNK: usize = 2 * 1024;
 /// Error bodies read for inspection are capped here.
 const MAX_INSPECTED: u64 = 1024 * 1024;
+/// A `usage` object found in a streamed body is kept up to this size (real ones are ~200 B).
+const MAX_USAGE: usize = 16 * 1024;
 /// A whole message read for conversion is capped here (far above any real answer).
 const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
 
@@ -420,6 +423,13 @@ impl Meter {
         }
     }
 
+    /// Takes a `usage` object's JSON text.
+    fn usage_value(&mut self, value: &[u8]) {
+        if let Ok(reported) = crate::json::from_slice::<Reported>(value) {
+            self.usage.take(&reported);
+        }
+    }
+
     /// Takes the usage of complete SSE events (message_start and message_delta carry it).
     pub(crate) fn events(&mut self, events: &[u8]) {
         for event in sse::split_events(events) {
@@ -514,7 +524,11 @@ pub fn relay<'a>(
                     Err(e) => Err((io_error(&e), out)),
                 }
             }
-            _ => Ok(relay_stream(reader, out, head, length, meter)),
+            // Large or unframed: copied through, its usage found on the way.
+            _ => {
+                let usage = (status < 300).then(|| json::FieldScan::new("usage", MAX_USAGE));
+                Ok(relay_stream(reader, out, head, length, usage, meter))
+            }
         },
         _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED) {
             Ok(body) => json(
@@ -622,6 +636,7 @@ fn relay_stream(
     out: Responder<'_>,
     head: Head,
     length: Option<u64>,
+    mut usage: Option<json::FieldScan>,
     meter: &mut Meter,
 ) -> (Outcome, bool) {
     let writer = match length {
@@ -633,28 +648,36 @@ fn relay_stream(
     };
     let watching = watch::watch(writer.socket());
     let mut buf = vec![0u8; COPY_CHUNK];
-    loop {
+    let ended = loop {
         match reader.read(&mut buf) {
             Ok(0) => {
                 let keep = writer.finish();
-                return (Outcome::Complete, keep);
+                break (Outcome::Complete, keep);
             }
             Ok(n) => {
                 meter.sent();
+                if let Some(scan) = &mut usage {
+                    scan.feed(&buf[..n]);
+                }
                 if writer.write(&buf[..n]).is_err() {
-                    return (Outcome::ClientGone, false);
+                    break (Outcome::ClientGone, false);
                 }
             }
             Err(_) if watch::went_away() => {
                 drop(watching);
-                return (Outcome::ClientGone, writer.abort());
+                break (Outcome::ClientGone, writer.abort());
             }
             Err(e) => {
                 // Headers are gone: the only honest signal left is a truncated body.
-                return (Outcome::UpstreamBroke(e.to_string()), writer.abort());
+                break (Outcome::UpstreamBroke(e.to_string()), writer.abort());
             }
         }
+    };
+    // What the answer cost, however it ended: the tokens were spent upstream.
+    if let Some(value) = usage.as_ref().and_then(json::FieldScan::value) {
+        meter.usage_value(value);
     }
+    ended
 }
 
 /// An SSE body, forwarded event by event, or converted event by event into OpenAI chunks

@@ -10,6 +10,7 @@ pub fn long() -> bool {
 }
 mod clients;
 mod lifecycle;
+mod metering;
 mod security;
 mod soak;
 mod state;

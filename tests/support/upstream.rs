@@ -70,6 +70,14 @@ pub enum Reply {
         gate: Option<Receiver<()>>,
         framing: Framing,
     },
+    /// A JSON body sent chunked (in pieces of `piece` bytes) or close-delimited, not with a
+    /// `content-length`.
+    Framed {
+        status: u16,
+        body: Vec<u8>,
+        framing: Framing,
+        piece: usize,
+    },
     /// A chunked SSE response whose connection is dropped after these events, with no terminating chunk.
     BreakMidStream { events: Vec<String> },
     /// Reads the request and never answers; the connection stays open until the gateway closes it.
@@ -318,6 +326,45 @@ fn write_reply(
             let ok = write_sse(out, shared, &events, gate.as_ref(), chunked);
             if chunked {
                 ok && out.write_all(b"0\r\n\r\n").is_ok()
+            } else {
+                let _ = out.shutdown(Shutdown::Both);
+                false
+            }
+        }
+        Reply::Framed {
+            status,
+            body,
+            framing,
+            piece,
+        } => {
+            let chunked = matches!(framing, Framing::Chunked);
+            let mut head = format!(
+                "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\n",
+                reason(status)
+            );
+            head.push_str(if chunked {
+                "transfer-encoding: chunked\r\n\r\n"
+            } else {
+                "connection: close\r\n\r\n"
+            });
+            if out.write_all(head.as_bytes()).is_err() {
+                return false;
+            }
+            for part in body.chunks(piece.max(1)) {
+                let written = if chunked {
+                    let mut chunk = format!("{:x}\r\n", part.len()).into_bytes();
+                    chunk.extend_from_slice(part);
+                    chunk.extend_from_slice(b"\r\n");
+                    out.write_all(&chunk)
+                } else {
+                    out.write_all(part)
+                };
+                if written.and_then(|()| out.flush()).is_err() {
+                    return false;
+                }
+            }
+            if chunked {
+                out.write_all(b"0\r\n\r\n").is_ok()
             } else {
                 let _ = out.shutdown(Shutdown::Both);
                 false
