@@ -51,6 +51,23 @@ pub fn merge_beta<'a>(values: impl IntoIterator<Item = &'a str>, add: &str) -> S
     out.join(",")
 }
 
+/// The status Anthropic answers with for an `error.type` (for an error that came inside a
+/// stream, after its 200): what the ledger and metrics count it as.
+pub fn status_of_error_type(kind: &str) -> u16 {
+    match kind {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "billing_error" => 402,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "timeout_error" => 504,
+        "overloaded_error" => 529,
+        _ => 500,
+    }
+}
+
 /// A ban the upstream announced for an account: the sentence (the account's disabled reason),
 /// and the `error.type` it came with, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -196,9 +196,10 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                 }
             };
             // After the first byte nothing is retried, but the account's failure counts.
-            if let (Outcome::UpstreamBroke(why), Some(pick)) = (&outcome, &pick) {
-                gw.accounts
-                    .record(&pick.entry, Signal::Failure(format!("stream broke: {why}")));
+            if let Some(pick) = &pick
+                && let Some(signal) = stream_signal(&outcome)
+            {
+                gw.accounts.record(&pick.entry, signal);
             }
             (status, outcome, keep)
         }
@@ -223,6 +224,25 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         &names,
     );
     keep && !unread
+}
+
+/// What a stream's end says of its account: a break or an overload is its failure, a rate
+/// limit its 429 (with no reset, so the backoff applies); the rest is the request's.
+fn stream_signal(outcome: &Outcome) -> Option<Signal> {
+    match outcome {
+        Outcome::UpstreamBroke(why) => Some(Signal::Failure(format!("stream broke: {why}"))),
+        Outcome::UpstreamError { kind, .. } => match kind.as_str() {
+            "overloaded_error" | "api_error" => {
+                Some(Signal::Failure(format!("{kind} event in the stream")))
+            }
+            "rate_limit_error" => Some(Signal::RateLimited {
+                retry_after: None,
+                unified_reset: None,
+            }),
+            _ => None,
+        },
+        Outcome::Complete | Outcome::ClientGone => None,
+    }
 }
 
 /// The request's id: the client's `x-request-id` when it is sane, else a new one.
@@ -375,6 +395,14 @@ fn account_for(
         Outcome::Complete => names.error.clone(),
         Outcome::UpstreamBroke(why) => Some(format!("upstream broke: {why}")),
         Outcome::ClientGone => Some("client went away".into()),
+        Outcome::UpstreamError { kind, message } => Some(format!(
+            "upstream error event in the stream: {kind}: {message}"
+        )),
+    };
+    // The ledger and metrics count an error that came inside a 200 stream as its status.
+    let counted = match outcome {
+        Outcome::UpstreamError { kind, .. } => anthropic::status_of_error_type(kind),
+        _ => status,
     };
     // Only what an authenticated client asked for goes into the ledger.
     if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
@@ -383,14 +411,14 @@ fn account_for(
             key: key.clone(),
             account: names.account_id.clone().unwrap_or_else(|| "-".into()),
             model: names.model.clone().unwrap_or_else(|| "-".into()),
-            status,
+            status: counted,
             usage: meter.usage,
             error: error.clone(),
         });
     }
     if names.client_id.is_some() {
         gw.metrics.observe(&Observation {
-            status,
+            status: counted,
             account: &names.account,
             model: names.model.as_deref(),
             usage: meter.usage,

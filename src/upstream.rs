@@ -371,6 +371,12 @@ pub enum Outcome {
     UpstreamBroke(String),
     /// The client went away mid-response.
     ClientGone,
+    /// The upstream's stream carried an `event: error` (relayed to the client as it came):
+    /// its `error.type` and (the start of) its message.
+    UpstreamError {
+        kind: String,
+        message: String,
+    },
 }
 
 /// The form the client wants the answer in.
@@ -409,7 +415,12 @@ pub struct Meter {
     pub usage: Usage,
     /// When the first byte of the answer's body went to the client.
     pub first_byte: Option<Instant>,
+    /// The `error` event a stream carried, if it did: (type, message).
+    stream_error: Option<(String, String)>,
 }
+
+/// An error event's message is kept this far for the logs: it may quote the request.
+const MAX_ERROR_MESSAGE: usize = 300;
 
 impl Meter {
     fn sent(&mut self) {
@@ -423,6 +434,39 @@ impl Meter {
         }
     }
 
+    /// Takes what an `error` event says: `{"type":"error","error":{"type","message"}}`.
+    fn error_event(&mut self, event: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Data {
+            error: Inner,
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner {
+            #[serde(rename = "type")]
+            kind: String,
+            #[serde(default)]
+            message: String,
+        }
+        let parsed = sse::data(event).and_then(|d| crate::json::from_slice::<Data>(&d).ok());
+        let (kind, message) = match parsed {
+            Some(Data { error }) => (error.kind, error.message),
+            None => (
+                "api_error".to_string(),
+                "an error event without an error".into(),
+            ),
+        };
+        let message = message.chars().take(MAX_ERROR_MESSAGE).collect();
+        self.stream_error = Some((kind, message));
+    }
+
+    /// How a stream that ended as `ended` ended, given the error event it may have carried.
+    fn outcome(&mut self, ended: Outcome) -> Outcome {
+        match (ended, self.stream_error.take()) {
+            (Outcome::Complete, Some((kind, message))) => Outcome::UpstreamError { kind, message },
+            (ended, _) => ended,
+        }
+    }
+
     /// Takes a `usage` object's JSON text.
     fn usage_value(&mut self, value: &[u8]) {
         if let Ok(reported) = crate::json::from_slice::<Reported>(value) {
@@ -430,12 +474,17 @@ impl Meter {
         }
     }
 
-    /// Takes the usage of complete SSE events (message_start and message_delta carry it).
+    /// Takes the usage of complete SSE events (message_start and message_delta carry it), and
+    /// the error an `error` event reports.
     pub(crate) fn events(&mut self, events: &[u8]) {
         for event in sse::split_events(events) {
             let Some(name) = sse::event_names(event).next() else {
                 continue;
             };
+            if name == b"error" {
+                self.error_event(event);
+                continue;
+            }
             if name != b"message_start" && name != b"message_delta" {
                 continue;
             }
@@ -716,6 +765,7 @@ fn relay_sse(
                             written
                         }
                         Some(chat) => {
+                            meter.events(events);
                             let mut chunks = Vec::new();
                             for event in sse::split_events(events) {
                                 chunks.extend(chat.event(event));
@@ -738,7 +788,7 @@ fn relay_sse(
         meter.usage.merge(&chat.usage());
     }
     if finished && broke.is_none() {
-        return (Outcome::Complete, writer.finish());
+        return (meter.outcome(Outcome::Complete), writer.finish());
     }
     let why = match &broke {
         Some(e) => format!("the upstream stream broke before message_stop: {e}"),
@@ -748,8 +798,8 @@ fn relay_sse(
         None => "the upstream ended the stream before message_stop".to_string(),
     };
     if finished {
-        // The message was complete; a break after it loses nothing.
-        return (Outcome::Complete, writer.finish());
+        // The message was complete (or its error said); a break after it loses nothing.
+        return (meter.outcome(Outcome::Complete), writer.finish());
     }
     let notice = match &mut chat {
         None => sse::error_event("api_error", &why),

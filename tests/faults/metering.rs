@@ -1,12 +1,14 @@
 //! Trust boundaries, part 2 (README: Reliability): every token an answer costs is metered,
-//! whatever its framing and size, so budgets count it.
+//! whatever its framing and size, so budgets count it; an error inside a stream is an error.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::support::accounts::{account, admin_status};
 use crate::support::{
     ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Reply, assert_exit, call,
+    sse_events,
 };
 
 /// A message of `input` + `output` tokens, padded to `pad` bytes of text, with its `usage`
@@ -109,5 +111,128 @@ fn answers_of_every_framing_and_size_are_metered() {
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         let usage: Value = serde_json::from_str(&last).unwrap_or_default();
         usage["total"]["input_tokens"] == 12_000 && usage["total"]["output_tokens"] == 18_000
+    });
+}
+
+/// A stream whose upstream sends `event: error` part way is an error: the access log line and
+/// the ledger record carry it, metrics count it by its kind (`overloaded_error` and
+/// `api_error` 5xx, `rate_limit_error` and `invalid_request_error` 4xx), and the account is
+/// charged as for the equivalent answer: a failure, a 429 rest, or nothing (the client's).
+#[test]
+fn an_error_event_inside_a_stream_is_an_error() {
+    let up = FakeUpstream::start(|req| {
+        let body = String::from_utf8_lossy(&req.body).into_owned();
+        let kind = [
+            "overloaded_error",
+            "api_error",
+            "rate_limit_error",
+            "invalid_request_error",
+        ]
+        .into_iter()
+        .find(|k| body.contains(k));
+        let mut events = sse_events(2);
+        if let Some(kind) = kind {
+            events.truncate(4);
+            events.push(format!(
+                "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"{kind}\",\"message\":\"it went wrong\"}}}}\n\n"
+            ));
+        }
+        Reply::Sse {
+            events,
+            gate: None,
+            framing: Framing::Chunked,
+        }
+    });
+    let mut gw = Gateway::new(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
+    let id = gw.add_api_key("primary", ACCOUNT_KEY);
+    gw.add_client_key("tests");
+    gw.start();
+    let stream = |kind: &str| {
+        let body = format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"stream":true,"messages":[{{"role":"user","content":"{kind}"}}]}}"#
+        );
+        let resp = call(
+            gw.addr(),
+            "POST",
+            "/v1/messages",
+            &[gw.auth()],
+            body.as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{kind}");
+        let text = resp.text();
+        assert!(
+            text.contains("event: error") == (kind != "fine"),
+            "{kind}: {text}"
+        );
+    };
+    // The account is charged just after the stream's last byte: poll for it.
+    let account_is = |state: &str, failures: u64, what: &str| {
+        crate::support::accounts::poll_until(Duration::from_secs(5), what, || {
+            let view = admin_status(&gw);
+            let row = account(&view, &id);
+            row["state"] == state && row["failures"] == failures
+        });
+    };
+    stream("fine");
+    stream("invalid_request_error");
+    account_is("active", 0, "the client's error is not the account's");
+    stream("overloaded_error");
+    stream("api_error");
+    account_is("active", 2, "overloaded and api errors are the account's");
+    stream("rate_limit_error");
+    account_is("cooling", 3, "a rate limit rests the account");
+
+    // Metrics and the access line follow the account's charge: poll for them too.
+    let count = |metrics: &str, class: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "llm_gateway_requests_total{{status_class=\"{class}\""
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut metrics = String::new();
+    crate::support::accounts::poll_until(Duration::from_secs(5), "metrics by class", || {
+        metrics = call(gw.admin_addr(), "GET", "/metrics", &[], b"").text();
+        let classes = (
+            count(&metrics, "2xx"),
+            count(&metrics, "4xx"),
+            count(&metrics, "5xx"),
+        );
+        classes == (1, 2, 2)
+    });
+    let message_lines = || -> Vec<Value> {
+        (gw.stderr().lines())
+            .filter(|l| l.contains("\"request_id\""))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["path"] == "/v1/messages")
+            .collect()
+    };
+    crate::support::accounts::poll_until(Duration::from_secs(5), "five access lines", || {
+        message_lines().len() == 5
+    });
+    let lines = message_lines();
+    let log = gw.stderr();
+    let errors: Vec<&str> = lines.iter().filter_map(|l| l["error"].as_str()).collect();
+    assert_eq!(errors.len(), 4, "{log}");
+    for kind in [
+        "overloaded_error",
+        "api_error",
+        "rate_limit_error",
+        "invalid_request_error",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(kind)),
+            "{kind}: {errors:?}"
+        );
+    }
+    crate::support::accounts::poll_until(Duration::from_secs(10), "errors in the ledger", || {
+        let out = gw.run_cli(&["usage", "--json"]);
+        let usage: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        usage["total"]["requests"] == 5 && usage["total"]["errors"] == 4
     });
 }
