@@ -115,16 +115,16 @@ pub struct Totals {
 
 impl Totals {
     fn add(&mut self, r: &Record) {
-        self.requests += 1;
+        self.requests = self.requests.saturating_add(1);
         if r.status >= 400 || r.error.is_some() {
-            self.errors += 1;
+            self.errors = self.errors.saturating_add(1);
         }
         self.usage.add(&r.usage);
     }
 
     pub fn absorb(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.errors += other.errors;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
         self.usage.add(&other.usage);
     }
 }
@@ -219,41 +219,220 @@ fn generations(dir: &Path) -> Vec<u64> {
     out
 }
 
-/// Reads the summary and every journal not folded into it. Lines that do not parse (a line a
-/// crash cut short) are skipped. Returns the book and the last generation seen.
+const SUMMARY: &str = "summary.json";
+/// The summary before the last fold: with the journals kept since, it stands in for a
+/// summary that cannot be read.
+const PREVIOUS: &str = "summary.prev.json";
+/// Where a summary that could not be read is moved, for a person to look at.
+const UNREADABLE: &str = "summary.unreadable.json";
+/// A journal line is one record (~200 bytes); a longer one is skipped unread.
+const MAX_LINE: usize = 64 * 1024;
+/// A record dated further ahead than this is not believed (clocks differ a little).
+const MAX_CLOCK_SKEW: u64 = 300;
+
+/// A summary file: `Ok(None)` when it does not exist, `Err` saying why when it cannot be read.
+fn read_summary(path: &Path) -> Result<Option<Summary>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{} cannot be read: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The summary to start from: `summary.json`, else (cut or unreadable) the previous one, whose
+/// journals are still there. A ledger that cannot be recovered is an error, never "no usage":
+/// budgets are counted from it.
+fn starting_summary(dir: &Path) -> std::io::Result<Option<Summary>> {
+    let previous = || read_summary(&dir.join(PREVIOUS));
+    match read_summary(&dir.join(SUMMARY)) {
+        Ok(Some(summary)) => Ok(Some(summary)),
+        // A fold cut between moving the summary aside and writing the new one.
+        Ok(None) => Ok(previous().ok().flatten()),
+        Err(why) => match previous() {
+            Ok(Some(summary)) => {
+                warn!(
+                    "usage ledger: {why}; recovered from {PREVIOUS} and the journals kept since it"
+                );
+                Ok(Some(summary))
+            }
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{why}, and no {PREVIOUS} can stand in for it: the usage history (and the budgets counted from it) cannot be recovered. Restore it from a backup, or move it aside to start an empty ledger (its history is then lost)"
+                ),
+            )),
+        },
+    }
+}
+
+/// Refuses a ledger directory that is a symlink (it could lead anywhere) or not a directory.
+fn check_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the usage directory {} is a symlink; give its real path as usage.dir",
+                dir.display()
+            ),
+        )),
+        Ok(m) if !m.is_dir() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the usage directory {} is not a directory", dir.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the summary and every journal not folded into it. A line a crash cut short (the
+/// last) is skipped; any other line that is not a record, is over `MAX_LINE`, or is dated in
+/// the future is skipped and reported. Returns the book and the last generation seen.
 pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
+    check_dir(dir)?;
     let mut book = Book::default();
     let mut folded = 0;
-    match std::fs::read(dir.join("summary.json")) {
-        Ok(bytes) => {
-            let summary: Summary = serde_json::from_slice(&bytes).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("summary.json: {e}"),
-                )
-            })?;
-            folded = summary.folded;
-            for r in summary.rows {
-                book.insert((r.day, r.key, r.account, r.model), r.totals);
-            }
+    if let Some(summary) = starting_summary(dir)? {
+        folded = summary.folded;
+        for r in summary.rows {
+            book.insert((r.day, r.key, r.account, r.model), r.totals);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
     }
     let mut last = folded;
+    let now = crate::time::now_unix();
     for generation in generations(dir) {
         last = last.max(generation);
-        if generation <= folded {
-            continue;
-        }
-        let file = File::open(journal_path(dir, generation))?;
-        for line in BufReader::new(file).split(b'\n').map_while(Result::ok) {
-            if let Ok(record) = serde_json::from_slice::<Record>(&line) {
-                book.add(&record);
-            }
+        if generation > folded {
+            read_journal(&journal_path(dir, generation), &mut book, now)?;
         }
     }
     Ok((book, last))
+}
+
+/// What reading a journal skipped, for one warning per file.
+#[derive(Default)]
+struct Skipped {
+    long: Vec<usize>,
+    invalid: Vec<(usize, String)>,
+    future: Vec<usize>,
+}
+
+/// Adds a journal's records to `book`, reading lines of at most `MAX_LINE` bytes.
+fn read_journal(path: &Path, book: &mut Book, now: u64) -> std::io::Result<()> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut skipped = Skipped::default();
+    let mut line: Vec<u8> = Vec::new();
+    let mut too_long = false;
+    let mut number = 0;
+    let mut take = |line: &[u8], too_long: bool, number: usize, last: bool, s: &mut Skipped| {
+        if too_long {
+            s.long.push(number);
+            return;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match serde_json::from_slice::<Record>(line) {
+            Ok(r) if r.t > now.saturating_add(MAX_CLOCK_SKEW) => s.future.push(number),
+            Ok(r) => book.add(&r),
+            // The last line, without its newline: a write a crash cut short.
+            Err(_) if last => {}
+            Err(e) => s.invalid.push((number, e.to_string())),
+        }
+    };
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            if !line.is_empty() || too_long {
+                take(&line, too_long, number + 1, true, &mut skipped);
+            }
+            break;
+        }
+        let (piece, ends) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !too_long && line.len() + piece.len() <= MAX_LINE {
+            line.extend_from_slice(piece);
+        } else {
+            too_long = true;
+            line = Vec::new();
+        }
+        let used = ends.unwrap_or(piece.len());
+        reader.consume(used);
+        if ends.is_some() {
+            number += 1;
+            take(&line, too_long, number, false, &mut skipped);
+            line.clear();
+            too_long = false;
+        }
+    }
+    report(path, &skipped);
+    Ok(())
+}
+
+fn report(path: &Path, s: &Skipped) {
+    let lines = |ns: &[usize]| {
+        let shown: Vec<String> = ns.iter().take(5).map(usize::to_string).collect();
+        format!(
+            "line{} {}",
+            if ns.len() == 1 { "" } else { "s" },
+            shown.join(", ")
+        )
+    };
+    let mut parts = Vec::new();
+    if !s.long.is_empty() {
+        parts.push(format!(
+            "{} longer than {} KiB ({})",
+            s.long.len(),
+            MAX_LINE / 1024,
+            lines(&s.long)
+        ));
+    }
+    if let Some((n, why)) = s.invalid.first() {
+        parts.push(format!(
+            "{} not a valid record (line {n}: {why})",
+            s.invalid.len()
+        ));
+    }
+    if !s.future.is_empty() {
+        parts.push(format!(
+            "{} dated in the future ({})",
+            s.future.len(),
+            lines(&s.future)
+        ));
+    }
+    if !parts.is_empty() {
+        warn!(
+            "usage ledger: {}: skipped {}",
+            path.display(),
+            parts.join("; ")
+        );
+    }
+}
+
+/// Folds `book` into a new summary of everything up to `generation`: the summary it replaces
+/// becomes the previous one (an unreadable one is moved aside instead, and the previous one
+/// stays), and only the journals the previous summary holds are removed, so the previous
+/// summary and the journals since always add up to the same book.
+fn fold(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()> {
+    let summary = dir.join(SUMMARY);
+    match read_summary(&summary) {
+        Ok(Some(_)) => std::fs::rename(&summary, dir.join(PREVIOUS))?,
+        Ok(None) => {}
+        Err(_) => std::fs::rename(&summary, dir.join(UNREADABLE))?,
+    }
+    write_summary(dir, book, generation)?;
+    let kept_from = match read_summary(&dir.join(PREVIOUS)) {
+        Ok(Some(previous)) => previous.folded,
+        _ => 0,
+    };
+    for old in generations(dir) {
+        if old <= kept_from {
+            let _ = std::fs::remove_file(journal_path(dir, old));
+        }
+    }
+    crate::secret::sync_parent(&summary)
 }
 
 /// Writes `book` as the summary of everything up to `generation`, atomically.
@@ -274,7 +453,21 @@ fn write_summary(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()
         rows,
     };
     let bytes = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
-    crate::store::write_atomically(&dir.join("summary.json"), &bytes)
+    crate::store::write_atomically(&dir.join(SUMMARY), &bytes)
+}
+
+/// The generation after `generation`: the numbering never wraps (a wrapped one would name a
+/// journal that exists and have it removed unread).
+fn next_generation(dir: &Path, generation: u64) -> std::io::Result<u64> {
+    generation.checked_add(1).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: journal generation {generation} is the last there is (a hand-edited summary.json or journal name?); fix the number, or move the usage directory aside",
+                dir.display()
+            ),
+        )
+    })
 }
 
 struct Pending {
@@ -384,16 +577,12 @@ impl Ledger {
         dir: &Path,
         shared: Option<Arc<Shared>>,
     ) -> std::io::Result<(Arc<Ledger>, Journal)> {
+        check_dir(dir)?;
         create_private_dir(dir)?;
         let lock = crate::store::lock_dir(dir)?;
         let (book, last) = read(dir)?;
-        write_summary(dir, &book, last)?;
-        for generation in generations(dir) {
-            if generation <= last {
-                let _ = std::fs::remove_file(journal_path(dir, generation));
-            }
-        }
-        let generation = last + 1;
+        let generation = next_generation(dir, last)?;
+        fold(dir, &book, last)?;
         let journal = Journal::create(dir, generation, lock)?;
         let mut outbox = Outbox::default();
         if shared.is_some()
@@ -512,7 +701,15 @@ impl Ledger {
     /// `usage.flush_interval`, and once more before a graceful exit.
     pub fn flush(&self, journal: &mut Journal) {
         self.send_shared();
-        let queue = std::mem::take(&mut self.lock().queue);
+        // The book a fold writes must hold exactly what the journal does: it is taken with
+        // the queue, before later records can join the one and not the other.
+        let (queue, book) = {
+            let mut pending = self.lock();
+            let queue = std::mem::take(&mut pending.queue);
+            let due = journal.written + queue.len() as u64 >= COMPACT_AT;
+            let book = (due && !queue.is_empty()).then(|| pending.book.clone());
+            (queue, book)
+        };
         if queue.is_empty() {
             return;
         }
@@ -527,11 +724,11 @@ impl Ledger {
             pending.queue.extend_from_slice(&later);
             return;
         }
-        if journal.written >= COMPACT_AT {
+        if let Some(book) = book {
             // Fold: the summary of everything so far names this generation; then a new one.
-            let book = self.lock().book.clone();
-            match write_summary(&self.dir, &book, journal.generation)
-                .and_then(|()| journal.rotate(&self.dir))
+            match journal
+                .rotate(&self.dir)
+                .and_then(|folded| fold(&self.dir, &book, folded))
             {
                 Ok(()) => {}
                 Err(e) => warn!("usage ledger: compaction failed, will retry: {e}"),
@@ -577,15 +774,18 @@ impl Journal {
         Ok(())
     }
 
-    fn rotate(&mut self, dir: &Path) -> std::io::Result<()> {
-        let old = self.path.clone();
-        let path = journal_path(dir, self.generation + 1);
+    /// Starts the next generation; returns the one just ended, to be folded (its file stays
+    /// until the fold after next: see `fold`).
+    fn rotate(&mut self, dir: &Path) -> std::io::Result<u64> {
+        let ended = self.generation;
+        let next = next_generation(dir, ended)?;
+        let path = journal_path(dir, next);
         self.file = journal_options().open(&path)?;
         self.path = path;
-        self.generation += 1;
+        self.generation = next;
         self.written = 0;
-        std::fs::remove_file(old)?;
-        crate::secret::sync_parent(&self.path)
+        crate::secret::sync_parent(&self.path)?;
+        Ok(ended)
     }
 }
 
@@ -727,8 +927,108 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1.requests, 2);
         assert_eq!(rows[0].1.errors, 1);
-        assert_eq!(generations(&dir).len(), 1, "folded journals are removed");
+        // The journal folded last is kept beside the previous summary (for recovery); the
+        // one before it, held by that previous summary, is gone.
+        assert_eq!(generations(&dir).len(), 2, "{:?}", generations(&dir));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unreadable_summary_is_recovered_from_the_previous_one_and_the_journals() {
+        let dir = temp_dir("recover");
+        for round in 0..3u64 {
+            let (ledger, mut journal) = Ledger::open(&dir, None).expect("open");
+            ledger.record(&record(86_400 * 3 + round, "ck_a", 100, 200));
+            ledger.flush(&mut journal);
+        }
+        let expected = 3 * (100 + 13);
+        // Truncated, as a full disk or a hand edit might leave it.
+        let summary = dir.join(SUMMARY);
+        let bytes = std::fs::read(&summary).expect("summary");
+        std::fs::write(&summary, &bytes[..bytes.len() / 2]).expect("truncate");
+        let (book, _) = read(&dir).expect("recovered");
+        assert_eq!(book.tokens_since("ck_a", 0), expected);
+        let (ledger, _journal) = Ledger::open(&dir, None).expect("reopen");
+        assert_eq!(
+            ledger.tokens_since("ck_a", 0),
+            expected,
+            "opened once recovered"
+        );
+        assert!(
+            dir.join(UNREADABLE).exists(),
+            "the bad summary is kept aside"
+        );
+        drop(ledger);
+        drop(_journal);
+        // Nothing to recover from: an error naming the file, never an empty ledger.
+        std::fs::write(dir.join(SUMMARY), b"{").expect("corrupt");
+        std::fs::write(dir.join(PREVIOUS), b"garbage").expect("corrupt");
+        let err = Ledger::open(&dir, None).err().expect("refused");
+        assert!(err.to_string().contains("summary.json"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn journal_lines_are_not_trusted() {
+        let dir = temp_dir("untrusted");
+        let now = crate::time::now_unix();
+        let good = |t: u64| {
+            let mut line = serde_json::to_vec(&record(t, "ck_a", 1, 200)).expect("json");
+            line.push(b'\n');
+            line
+        };
+        let mut text = good(now);
+        text.extend(good(now + 365 * 86_400)); // a year ahead
+        text.extend(br#"{"t":1,"key":"ck_a","account":"a","model":"m","status":200,"input":-5,"output":1,"cache_creation":0,"cache_read":0}"#);
+        text.push(b'\n');
+        text.extend(vec![b'x'; 3 * MAX_LINE]);
+        text.push(b'\n');
+        text.extend(good(now));
+        std::fs::write(journal_path(&dir, 1), &text).expect("journal");
+        let (book, last) = read(&dir).expect("read");
+        assert_eq!(last, 1);
+        assert_eq!(
+            book.tokens_since("ck_a", 0),
+            2 * 14,
+            "only the two good records"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn generations_never_wrap() {
+        let dir = temp_dir("wrap");
+        std::fs::write(journal_path(&dir, u64::MAX), b"").expect("journal");
+        std::fs::write(journal_path(&dir, 0), b"").expect("journal");
+        let err = Ledger::open(&dir, None).err().expect("refused");
+        assert!(err.to_string().contains("last there is"), "{err}");
+        assert!(journal_path(&dir, 0).exists(), "nothing removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn counters_saturate() {
+        let mut t = Totals {
+            requests: u64::MAX,
+            errors: u64::MAX,
+            usage: Usage::default(),
+        };
+        t.add(&record(1, "ck_a", u64::MAX, 500));
+        assert_eq!((t.requests, t.errors), (u64::MAX, u64::MAX));
+        assert_eq!(t.usage.input, u64::MAX);
+        t.absorb(&t.clone());
+        assert_eq!(t.requests, u64::MAX);
+    }
+
+    #[test]
+    fn a_symlinked_usage_directory_is_refused() {
+        let real = temp_dir("real");
+        let link = real.with_extension("link");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let err = Ledger::open(&link, None).err().expect("refused");
+        assert!(err.to_string().contains("symlink"), "{err}");
+        let _ = std::fs::remove_file(&link);
+        let _ = std::fs::remove_dir_all(&real);
     }
 
     #[test]

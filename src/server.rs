@@ -245,20 +245,29 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// Why the server did not start.
 #[derive(Debug)]
-pub struct BindError {
-    pub addr: String,
-    pub error: std::io::Error,
+pub enum StartError {
+    Bind {
+        addr: String,
+        error: std::io::Error,
+    },
+    /// The usage ledger cannot be read or recovered: serving would mean serving without
+    /// budgets.
+    Ledger(std::io::Error),
 }
 
-impl std::fmt::Display for BindError {
+impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot listen on {}: {}", self.addr, self.error)
+        match self {
+            StartError::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            StartError::Ledger(error) => write!(f, "usage ledger: {error}"),
+        }
     }
 }
 
 /// Runs the server until SIGTERM or SIGINT has drained it (or a second one exits at once).
-pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
+pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
     // Before any thread starts, so every thread inherits the mask and the signals wait for
     // the one thread that takes them.
     let signals = match sys::block_signals() {
@@ -281,11 +290,11 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         );
     }
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let listener = TcpListener::bind(&addr).map_err(|error| BindError {
+    let listener = TcpListener::bind(&addr).map_err(|error| StartError::Bind {
         addr: addr.clone(),
         error,
     })?;
-    let local = listener.local_addr().map_err(|error| BindError {
+    let local = listener.local_addr().map_err(|error| StartError::Bind {
         addr: addr.clone(),
         error,
     })?;
@@ -293,7 +302,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), BindError> {
         warn!("could not deepen the accept queue ({e}); bursts of connections may wait a second");
     }
     let shared = start_shared(&config);
-    let (ledger, journal) = match open_ledger(&config, shared.clone()) {
+    let (ledger, journal) = match open_ledger(&config, shared.clone())? {
         Some((ledger, journal)) => (Some(ledger), Some(journal)),
         None => (None, None),
     };
@@ -532,12 +541,12 @@ fn known_models(config: &Config) -> Vec<String> {
 
 /// Opens the usage ledger and starts its flusher, or explains why usage is not recorded. The
 /// journal is returned too, for the last flush before a graceful exit.
-fn open_ledger(
-    config: &Config,
-    shared: Option<Arc<Shared>>,
-) -> Option<(Arc<Ledger>, Arc<Mutex<Journal>>)> {
+/// The ledger and its journal (kept for the last flush before a graceful exit).
+type Opened = (Arc<Ledger>, Arc<Mutex<Journal>>);
+
+fn open_ledger(config: &Config, shared: Option<Arc<Shared>>) -> Result<Option<Opened>, StartError> {
     if !config.usage.enabled {
-        return None;
+        return Ok(None);
     }
     match Ledger::open(&config.usage.dir, shared) {
         Ok((ledger, journal)) => {
@@ -554,15 +563,18 @@ fn open_ledger(
                         flusher.flush(&mut flushed.lock().unwrap_or_else(|p| p.into_inner()));
                     }
                 });
-            Some((ledger, journal))
+            Ok(Some((ledger, journal)))
         }
-        Err(e) => {
+        // Another server writes this ledger; this one serves beside it.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             warn!(
                 "usage is not recorded by this process ({}: {e}); token budgets are not enforced",
                 config.usage.dir.display()
             );
-            None
+            Ok(None)
         }
+        // A ledger that cannot be read never silently means "no budgets".
+        Err(e) => Err(StartError::Ledger(e)),
     }
 }
 

@@ -239,14 +239,17 @@ pub fn lock_dir(dir: &Path) -> std::io::Result<FileLock> {
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options.open(dir.join(".lock"))?;
+    let path = dir.join(".lock");
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = options.open(&path).map_err(named)?;
     match file.try_lock() {
         Ok(()) => Ok(FileLock(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::new(
             std::io::ErrorKind::WouldBlock,
             format!("{} is in use by another llm-gateway process", dir.display()),
         )),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
+        Err(std::fs::TryLockError::Error(e)) => Err(named(e)),
     }
 }
 

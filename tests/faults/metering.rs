@@ -89,6 +89,14 @@ fn answers_of_every_framing_and_size_are_metered() {
             v["usage"]["output_tokens"], 6_000,
             "{framing}: relayed whole"
         );
+        // The answer is metered as its relay ends, a moment after the client has it whole:
+        // wait until the ledger has it.
+        let served = (keys.iter().position(|(f, _)| f == framing)).map_or(0, |i| i + 1);
+        crate::support::accounts::poll_until(Duration::from_secs(10), "recorded", || {
+            let out = gw.run_cli(&["usage", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["total"]["requests"].as_u64() == Some(2 * served as u64 - 1)
+        });
         let second = call(
             gw.addr(),
             "POST",
@@ -235,4 +243,100 @@ fn an_error_event_inside_a_stream_is_an_error() {
         let usage: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         usage["total"]["requests"] == 5 && usage["total"]["errors"] == 4
     });
+}
+
+/// The ledger never fails open: a truncated summary is recovered from the previous one and
+/// the journals kept since it (a key over its budget stays refused); with nothing to recover
+/// from, a `usage/` that is a symlink, or a lock path that is a directory, the server refuses
+/// to start, naming the file; a record dated in the future counts against no budget.
+#[test]
+fn the_ledger_never_fails_open() {
+    let up = FakeUpstream::json(
+        200,
+        r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":60,"output_tokens":60}}"#,
+    );
+    let mut gw = Gateway::new(&Config::new(up.base_url()));
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    gw.add_client_key("budgeted");
+    let out = gw.run_cli(&["list-client-keys", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let key_id = list[0]["id"].as_str().expect("id").to_string();
+    let out = gw.run_cli(&[
+        "update-client-key",
+        "--key-id",
+        &key_id,
+        "--daily-tokens",
+        "100",
+    ]);
+    assert_exit(&out, 0, "budget");
+    let post = |gw: &Gateway| {
+        call(
+            gw.addr(),
+            "POST",
+            "/v1/messages",
+            &[gw.auth()],
+            MESSAGE_BODY.as_bytes(),
+        )
+        .status
+    };
+    let usage_dir = gw.dir().join("usage");
+    let flushed = |gw: &Gateway, requests: u64| {
+        crate::support::accounts::poll_until(Duration::from_secs(10), "flushed", || {
+            let out = gw.run_cli(&["usage", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["total"]["requests"] == requests
+        });
+    };
+    gw.start();
+    assert_eq!(post(&gw), 200);
+    assert_eq!(post(&gw), 429, "120 tokens spent of 100");
+    flushed(&gw, 2);
+    gw.stop();
+    // A second start folds the journal into summary.json (the first summary becomes the
+    // previous one); then summary.json is cut in half.
+    gw.start();
+    gw.stop();
+    let summary = usage_dir.join("summary.json");
+    let bytes = std::fs::read(&summary).expect("summary.json");
+    std::fs::write(&summary, &bytes[..bytes.len() / 2]).expect("truncate");
+    gw.start();
+    assert_eq!(post(&gw), 429, "the budget held through the recovery");
+    assert!(gw.stderr().contains("recovered"), "{}", gw.stderr());
+    gw.stop();
+
+    let refused = |gw: &Gateway, what: &str, names: &str| {
+        let out = gw.run_cli(&["server"]);
+        assert_exit(&out, 1, what);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(names), "{what}: {err}");
+        assert!(out.stdout.is_empty(), "{what}: never listened");
+    };
+    std::fs::write(&summary, b"{").expect("corrupt");
+    std::fs::write(usage_dir.join("summary.prev.json"), b"{").expect("corrupt");
+    refused(&gw, "nothing to recover from", "summary.json");
+
+    std::fs::remove_dir_all(&usage_dir).expect("remove usage");
+    let elsewhere = gw.dir().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, &usage_dir).expect("symlink");
+    refused(&gw, "a symlinked usage directory", "symlink");
+    std::fs::remove_file(&usage_dir).expect("unlink");
+
+    std::fs::create_dir_all(usage_dir.join(".lock")).expect("lock dir");
+    refused(&gw, "a lock path that is a directory", ".lock");
+    std::fs::remove_dir_all(&usage_dir).expect("remove usage");
+
+    // A record from the year 2100 for this key, 1000 tokens: it counts for nothing today.
+    std::fs::create_dir(&usage_dir).expect("mkdir");
+    let future = format!(
+        "{{\"t\":4102444800,\"key\":\"{key_id}\",\"account\":\"-\",\"model\":\"-\",\"status\":200,\"input\":1000,\"output\":0,\"cache_creation\":0,\"cache_read\":0}}\n"
+    );
+    std::fs::write(usage_dir.join("journal-00000001.jsonl"), future).expect("journal");
+    gw.start();
+    assert_eq!(post(&gw), 200, "a future record spends no budget");
+    assert!(
+        gw.stderr().contains("dated in the future"),
+        "{}",
+        gw.stderr()
+    );
 }

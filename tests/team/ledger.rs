@@ -223,7 +223,9 @@ fn the_ledger_counts_every_request_exactly_once_across_a_kill_9_under_load() {
     assert_rows(&usage(&gw, &["--by", "account"]), "account", &by_account);
     assert_rows(&usage(&gw, &["--by", "model"]), "model", &by_model);
 
-    // The files: a summary that parses, and journals whose every line is a record.
+    // The files: a summary that parses, and journals whose every line is a record, but for
+    // the torn one (kept, with the journal it ends, beside the previous summary until the
+    // next fold).
     let summary = std::fs::read(dir.join("summary.json")).expect("usage/summary.json");
     serde_json::from_slice::<Value>(&summary).expect("summary.json is JSON");
     let journals = journal_files(&dir);
@@ -232,6 +234,9 @@ fn the_ledger_counts_every_request_exactly_once_across_a_kill_9_under_load() {
     for path in &journals {
         let text = std::fs::read_to_string(path).expect("read journal");
         for line in text.lines() {
+            if line.contains("ck_torn") && text.ends_with(line) {
+                continue;
+            }
             let record: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("{path:?}: a line that does not parse ({e}): {line}"));
             let values: Vec<&Value> = record
