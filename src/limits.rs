@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::Client;
+use crate::config::KeyLimits;
 use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::shared::Shared;
@@ -19,6 +20,73 @@ struct KeyState {
     /// Start times of the requests of the last minute, oldest first.
     recent: VecDeque<Instant>,
     in_flight: u32,
+    /// Tokens the key's requests in flight may still cost (`Limiter::reserve`).
+    reserved: u64,
+}
+
+/// What a key has spent of its budgets, as the ledger says, at one moment.
+struct Spent {
+    now: u64,
+    today: u64,
+    month: u64,
+    next_month: u64,
+}
+
+impl Spent {
+    fn read(limits: &KeyLimits, key: &str, ledger: &Ledger) -> Spent {
+        let now = crate::time::now_unix();
+        let (month_starts, next_month) = first_day_of_month(now);
+        let since =
+            |day: u64, budget: Option<u64>| budget.map_or(0, |_| ledger.tokens_since(key, day));
+        Spent {
+            now,
+            today: since(now / 86_400, limits.daily_tokens),
+            month: since(month_starts, limits.monthly_tokens),
+            next_month,
+        }
+    }
+
+    /// What is left of the tightest budget.
+    fn left(&self, limits: &KeyLimits) -> u64 {
+        let daily = limits.daily_tokens.map(|b| b.saturating_sub(self.today));
+        let monthly = limits.monthly_tokens.map(|b| b.saturating_sub(self.month));
+        daily.into_iter().chain(monthly).min().unwrap_or(u64::MAX)
+    }
+
+    /// Refuses when what is spent, plus what requests in flight have reserved, reaches a
+    /// budget.
+    fn check(&self, limits: &KeyLimits, reserved: u64) -> Result<(), ApiError> {
+        let held = |used: u64| {
+            if reserved == 0 {
+                format!("{used} used")
+            } else {
+                format!("{used} used, {reserved} reserved by requests in flight")
+            }
+        };
+        if let Some(budget) = limits.daily_tokens
+            && self.today.saturating_add(reserved) >= budget
+        {
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "this gateway key used its daily budget of {budget} tokens ({}); it resets at 00:00 UTC",
+                    held(self.today)
+                ),
+                retry_after: until_next_day(self.now),
+            });
+        }
+        if let Some(budget) = limits.monthly_tokens
+            && self.month.saturating_add(reserved) >= budget
+        {
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "this gateway key used its monthly budget of {budget} tokens ({}); it resets on the 1st, 00:00 UTC",
+                    held(self.month)
+                ),
+                retry_after: self.next_month * 86_400 - self.now,
+            });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -27,6 +95,8 @@ pub struct Limiter {
     shared: Option<Arc<Shared>>,
     /// This instance's slots in Redis (slot → key), renewed while held.
     slots: Mutex<HashMap<String, String>>,
+    /// This instance's budget reservations in Redis (member → key), renewed while held.
+    reservations: Mutex<HashMap<String, String>>,
 }
 
 /// A key at its concurrency limit waits this long for a slot before the 429, in steps: the
@@ -45,6 +115,10 @@ struct Held {
     key: String,
     /// The slot taken in Redis, when the concurrency limit is shared.
     slot: Option<String>,
+    /// Tokens reserved against the key's budgets until the answer is metered: here, or in
+    /// Redis under this name.
+    reserved: u64,
+    shared_reservation: Option<String>,
 }
 
 impl Drop for Permit {
@@ -55,9 +129,14 @@ impl Drop for Permit {
                 self.limiter.lock_slots().remove(slot);
                 shared.release(key, slot);
             }
+            if let (Some(member), Some(shared)) = (&held.shared_reservation, &self.limiter.shared) {
+                lock(&self.limiter.reservations).remove(member);
+                shared.unreserve(key, member);
+            }
             let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = keys.get_mut(key) {
                 state.in_flight = state.in_flight.saturating_sub(1);
+                state.reserved = state.reserved.saturating_sub(held.reserved);
             }
         }
     }
@@ -87,6 +166,7 @@ impl Limiter {
             keys: Mutex::default(),
             shared,
             slots: Mutex::default(),
+            reservations: Mutex::default(),
         }
     }
 
@@ -118,32 +198,9 @@ impl Limiter {
                 held: None,
             });
         };
-        let now_unix = crate::time::now_unix();
         if let Some(ledger) = ledger {
-            let today = now_unix / 86_400;
-            if let Some(budget) = limits.daily_tokens {
-                let used = ledger.tokens_since(&client.id, today);
-                if used >= budget {
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "this gateway key used its daily budget of {budget} tokens ({used} used); it resets at 00:00 UTC"
-                        ),
-                        retry_after: until_next_day(now_unix),
-                    });
-                }
-            }
-            if let Some(budget) = limits.monthly_tokens {
-                let (first, next) = first_day_of_month(now_unix);
-                let used = ledger.tokens_since(&client.id, first);
-                if used >= budget {
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "this gateway key used its monthly budget of {budget} tokens ({used} used); it resets on the 1st, 00:00 UTC"
-                        ),
-                        retry_after: next * 86_400 - now_unix,
-                    });
-                }
-            }
+            let reserved = self.reserved(&client.id);
+            Spent::read(limits, &client.id, ledger).check(limits, reserved)?;
         }
         let mut slot = None;
         if let Some(shared) = &self.shared {
@@ -226,12 +283,66 @@ impl Limiter {
             held: Some(Box::new(Held {
                 key: client.id.clone(),
                 slot,
+                reserved: 0,
+                shared_reservation: None,
             })),
         })
     }
 
+    /// Tokens the key's requests in flight have reserved.
+    fn reserved(&self, key: &str) -> u64 {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.get(key).map_or(0, |s| s.reserved)
+    }
+
+    /// Reserves what an admitted request may cost (`estimate`: input estimated from its body,
+    /// output up to its `max_tokens`) against its key's budgets, until `permit` is dropped
+    /// after the answer is metered. Refused when what is spent plus what requests in flight
+    /// reserved already reaches a budget: parallel requests overshoot by one request at most.
+    pub fn reserve(
+        &self,
+        permit: &mut Permit,
+        client: &Client,
+        estimate: u64,
+        ledger: Option<&Ledger>,
+    ) -> Result<(), ApiError> {
+        let (Some(limits), Some(ledger), Some(held)) = (&client.limits, ledger, &mut permit.held)
+        else {
+            return Ok(());
+        };
+        if limits.daily_tokens.is_none() && limits.monthly_tokens.is_none() {
+            return Ok(());
+        }
+        // Read before the lock: the ledger may ask Redis. A request settling meanwhile is
+        // recorded before its reservation goes, so it is never missed, at worst seen twice.
+        let spent = Spent::read(limits, &client.id, ledger);
+        // With shared state the reservations are every instance's, checked and taken in one
+        // script; while Redis is down this instance reserves on its own.
+        if let Some(shared) = self.shared.as_ref().filter(|_| self.shared_up()) {
+            match shared.reserve(&client.id, spent.left(limits), estimate) {
+                Ok(Ok(member)) => {
+                    lock(&self.reservations).insert(member.clone(), client.id.clone());
+                    held.shared_reservation = Some(member);
+                    return Ok(());
+                }
+                Ok(Err(reserved)) => {
+                    spent.check(limits, reserved)?;
+                    // Spent changed between the reads; refuse as the script did.
+                    return spent.check(limits, u64::MAX);
+                }
+                Err(_) => {}
+            }
+        }
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let state = keys.entry(client.id.clone()).or_default();
+        spent.check(limits, state.reserved)?;
+        state.reserved = state.reserved.saturating_add(estimate);
+        held.reserved = estimate;
+        Ok(())
+    }
+
     fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.slots)
     }
 
     /// Keeps this instance's shared concurrency slots alive (the `shared-state` thread, every
@@ -248,12 +359,26 @@ impl Limiter {
         if !slots.is_empty() {
             let _ = shared.renew(&slots);
         }
+        let held: Vec<(String, String)> = lock(&self.reservations)
+            .iter()
+            .map(|(member, key)| (key.clone(), member.clone()))
+            .collect();
+        if !held.is_empty() {
+            let _ = shared.renew_reservations(&held);
+        }
     }
 
     /// Whether Redis counts for every instance now (else this instance counts alone).
     fn shared_up(&self) -> bool {
         self.shared.as_ref().is_some_and(|s| s.outage().is_none())
     }
+}
+
+/// A map of names, consistent after every insert or remove: poison carries no news.
+fn lock(
+    map: &Mutex<HashMap<String, String>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn too_many(max: u32) -> ApiError {

@@ -175,6 +175,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
     let out = conn
         .respond(req.minor_version, req.keep_alive && !unread)
         .with_request_id(&request_id);
+    // The key's concurrency slot and budget reservation, given back once the answer is
+    // relayed and metered.
+    let mut permit = None;
     let (status, outcome, keep) = match served {
         Ok(Served::Local(status, body, content_type)) => {
             let mut head = Head::new(status);
@@ -182,8 +185,8 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             let keep = out.send(head, body.as_bytes());
             (status, Outcome::Complete, keep)
         }
-        // The key's concurrency slot is held until the answer has been relayed.
-        Ok(Served::Upstream(answer, pick, shape, _permit)) => {
+        Ok(Served::Upstream(answer, pick, shape, held)) => {
+            permit = Some(held);
             // A stream can last minutes; the request body (often hundreds of KiB) is not
             // needed for it.
             req.body = Vec::new();
@@ -223,6 +226,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         &meter,
         &names,
     );
+    // Recorded in the ledger first, so a budget check never sees neither the reservation nor
+    // the tokens.
+    drop(permit);
     keep && !unread
 }
 
@@ -567,7 +573,7 @@ fn serve(
     let Forward {
         route,
         client,
-        permit,
+        mut permit,
     } = admitted;
     if !req.body.is_empty() {
         crate::json::check_text(&req.body).map_err(ApiError::BadRequest)?;
@@ -585,6 +591,11 @@ fn serve(
             sticky::Key::new(conversation, (!client.is_open()).then_some(&*client.id))
         });
     Limiter::allow_model(&client, names.model.as_deref())?;
+    // What the request may cost, held against the key's budgets until it is metered: input
+    // estimated at four bytes a token of its body, output up to its max_tokens.
+    let estimate = (req.body.len() as u64 / 4).saturating_add(facts.max_tokens.unwrap_or(0));
+    gw.limiter
+        .reserve(&mut permit, &client, estimate, gw.ledger.as_deref())?;
 
     // Until the first byte goes downstream, an account's failure moves the request to the
     // next; attempts and time are bounded. If none is left, the client gets the last

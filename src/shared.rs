@@ -164,6 +164,22 @@ for i = 1, #KEYS do
 end
 return #KEYS";
 
+/// Reserves ARGV[3] tokens for a key's request in flight (member ARGV[2], which ends in
+/// `:<tokens>`, held ARGV[4] ms) when the key's live reservations sum to less than ARGV[1]
+/// (its budget left); returns {1, sum} when taken, {0, sum} when not.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local sum = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  sum = sum + tonumber(string.match(m, ':(%d+)$') or '0')
+end
+if sum >= tonumber(ARGV[1]) then return {0, sum} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, sum}";
+
 const METRICS: [&str; 6] = [
     "requests",
     "errors",
@@ -670,6 +686,44 @@ impl Shared {
     pub fn release(&self, key: &str, slot: &str) {
         let name = self.name("conc", key);
         let _ = self.call(|c| redis::cmd("ZREM").arg(&name).arg(slot).query::<()>(c));
+    }
+
+    /// Reserves `tokens` against `key`'s budgets while a request is in flight, when what every
+    /// instance reserved for it is under `left` (its budget not yet spent). `Ok(Ok(member))`
+    /// names the reservation (renewed like a slot, gone by itself 30 s after its instance);
+    /// `Ok(Err(reserved))` refuses, with what is reserved.
+    pub fn reserve(&self, key: &str, left: u64, tokens: u64) -> Result<Result<String, u64>, Down> {
+        let name = self.name("resv", key);
+        let member = format!("{}:{tokens}", self.unique());
+        let mut cmd = eval(RESERVE, &[&name]);
+        cmd.arg(left)
+            .arg(&member)
+            .arg(tokens)
+            .arg(SLOT_HOLD.as_millis() as u64);
+        let (taken, reserved): (i64, u64) = self.call(|c| cmd.query(c))?;
+        Ok(if taken == 1 {
+            Ok(member)
+        } else {
+            Err(reserved)
+        })
+    }
+
+    /// Renews reservations still held: `(client key, member)` pairs.
+    pub fn renew_reservations(&self, held: &[(String, String)]) -> Result<(), Down> {
+        let names: Vec<String> = held.iter().map(|(key, _)| self.name("resv", key)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut cmd = eval(RENEW, &names);
+        cmd.arg(SLOT_HOLD.as_millis() as u64);
+        for (_, member) in held {
+            cmd.arg(member);
+        }
+        self.call(|c| cmd.query::<i64>(c)).map(|_| ())
+    }
+
+    /// Gives a reservation back (the answer is metered).
+    pub fn unreserve(&self, key: &str, member: &str) {
+        let name = self.name("resv", key);
+        let _ = self.call(|c| redis::cmd("ZREM").arg(&name).arg(member).query::<()>(c));
     }
 }
 

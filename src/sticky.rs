@@ -18,6 +18,9 @@ use serde_json::value::RawValue;
 struct Probe<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    /// Raw, so a value of the wrong type (the upstream's to refuse) spoils no other field.
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     metadata: Option<Metadata<'a>>,
     #[serde(borrow, default)]
@@ -55,6 +58,8 @@ pub struct Facts {
     pub key: Option<u64>,
     /// The `model` it names.
     pub model: Option<String>,
+    /// Its `max_tokens`: the most output it may cost.
+    pub max_tokens: Option<u64>,
 }
 
 pub fn facts(body: &[u8], session_header: Option<&str>) -> Facts {
@@ -65,6 +70,9 @@ pub fn facts(body: &[u8], session_header: Option<&str>) -> Facts {
             .and_then(|p| p.model.as_deref())
             .map(String::from),
         key: key_of(probe.as_ref(), session_header),
+        max_tokens: (probe.as_ref())
+            .and_then(|p| p.max_tokens)
+            .and_then(|raw| raw.get().parse().ok()),
     }
 }
 

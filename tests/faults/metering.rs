@@ -1,14 +1,15 @@
 //! Trust boundaries, part 2 (README: Reliability): every token an answer costs is metered,
 //! whatever its framing and size, so budgets count it; an error inside a stream is an error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::accounts::{account, admin_status};
 use crate::support::{
-    ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Reply, assert_exit, call,
-    sse_events,
+    ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Meeting, Reply, assert_exit,
+    call, sse_events,
 };
 
 /// A message of `input` + `output` tokens, padded to `pad` bytes of text, with its `usage`
@@ -338,5 +339,69 @@ fn the_ledger_never_fails_open() {
         gw.stderr().contains("dated in the future"),
         "{}",
         gw.stderr()
+    );
+}
+
+/// Ten requests at once against a 100-token daily budget: each reserves what it may cost
+/// (its body at four bytes a token, plus its `max_tokens`) while in flight, so only as many
+/// are admitted as the budget holds, plus one at most; the rest get 429 at once.
+#[test]
+fn budgets_hold_under_concurrency() {
+    const PARALLEL: usize = 10;
+    let meeting = Meeting::new(PARALLEL, Duration::from_secs(2));
+    let held = Arc::clone(&meeting);
+    let up = FakeUpstream::start(move |_| Reply::Held {
+        meeting: Arc::clone(&held),
+        then: Box::new(Reply::json(
+            200,
+            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
+        )),
+    });
+    let mut gw = Gateway::new(&Config::new(up.base_url()).read_timeout("10s"));
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    gw.add_client_key("budgeted");
+    let out = gw.run_cli(&["list-client-keys", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let key_id = list[0]["id"].as_str().expect("id").to_string();
+    let out = gw.run_cli(&[
+        "update-client-key",
+        "--key-id",
+        &key_id,
+        "--daily-tokens",
+        "100",
+    ]);
+    assert_exit(&out, 0, "budget");
+    gw.start();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let running: Vec<_> = (0..PARALLEL)
+            .map(|_| {
+                s.spawn(|| {
+                    call(
+                        gw.addr(),
+                        "POST",
+                        "/v1/messages",
+                        &[gw.auth()],
+                        body.as_bytes(),
+                    )
+                    .status
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| h.join().expect("request"))
+            .collect()
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(admitted + refused, PARALLEL, "{statuses:?}");
+    // Each may cost 40 + 22 (89 bytes / 4) = 62 tokens: 0 and 62 reserved are under 100, 124
+    // is not. Spent: 2 x 50 = 100, the budget exactly.
+    assert_eq!(admitted, 2, "{statuses:?}");
+    assert_eq!(
+        up.requests().len(),
+        admitted,
+        "refused requests never went upstream"
     );
 }

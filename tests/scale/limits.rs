@@ -157,3 +157,51 @@ fn a_keys_daily_token_budget_is_spent_across_instances() {
         "only the admitted requests went upstream"
     );
 }
+
+#[test]
+fn a_keys_budget_holds_under_parallel_requests_across_instances() {
+    // Ten requests at once, five to each of two instances, against one 100-token budget:
+    // each reserves what it may cost (max_tokens 40 plus its body at four bytes a token) in
+    // Redis while in flight, so only as many are admitted in all as the budget holds.
+    const PARALLEL: usize = 10;
+    let redis = RedisServer::start();
+    let meeting = crate::support::Meeting::new(PARALLEL, Duration::from_secs(2));
+    let held = std::sync::Arc::clone(&meeting);
+    let up = FakeUpstream::start(move |_| crate::support::Reply::Held {
+        meeting: std::sync::Arc::clone(&held),
+        then: Box::new(crate::support::Reply::json(
+            200,
+            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
+        )),
+    });
+    let gw = Gateway::new(
+        &Config::new(up.base_url())
+            .read_timeout("10s")
+            .section(&state_section(&redis)),
+    );
+    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
+    let gws = start_instances(gw, 2);
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+    let statuses: Vec<u16> = thread::scope(|s| {
+        let running: Vec<_> = (0..PARALLEL)
+            .map(|i| {
+                let (gws, key) = (&gws, &key);
+                s.spawn(move || post_anthropic(gws[i % 2].addr(), key, body, &[]).status)
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| h.join().expect("request"))
+            .collect()
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        admitted + statuses.iter().filter(|s| **s == 429).count(),
+        PARALLEL,
+        "{statuses:?}"
+    );
+    // 62 tokens each may cost: 0 and 62 reserved are under 100, 124 is not, on either host.
+    assert_eq!(admitted, 2, "{statuses:?}");
+    assert_eq!(up.requests().len(), admitted);
+}
