@@ -1,15 +1,20 @@
 //! The usage ledger: every request's client key, account, model, status and tokens, kept so a
-//! `kill -9` loses at most one flush interval of records and never corrupts what was written.
+//! `kill -9` loses no record and nothing ever corrupts what was written.
 //!
 //! Design: an append-only journal of JSON lines plus a compacted summary of daily totals.
-//! Requests update the in-memory totals at once (budgets read them) and queue their line; a
-//! flusher thread appends the queue to the journal every `usage.flush_interval` (1 s). A crash
-//! can only cut the journal's last line short, and a reader skips a line that does not parse.
-//! When the journal passes 8 MiB (and at every start) it is folded into `summary.json`,
-//! written to a temp file, fsynced and renamed; the summary names the last journal generation
-//! it contains, so a crash between the rename and the journal's removal counts nothing twice.
-//! Why not a database: one writer, append-only data and daily totals need none, and the files
-//! stay readable with `cat` and `jq`.
+//! Requests update the in-memory totals at once (budgets read them) and write their line to
+//! the journal (the page cache, which a killed process cannot lose); a flusher thread fsyncs
+//! it every `usage.flush_interval` (1 s). A crash can only cut the journal's last line short,
+//! and a reader skips it. When the journal passes 8 MiB (and at every start) it is folded into
+//! `summary.json`, written to a temp file, fsynced and renamed; the summary names the last
+//! journal generation it contains, so nothing is counted twice. The summary it replaces stays
+//! as `summary.prev.json`, with the journals since, to recover from. Why not a database: one
+//! writer, append-only data and daily totals need none, and the files stay readable with
+//! `cat` and `jq`.
+//!
+//! One server writes a directory (it holds `.lock`); another on the same config follows:
+//! counts it for budgets, writes its records to a side journal of its own, and takes the
+//! ledger over once the lock is free, folding the side journal in.
 //!
 //! With shared state each flush also adds the rows gathered since the last one to Redis, as
 //! one numbered batch applied at most once, so the totals there are every instance's, exact;
@@ -162,6 +167,14 @@ impl Book {
         self.rows.insert(key, totals);
     }
 
+    /// Adds every row of `other`.
+    fn absorb(&mut self, other: &Book) {
+        for (key, totals) in &other.rows {
+            self.count_tokens(key.0, &key.1, totals.usage.total());
+            self.rows.entry(key.clone()).or_default().absorb(totals);
+        }
+    }
+
     fn count_tokens(&mut self, day: u64, key: &str, tokens: u64) {
         let days = match self.tokens_by_key.get_mut(key) {
             Some(days) => days,
@@ -184,6 +197,9 @@ impl Book {
 struct Summary {
     /// The last journal generation folded in.
     folded: u64,
+    /// Side journals folded in (their files may remain until the next fold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    sides: Vec<String>,
     rows: Vec<SummaryRow>,
 }
 
@@ -199,6 +215,21 @@ struct SummaryRow {
 
 fn journal_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("journal-{generation:08}.jsonl"))
+}
+
+/// The side journal of a server that serves beside the ledger's writer (`Ledger::follow`).
+fn side_path(dir: &Path, instance: &str) -> PathBuf {
+    dir.join(format!("side-{instance}.jsonl"))
+}
+
+/// Side journals present in `dir`, by file name.
+fn sides(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = (std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("side-") && n.ends_with(".jsonl"))
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// Journal generations present in `dir`, ascending.
@@ -285,15 +316,31 @@ fn check_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// What a ledger directory holds.
+struct Loaded {
+    /// The summary, the journals since, and the side journals nobody writes any more: what a
+    /// fold may write into the next summary.
+    book: Book,
+    /// The last generation seen.
+    last: u64,
+    /// The side journals in `book`, each locked (its server is gone, or it is `own`).
+    absorbed: Vec<(String, Option<File>)>,
+    /// Side journals servers still write: counted for budgets, never folded.
+    live: Book,
+}
+
 /// Reads the summary and every journal not folded into it. A line a crash cut short (the
 /// last) is skipped; any other line that is not a record, is over `MAX_LINE`, or is dated in
-/// the future is skipped and reported. Returns the book and the last generation seen.
-pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
+/// the future is skipped and reported. `own` is this server's own side journal, absorbed
+/// whatever its lock says.
+fn load(dir: &Path, own: Option<&str>) -> std::io::Result<Loaded> {
     check_dir(dir)?;
     let mut book = Book::default();
     let mut folded = 0;
+    let mut listed: Vec<String> = Vec::new();
     if let Some(summary) = starting_summary(dir)? {
         folded = summary.folded;
+        listed = summary.sides;
         for r in summary.rows {
             book.insert((r.day, r.key, r.account, r.model), r.totals);
         }
@@ -306,7 +353,40 @@ pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
             read_journal(&journal_path(dir, generation), &mut book, now)?;
         }
     }
-    Ok((book, last))
+    let mut absorbed = Vec::new();
+    let mut live = Book::default();
+    for name in sides(dir).into_iter().filter(|n| !listed.contains(n)) {
+        let path = dir.join(&name);
+        if own == Some(name.as_str()) {
+            read_journal(&path, &mut book, now)?;
+            absorbed.push((name, None));
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                read_journal(&path, &mut book, now)?;
+                absorbed.push((name, Some(file)));
+            }
+            Err(_) => read_journal(&path, &mut live, now)?,
+        }
+    }
+    Ok(Loaded {
+        book,
+        last,
+        absorbed,
+        live,
+    })
+}
+
+/// Everything the ledger in `dir` counts, side journals being written included (for `usage`),
+/// and the last generation seen.
+pub fn read(dir: &Path) -> std::io::Result<(Book, u64)> {
+    let mut loaded = load(dir, None)?;
+    loaded.book.absorb(&loaded.live);
+    Ok((loaded.book, loaded.last))
 }
 
 /// What reading a journal skipped, for one warning per file.
@@ -411,32 +491,49 @@ fn report(path: &Path, s: &Skipped) {
     }
 }
 
-/// Folds `book` into a new summary of everything up to `generation`: the summary it replaces
-/// becomes the previous one (an unreadable one is moved aside instead, and the previous one
-/// stays), and only the journals the previous summary holds are removed, so the previous
-/// summary and the journals since always add up to the same book.
-fn fold(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()> {
+/// Folds `book` into a new summary of everything up to `generation` and the side journals
+/// `absorbed`: the summary it replaces becomes the previous one (an unreadable one is moved
+/// aside instead, and the previous one stays), and only the journals and side journals the
+/// previous summary holds are removed, so the previous summary and the files kept since it
+/// always add up to the same book.
+fn fold(dir: &Path, book: &Book, generation: u64, absorbed: &[String]) -> std::io::Result<()> {
     let summary = dir.join(SUMMARY);
+    let mut sides: Vec<String> = absorbed.to_vec();
     match read_summary(&summary) {
-        Ok(Some(_)) => std::fs::rename(&summary, dir.join(PREVIOUS))?,
+        Ok(Some(current)) => {
+            sides.extend(current.sides);
+            std::fs::rename(&summary, dir.join(PREVIOUS))?;
+        }
         Ok(None) => {}
         Err(_) => std::fs::rename(&summary, dir.join(UNREADABLE))?,
     }
-    write_summary(dir, book, generation)?;
-    let kept_from = match read_summary(&dir.join(PREVIOUS)) {
-        Ok(Some(previous)) => previous.folded,
-        _ => 0,
+    let present = self::sides(dir);
+    sides.retain(|name| present.contains(name));
+    sides.sort_unstable();
+    sides.dedup();
+    write_summary(dir, book, generation, sides)?;
+    let (kept_from, counted) = match read_summary(&dir.join(PREVIOUS)) {
+        Ok(Some(previous)) => (previous.folded, previous.sides),
+        _ => (0, Vec::new()),
     };
     for old in generations(dir) {
         if old <= kept_from {
             let _ = std::fs::remove_file(journal_path(dir, old));
         }
     }
+    for name in counted {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
     crate::secret::sync_parent(&summary)
 }
 
 /// Writes `book` as the summary of everything up to `generation`, atomically.
-fn write_summary(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()> {
+fn write_summary(
+    dir: &Path,
+    book: &Book,
+    generation: u64,
+    sides: Vec<String>,
+) -> std::io::Result<()> {
     let rows = book
         .rows
         .iter()
@@ -450,6 +547,7 @@ fn write_summary(dir: &Path, book: &Book, generation: u64) -> std::io::Result<()
         .collect();
     let summary = Summary {
         folded: generation,
+        sides,
         rows,
     };
     let bytes = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
@@ -472,9 +570,45 @@ fn next_generation(dir: &Path, generation: u64) -> std::io::Result<u64> {
 
 struct Pending {
     book: Book,
-    /// Lines not yet appended to the journal.
+    /// The journal (or side journal) each record is written to as it is made: in the page
+    /// cache at once, which a killed process cannot lose; the flush fsyncs it.
+    file: Option<File>,
+    /// Bytes in the current journal, for the fold.
+    written: u64,
+    /// Lines a write failed for (a full disk), appended at the next flush.
     queue: Vec<u8>,
     outbox: Outbox,
+}
+
+impl Pending {
+    /// Writes a record's line to the journal, or queues it when that fails (or lines queued
+    /// before it are still waiting).
+    fn write(&mut self, line: &[u8]) {
+        let written = match (&mut self.file, self.queue.is_empty()) {
+            (Some(file), true) => file.write_all(line).is_ok(),
+            _ => false,
+        };
+        if written {
+            self.written += line.len() as u64;
+        } else {
+            self.queue.extend_from_slice(line);
+        }
+    }
+
+    /// Writes from now on to `journal` (a new generation, or the ledger taken over).
+    fn write_to(&mut self, journal: &Journal) {
+        self.file = journal.file.try_clone().ok();
+        self.written = 0;
+    }
+
+    /// Adds the records of the lines still queued to `book` (they are in no file yet).
+    fn queued_into(&self, book: &mut Book) {
+        for line in self.queue.split(|&b| b == b'\n') {
+            if let Ok(record) = serde_json::from_slice::<Record>(line) {
+                book.add(&record);
+            }
+        }
+    }
 }
 
 /// Rows not yet added to Redis: a named batch whose outcome is unknown (retried under the same
@@ -533,8 +667,11 @@ pub struct Ledger {
     pending: Mutex<Pending>,
     shared: Option<Arc<Shared>>,
     /// Names this process's batches (with a counter), so a batch resent after a restart is
-    /// still recognised.
+    /// still recognised; and its side journal, while it follows.
     instance: String,
+    /// Where rows not yet in Redis are kept: `outbox.json` for the writer, one of its own for
+    /// a server that started as a follower.
+    outbox_file: PathBuf,
 }
 
 /// Journals are created owner-only, as every file the gateway creates.
@@ -568,31 +705,65 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Takes the ledger in `dir` (its `lock` held): reads it, `own` side journal included, folds
+/// it into a new summary, and opens the next journal generation.
+fn take_over(
+    dir: &Path,
+    lock: crate::store::FileLock,
+    own: Option<&str>,
+) -> std::io::Result<(Book, Journal)> {
+    let loaded = load(dir, own)?;
+    let generation = next_generation(dir, loaded.last)?;
+    let absorbed: Vec<String> = loaded.absorbed.iter().map(|(n, _)| n.clone()).collect();
+    fold(dir, &loaded.book, loaded.last, &absorbed)?;
+    let journal = Journal::create(dir, generation, lock)?;
+    Ok((loaded.book, journal))
+}
+
 impl Ledger {
-    /// Opens the ledger in `dir`: reads what is there, folds unfolded journals into the
-    /// summary, and starts a fresh journal generation (so a line a crash cut short is never
-    /// continued). The caller calls `flush` every flush interval on a thread of its own,
-    /// and once more before a graceful exit.
+    /// Opens the ledger in `dir`. Holding its lock, the server writes it: reads what is there
+    /// (side journals of servers gone included), folds it into the summary, and starts a
+    /// fresh journal generation (so a line a crash cut short is never continued). When another
+    /// server holds the lock, this one follows: it counts what the directory holds (re-read
+    /// at every flush, so budgets see the writer's records), records its own requests in a
+    /// side journal, and takes the lock over at the first flush after it is free. The caller
+    /// calls `flush` every flush interval on a thread of its own, and once more before a
+    /// graceful exit.
     pub fn open(
         dir: &Path,
         shared: Option<Arc<Shared>>,
     ) -> std::io::Result<(Arc<Ledger>, Journal)> {
         check_dir(dir)?;
         create_private_dir(dir)?;
-        let lock = crate::store::lock_dir(dir)?;
-        let (book, last) = read(dir)?;
-        let generation = next_generation(dir, last)?;
-        fold(dir, &book, last)?;
-        let journal = Journal::create(dir, generation, lock)?;
+        let instance = crate::encoding::hex(&crate::secret::random_bytes::<6>());
+        let (book, journal, outbox_file) = match crate::store::lock_dir(dir) {
+            Ok(lock) => {
+                let (book, journal) = take_over(dir, lock, None)?;
+                (book, journal, outbox_path(dir))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut loaded = load(dir, None)?;
+                loaded.book.absorb(&loaded.live);
+                let journal = Journal::side(dir, &instance, loaded.last)?;
+                warn!(
+                    "usage ledger: {} is written by another llm-gateway process; this one counts it for budgets, records its own requests in {}, and takes the ledger over once the other stops",
+                    dir.display(),
+                    journal.path.display()
+                );
+                let outbox = dir.join(format!("outbox-{instance}.json"));
+                (loaded.book, journal, outbox)
+            }
+            Err(e) => return Err(e),
+        };
         let mut outbox = Outbox::default();
         if shared.is_some()
-            && let Ok(text) = std::fs::read(outbox_path(dir))
+            && let Ok(text) = std::fs::read(&outbox_file)
         {
             match serde_json::from_slice::<Outbox>(&text) {
                 Ok(saved) => outbox = saved,
                 Err(e) => warn!(
                     "usage ledger: {} is unreadable ({e}); not sent",
-                    outbox_path(dir).display()
+                    outbox_file.display()
                 ),
             }
         }
@@ -600,26 +771,72 @@ impl Ledger {
             dir: dir.to_path_buf(),
             pending: Mutex::new(Pending {
                 book,
+                file: journal.file.try_clone().ok(),
+                written: 0,
                 queue: Vec::new(),
                 outbox,
             }),
             shared,
-            instance: crate::encoding::hex(&crate::secret::random_bytes::<6>()),
+            instance,
+            outbox_file,
         });
         Ok((ledger, journal))
+    }
+
+    /// A follower's flush: its records are in its side journal; now it takes the ledger over
+    /// if the lock is free, or else re-reads what the writer recorded meanwhile.
+    fn follow(&self, journal: &mut Journal) {
+        let own = journal
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(String::from);
+        if let Ok(lock) = crate::store::lock_dir(&self.dir) {
+            // No record may land in the side journal while it is folded in.
+            let mut pending = self.lock();
+            match take_over(&self.dir, lock, own.as_deref()) {
+                Ok((mut book, writer)) => {
+                    pending.queued_into(&mut book);
+                    pending.book = book;
+                    pending.write_to(&writer);
+                    // The side journal is in the new summary now (its file goes at the
+                    // next fold).
+                    *journal = writer;
+                    info!(
+                        "usage ledger: took {} over; this server records the usage now",
+                        self.dir.display()
+                    );
+                }
+                Err(e) => warn!(
+                    "usage ledger: could not take {} over: {e}",
+                    self.dir.display()
+                ),
+            }
+            return;
+        }
+        match load(&self.dir, None) {
+            Ok(mut loaded) => {
+                loaded.book.absorb(&loaded.live);
+                let mut pending = self.lock();
+                pending.queued_into(&mut loaded.book);
+                pending.book = loaded.book;
+            }
+            Err(e) => warn!("usage ledger: cannot re-read {}: {e}", self.dir.display()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records one request: counted at once, journaled at the next flush.
+    /// Records one request: counted at once, and written to the journal (fsynced at the next
+    /// flush).
     pub fn record(&self, record: &Record) {
         let mut line = serde_json::to_vec(record).unwrap_or_default();
         line.push(b'\n');
         let mut pending = self.lock();
         pending.book.add(record);
-        pending.queue.extend_from_slice(&line);
+        pending.write(&line);
         if self.shared.is_some() {
             let row = (
                 record.t / 86_400,
@@ -674,7 +891,7 @@ impl Ledger {
     /// Writes what Redis has not got yet to `outbox.json`, or removes the file once it all
     /// arrived.
     fn keep_outbox(&self) {
-        let path = outbox_path(&self.dir);
+        let path = self.outbox_file.clone();
         let saved = {
             let pending = self.lock();
             let outbox = &pending.outbox;
@@ -701,21 +918,15 @@ impl Ledger {
     /// `usage.flush_interval`, and once more before a graceful exit.
     pub fn flush(&self, journal: &mut Journal) {
         self.send_shared();
-        // The book a fold writes must hold exactly what the journal does: it is taken with
-        // the queue, before later records can join the one and not the other.
-        let (queue, book) = {
-            let mut pending = self.lock();
-            let queue = std::mem::take(&mut pending.queue);
-            let due = journal.written + queue.len() as u64 >= COMPACT_AT;
-            let book = (due && !queue.is_empty()).then(|| pending.book.clone());
-            (queue, book)
+        let queue = std::mem::take(&mut self.lock().queue);
+        let stored = if queue.is_empty() {
+            journal.file.sync_data()
+        } else {
+            journal.append(&queue)
         };
-        if queue.is_empty() {
-            return;
-        }
-        if let Err(e) = journal.append(&queue) {
+        if let Err(e) = stored {
             error!(
-                "usage ledger: cannot append to {}: {e}; records kept in memory",
+                "usage ledger: cannot write {}: {e}; records kept in memory",
                 journal.path.display()
             );
             let mut pending = self.lock();
@@ -724,27 +935,39 @@ impl Ledger {
             pending.queue.extend_from_slice(&later);
             return;
         }
-        if let Some(book) = book {
-            // Fold: the summary of everything so far names this generation; then a new one.
-            match journal
-                .rotate(&self.dir)
-                .and_then(|folded| fold(&self.dir, &book, folded))
-            {
-                Ok(()) => {}
-                Err(e) => warn!("usage ledger: compaction failed, will retry: {e}"),
+        self.lock().written += queue.len() as u64;
+        if journal.lock.is_none() {
+            self.follow(journal);
+            return;
+        }
+        // Fold: the book of everything so far and the generation it ends are taken together,
+        // so the summary holds exactly what that generation's journal does.
+        let folding = {
+            let mut pending = self.lock();
+            if pending.written < COMPACT_AT {
+                return;
             }
+            let rotated = journal.rotate(&self.dir);
+            if rotated.is_ok() {
+                pending.write_to(journal);
+            }
+            rotated.map(|ended| (pending.book.clone(), ended))
+        };
+        if let Err(e) = folding.and_then(|(book, ended)| fold(&self.dir, &book, ended, &[])) {
+            warn!("usage ledger: compaction failed, will retry: {e}");
         }
     }
 }
 
-/// The journal file the flusher appends to, and the ledger directory's lock.
+/// The journal file the flusher appends to, and the ledger directory's lock; or, for a server
+/// that follows another, its side journal (locked while it lives) and no lock.
 pub struct Journal {
     file: File,
     path: PathBuf,
     generation: u64,
     written: u64,
-    /// Held for the life of the ledger: one writer per directory.
-    _lock: crate::store::FileLock,
+    /// Held for the life of the ledger: one writer per directory. `None` while following.
+    lock: Option<crate::store::FileLock>,
 }
 
 impl Journal {
@@ -761,7 +984,24 @@ impl Journal {
             path,
             generation,
             written: 0,
-            _lock: lock,
+            lock: Some(lock),
+        })
+    }
+
+    /// A follower's side journal, locked so the writer knows it is alive.
+    fn side(dir: &Path, instance: &str, generation: u64) -> std::io::Result<Journal> {
+        let path = side_path(dir, instance);
+        let file = journal_options().open(&path)?;
+        file.try_lock().map_err(|e| {
+            std::io::Error::other(format!("{}: cannot lock it: {e}", path.display()))
+        })?;
+        crate::secret::sync_parent(&path)?;
+        Ok(Journal {
+            file,
+            path,
+            generation,
+            written: 0,
+            lock: None,
         })
     }
 
@@ -1039,9 +1279,14 @@ mod tests {
             ledger.record(&record(i, "ck_b", 1, 200));
         }
         ledger.flush(&mut journal);
-        let book = ledger.lock().book.clone();
-        write_summary(&dir, &book, journal.generation).expect("summary");
-        journal.rotate(&dir).expect("rotate");
+        // A fold, as the flusher makes one past COMPACT_AT.
+        let (book, ended) = {
+            let mut pending = ledger.lock();
+            let ended = journal.rotate(&dir).expect("rotate");
+            pending.write_to(&journal);
+            (pending.book.clone(), ended)
+        };
+        fold(&dir, &book, ended, &[]).expect("fold");
         ledger.record(&record(11, "ck_b", 1, 200));
         ledger.flush(&mut journal);
         drop((ledger, journal));
@@ -1085,15 +1330,44 @@ mod tests {
     }
 
     #[test]
-    fn one_writer_per_directory() {
+    fn one_writer_per_directory_and_a_follower_takes_over() {
         let dir = temp_dir("lock");
-        let first = Ledger::open(&dir, None).expect("open");
-        assert!(
-            Ledger::open(&dir, None).is_err(),
-            "a second writer is refused"
+        let (first, mut first_journal) = Ledger::open(&dir, None).expect("open");
+        first.record(&record(86_400 * 3, "ck_a", 1, 200));
+        let (second, mut journal) = Ledger::open(&dir, None).expect("follows");
+        assert!(journal.lock.is_none(), "a second writer follows");
+        assert_eq!(
+            second.tokens_since("ck_a", 0),
+            14,
+            "it counts the writer's records"
         );
-        drop(first);
-        assert!(Ledger::open(&dir, None).is_ok());
+        second.record(&record(86_400 * 3, "ck_a", 2, 200));
+        first.record(&record(86_400 * 3, "ck_a", 3, 200));
+        second.flush(&mut journal);
+        assert!(journal.lock.is_none(), "the writer still holds the ledger");
+        assert_eq!(
+            second.tokens_since("ck_a", 0),
+            14 + 15 + 16,
+            "re-read at the flush"
+        );
+        first.flush(&mut first_journal);
+        drop((first, first_journal));
+        second.record(&record(86_400 * 3, "ck_a", 4, 200));
+        second.flush(&mut journal);
+        assert!(journal.lock.is_some(), "taken over once free");
+        second.record(&record(86_400 * 3, "ck_a", 5, 200));
+        second.flush(&mut journal);
+        let expected = 14 + 15 + 16 + 17 + 18;
+        assert_eq!(second.tokens_since("ck_a", 0), expected);
+        drop((second, journal));
+        let (book, _) = read(&dir).expect("read");
+        assert_eq!(book.tokens_since("ck_a", 0), expected, "every record once");
+        let (reopened, _journal) = Ledger::open(&dir, None).expect("reopen");
+        assert_eq!(
+            reopened.tokens_since("ck_a", 0),
+            expected,
+            "and after a fold"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -290,7 +290,8 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         );
     }
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let listener = TcpListener::bind(&addr).map_err(|error| StartError::Bind {
+    let reuse_port = config.server.reuse_port;
+    let listener = bind(&addr, reuse_port).map_err(|error| StartError::Bind {
         addr: addr.clone(),
         error,
     })?;
@@ -365,7 +366,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         listeners.push((clone, Arc::clone(&gateway.workers)));
     }
     if let Some(addr) = &config.admin_listen
-        && let Some(admin) = start_admin(&gateway, addr)
+        && let Some(admin) = start_admin(&gateway, addr, config.server.reuse_port)
     {
         listeners.push(admin);
     }
@@ -469,8 +470,12 @@ fn drain(gw: &Gateway, grace: Duration) {
 /// The admin listener: status, health and readiness with no key, on an address that should
 /// stay private (loopback by default). A failure to bind it is reported, not fatal: status
 /// stays reachable on the main listener with an admin key.
-fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<Workers>)> {
-    let listener = match TcpListener::bind(addr) {
+fn start_admin(
+    gateway: &Arc<Gateway>,
+    addr: &str,
+    reuse_port: bool,
+) -> Option<(TcpListener, Arc<Workers>)> {
+    let listener = match bind(addr, reuse_port) {
         Ok(l) => l,
         Err(e) => {
             warn!("admin listener not started: cannot listen on {addr}: {e}");
@@ -512,6 +517,32 @@ fn start_admin(gateway: &Arc<Gateway>, addr: &str) -> Option<(TcpListener, Arc<W
             );
         });
     Some(stop)
+}
+
+/// Binds `addr`; with `reuse_port`, with SO_REUSEPORT (and SO_REUSEADDR), so that a new
+/// server can listen on the address of the one it replaces while that one drains: the kernel
+/// spreads new connections over every socket bound so.
+fn bind(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
+    if !reuse_port {
+        return TcpListener::bind(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let at = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(at),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&at.into())?;
+    socket.listen(ACCEPT_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Connects the shared state `state:` names, and says where it is (or that it is not there
@@ -564,14 +595,6 @@ fn open_ledger(config: &Config, shared: Option<Arc<Shared>>) -> Result<Option<Op
                     }
                 });
             Ok(Some((ledger, journal)))
-        }
-        // Another server writes this ledger; this one serves beside it.
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            warn!(
-                "usage is not recorded by this process ({}: {e}); token budgets are not enforced",
-                config.usage.dir.display()
-            );
-            Ok(None)
         }
         // A ledger that cannot be read never silently means "no budgets".
         Err(e) => Err(StartError::Ledger(e)),
@@ -719,6 +742,10 @@ fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
         (
             "server.worker_idle",
             old.server.worker_idle != fresh.server.worker_idle,
+        ),
+        (
+            "server.reuse_port",
+            old.server.reuse_port != fresh.server.reuse_port,
         ),
         ("admin.listen", old.admin_listen != fresh.admin_listen),
         ("auth.open", old.auth_open != fresh.auth_open),

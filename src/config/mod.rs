@@ -68,6 +68,9 @@ pub struct ServerSettings {
     /// `body_rate_grace`.
     pub body_min_rate: u64,
     pub body_rate_grace: Duration,
+    /// Bind both listeners with SO_REUSEPORT, so the next server can start on the same
+    /// address before this one stops.
+    pub reuse_port: bool,
     /// After SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     pub shutdown_grace: Duration,
     /// How long a worker beyond the few kept waits idle before its thread ends.
@@ -551,6 +554,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         // TCP slow start and a client that waits a moment before sending.
         body_min_rate: s.body_min_rate.unwrap_or(8 * 1024),
         body_rate_grace: dur(s.body_rate_grace, 10),
+        reuse_port: s.reuse_port.unwrap_or(false),
         shutdown_grace: dur(s.shutdown_grace, 30),
         worker_idle: dur(s.worker_idle, 60),
     };

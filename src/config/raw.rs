@@ -38,6 +38,7 @@ pub struct RawServer {
     pub body_timeout: Option<Dur>,
     pub keepalive_timeout: Option<Dur>,
     pub body_min_rate: Option<u64>,
+    pub reuse_port: Option<bool>,
     pub body_rate_grace: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
     pub worker_idle: Option<Dur>,

@@ -405,3 +405,117 @@ fn budgets_hold_under_concurrency() {
         "refused requests never went upstream"
     );
 }
+
+/// A restart on one host loses nothing. A second server on the same config (another port, or
+/// the same one with `server.reuse_port`) enforces budgets from its first request, records its
+/// own requests, and takes the ledger over within a flush interval once the first stops
+/// (SIGTERM, or `kill -9`): `usage` then counts exactly what the upstream served, once.
+#[test]
+fn a_restart_on_one_host_loses_nothing() {
+    for (stop, same_port) in [("TERM", false), ("KILL", false), ("TERM", true)] {
+        let what = format!("stop by {stop}, same port {same_port}");
+        let up = FakeUpstream::json(
+            200,
+            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":20}}"#,
+        );
+        let mut config = Config::new(up.base_url());
+        if same_port {
+            config = config.server("reuse_port", "true");
+        }
+        let mut gw = Gateway::new(&config);
+        gw.add_api_key("primary", ACCOUNT_KEY);
+        let spent = gw.add_client_key("spent");
+        let free = gw.add_client_key("free");
+        let out = gw.run_cli(&["list-client-keys", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let id = (list
+            .as_array()
+            .and_then(|l| l.iter().find(|k| k["name"] == "spent")))
+        .and_then(|k| k["id"].as_str())
+        .expect("id")
+        .to_string();
+        let out = gw.run_cli(&["update-client-key", "--key-id", &id, "--daily-tokens", "50"]);
+        assert_exit(&out, 0, "budget");
+        let post = |addr, key: &str| {
+            call(
+                addr,
+                "POST",
+                "/v1/messages",
+                &[("x-api-key", key)],
+                MESSAGE_BODY.as_bytes(),
+            )
+            .status
+        };
+        let first = gw.start();
+        assert_eq!(post(first, &spent), 200, "{what}");
+        assert_eq!(post(first, &spent), 200, "{what}: 30 of 50");
+        assert_eq!(post(first, &spent), 429, "{what}: 60 of 50");
+        // The second server, once the first flushed what it served.
+        crate::support::accounts::poll_until(Duration::from_secs(10), "flushed", || {
+            let v: Value = serde_json::from_slice(&gw.run_cli(&["usage", "--json"]).stdout)
+                .unwrap_or_default();
+            v["total"]["requests"] == 3
+        });
+        let listen = if same_port {
+            first.to_string()
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        let second = gw.spawn_server(&["--listen", &listen]);
+        let second_addr = second.addr();
+        assert!(
+            second.stderr().contains("takes the ledger over"),
+            "{what}: {}",
+            second.stderr()
+        );
+        if !same_port {
+            assert_eq!(
+                post(second_addr, &spent),
+                429,
+                "{what}: from its first request"
+            );
+        }
+        for i in 0..6 {
+            let addr = if i % 2 == 0 { first } else { second_addr };
+            assert_eq!(post(addr, &free), 200, "{what}: request {i}");
+        }
+        if stop == "KILL" {
+            gw.stop();
+        } else {
+            gw.signal("TERM");
+            assert!(
+                gw.wait_exit(Duration::from_secs(10)).is_some(),
+                "{what}: drained"
+            );
+        }
+        crate::support::accounts::poll_until(Duration::from_secs(10), "taken over", || {
+            second
+                .stderr()
+                .contains("this server records the usage now")
+        });
+        for i in 0..4 {
+            assert_eq!(post(second_addr, &free), 200, "{what}: after, {i}");
+        }
+        assert_eq!(
+            post(second_addr, &spent),
+            429,
+            "{what}: the budget still holds"
+        );
+        // Exactly what was served, once.
+        let served = up.requests().len() as u64;
+        let mut last = Value::Null;
+        let exact = (0..200).any(|_| {
+            last = serde_json::from_slice(&gw.run_cli(&["usage", "--json"]).stdout)
+                .unwrap_or_default();
+            let t = &last["total"];
+            let done = t["input_tokens"].as_u64() == Some(10 * served)
+                && t["output_tokens"].as_u64() == Some(20 * served);
+            if !done {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            done
+        });
+        assert!(exact, "{what}: {served} served, usage says {last}");
+        drop(second);
+    }
+}
