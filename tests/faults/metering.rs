@@ -11,6 +11,7 @@ use crate::support::{
     ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Meeting, Reply, assert_exit,
     call, sse_events,
 };
+use crate::team::add_key;
 
 /// A message of `input` + `output` tokens, padded to `pad` bytes of text, with its `usage`
 /// last (where a streaming scan meets it only at the very end).
@@ -55,23 +56,7 @@ fn answers_of_every_framing_and_size_are_metered() {
     gw.add_api_key("primary", ACCOUNT_KEY);
     let mut keys = Vec::new();
     for framing in ["chunked", "close", "large"] {
-        let key = gw.add_client_key(framing);
-        let out = gw.run_cli(&["list-client-keys", "--json"]);
-        let list: Value = serde_json::from_slice(&out.stdout).expect("json");
-        let id = list
-            .as_array()
-            .and_then(|l| l.iter().find(|k| k["name"] == framing))
-            .and_then(|k| k["id"].as_str())
-            .expect("id")
-            .to_string();
-        let out = gw.run_cli(&[
-            "update-client-key",
-            "--key-id",
-            &id,
-            "--daily-tokens",
-            "100",
-        ]);
-        assert_exit(&out, 0, "daily budget");
+        let (_, key) = add_key(&gw, framing, &["--daily-tokens", "100"]);
         keys.push((framing, key));
     }
     gw.start();
@@ -258,24 +243,13 @@ fn the_ledger_never_fails_open() {
     );
     let mut gw = Gateway::new(&Config::new(up.base_url()));
     gw.add_api_key("primary", ACCOUNT_KEY);
-    gw.add_client_key("budgeted");
-    let out = gw.run_cli(&["list-client-keys", "--json"]);
-    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let key_id = list[0]["id"].as_str().expect("id").to_string();
-    let out = gw.run_cli(&[
-        "update-client-key",
-        "--key-id",
-        &key_id,
-        "--daily-tokens",
-        "100",
-    ]);
-    assert_exit(&out, 0, "budget");
+    let (key_id, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
     let post = |gw: &Gateway| {
         call(
             gw.addr(),
             "POST",
             "/v1/messages",
-            &[gw.auth()],
+            &[("x-api-key", &key)],
             MESSAGE_BODY.as_bytes(),
         )
         .status
@@ -359,18 +333,7 @@ fn budgets_hold_under_concurrency() {
     });
     let mut gw = Gateway::new(&Config::new(up.base_url()).read_timeout("10s"));
     gw.add_api_key("primary", ACCOUNT_KEY);
-    gw.add_client_key("budgeted");
-    let out = gw.run_cli(&["list-client-keys", "--json"]);
-    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let key_id = list[0]["id"].as_str().expect("id").to_string();
-    let out = gw.run_cli(&[
-        "update-client-key",
-        "--key-id",
-        &key_id,
-        "--daily-tokens",
-        "100",
-    ]);
-    assert_exit(&out, 0, "budget");
+    let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
     gw.start();
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
     let statuses: Vec<u16> = std::thread::scope(|s| {
@@ -381,7 +344,7 @@ fn budgets_hold_under_concurrency() {
                         gw.addr(),
                         "POST",
                         "/v1/messages",
-                        &[gw.auth()],
+                        &[("x-api-key", &key)],
                         body.as_bytes(),
                     )
                     .status
@@ -424,18 +387,8 @@ fn a_restart_on_one_host_loses_nothing() {
         }
         let mut gw = Gateway::new(&config);
         gw.add_api_key("primary", ACCOUNT_KEY);
-        let spent = gw.add_client_key("spent");
-        let free = gw.add_client_key("free");
-        let out = gw.run_cli(&["list-client-keys", "--json"]);
-        let list: Value = serde_json::from_slice(&out.stdout).expect("json");
-        let id = (list
-            .as_array()
-            .and_then(|l| l.iter().find(|k| k["name"] == "spent")))
-        .and_then(|k| k["id"].as_str())
-        .expect("id")
-        .to_string();
-        let out = gw.run_cli(&["update-client-key", "--key-id", &id, "--daily-tokens", "50"]);
-        assert_exit(&out, 0, "budget");
+        let (_, spent) = add_key(&gw, "spent", &["--daily-tokens", "50"]);
+        let (_, free) = add_key(&gw, "free", &[]);
         let post = |addr, key: &str| {
             call(
                 addr,

@@ -858,29 +858,26 @@ fn writable_key_and_config_files_are_refused_and_usage_is_private() {
     let chmod = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
     };
-    let key = gw.dir().join("gateway.key");
-    for mode in [0o620, 0o602] {
-        chmod(&key, mode);
-        let out = gw.run_cli(&["server"]);
-        assert_exit(&out, 4, &format!("a key file of mode {mode:o}"));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(&format!("chmod 600 {}", key.display())),
-            "{err}"
-        );
-    }
-    chmod(&key, 0o600);
+    // Each mode of the file is refused at start with this exit code and this fix.
+    let refused = |path: &std::path::Path, modes: [u32; 2], exit: i32, fix: &str| {
+        for mode in modes {
+            chmod(path, mode);
+            let out = gw.run_cli(&["server"]);
+            assert_exit(&out, exit, &format!("{} of mode {mode:o}", path.display()));
+            let err = String::from_utf8_lossy(&out.stderr);
+            let fix = format!("{fix} {}", path.display());
+            assert!(err.contains(&fix), "{err}");
+        }
+        chmod(path, 0o600);
+    };
+    refused(
+        &gw.dir().join("gateway.key"),
+        [0o620, 0o602],
+        4,
+        "chmod 600",
+    );
     let config = gw.config_path();
-    for mode in [0o602, 0o666] {
-        chmod(&config, mode);
-        let out = gw.run_cli(&["server"]);
-        assert_exit(&out, 3, &format!("a config.yaml of mode {mode:o}"));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(&format!("chmod o-w {}", config.display())),
-            "{err}"
-        );
-    }
+    refused(&config, [0o602, 0o666], 3, "chmod o-w");
     // A group may write it on purpose (an operators' group with umask 002).
     chmod(&config, 0o660);
     assert_exit(

@@ -485,15 +485,19 @@ fn a_key_added_while_running_gets_its_allowed_models_as_labels() {
         "the new key is accepted",
         || post_anthropic(gw.addr(), &key, &body, &[]).status == 200,
     );
-    let m = scrape(&gw);
-    let requests = m.counter(
-        "llm_gateway_requests_total",
-        ["status_class", "account", "model"],
-    );
-    assert_eq!(
-        requests.get(&("2xx".into(), "alpha".into(), OPUS.into())),
-        Some(&1),
-        "{OPUS}, allowed to a key added while running, is a label:\n{}",
-        m.text
+    // A request is counted just after its answer has gone: scrape until it is.
+    let mut text = String::new();
+    poll_until(Duration::from_secs(5), "the request in the metrics", || {
+        let m = scrape(&gw);
+        text = m.text.clone();
+        let requests = m.counter(
+            "llm_gateway_requests_total",
+            ["status_class", "account", "model"],
+        );
+        requests.get(&("2xx".into(), "alpha".into(), OPUS.into())) == Some(&1)
+    });
+    assert!(
+        text.contains(OPUS),
+        "{OPUS}, allowed to a key added while running, is a label"
     );
 }
