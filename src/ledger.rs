@@ -965,7 +965,6 @@ pub struct Journal {
     file: File,
     path: PathBuf,
     generation: u64,
-    written: u64,
     /// Held for the life of the ledger: one writer per directory. `None` while following.
     lock: Option<crate::store::FileLock>,
 }
@@ -976,32 +975,30 @@ impl Journal {
         generation: u64,
         lock: crate::store::FileLock,
     ) -> std::io::Result<Journal> {
-        let path = journal_path(dir, generation);
-        let file = journal_options().open(&path)?;
-        crate::secret::sync_parent(&path)?;
-        Ok(Journal {
-            file,
-            path,
-            generation,
-            written: 0,
-            lock: Some(lock),
-        })
+        Journal::open(journal_path(dir, generation), generation, Some(lock))
     }
 
     /// A follower's side journal, locked so the writer knows it is alive.
     fn side(dir: &Path, instance: &str, generation: u64) -> std::io::Result<Journal> {
-        let path = side_path(dir, instance);
-        let file = journal_options().open(&path)?;
-        file.try_lock().map_err(|e| {
-            std::io::Error::other(format!("{}: cannot lock it: {e}", path.display()))
+        let journal = Journal::open(side_path(dir, instance), generation, None)?;
+        journal.file.try_lock().map_err(|e| {
+            std::io::Error::other(format!("{}: cannot lock it: {e}", journal.path.display()))
         })?;
+        Ok(journal)
+    }
+
+    fn open(
+        path: PathBuf,
+        generation: u64,
+        lock: Option<crate::store::FileLock>,
+    ) -> std::io::Result<Journal> {
+        let file = journal_options().open(&path)?;
         crate::secret::sync_parent(&path)?;
         Ok(Journal {
             file,
             path,
             generation,
-            written: 0,
-            lock: None,
+            lock,
         })
     }
 
@@ -1010,7 +1007,6 @@ impl Journal {
         // In the page cache now, which a killed process cannot lose; fsync bounds what a
         // power cut can.
         self.file.sync_data()?;
-        self.written += bytes.len() as u64;
         Ok(())
     }
 
@@ -1023,7 +1019,6 @@ impl Journal {
         self.file = journal_options().open(&path)?;
         self.path = path;
         self.generation = next;
-        self.written = 0;
         crate::secret::sync_parent(&self.path)?;
         Ok(ended)
     }

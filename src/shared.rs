@@ -670,15 +670,17 @@ impl Shared {
 
     /// Renews slots still held: `(client key, slot)` pairs.
     pub fn renew(&self, slots: &[(String, String)]) -> Result<(), Down> {
-        let names: Vec<String> = slots
-            .iter()
-            .map(|(key, _)| self.name("conc", key))
-            .collect();
+        self.renew_members("conc", slots)
+    }
+
+    /// Pushes back the expiry of members still held in `kind` sets: `(client key, member)`.
+    fn renew_members(&self, kind: &str, held: &[(String, String)]) -> Result<(), Down> {
+        let names: Vec<String> = held.iter().map(|(key, _)| self.name(kind, key)).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut cmd = eval(RENEW, &names);
         cmd.arg(SLOT_HOLD.as_millis() as u64);
-        for (_, slot) in slots {
-            cmd.arg(slot);
+        for (_, member) in held {
+            cmd.arg(member);
         }
         self.call(|c| cmd.query::<i64>(c)).map(|_| ())
     }
@@ -710,14 +712,7 @@ impl Shared {
 
     /// Renews reservations still held: `(client key, member)` pairs.
     pub fn renew_reservations(&self, held: &[(String, String)]) -> Result<(), Down> {
-        let names: Vec<String> = held.iter().map(|(key, _)| self.name("resv", key)).collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let mut cmd = eval(RENEW, &names);
-        cmd.arg(SLOT_HOLD.as_millis() as u64);
-        for (_, member) in held {
-            cmd.arg(member);
-        }
-        self.call(|c| cmd.query::<i64>(c)).map(|_| ())
+        self.renew_members("resv", held)
     }
 
     /// Gives a reservation back (the answer is metered).
