@@ -186,8 +186,10 @@ impl Book {
 
     /// Tokens used by client key `key` from day `from` on.
     fn tokens_since(&self, key: &str, from: u64) -> u64 {
+        // Up to tomorrow (clocks differ): a row dated later counts against no budget.
+        let tomorrow = crate::time::now_unix() / 86_400 + 1;
         self.tokens_by_key.get(key).map_or(0, |days| {
-            days.range(from..)
+            days.range(from..=tomorrow.max(from))
                 .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
         })
     }
@@ -226,10 +228,18 @@ fn side_path(dir: &Path, instance: &str) -> PathBuf {
 fn sides(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = (std::fs::read_dir(dir).into_iter().flatten().flatten())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("side-") && n.ends_with(".jsonl"))
+        .filter(|n| is_side_name(n))
         .collect();
     out.sort_unstable();
     out
+}
+
+/// `side-<hex>.jsonl` and nothing else: a name read from a summary is removed only if it is
+/// one (never a path elsewhere).
+fn is_side_name(name: &str) -> bool {
+    name.strip_prefix("side-")
+        .and_then(|n| n.strip_suffix(".jsonl"))
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Journal generations present in `dir`, ascending.
@@ -280,7 +290,12 @@ fn starting_summary(dir: &Path) -> std::io::Result<Option<Summary>> {
     match read_summary(&dir.join(SUMMARY)) {
         Ok(Some(summary)) => Ok(Some(summary)),
         // A fold cut between moving the summary aside and writing the new one.
-        Ok(None) => Ok(previous().ok().flatten()),
+        Ok(None) => previous().map_err(|why| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("there is no {SUMMARY}, and {why}: the usage history cannot be recovered; restore it from a backup, or move it aside to start an empty ledger"),
+            )
+        }),
         Err(why) => match previous() {
             Ok(Some(summary)) => {
                 warn!(
@@ -521,7 +536,7 @@ fn fold(dir: &Path, book: &Book, generation: u64, absorbed: &[String]) -> std::i
             let _ = std::fs::remove_file(journal_path(dir, old));
         }
     }
-    for name in counted {
+    for name in counted.iter().filter(|n| is_side_name(n)) {
         let _ = std::fs::remove_file(dir.join(name));
     }
     crate::secret::sync_parent(&summary)
@@ -585,7 +600,14 @@ impl Pending {
     /// before it are still waiting).
     fn write(&mut self, line: &[u8]) {
         let written = match (&mut self.file, self.queue.is_empty()) {
-            (Some(file), true) => file.write_all(line).is_ok(),
+            (Some(file), true) => {
+                let ok = file.write_all(line).is_ok();
+                if !ok {
+                    // A write cut short (a full disk) leaves no torn line to glue the next to.
+                    let _ = file.set_len(self.written);
+                }
+                ok
+            }
             _ => false,
         };
         if written {
@@ -715,8 +737,9 @@ fn take_over(
     let loaded = load(dir, own)?;
     let generation = next_generation(dir, loaded.last)?;
     let absorbed: Vec<String> = loaded.absorbed.iter().map(|(n, _)| n.clone()).collect();
-    fold(dir, &loaded.book, loaded.last, &absorbed)?;
+    // The new journal first: once the fold lists `own`, nothing may be written there again.
     let journal = Journal::create(dir, generation, lock)?;
+    fold(dir, &loaded.book, loaded.last, &absorbed)?;
     Ok((loaded.book, journal))
 }
 
@@ -807,10 +830,18 @@ impl Ledger {
                         self.dir.display()
                     );
                 }
-                Err(e) => warn!(
-                    "usage ledger: could not take {} over: {e}",
-                    self.dir.display()
-                ),
+                Err(e) => {
+                    warn!(
+                        "usage ledger: could not take {} over: {e}",
+                        self.dir.display()
+                    );
+                    // The fold may have listed the side journal already: write a new one.
+                    let fresh = crate::encoding::hex(&crate::secret::random_bytes::<6>());
+                    if let Ok(side) = Journal::side(&self.dir, &fresh, journal.generation) {
+                        pending.write_to(&side);
+                        *journal = side;
+                    }
+                }
             }
             return;
         }
@@ -918,33 +949,45 @@ impl Ledger {
     /// `usage.flush_interval`, and once more before a graceful exit.
     pub fn flush(&self, journal: &mut Journal) {
         self.send_shared();
-        let queue = std::mem::take(&mut self.lock().queue);
-        let stored = if queue.is_empty() {
-            journal.file.sync_data()
-        } else {
-            journal.append(&queue)
-        };
-        if let Err(e) = stored {
-            error!(
-                "usage ledger: cannot write {}: {e}; records kept in memory",
-                journal.path.display()
-            );
+        // Lines a write failed for go first, through the same file and under the same lock as
+        // new records, so a failure cuts nothing half-written and counts nothing twice.
+        {
             let mut pending = self.lock();
-            let later = std::mem::take(&mut pending.queue);
-            pending.queue = queue;
-            pending.queue.extend_from_slice(&later);
-            return;
+            if !pending.queue.is_empty() {
+                let queue = std::mem::take(&mut pending.queue);
+                let written = pending.written;
+                let appended = match &mut pending.file {
+                    Some(file) => file.write_all(&queue).inspect_err(|_| {
+                        let _ = file.set_len(written);
+                    }),
+                    None => Err(std::io::Error::other("the journal is not open")),
+                };
+                match appended {
+                    Ok(()) => pending.written += queue.len() as u64,
+                    Err(e) => {
+                        error!(
+                            "usage ledger: cannot write {}: {e}; records kept in memory",
+                            journal.path.display()
+                        );
+                        pending.queue = queue;
+                        return;
+                    }
+                }
+            }
         }
-        self.lock().written += queue.len() as u64;
+        if let Err(e) = journal.file.sync_data() {
+            error!("usage ledger: cannot sync {}: {e}", journal.path.display());
+        }
         if journal.lock.is_none() {
             self.follow(journal);
             return;
         }
         // Fold: the book of everything so far and the generation it ends are taken together,
-        // so the summary holds exactly what that generation's journal does.
+        // with every line of the book in that generation's journal, so the summary holds
+        // exactly what the journals it folds do.
         let folding = {
             let mut pending = self.lock();
-            if pending.written < COMPACT_AT {
+            if pending.written < COMPACT_AT || !pending.queue.is_empty() || pending.file.is_none() {
                 return;
             }
             let rotated = journal.rotate(&self.dir);
@@ -954,7 +997,9 @@ impl Ledger {
             rotated.map(|ended| (pending.book.clone(), ended))
         };
         if let Err(e) = folding.and_then(|(book, ended)| fold(&self.dir, &book, ended, &[])) {
-            warn!("usage ledger: compaction failed, will retry: {e}");
+            warn!(
+                "usage ledger: compaction failed (the journals are kept; the next start folds them): {e}"
+            );
         }
     }
 }
@@ -980,10 +1025,17 @@ impl Journal {
 
     /// A follower's side journal, locked so the writer knows it is alive.
     fn side(dir: &Path, instance: &str, generation: u64) -> std::io::Result<Journal> {
-        let journal = Journal::open(side_path(dir, instance), generation, None)?;
+        // Locked under a name no reader takes, then renamed into place (the lock goes with
+        // it): a side journal is never seen unlocked while its server lives.
+        let path = side_path(dir, instance);
+        let making = path.with_extension("jsonl.new");
+        let mut journal = Journal::open(making.clone(), generation, None)?;
         journal.file.try_lock().map_err(|e| {
-            std::io::Error::other(format!("{}: cannot lock it: {e}", journal.path.display()))
+            std::io::Error::other(format!("{}: cannot lock it: {e}", making.display()))
         })?;
+        std::fs::rename(&making, &path)?;
+        crate::secret::sync_parent(&path)?;
+        journal.path = path;
         Ok(journal)
     }
 
@@ -1000,14 +1052,6 @@ impl Journal {
             generation,
             lock,
         })
-    }
-
-    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(bytes)?;
-        // In the page cache now, which a killed process cannot lose; fsync bounds what a
-        // power cut can.
-        self.file.sync_data()?;
-        Ok(())
     }
 
     /// Starts the next generation; returns the one just ended, to be folded (its file stays

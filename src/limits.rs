@@ -121,6 +121,13 @@ struct Held {
     shared_reservation: Option<String>,
 }
 
+impl Permit {
+    /// Tokens reserved against the key's budgets for this request (0 when it has none).
+    pub fn reserved(&self) -> u64 {
+        self.held.as_ref().map_or(0, |h| h.reserved)
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(held) = &self.held {
@@ -313,12 +320,12 @@ impl Limiter {
         if limits.daily_tokens.is_none() && limits.monthly_tokens.is_none() {
             return Ok(());
         }
-        // Read before the lock: the ledger may ask Redis. A request settling meanwhile is
-        // recorded before its reservation goes, so it is never missed, at worst seen twice.
-        let spent = Spent::read(limits, &client.id, ledger);
         // With shared state the reservations are every instance's, checked and taken in one
-        // script; while Redis is down this instance reserves on its own.
+        // script; while Redis is down this instance reserves on its own. (A request another
+        // instance settled in the last flush interval may be in neither count: the window
+        // README names.)
         if let Some(shared) = self.shared.as_ref().filter(|_| self.shared_up()) {
+            let spent = Spent::read(limits, &client.id, ledger);
             match shared.reserve(&client.id, spent.left(limits), estimate) {
                 Ok(Ok(member)) => {
                     lock(&self.reservations).insert(member.clone(), client.id.clone());
@@ -326,14 +333,16 @@ impl Limiter {
                     return Ok(());
                 }
                 Ok(Err(reserved)) => {
-                    spent.check(limits, reserved)?;
-                    // Spent changed between the reads; refuse as the script did.
-                    return spent.check(limits, u64::MAX);
+                    // The script saw reserved >= what is left: refuse saying as much.
+                    return spent.check(limits, reserved.max(spent.left(limits)));
                 }
                 Err(_) => {}
             }
         }
+        // Spent is read under the lock, so no request settles (recorded, then its
+        // reservation given back) between reading the one and the other.
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let spent = Spent::read(limits, &client.id, ledger);
         let state = keys.entry(client.id.clone()).or_default();
         spent.check(limits, state.reserved)?;
         state.reserved = state.reserved.saturating_add(estimate);

@@ -198,6 +198,12 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                     (Outcome::UpstreamBroke(error.to_string()), keep)
                 }
             };
+            // An answer cut short before its usage passed (the client hung up, the upstream
+            // broke) still cost tokens: a budgeted key is charged what it reserved, so
+            // hanging up before the end is no way around a budget.
+            if !matches!(outcome, Outcome::Complete) && meter.usage.total() == 0 && status < 300 {
+                meter.usage.input = permit.as_ref().map_or(0, Permit::reserved);
+            }
             // After the first byte nothing is retried, but the account's failure counts.
             if let Some(pick) = &pick
                 && let Some(signal) = stream_signal(&outcome)

@@ -715,7 +715,8 @@ impl Shared {
         self.renew_members("resv", held)
     }
 
-    /// Gives a reservation back (the answer is metered).
+    /// Gives a reservation back (the answer is metered; this instance counts its usage at
+    /// once, the others once its next flush has sent it).
     pub fn unreserve(&self, key: &str, member: &str) {
         let name = self.name("resv", key);
         let _ = self.call(|c| redis::cmd("ZREM").arg(&name).arg(member).query::<()>(c));

@@ -234,7 +234,8 @@ fn an_error_event_inside_a_stream_is_an_error() {
 /// The ledger never fails open: a truncated summary is recovered from the previous one and
 /// the journals kept since it (a key over its budget stays refused); with nothing to recover
 /// from, a `usage/` that is a symlink, or a lock path that is a directory, the server refuses
-/// to start, naming the file; a record dated in the future counts against no budget.
+/// to start, naming the file; a record dated in the future counts against no budget, and it,
+/// a record with negative tokens and a line of 1 MiB are skipped and reported.
 #[test]
 fn the_ledger_never_fails_open() {
     let up = FakeUpstream::json(
@@ -306,14 +307,26 @@ fn the_ledger_never_fails_open() {
     let future = format!(
         "{{\"t\":4102444800,\"key\":\"{key_id}\",\"account\":\"-\",\"model\":\"-\",\"status\":200,\"input\":1000,\"output\":0,\"cache_creation\":0,\"cache_read\":0}}\n"
     );
-    std::fs::write(usage_dir.join("journal-00000001.jsonl"), future).expect("journal");
+    // And a line with negative tokens and one of 1 MiB: skipped, and said so.
+    let negative = format!(
+        "{{\"t\":1,\"key\":\"{key_id}\",\"account\":\"-\",\"model\":\"-\",\"status\":200,\"input\":-5,\"output\":0,\"cache_creation\":0,\"cache_read\":0}}\n"
+    );
+    let long = format!("{}\n", "x".repeat(1024 * 1024));
+    std::fs::write(
+        usage_dir.join("journal-00000001.jsonl"),
+        format!("{future}{negative}{long}"),
+    )
+    .expect("journal");
     gw.start();
     assert_eq!(post(&gw), 200, "a future record spends no budget");
-    assert!(
-        gw.stderr().contains("dated in the future"),
-        "{}",
-        gw.stderr()
-    );
+    let log = gw.stderr();
+    for said in [
+        "dated in the future",
+        "not a valid record",
+        "longer than 64 KiB",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
 }
 
 /// Ten requests at once against a 100-token daily budget: each reserves what it may cost
@@ -471,4 +484,48 @@ fn a_restart_on_one_host_loses_nothing() {
         assert!(exact, "{what}: {served} served, usage says {last}");
         drop(second);
     }
+}
+
+/// A client that hangs up before an answer's trailing `usage` has passed is still charged:
+/// what its request reserved counts against its budget, so hanging up early is no way around
+/// one.
+#[test]
+fn hanging_up_before_the_usage_is_still_charged() {
+    // 16 MiB: more than loopback's buffers hold, so the relay is cut before the usage.
+    let up = FakeUpstream::start(|_| Reply::Json {
+        status: 200,
+        headers: Vec::new(),
+        body: message(4_000, 6_000, 16 * 1024 * 1024),
+    });
+    let mut gw = Gateway::new(&Config::new(up.base_url()));
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
+    gw.start();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":200,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = crate::support::Conn::open(gw.addr());
+    conn.send(&crate::support::request_bytes(
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", &key)],
+        body.as_bytes(),
+    ));
+    let (status, _) = conn.read_head();
+    assert_eq!(status, 200);
+    drop(conn);
+    crate::support::accounts::poll_until(Duration::from_secs(10), "charged", || {
+        let v: Value =
+            serde_json::from_slice(&gw.run_cli(&["usage", "--json"]).stdout).unwrap_or_default();
+        // What it reserved (its body / 4 plus 200), not the 10,000 the answer would have said.
+        v["total"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| (200..1000).contains(&t))
+    });
+    let again = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", &key)],
+        body.as_bytes(),
+    );
+    assert_eq!(again.status, 429, "{}", again.text());
 }
