@@ -2,37 +2,198 @@
 //! block, merging `anthropic-beta` values, and recognising a ban in an error answer. Pure
 //! functions: bytes and strings in, values out.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::ops::Range;
+
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// An edit of a body: the bytes in `at` replaced by `with`. Sent as the three pieces it names,
+/// so the body itself is never copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Splice {
+    pub at: Range<usize>,
+    pub with: Vec<u8>,
+}
+
+impl Splice {
+    /// The length of `body` with this edit made.
+    pub fn len(&self, body: &[u8]) -> usize {
+        body.len() - self.at.len() + self.with.len()
+    }
+
+    /// `body` with this edit made, in pieces: before, replacement, after.
+    pub fn pieces<'a>(&'a self, body: &'a [u8]) -> [&'a [u8]; 3] {
+        [&body[..self.at.start], &self.with, &body[self.at.end..]]
+    }
+
+    /// `body` with this edit made, as one buffer.
+    #[cfg(test)]
+    pub fn apply(&self, body: &[u8]) -> Vec<u8> {
+        self.pieces(body).concat()
+    }
+}
+
+#[derive(Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// Where the request's top-level `system` is: its raw value (`None` when absent), and where
+/// the object's closing brace is.
+struct Top<'a> {
+    system: Option<&'a RawValue>,
+    keys: usize,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Top<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+                let mut top = Top {
+                    system: None,
+                    keys: 0,
+                };
+                while let Some(key) = map.next_key::<Key>()? {
+                    top.keys += 1;
+                    if key.0 == "system" {
+                        // The upstream would read one of two: which one is ours to fill is
+                        // not a guess to make.
+                        if top.system.is_some() {
+                            return Err(de::Error::custom("`system` is given twice"));
+                        }
+                        top.system = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A key, borrowed when it has no escapes (`"sys\u0074em"` is `system` too).
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The first block of a `system` array: whether it is a text block with this text.
+fn first_block_is(blocks: &RawValue, text: &str) -> Result<bool, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Block<'a> {
+        #[serde(rename = "type", borrow, default)]
+        kind: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
+    }
+    struct First<'t>(&'t str);
+    impl<'de> Visitor<'de> for First<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of content blocks")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            let first = seq.next_element::<&'de RawValue>()?;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            let block = first.and_then(|raw| serde_json::from_str::<Block>(raw.get()).ok());
+            Ok(block.is_some_and(|b| {
+                b.kind.as_deref() == Some("text") && b.text.as_deref() == Some(self.0)
+            }))
+        }
+    }
+    serde::Deserializer::deserialize_seq(
+        &mut serde_json::Deserializer::from_str(blocks.get()),
+        First(text),
+    )
+}
 
 /// Puts `text` first in the request's `system`, as a text block, without touching the rest:
 /// a string `system` becomes blocks with the client's text following unchanged, an array keeps
 /// every block (and its `cache_control`) after ours, and nothing is added when the first block
 /// already is `text`. No `cache_control` of our own (Anthropic allows four breakpoints).
-pub fn prepend_system_text(body: &[u8], text: &str) -> Result<Vec<u8>, String> {
-    let mut request: Map<String, Value> = crate::json::from_slice(body)
-        .map_err(|e| format!("the request body is not a JSON object: {e}"))?;
-    let ours = || serde_json::json!({"type": "text", "text": text});
-    let system = match request.get_mut("system").map(Value::take) {
-        None | Some(Value::Null) => vec![ours()],
-        Some(Value::String(s)) if s == text => vec![ours()],
-        Some(Value::String(s)) if s.is_empty() => vec![ours()],
-        Some(Value::String(s)) => vec![ours(), serde_json::json!({"type": "text", "text": s})],
-        Some(Value::Array(blocks)) => {
-            let first_is_ours = blocks.first().is_some_and(|b| {
-                b.get("type").and_then(Value::as_str) == Some("text")
-                    && b.get("text").and_then(Value::as_str) == Some(text)
-            });
-            if first_is_ours {
-                blocks
+///
+/// The body is read once and never rebuilt: the answer is the one edit to make (`None` when
+/// none is needed), so a body of any size costs only the bytes of our block.
+pub fn system_splice(body: &[u8], text: &str) -> Result<Option<Splice>, String> {
+    let not_object =
+        |e: &dyn std::fmt::Display| format!("the request body is not a JSON object: {e}");
+    let whole = std::str::from_utf8(body).map_err(|e| not_object(&e))?;
+    let top: Top = crate::json::from_str(whole).map_err(|e| not_object(&e))?;
+    let offset = |raw: &RawValue| raw.get().as_ptr() as usize - whole.as_ptr() as usize;
+    let mut ours = Vec::new();
+    // Our own string in our own struct: serializing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut ours, &TextBlock { kind: "text", text });
+    let replace = |raw: &RawValue, with: Vec<u8>| {
+        let start = offset(raw);
+        Splice {
+            at: start..start + raw.get().len(),
+            with,
+        }
+    };
+    let only_ours = || [b"[", &ours[..], b"]"].concat();
+    let splice = match top.system {
+        None => {
+            // Before the object's closing brace: the last byte that is not whitespace.
+            let end = whole.trim_end().len().saturating_sub(1);
+            let comma: &[u8] = if top.keys > 0 { b"," } else { b"" };
+            Splice {
+                at: end..end,
+                with: [comma, b"\"system\":", &only_ours()].concat(),
+            }
+        }
+        Some(raw) if raw.get() == "null" => replace(raw, only_ours()),
+        Some(raw) if raw.get().starts_with('"') => {
+            let client: Cow<'_, str> = serde_json::from_str::<Key>(raw.get())
+                .map_err(|e| e.to_string())?
+                .0;
+            if client.is_empty() || client == text {
+                replace(raw, only_ours())
             } else {
-                std::iter::once(ours()).chain(blocks).collect()
+                // The client's string goes on as written, into a block after ours.
+                let with = [
+                    b"[",
+                    &ours[..],
+                    b",{\"type\":\"text\",\"text\":",
+                    raw.get().as_bytes(),
+                    b"}]",
+                ]
+                .concat();
+                replace(raw, with)
+            }
+        }
+        Some(raw) if raw.get().starts_with('[') => {
+            if first_block_is(raw, text).map_err(|e| e.to_string())? {
+                return Ok(None);
+            }
+            let empty = raw.get()[1..].trim_start().starts_with(']');
+            let at = offset(raw) + 1;
+            let comma: &[u8] = if empty { b"" } else { b"," };
+            Splice {
+                at: at..at,
+                with: [&ours[..], comma].concat(),
             }
         }
         Some(_) => return Err("system must be a string or an array of content blocks".into()),
     };
-    // In place when the client sent one (key order kept), else at the end.
-    request.insert("system".into(), Value::Array(system));
-    serde_json::to_vec(&request).map_err(|e| e.to_string())
+    Ok(Some(splice))
+}
+
+/// `system_splice` made: the whole edited body (tests and the fuzzer).
+#[cfg(test)]
+pub fn prepend_system_text(body: &[u8], text: &str) -> Result<Vec<u8>, String> {
+    Ok(match system_splice(body, text)? {
+        Some(splice) => splice.apply(body),
+        None => body.to_vec(),
+    })
 }
 
 /// Merges comma-separated `anthropic-beta` values and `add`, in order, without duplicates.
@@ -116,6 +277,7 @@ pub fn ban(status: u16, body: &[u8], oauth: bool) -> Option<Ban> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     const P: &str = "你是 Claude Code，Anthropic的官方CLI工具";
 
@@ -163,7 +325,50 @@ mod tests {
     }
 
     #[test]
+    fn edits_are_made_in_the_raw_bytes_whatever_their_spacing() {
+        let cases: [(&str, Value); 7] = [
+            ("{}", serde_json::json!([{"type":"text","text":P}])),
+            (" { } \n", serde_json::json!([{"type":"text","text":P}])),
+            (
+                r#"{"system":null}"#,
+                serde_json::json!([{"type":"text","text":P}]),
+            ),
+            (
+                r#"{"system": [ ] }"#,
+                serde_json::json!([{"type":"text","text":P}]),
+            ),
+            (
+                r#"{"system":""}"#,
+                serde_json::json!([{"type":"text","text":P}]),
+            ),
+            (
+                r#"{"sys\u0074em":"x\ny"}"#,
+                serde_json::json!([{"type":"text","text":P},{"type":"text","text":"x\ny"}]),
+            ),
+            (
+                r#"{ "model" : "m" ,"system" : [ {"type":"image"} ] }"#,
+                serde_json::json!([{"type":"text","text":P},{"type":"image"}]),
+            ),
+        ];
+        for (body, system) in cases {
+            let edited = prepend_system_text(body.as_bytes(), P).expect(body);
+            assert_eq!(system_of(&edited), system, "{body}");
+        }
+        let blocks = format!(r#"{{"system":[{{"type":"text","text":"{P}"}}],"model":"m"}}"#);
+        assert_eq!(
+            system_splice(blocks.as_bytes(), P),
+            Ok(None),
+            "already first"
+        );
+        let splice = system_splice(br#"{"system":"S","messages":[]}"#, P)
+            .expect("ok")
+            .expect("an edit");
+        assert_eq!(splice.at, 10..13, "only the string is replaced");
+    }
+
+    #[test]
     fn rejects_bodies_it_cannot_edit() {
+        assert!(prepend_system_text(br#"{"system":"a","system":"b"}"#, P).is_err());
         assert!(prepend_system_text(b"[1]", P).is_err());
         assert!(prepend_system_text(br#"{"system":5}"#, P).is_err());
     }

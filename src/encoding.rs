@@ -37,8 +37,18 @@ pub fn base64url(bytes: &[u8]) -> String {
 
 /// Decodes standard or URL-safe base64, padded or not. `None` on any invalid character or length.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim_end_matches('=');
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    decode_into(text, |b| out.push(b))?;
+    Some(out)
+}
+
+/// Whether `text` is base64 that `base64_decode` takes, decoding nothing into memory.
+pub fn is_base64(text: &str) -> bool {
+    decode_into(text, |_| {}).is_some()
+}
+
+fn decode_into(text: &str, mut byte: impl FnMut(u8)) -> Option<()> {
+    let text = text.trim_end_matches('=');
     let mut acc = 0u32;
     let mut bits = 0;
     for c in text.bytes() {
@@ -54,14 +64,11 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
         bits += 6;
         if bits >= 8 {
             bits -= 8;
-            out.push((acc >> bits) as u8);
+            byte((acc >> bits) as u8);
         }
     }
     // Six leftover bits can never come from a whole number of bytes.
-    if bits >= 6 {
-        return None;
-    }
-    Some(out)
+    (bits < 6).then_some(())
 }
 
 /// `text` with every character outside `[A-Za-z0-9_-]` replaced by `_` (never empty): the

@@ -722,16 +722,17 @@ fn sse(input: &[u8]) {
 /// The OpenAI → Anthropic request converter, as the router runs it.
 fn openai_request(input: &[u8]) {
     let _ = crate::router::body_format(input);
-    let Ok(body) = crate::json::from_slice::<Value>(input) else {
-        return;
-    };
     let aliases = HashMap::from([("gpt-4o".to_string(), "claude-sonnet-4-5".to_string())]);
     let options = Options {
         default_max_tokens: 8192,
         aliases: &aliases,
     };
-    if let Ok(converted) = openai::request::convert(&body, &options) {
-        let bytes = serde_json::to_vec(&converted.body).expect("a converted body serializes");
+    if let Ok(converted) = openai::request::convert(input, &options) {
+        let bytes = converted.body;
+        // Values are copied as the client wrote them: valid JSON in, valid JSON out.
+        if serde_json::from_slice::<Value>(input).is_ok() {
+            serde_json::from_slice::<Value>(&bytes).expect("a converted body is JSON");
+        }
         // The converted body goes on through the Anthropic-side readers.
         let _ = crate::sticky::facts(&bytes, None);
         let _ = crate::anthropic::prepend_system_text(&bytes, "system");
@@ -741,7 +742,9 @@ fn openai_request(input: &[u8]) {
 /// The Anthropic → OpenAI response converters: message, error and model list.
 fn openai_response(input: &[u8]) {
     let value: Value = crate::json::from_slice(input).unwrap_or(Value::Null);
-    let _ = openai::response::completion(&value, "gpt-4o", 1_700_000_000).to_string();
+    if let Ok(c) = openai::response::completion(input, "gpt-4o", 1_700_000_000) {
+        serde_json::from_slice::<Value>(&c.body).expect("a completion is JSON");
+    }
     let _ = openai::response::models(&value).to_string();
     let status = [200, 400, 401, 404, 429, 500, 529][(hash(input) % 7) as usize];
     let _ = openai::response::error_from_anthropic(status, input).to_string();
@@ -789,7 +792,14 @@ fn body_probe(input: &[u8]) {
     let _ = openai::detect(input);
     let _ = crate::sticky::facts(input, None);
     let _ = crate::sticky::facts(input, Some("session"));
-    let _ = crate::anthropic::prepend_system_text(input, "You are Claude Code");
+    if let Ok(edited) = crate::anthropic::prepend_system_text(input, "You are Claude Code")
+        && serde_json::from_slice::<Value>(input).is_ok()
+    {
+        // The edit is made in the raw bytes: whatever a valid body's spacing and escapes,
+        // it gives valid JSON whose first system block is ours.
+        let v: Value = serde_json::from_slice(&edited).expect("an edited body is JSON");
+        assert_eq!(v["system"][0]["text"], "You are Claude Code", "{v}");
+    }
     if let Ok(v) = crate::json::from_slice::<Value>(input)
         && let Some(user_id) = v["metadata"]["user_id"].as_str()
     {

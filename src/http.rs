@@ -672,6 +672,12 @@ impl<'a> Responder<'a> {
         (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
     }
 
+    /// Sends a response that has no body by definition (204, 304): no framing header at all.
+    pub fn send_bodiless(self, mut head: Head) -> bool {
+        self.finish_head(&mut head, "");
+        (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
+    }
+
     /// Starts a body of unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
     pub fn stream(mut self, mut head: Head) -> io::Result<BodyWriter<'a>> {
         let chunked = self.minor_version == 1;

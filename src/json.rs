@@ -231,6 +231,29 @@ impl FieldScan {
     }
 }
 
+/// Valid JSON `text` without the whitespace between its tokens (strings kept as written).
+pub fn compact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if c.is_ascii_whitespace() {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Whether `bytes` opens more than `limit` arrays or objects at once, outside strings.
 /// Needs no valid JSON: whatever it passes, the parser still checks.
 pub fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {

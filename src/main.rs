@@ -32,6 +32,7 @@ mod probe;
 mod processor;
 mod refresh;
 mod router;
+mod scrub;
 mod secret;
 mod server;
 mod shared;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::config::OAuthSettings;
 use crate::encoding;
+use crate::scrub::Scrub;
 use crate::secret::{self, Secret};
 
 /// How long an `oauth-start` stays valid.
@@ -219,7 +220,9 @@ impl TokenEndpoint {
         if let Some(s) = client.secret {
             body["client_secret"] = s.expose().into();
         }
-        self.call(&body)
+        let secret = client.secret.map(Secret::expose);
+        let sent = [code, verifier.expose(), state.expose()];
+        self.call(&body, Scrub::new(sent.into_iter().chain(secret)))
     }
 
     /// Refreshes with `refresh_token`.
@@ -236,10 +239,16 @@ impl TokenEndpoint {
         if let Some(s) = client.secret {
             body["client_secret"] = s.expose().into();
         }
-        self.call(&body)
+        let secret = client.secret.map(Secret::expose);
+        self.call(
+            &body,
+            Scrub::new(std::iter::once(refresh_token.expose()).chain(secret)),
+        )
     }
 
-    fn call(&self, body: &serde_json::Value) -> Result<Grant, TokenError> {
+    /// Posts `body`; what the endpoint answers is checked, and anything it says is scrubbed of
+    /// what `body` carried (`sent`) before it goes into an error a log or the CLI shows.
+    fn call(&self, body: &serde_json::Value, sent: Scrub) -> Result<Grant, TokenError> {
         let response = self
             .agent
             .post(&self.url)
@@ -254,7 +263,7 @@ impl TokenEndpoint {
             .limit(1024 * 1024)
             .read_to_string()
             .map_err(|e| TokenError::Network(e.to_string()))?;
-        parse_token_response(status, &text, crate::time::now_unix())
+        parse_token_response(status, &sent.text(&text), crate::time::now_unix())
     }
 }
 
@@ -300,20 +309,54 @@ pub fn parse_token_response(status: u16, text: &str, now: u64) -> Result<Grant, 
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| TokenError::BadResponse("no access_token in the response".into()))?;
+    // Kept only if it can be sent: a token a header cannot carry would fail every request
+    // as the client's fault, with no refresh and no failover.
+    for (name, token) in [
+        ("access_token", Some(&access)),
+        ("refresh_token", wire.refresh_token.as_ref()),
+    ] {
+        if let Some(token) = token
+            && let Some(why) = unsendable(token)
+        {
+            return Err(TokenError::BadResponse(format!("its {name} {why}")));
+        }
+    }
+    // No lifetime given: assume an hour rather than forever; a longer one than any real
+    // token's is held to `MAX_LIFETIME_SECS`, so no claim can overflow the expiry.
+    let lifetime = wire.expires_in.unwrap_or(3600).min(MAX_LIFETIME_SECS);
     Ok(Grant {
         access_token: Secret::new(access),
         refresh_token: wire
             .refresh_token
             .filter(|t| !t.is_empty())
             .map(Secret::new),
-        // No lifetime given: assume an hour rather than forever.
-        expires_at: now + wire.expires_in.unwrap_or(3600),
+        expires_at: now.saturating_add(lifetime),
         scope: wire.scope,
         organization_uuid: wire.organization.as_ref().and_then(|o| o.uuid.clone()),
         organization_name: wire.organization.and_then(|o| o.name),
         account_uuid: wire.account.as_ref().and_then(|a| a.uuid.clone()),
         account_email: wire.account.and_then(|a| a.email_address),
     })
+}
+
+/// The longest token lifetime believed (30 days; Anthropic's access tokens last 8 hours).
+pub const MAX_LIFETIME_SECS: u64 = 30 * 24 * 3600;
+/// The longest token kept (Anthropic's are about 100 characters).
+const MAX_TOKEN_LEN: usize = 4096;
+
+/// Why a token cannot go in an HTTP header as `Bearer <token>`, if it cannot: only visible
+/// ASCII (RFC 6750's token68 and then some), and a sane length.
+pub fn unsendable(token: &str) -> Option<String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Some(format!(
+            "is {} bytes long (at most {MAX_TOKEN_LEN} are kept)",
+            token.len()
+        ));
+    }
+    let bad = token.bytes().find(|b| !(0x21..=0x7e).contains(b))?;
+    Some(format!(
+        "holds byte 0x{bad:02x}, which a header cannot carry"
+    ))
 }
 
 /// The error code and a readable message from an OAuth or Anthropic error body. Bounded, and
@@ -441,6 +484,37 @@ mod tests {
         ));
         assert!(matches!(
             parse_token_response(200, "{}", 0),
+            Err(TokenError::BadResponse(_))
+        ));
+    }
+
+    #[test]
+    fn a_lifetime_past_any_real_one_is_held_and_never_wraps() {
+        let huge = format!(r#"{{"access_token":"at","expires_in":{}}}"#, u64::MAX);
+        let grant = parse_token_response(200, &huge, 1_800_000_000).expect("grant");
+        assert_eq!(grant.expires_at, 1_800_000_000 + MAX_LIFETIME_SECS);
+        let at_the_end =
+            parse_token_response(200, r#"{"access_token":"at","expires_in":10}"#, u64::MAX)
+                .expect("grant");
+        assert_eq!(at_the_end.expires_at, u64::MAX);
+    }
+
+    #[test]
+    fn tokens_a_header_cannot_carry_are_refused() {
+        for token in [r"a\r\nx-injected: 1", "a b", r"tab\there", r"caf\u00e9"] {
+            for field in ["access_token", "refresh_token"] {
+                let body =
+                    format!(r#"{{"access_token":"ok","{field}":"{token}","expires_in":60}}"#);
+                let refused = parse_token_response(200, &body, 0);
+                assert!(
+                    matches!(&refused, Err(TokenError::BadResponse(m)) if m.contains(field)),
+                    "{field} {token:?}: {refused:?}"
+                );
+            }
+        }
+        let long = format!(r#"{{"access_token":"{}"}}"#, "a".repeat(MAX_TOKEN_LEN + 1));
+        assert!(matches!(
+            parse_token_response(200, &long, 0),
             Err(TokenError::BadResponse(_))
         ));
     }

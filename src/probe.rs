@@ -11,6 +11,8 @@ use crate::error::ApiError;
 use crate::http::Request;
 use crate::processor::{ApiKey, OAuth, Processor};
 use crate::refresh::{Need, Refresher};
+use crate::scrub::Scrub;
+use crate::secret::Secret;
 use crate::upstream::Upstream;
 
 /// What of a probe's answer is kept: its status and (a bounded start of) its body.
@@ -42,13 +44,15 @@ pub fn account(
         body: Vec::new(),
         keep_alive: true,
     };
-    let send = |processor: &dyn Processor| {
+    // The body is shown by health-check: nothing of the credential it was sent with stays.
+    let send = |processor: &dyn Processor, secret: &Secret| {
         let response = upstream.forward_within(&request, processor, Some(PROBE_TIMEOUT))?;
         let status = response.status().as_u16();
-        let body = (response.into_body().into_with_config())
+        let mut body = (response.into_body().into_with_config())
             .limit(MAX_BODY)
             .read_to_vec()
             .unwrap_or_default();
+        Scrub::new([secret.expose()]).bytes(&mut body);
         Ok(Probed { status, body })
     };
     let fresh = |need: Need| {
@@ -57,20 +61,19 @@ pub fn account(
             .map_err(|e| ApiError::NoAccount(e.to_string()))
     };
     match &entry.account.credential {
-        Credential::ApiKey(key) => send(&ApiKey(key)),
+        Credential::ApiKey(key) => send(&ApiKey(key), key),
         Credential::OAuth(_) => {
             let tokens = fresh(Need::Expired)?;
             let oauth = |token| OAuth {
                 token,
                 system_prompt,
             };
-            let probed = send(&oauth(&tokens.access))?;
+            let probed = send(&oauth(&tokens.access), &tokens.access)?;
             if probed.status != 401 {
                 return Ok(probed);
             }
-            send(&oauth(
-                &fresh(Need::Rejected(tokens.access.clone()))?.access,
-            ))
+            let fresh = fresh(Need::Rejected(tokens.access.clone()))?;
+            send(&oauth(&fresh.access), &fresh.access)
         }
         Credential::Unusable(why) => Err(ApiError::NoAccount(why.clone())),
     }

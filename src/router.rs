@@ -18,6 +18,7 @@ use crate::openai::{self, Format};
 use crate::probe::{self, Verdict};
 use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
+use crate::scrub::Scrub;
 use crate::secret::Secret;
 use crate::server::{Gateway, Live};
 use crate::status;
@@ -191,7 +192,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             // needed for it.
             req.body = Vec::new();
             let status = answer.status();
-            let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter) {
+            let max_event = gw.upstream().max_event();
+            let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter, max_event)
+            {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {
                     let keep = send_error(out, &error, names.format);
@@ -693,24 +696,21 @@ fn shape_request(
 
 /// An OpenAI Chat Completions request as the Anthropic request to send.
 fn convert(gw: &Gateway, req: &Request) -> Result<(Option<Request>, Shape), ApiError> {
-    let body: serde_json::Value = crate::json::from_slice(&req.body)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
     let live = gw.live();
     let options = openai::request::Options {
         default_max_tokens: live.models.default_max_tokens,
         aliases: &live.models.aliases,
     };
-    let converted = openai::request::convert(&body, &options).map_err(|e| ApiError::Invalid {
-        message: e.message,
-        param: e.param,
-    })?;
-    let bytes = serde_json::to_vec(&converted.body)
-        .map_err(|e| ApiError::BadRequest(format!("the request cannot be converted: {e}")))?;
+    let converted =
+        openai::request::convert(&req.body, &options).map_err(|e| ApiError::Invalid {
+            message: e.message,
+            param: e.param,
+        })?;
     let shape = Shape::Chat {
         include_usage: converted.include_usage,
         model: converted.requested_model,
     };
-    Ok((Some(derived(req, "/v1/messages", bytes)), shape))
+    Ok((Some(derived(req, "/v1/messages", converted.body)), shape))
 }
 
 /// The client's request with another target and body (headers and framing kept).
@@ -913,10 +913,10 @@ enum Failed {
 /// once and the request sent once more.
 fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
     let upstream = gw.upstream();
-    let forward = |processor: &dyn crate::processor::Processor| {
+    let forward = |processor: &dyn crate::processor::Processor, scrub: Scrub| {
         upstream
             .forward(req, processor)
-            .map(Answer::Streaming)
+            .map(|response| Answer::new(response, scrub))
             .map_err(|e| match e {
                 ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
                     Failed::Upstream(e)
@@ -928,14 +928,35 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
             })
     };
     match &entry.account.credential {
-        Credential::ApiKey(key) => forward(&ApiKey(key)),
-        Credential::OAuth(_) => {
+        Credential::ApiKey(key) => forward(&ApiKey(key), Scrub::new([key.expose()])),
+        Credential::OAuth(oauth) => {
+            // What an answer must not echo: the token it carried, the refresh token and the
+            // client secret (the upstream never sees the last two, but nothing of ours goes
+            // out that the gateway could have kept in).
+            let scrub = |tokens: &crate::config::Tokens| {
+                let secret = oauth.client_secret.as_ref().map(Secret::expose);
+                Scrub::new(
+                    [tokens.access.expose(), tokens.refresh.expose()]
+                        .into_iter()
+                        .chain(secret),
+                )
+            };
             let tokens = gw.refresher.ensure(entry, Need::Expired).map_err(|e| {
                 let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
                 Failed::Account(ApiError::NoAccount(why))
             })?;
+            // A token stored before tokens were checked (or by another instance) that no
+            // header can carry is the account's problem, never a 400 for the client.
+            if let Some(why) = crate::oauth::unsendable(tokens.access.expose()) {
+                let why = format!(
+                    "account {} ({}): its access token {why}",
+                    entry.id(),
+                    entry.account.name
+                );
+                return Err(Failed::Account(ApiError::NoAccount(why)));
+            }
             let live = gw.live();
-            let answer = forward(&oauth(&live, &tokens.access))?;
+            let answer = forward(&oauth_processor(&live, &tokens.access), scrub(&tokens))?;
             if answer.status() != 401 {
                 return Ok(answer);
             }
@@ -944,7 +965,7 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
                 .refresher
                 .ensure(entry, Need::Rejected(tokens.access.clone()))
             {
-                Ok(fresh) => forward(&oauth(&live, &fresh.access)),
+                Ok(fresh) => forward(&oauth_processor(&live, &fresh.access), scrub(&fresh)),
                 // Not an API key refused: the token could not be renewed now. The account
                 // counts a failure (ejected by the usual rules), and a login needed shows as
                 // such on the account.
@@ -980,7 +1001,7 @@ fn unified_reset(answer: &Answer) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn oauth<'a>(live: &'a Live, token: &'a Secret) -> OAuth<'a> {
+fn oauth_processor<'a>(live: &'a Live, token: &'a Secret) -> OAuth<'a> {
     OAuth {
         token,
         system_prompt: &live.system_prompt,

@@ -36,6 +36,11 @@ impl Framer {
         Ok(())
     }
 
+    /// How many bytes of an unfinished event are held.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether a partial event is being held.
     pub fn has_partial(&self) -> bool {
         self.pending.iter().any(|b| !matches!(b, b'\r' | b'\n'))

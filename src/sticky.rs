@@ -26,7 +26,31 @@ struct Probe<'a> {
     #[serde(borrow, default)]
     system: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    messages: Option<Vec<&'a RawValue>>,
+    messages: Option<First<'a>>,
+}
+
+/// The first element of an array, the rest skipped unkept.
+struct First<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for First<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<First<'a>, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = First<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<First<'a>, A::Error> {
+                let first = seq.next_element::<&'de RawValue>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(First(first))
+            }
+        }
+        d.deserialize_seq(Visitor(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -94,7 +118,7 @@ fn key_of(probe: Option<&Probe<'_>>, session_header: Option<&str>) -> Option<u64
         return Some(hash(&[b"header", header.as_bytes()]));
     }
     let probe = probe?;
-    let first = probe.messages.as_ref().and_then(|m| m.first());
+    let first = probe.messages.as_ref().and_then(|m| m.0);
     if probe.system.is_none() && first.is_none() {
         return None;
     }

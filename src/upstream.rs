@@ -8,9 +8,7 @@ use std::time::Instant;
 use ureq::http::{self, HeaderMap};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
-use ureq::{Agent, Body};
-
-use std::borrow::Cow;
+use ureq::{Agent, Body, SendBody};
 
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
@@ -19,6 +17,7 @@ use crate::json;
 use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
 use crate::processor::{Outgoing, Processor};
+use crate::scrub::{self, Scrub};
 use crate::sse;
 use crate::watch::{self, ClientWatch};
 
@@ -45,6 +44,7 @@ pub struct Upstream {
     small: Agent,
     large: Agent,
     base_url: String,
+    max_event: usize,
 }
 
 /// The small agent's output buffer.
@@ -128,7 +128,13 @@ impl Upstream {
             small: agent(SMALL_OUTPUT),
             large: agent(crate::http::MAX_HEAD + HEAD_OVERHEAD + 4 * 1024),
             base_url: settings.base_url.clone(),
+            max_event: settings.max_event_bytes,
         }
+    }
+
+    /// The largest SSE event a relay holds (`upstream.max_event_bytes`).
+    pub fn max_event(&self) -> usize {
+        self.max_event
     }
 
     /// Sends `req` upstream, shaped by the account's processor. Errors here happened before
@@ -159,7 +165,8 @@ impl Upstream {
                 .filter(|(name, _)| !withheld_from_upstream(name) && !tokens.contains(name))
                 .cloned()
                 .collect(),
-            body: Cow::Borrowed(&req.body),
+            body: &req.body,
+            splice: None,
         };
         if req.header("anthropic-version").is_none() {
             out.headers
@@ -187,14 +194,18 @@ impl Upstream {
             &self.large
         };
         let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
-        let result = if req.method == "GET" {
-            run(agent, builder.body(()).map_err(invalid)?, within)
-        } else {
-            run(
-                agent,
-                builder.body(out.body.as_ref()).map_err(invalid)?,
-                within,
-            )
+        let result = match (&out.splice, req.method.as_str()) {
+            (_, "GET") => run(agent, builder.body(()).map_err(invalid)?, within),
+            (None, _) => run(agent, builder.body(out.body).map_err(invalid)?, within),
+            (Some(splice), _) => {
+                // The edited body in its three pieces, with its length declared so ureq
+                // sends it length-delimited, as it would a slice.
+                let [before, with, after] = splice.pieces(out.body);
+                let mut pieces = before.chain(with).chain(after);
+                let builder = builder.header("content-length", splice.len(out.body));
+                let body = SendBody::from_reader(&mut pieces);
+                run(agent, builder.body(body).map_err(invalid)?, within)
+            }
         };
         result.map_err(|e| upstream_error(&e))
     }
@@ -218,33 +229,55 @@ fn run<S: ureq::AsSendBody>(
     }
 }
 
-/// An upstream answer: still streaming, or read whole because the router had to look at it.
-pub enum Answer {
+/// An upstream answer, and the secrets its request carried, which nothing of it may echo.
+pub struct Answer {
+    body: Held,
+    scrub: Scrub,
+}
+
+/// An answer still streaming, or read whole because the router had to look at it (and
+/// already scrubbed).
+enum Held {
     Streaming(http::Response<Body>),
     Buffered(http::response::Parts, Vec<u8>),
 }
 
 impl Answer {
+    pub fn new(response: http::Response<Body>, scrub: Scrub) -> Answer {
+        Answer {
+            body: Held::Streaming(response),
+            scrub,
+        }
+    }
+
+    fn buffered(parts: http::response::Parts, mut body: Vec<u8>, scrub: Scrub) -> Answer {
+        scrub.bytes(&mut body);
+        Answer {
+            body: Held::Buffered(parts, body),
+            scrub,
+        }
+    }
+
     pub fn status(&self) -> u16 {
-        match self {
-            Answer::Streaming(r) => r.status().as_u16(),
-            Answer::Buffered(parts, _) => parts.status.as_u16(),
+        match &self.body {
+            Held::Streaming(r) => r.status().as_u16(),
+            Held::Buffered(parts, _) => parts.status.as_u16(),
         }
     }
 
     /// Reads the body (an error body: small, and capped) so it can be inspected.
     pub fn buffer(self) -> Result<Answer, ApiError> {
-        match self {
-            Answer::Streaming(response) => {
+        match self.body {
+            Held::Streaming(response) => {
                 let (parts, body) = response.into_parts();
                 let bytes = body
                     .into_with_config()
                     .limit(MAX_INSPECTED)
                     .read_to_vec()
                     .map_err(|e| upstream_error(&e))?;
-                Ok(Answer::Buffered(parts, bytes))
+                Ok(Answer::buffered(parts, bytes, self.scrub))
             }
-            buffered => Ok(buffered),
+            Held::Buffered(..) => Ok(self),
         }
     }
 
@@ -253,12 +286,24 @@ impl Answer {
     /// can move on: nothing has gone downstream yet. Streams and large bodies pass untouched
     /// (only their content type is checked).
     pub fn settle(self) -> Result<Answer, ApiError> {
-        let Answer::Streaming(response) = self else {
+        let Answer {
+            body: Held::Streaming(response),
+            scrub,
+        } = self
+        else {
             return Ok(self);
         };
+        let status = response.status().as_u16();
+        if status < 200 {
+            // ureq consumes 100, 102 and 103 itself; what is left (101) would hand us the
+            // upstream's raw connection, and nothing here asks to switch protocols.
+            return Err(ApiError::UpstreamGarbled(format!(
+                "a {status} answer to a request that asked for no protocol switch"
+            )));
+        }
         let content_type = header_str(response.headers(), "content-type");
-        if content_type.is_some_and(is_event_stream) {
-            return Ok(Answer::Streaming(response));
+        if content_type.is_some_and(is_event_stream) || no_body(status) {
+            return Ok(Answer::new(response, scrub));
         }
         let length = header_str(response.headers(), "content-length")
             .and_then(|v| v.trim().parse::<u64>().ok())
@@ -266,7 +311,7 @@ impl Answer {
         let Some(n) = length else {
             return match garbled_success(content_type, None) {
                 Some(why) => Err(ApiError::UpstreamGarbled(why)),
-                None => Ok(Answer::Streaming(response)),
+                None => Ok(Answer::new(response, scrub)),
             };
         };
         let (parts, body) = response.into_parts();
@@ -286,23 +331,23 @@ impl Answer {
         let content_type = header_str(&parts.headers, "content-type");
         match garbled_success(content_type, Some(&buf)) {
             Some(why) => Err(ApiError::UpstreamGarbled(why)),
-            None => Ok(Answer::Buffered(parts, buf)),
+            None => Ok(Answer::buffered(parts, buf, scrub)),
         }
     }
 
     /// A response header, if present and text.
     pub fn header(&self, name: &str) -> Option<&str> {
-        let headers = match self {
-            Answer::Streaming(r) => r.headers(),
-            Answer::Buffered(parts, _) => &parts.headers,
+        let headers = match &self.body {
+            Held::Streaming(r) => r.headers(),
+            Held::Buffered(parts, _) => &parts.headers,
         };
         header_str(headers, name)
     }
 
     pub fn body(&self) -> &[u8] {
-        match self {
-            Answer::Streaming(_) => &[],
-            Answer::Buffered(_, body) => body,
+        match &self.body {
+            Held::Streaming(_) => &[],
+            Held::Buffered(_, body) => body,
         }
     }
 }
@@ -329,6 +374,11 @@ fn upstream_error(e: &ureq::Error) -> ApiError {
 /// `Display` is matched: "invalid peer certificate: UnknownIssuer" and the like.
 fn untrusted_certificate(message: &str) -> bool {
     message.contains("invalid peer certificate")
+}
+
+/// Statuses whose answer has no body by definition (RFC 9110 §6.4.1): relayed without one.
+fn no_body(status: u16) -> bool {
+    matches!(status, 204 | 304)
 }
 
 /// Whether a content type is an event stream.
@@ -507,16 +557,24 @@ pub fn relay<'a>(
     out: Responder<'a>,
     shape: &Shape,
     meter: &mut Meter,
+    max_event: usize,
 ) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
-    let (parts, mut reader): (_, Box<dyn Read>) = match answer {
-        Answer::Streaming(response) => {
+    let Answer { body, scrub } = answer;
+    let (parts, mut reader): (_, Box<dyn Read>) = match body {
+        Held::Streaming(response) => {
             let (parts, body) = response.into_parts();
             (parts, Box::new(body.into_reader()))
         }
-        Answer::Buffered(parts, bytes) => (parts, Box::new(std::io::Cursor::new(bytes))),
+        Held::Buffered(parts, bytes) => (parts, Box::new(std::io::Cursor::new(bytes))),
     };
     let status = parts.status.as_u16();
     let converted = !matches!(shape, Shape::Anthropic);
+    if status < 200 || (converted && no_body(status)) {
+        return Err((
+            ApiError::UpstreamGarbled(format!("a {status} answer, which carries no message")),
+            out,
+        ));
+    }
     let mut head = Head::new(status);
     let tokens: Vec<String> = parts
         .headers
@@ -525,17 +583,37 @@ pub fn relay<'a>(
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
         .collect();
+    let has_request_id = parts.headers.contains_key("request-id");
     for (name, value) in &parts.headers {
-        let name = name.as_str();
+        let mut name = name.as_str();
         // A converted body gets its own content-type; retry-after, request-id and the
         // rate-limit headers still pass.
         let skip = hop_by_hop(name)
             || tokens.iter().any(|t| t == name)
             || (converted && name == "content-type");
-        if !skip {
-            head.header(name, value.as_bytes());
+        if skip {
+            continue;
         }
+        // `x-request-id` is ours (the gateway's id for the request); the upstream's id
+        // travels under Anthropic's name for it.
+        if name == "x-request-id" {
+            if has_request_id {
+                continue;
+            }
+            name = "request-id";
+        }
+        let mut value = value.as_bytes().to_vec();
+        scrub.bytes(&mut value);
+        head.header(name, &value);
     }
+    if no_body(status) {
+        meter.sent();
+        return Ok((Outcome::Complete, out.send_bodiless(head)));
+    }
+    let guard = Guard {
+        scrub: &scrub,
+        max_event,
+    };
     let is_sse = header_str(&parts.headers, "content-type").is_some_and(is_event_stream);
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
@@ -547,7 +625,7 @@ pub fn relay<'a>(
         Ok((Outcome::Complete, keep))
     };
     match shape {
-        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter)),
+        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter, &guard)),
         Shape::Anthropic => match length {
             Some(n) if n <= BUFFER_WHOLE => {
                 // Small bodies: read whole, then one write; a short body is still an error we
@@ -557,6 +635,7 @@ pub fn relay<'a>(
                 let mut buf = Vec::with_capacity(n as usize);
                 match reader.by_ref().take(n + 1).read_to_end(&mut buf) {
                     Ok(got) if got as u64 == n => {
+                        scrub.bytes(&mut buf);
                         meter.sent();
                         let keep = out.send(head, &buf);
                         if status < 300 {
@@ -576,10 +655,12 @@ pub fn relay<'a>(
             // Large or unframed: copied through, its usage found on the way.
             _ => {
                 let usage = (status < 300).then(|| json::FieldScan::new("usage", MAX_USAGE));
-                Ok(relay_stream(reader, out, head, length, usage, meter))
+                Ok(relay_stream(
+                    reader, out, head, length, usage, meter, &scrub,
+                ))
             }
         },
-        _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED) {
+        _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED, &scrub) {
             Ok(body) => json(
                 head,
                 openai::response::error_from_anthropic(status, &body),
@@ -596,22 +677,25 @@ pub fn relay<'a>(
             head.header("content-type", b"text/event-stream")
                 .header("cache-control", b"no-cache");
             let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
-            Ok(relay_sse(reader, out, head, Some(chat), meter))
+            Ok(relay_sse(reader, out, head, Some(chat), meter, &guard))
         }
         Shape::Chat { model, .. } => {
-            let message = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
-            match message {
-                Ok(m) => {
-                    meter.usage.merge(&m["usage"]);
-                    let completion =
-                        openai::response::completion(&m, model, crate::time::now_unix());
-                    json(head, completion, out, meter)
+            let completion = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| {
+                openai::response::completion(&b, model, crate::time::now_unix())
+                    .map_err(|e| not_json(&e))
+            });
+            match completion {
+                Ok(c) => {
+                    meter.usage.merge(&c.usage);
+                    head.header("content-type", b"application/json");
+                    meter.sent();
+                    Ok((Outcome::Complete, out.send(head, &c.body)))
                 }
                 Err(e) => Err((e, out)),
             }
         }
         Shape::Models { aliases, alias } => {
-            let listed = read_all(&mut reader, MAX_MESSAGE).and_then(|b| parse_json(&b));
+            let listed = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| parse_json(&b));
             match listed {
                 Ok(v) if v.get("data").is_some() => {
                     let mut list = openai::response::models(&v);
@@ -636,8 +720,8 @@ pub fn relay<'a>(
     }
 }
 
-/// Reads a whole body, refusing more than `limit` bytes.
-fn read_all(reader: &mut dyn Read, limit: u64) -> Result<Vec<u8>, ApiError> {
+/// Reads a whole body, refusing more than `limit` bytes, and scrubs it.
+fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>, ApiError> {
     let mut buf = Vec::new();
     reader
         .take(limit + 1)
@@ -648,15 +732,18 @@ fn read_all(reader: &mut dyn Read, limit: u64) -> Result<Vec<u8>, ApiError> {
             "the upstream answer is larger than {limit} bytes"
         )));
     }
+    scrub.bytes(&mut buf);
     Ok(buf)
 }
 
 fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    crate::json::from_slice(body).map_err(|e| {
-        ApiError::UpstreamUnreachable(format!(
-            "the upstream answered something that is not JSON: {e}"
-        ))
-    })
+    crate::json::from_slice(body).map_err(|e| not_json(&e))
+}
+
+fn not_json(e: &serde_json::Error) -> ApiError {
+    ApiError::UpstreamUnreachable(format!(
+        "the upstream answered something that is not JSON: {e}"
+    ))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -679,7 +766,15 @@ fn io_error(e: &std::io::Error) -> ApiError {
     }
 }
 
-/// A body of unknown or large length, copied as it arrives.
+/// What an event stream's relay holds it to.
+struct Guard<'a> {
+    scrub: &'a Scrub,
+    /// The largest event held before it is relayed.
+    max_event: usize,
+}
+
+/// A body of unknown or large length, copied as it arrives (less the tail that may begin a
+/// secret, held until the next piece).
 fn relay_stream(
     mut reader: impl Read,
     out: Responder<'_>,
@@ -687,6 +782,7 @@ fn relay_stream(
     length: Option<u64>,
     mut usage: Option<json::FieldScan>,
     meter: &mut Meter,
+    scrub: &Scrub,
 ) -> (Outcome, bool) {
     let writer = match length {
         Some(n) => out.stream_with_length(head, n),
@@ -696,10 +792,14 @@ fn relay_stream(
         return (Outcome::ClientGone, false);
     };
     let watching = watch::watch(writer.socket());
+    let mut scrubbing = scrub::Stream::new(scrub);
     let mut buf = vec![0u8; COPY_CHUNK];
     let ended = loop {
         match reader.read(&mut buf) {
             Ok(0) => {
+                if writer.write(&scrubbing.finish()).is_err() {
+                    break (Outcome::ClientGone, false);
+                }
                 let keep = writer.finish();
                 break (Outcome::Complete, keep);
             }
@@ -708,7 +808,7 @@ fn relay_stream(
                 if let Some(scan) = &mut usage {
                     scan.feed(&buf[..n]);
                 }
-                if writer.write(&buf[..n]).is_err() {
+                if writer.write(&scrubbing.feed(&buf[..n])).is_err() {
                     break (Outcome::ClientGone, false);
                 }
             }
@@ -731,13 +831,15 @@ fn relay_stream(
 
 /// An SSE body, forwarded event by event, or converted event by event into OpenAI chunks
 /// when `chat` is given. If the upstream ends without `message_stop` (or an `error` event of
-/// its own), the client is told with an error in its format rather than a silent cut.
+/// its own), or an event grows past `guard.max_event`, the client is told with an error in
+/// its format rather than a silent cut.
 fn relay_sse(
     mut reader: impl Read,
     out: Responder<'_>,
     head: Head,
     mut chat: Option<ChunkStream>,
     meter: &mut Meter,
+    guard: &Guard<'_>,
 ) -> (Outcome, bool) {
     let Ok(mut writer) = out.stream(head) else {
         return (Outcome::ClientGone, false);
@@ -749,11 +851,21 @@ fn relay_sse(
     let mut framer = sse::Framer::default();
     let mut finished = false;
     let mut buf = vec![0u8; SSE_CHUNK];
+    let mut scrubbed = Vec::new();
     let broke = loop {
         match reader.read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => {
                 let sent = framer.push(&buf[..n], |events| {
+                    // Events are whole here, so a secret inside one is too.
+                    let events = if guard.scrub.is_empty() {
+                        events
+                    } else {
+                        scrubbed.clear();
+                        scrubbed.extend_from_slice(events);
+                        guard.scrub.bytes(&mut scrubbed);
+                        &scrubbed[..]
+                    };
                     meter.sent();
                     match &mut chat {
                         None => {
@@ -778,11 +890,20 @@ fn relay_sse(
                 if sent.is_err() {
                     return (Outcome::ClientGone, false);
                 }
+                if framer.held() > guard.max_event {
+                    // Never ended: the rest is not read (dropping the reader closes the
+                    // upstream connection), and our memory holds at most this event.
+                    break Some(format!(
+                        "an event grew past upstream.max_event_bytes ({} bytes) without ending",
+                        guard.max_event
+                    ));
+                }
             }
             Err(_) if watch::went_away() => return (Outcome::ClientGone, false),
             Err(e) => break Some(e.to_string()),
         }
     };
+    drop(reader);
     drop(watching);
     if let Some(chat) = &chat {
         meter.usage.merge(&chat.usage());

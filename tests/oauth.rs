@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::support::{FakeUpstream, Framing, Recorded, Reply, base64url, sse_events};
 
+mod endpoint;
 mod login;
 mod refresh;
 mod requests;

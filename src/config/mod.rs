@@ -20,6 +20,8 @@ use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
 /// Where the config lives when neither `--config` nor `LLM_GATEWAY_CONFIG` says.
 pub const DEFAULT_PATH: &str = "config.yaml";
 pub const PATH_ENV: &str = "LLM_GATEWAY_CONFIG";
+/// The most `upstream.max_event_bytes` may be: an event is held whole before it is relayed.
+const MAX_EVENT_LIMIT: u64 = 64 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Validated: what the rest of the program uses.
@@ -86,6 +88,9 @@ pub struct UpstreamSettings {
     /// of its body. There is deliberately no total timeout: a long healthy stream is fine.
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    /// The largest SSE event relayed: a stream whose event grows past it gets an error event
+    /// and is closed, so an upstream that never ends an event cannot fill our memory.
+    pub max_event_bytes: usize,
 }
 
 /// The OAuth protocol constants; defaults are Anthropic's (see shared/spec), all overridable
@@ -598,6 +603,14 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         connect_timeout: dur(u.connect_timeout, 10),
         read_timeout: dur(u.read_timeout, 600),
         write_timeout: dur(u.write_timeout, 60),
+        max_event_bytes: match u.max_event_bytes.unwrap_or(1024 * 1024) {
+            n @ 1024..=MAX_EVENT_LIMIT => n as usize,
+            n => {
+                return Err(invalid(format!(
+                    "upstream.max_event_bytes {n} must be from 1024 to {MAX_EVENT_LIMIT} (64 MiB)"
+                )));
+            }
+        },
     };
 
     let o = &raw.oauth;

@@ -51,6 +51,7 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Dur>,
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
+    pub max_event_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,9 @@
 //! Anthropic Messages response → OpenAI `chat.completion`, and Anthropic error bodies →
 //! OpenAI error bodies. Pure. Rules from shared/spec/openai-conversion.md §2.
 
+use serde::de;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 /// `stop_reason` → `finish_reason`; unknown and null are `stop`, never passed through raw.
@@ -38,57 +41,177 @@ pub fn completion_id(message_id: &str) -> String {
     )
 }
 
-/// A complete Anthropic message → a `chat.completion` reporting `model` (the name the client
-/// asked for) and created at `created`.
-pub fn completion(message: &Value, model: &str, created: u64) -> Value {
-    let blocks = message
-        .get("content")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut text = String::new();
-    let mut reasoning = String::new();
-    let mut tool_calls = Vec::new();
-    for block in blocks {
-        match block.get("type").and_then(Value::as_str) {
-            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
-            Some("thinking") => {
-                reasoning.push_str(block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+/// A `chat.completion` made from an Anthropic message, and the message's usage (for the
+/// ledger).
+pub struct Completion {
+    pub body: Vec<u8>,
+    pub usage: Value,
+}
+
+/// The fields of a message a completion is made of. The content blocks are folded as they are
+/// read (text and thinking appended, tool calls kept small), so a message of a million tiny
+/// blocks never becomes a million values.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default)]
+    id: Value,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(default)]
+    stop_reason: Value,
+    #[serde(default)]
+    usage: Value,
+}
+
+#[derive(Default)]
+struct Folded {
+    text: String,
+    reasoning: String,
+    tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Serialize)]
+struct ToolCall {
+    id: Value,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: Function,
+}
+
+#[derive(Serialize)]
+struct Function {
+    name: Value,
+    arguments: String,
+}
+
+impl<'de> Deserialize<'de> for Folded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Folded, D::Error> {
+        /// Values, not typed fields: a field of another type is ignored, as it always was.
+        #[derive(Deserialize)]
+        struct Block {
+            #[serde(rename = "type", default)]
+            kind: Value,
+            #[serde(default)]
+            text: Value,
+            #[serde(default)]
+            thinking: Value,
+            #[serde(default)]
+            id: Value,
+            #[serde(default)]
+            name: Value,
+            #[serde(default)]
+            input: Option<Value>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Folded;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("content blocks")
             }
-            Some("tool_use") => tool_calls.push(json!({
-                "id": block.get("id").cloned().unwrap_or_default(),
-                "type": "function",
-                "function": {
-                    "name": block.get("name").cloned().unwrap_or_default(),
-                    "arguments": block.get("input").map_or_else(|| "{}".to_string(), Value::to_string),
-                },
-            })),
-            _ => {}
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Folded, A::Error> {
+                let mut folded = Folded::default();
+                while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                    // A block of another shape is skipped, as an unknown type is.
+                    // Each block is parsed whole (and so checked): it is small, and dropped at
+                    // once.
+                    let block: Block = match serde_json::from_str(raw.get()) {
+                        Ok(block) => block,
+                        Err(e) if raw.get().starts_with('{') => return Err(de::Error::custom(e)),
+                        // Not a block at all: skipped, as an unknown type is.
+                        Err(_) => continue,
+                    };
+                    match block.kind.as_str() {
+                        Some("text") => folded.text.push_str(block.text.as_str().unwrap_or("")),
+                        Some("thinking") => folded
+                            .reasoning
+                            .push_str(block.thinking.as_str().unwrap_or("")),
+                        Some("tool_use") => folded.tool_calls.push(ToolCall {
+                            id: block.id,
+                            kind: "function",
+                            function: Function {
+                                name: block.name,
+                                arguments: block
+                                    .input
+                                    .map_or_else(|| "{}".to_string(), |i| i.to_string()),
+                            },
+                        }),
+                        _ => {}
+                    }
+                }
+                Ok(folded)
+            }
         }
+        d.deserialize_seq(Visitor)
     }
-    let mut msg = json!({"role": "assistant", "content": text, "refusal": null});
-    if !tool_calls.is_empty() {
-        if text.is_empty() {
-            msg["content"] = Value::Null;
-        }
-        msg["tool_calls"] = Value::Array(tool_calls);
+}
+
+/// A complete Anthropic message → a `chat.completion` reporting `model` (the name the client
+/// asked for) and created at `created`. An error when the body is not a JSON object.
+pub fn completion(message: &[u8], model: &str, created: u64) -> serde_json::Result<Completion> {
+    let message: Message = crate::json::from_slice(message)?;
+    // Content that is not a list of blocks carries nothing to show.
+    let blocks = message.content.filter(|c| c.get().starts_with('['));
+    let Folded {
+        text,
+        reasoning,
+        tool_calls,
+    } = match blocks {
+        Some(raw) => serde_json::from_str(raw.get())?,
+        None => Folded::default(),
+    };
+    #[derive(Serialize)]
+    struct Msg {
+        role: &'static str,
+        content: Option<String>,
+        refusal: Option<()>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<ToolCall>,
+        #[serde(skip_serializing_if = "String::is_empty")]
+        reasoning_content: String,
     }
-    if !reasoning.is_empty() {
-        msg["reasoning_content"] = reasoning.into();
+    let content = (tool_calls.is_empty() || !text.is_empty()).then_some(text);
+    let msg = Msg {
+        role: "assistant",
+        content,
+        refusal: None,
+        tool_calls,
+        reasoning_content: reasoning,
+    };
+    #[derive(Serialize)]
+    struct Choice {
+        index: u32,
+        message: Msg,
+        logprobs: Option<()>,
+        finish_reason: &'static str,
     }
-    let id = message.get("id").and_then(Value::as_str).unwrap_or("");
-    json!({
-        "id": completion_id(id),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": msg,
-            "logprobs": null,
-            "finish_reason": finish_reason(message.get("stop_reason").and_then(Value::as_str)),
+    #[derive(Serialize)]
+    struct Chat<'a> {
+        id: String,
+        object: &'static str,
+        created: u64,
+        model: &'a str,
+        choices: [Choice; 1],
+        usage: Value,
+    }
+    let body = serde_json::to_vec(&Chat {
+        id: completion_id(message.id.as_str().unwrap_or("")),
+        object: "chat.completion",
+        created,
+        model,
+        choices: [Choice {
+            index: 0,
+            message: msg,
+            logprobs: None,
+            finish_reason: finish_reason(message.stop_reason.as_str()),
         }],
-        "usage": usage(message.get("usage").unwrap_or(&Value::Null)),
+        usage: usage(&message.usage),
+    })?;
+    Ok(Completion {
+        body,
+        usage: message.usage,
     })
 }
 

@@ -14,6 +14,18 @@ struct Tool {
     sent_arguments: bool,
 }
 
+/// The Anthropic usage counts an OpenAI usage is computed from.
+const USAGE_KEYS: [&str; 4] = [
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+];
+
+/// Tool-use blocks open at once beyond this are not tracked (Anthropic opens one at a time):
+/// an upstream that starts blocks and never stops them cannot grow the map.
+const MAX_OPEN_TOOLS: usize = 256;
+
 pub struct ChunkStream {
     /// The model name the client asked for.
     model: String,
@@ -96,7 +108,10 @@ impl ChunkStream {
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
                         let k = self.next_tool;
-                        self.next_tool += 1;
+                        self.next_tool = self.next_tool.saturating_add(1);
+                        if self.tools.len() >= MAX_OPEN_TOOLS {
+                            return Vec::new();
+                        }
                         self.tools.insert(
                             index,
                             Tool {
@@ -149,7 +164,7 @@ impl ChunkStream {
                     _ => Vec::new(),
                 }
             }
-            "content_block_stop" => match self.tools.get(&index) {
+            "content_block_stop" => match self.tools.remove(&index) {
                 // A call with no argument bytes still needs valid JSON arguments.
                 Some(tool) if !tool.sent_arguments => {
                     let k = tool.index;
@@ -230,12 +245,12 @@ impl ChunkStream {
         )
     }
 
+    /// Keeps the counts an OpenAI usage is made of, and nothing else an upstream may put
+    /// there: the map stays four entries long however many events bring new keys.
     fn merge_usage(&mut self, u: &Value) {
-        if let Some(u) = u.as_object() {
-            for (k, v) in u {
-                if !v.is_null() {
-                    self.usage.insert(k.clone(), v.clone());
-                }
+        for key in USAGE_KEYS {
+            if let Some(n) = u.get(key).filter(|v| v.is_u64()) {
+                self.usage.insert(key.to_string(), n.clone());
             }
         }
     }

@@ -7,6 +7,7 @@ mod oauth;
 pub use api_key::ApiKey;
 pub use oauth::OAuth;
 
+use crate::anthropic::Splice;
 use crate::error::ApiError;
 
 /// The upstream request under construction: headers already filtered of the client's
@@ -14,8 +15,10 @@ use crate::error::ApiError;
 pub struct Outgoing<'a> {
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
-    /// Borrowed from the client's request until a processor needs to change it.
-    pub body: std::borrow::Cow<'a, [u8]>,
+    /// The client's request body, never copied.
+    pub body: &'a [u8],
+    /// The one edit a processor made to the body, sent in place of the bytes it names.
+    pub splice: Option<Splice>,
 }
 
 impl Outgoing<'_> {

@@ -25,9 +25,8 @@ impl Processor for OAuth<'_> {
             "/v1/messages" | "/v1/messages/count_tokens"
         ) && !out.body.is_empty()
         {
-            out.body = anthropic::prepend_system_text(&out.body, self.system_prompt)
-                .map_err(ApiError::BadRequest)?
-                .into();
+            out.splice = anthropic::system_splice(out.body, self.system_prompt)
+                .map_err(ApiError::BadRequest)?;
         }
         Ok(())
     }
@@ -46,7 +45,8 @@ mod tests {
                 ("anthropic-beta".into(), b"tools-1".to_vec()),
                 ("x-custom".into(), b"1".to_vec()),
             ],
-            body: br#"{"model":"m","system":"S"}"#[..].into(),
+            body: br#"{"model":"m","system":"S"}"#,
+            splice: None,
         };
         OAuth {
             token: &token,
@@ -65,7 +65,13 @@ mod tests {
         assert_eq!(header("anthropic-beta"), ["tools-1,oauth-2025-04-20"]);
         assert_eq!(header("x-custom"), ["1"]);
         assert!(header("x-api-key").is_empty());
-        let body: serde_json::Value = serde_json::from_slice(&out.body).expect("json");
+        let sent = out
+            .splice
+            .as_ref()
+            .expect("an edit")
+            .pieces(out.body)
+            .concat();
+        let body: serde_json::Value = serde_json::from_slice(&sent).expect("json");
         assert_eq!(body["system"][0]["text"], "P");
         assert_eq!(body["system"][1]["text"], "S");
     }
@@ -76,7 +82,8 @@ mod tests {
         let mut out = Outgoing {
             path: "/v1/models".into(),
             headers: vec![],
-            body: Default::default(),
+            body: b"",
+            splice: None,
         };
         OAuth {
             token: &token,
@@ -84,6 +91,6 @@ mod tests {
         }
         .prepare(&mut out)
         .expect("ok");
-        assert!(out.body.is_empty());
+        assert!(out.body.is_empty() && out.splice.is_none());
     }
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::support::{
     Config, Conn, FakeUpstream, Gateway, MESSAGE_BODY, Reply, STEP_TIMEOUT, assert_error, call,
-    request_bytes, sse_events, wait_until,
+    proc_status, request_bytes, sse_events, wait_until,
 };
 
 const MESSAGES_STREAM: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"count"}]}"#;
@@ -22,16 +22,6 @@ const CHAT_STREAM: &str =
     r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"count"}]}"#;
 const CHAT_BODY: &str =
     r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#;
-
-/// A line from `/proc/<pid>/status` (`VmRSS`, `Threads`), as its number.
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("the gateway process is alive (/proc/<pid>/status readable)");
-    text.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
 
 fn rss_kib(gw: &Gateway) -> u64 {
     proc_status(gw.pid(), "VmRSS")

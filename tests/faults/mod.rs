@@ -9,6 +9,7 @@ pub fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some_and(|v| v == "1")
 }
 mod clients;
+mod exhaust;
 mod lifecycle;
 mod metering;
 mod security;

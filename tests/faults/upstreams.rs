@@ -5,7 +5,7 @@
 //! its own format (Anthropic and OpenAI, streaming and not) within the read timeout, the
 //! account's state per the failover rules, and that a healthy account keeps serving.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -17,7 +17,7 @@ use crate::support::accounts::{
     KEY_A, KEY_B, account, admin_status, assert_served_by, each_case, poll_until, served_by,
     started,
 };
-use crate::support::{Config, Conn, Response, request_bytes, sse_events};
+use crate::support::{Config, Conn, RawUpstream, Response, Seen, request_bytes, sse_events};
 
 /// The read timeout every case configures; a fault must surface within it plus `MARGIN`.
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
@@ -34,68 +34,6 @@ enum Fault {
     Garbage,
     /// A stream of one event per 3 s; a plain answer whose head takes 3 s.
     Slow,
-}
-
-/// One request as the raw fake upstream read it.
-struct Seen {
-    api_key: String,
-    stream: bool,
-}
-
-/// A raw TCP fake upstream: the handler owns the socket, so it can stall, trickle and reset.
-struct RawUpstream {
-    addr: SocketAddr,
-}
-
-impl RawUpstream {
-    fn start(handler: impl Fn(Seen, TcpStream) + Send + Sync + 'static) -> RawUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw upstream");
-        let addr = listener.local_addr().expect("raw upstream addr");
-        let handler = Arc::new(handler);
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let handler = Arc::clone(&handler);
-                thread::spawn(move || {
-                    if let Some(seen) = read_request(&stream) {
-                        handler(seen, stream);
-                    }
-                });
-            }
-        });
-        RawUpstream { addr }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-/// Reads one request, leaving the body's last byte unread: closing a socket with unread data
-/// makes the kernel send a reset instead of a FIN, which is how `HalfAndReset` resets.
-fn read_request(stream: &TcpStream) -> Option<Seen> {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::with_capacity(1, stream.try_clone().ok()?);
-    let (mut api_key, mut length) = (String::new(), 0usize);
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).ok()?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            match name.trim().to_ascii_lowercase().as_str() {
-                "x-api-key" => api_key = value.trim().to_string(),
-                "content-length" => length = value.trim().parse().ok()?,
-                _ => {}
-            }
-        }
-    }
-    let mut body = vec![0u8; length.saturating_sub(1)];
-    reader.read_exact(&mut body).ok()?;
-    let stream = String::from_utf8_lossy(&body).contains(r#""stream":true"#);
-    Some(Seen { api_key, stream })
 }
 
 const SSE_HEAD: &str =

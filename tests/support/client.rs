@@ -116,9 +116,15 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(addr: SocketAddr) -> Conn {
+        Conn::open_waiting(addr, STEP_TIMEOUT)
+    }
+
+    /// A connection whose reads wait up to `timeout` (for answers a debug build takes long
+    /// to make, such as a 32 MiB body's).
+    pub fn open_waiting(addr: SocketAddr, timeout: std::time::Duration) -> Conn {
         let writer = TcpStream::connect(addr).expect("connect to gateway");
         writer
-            .set_read_timeout(Some(STEP_TIMEOUT))
+            .set_read_timeout(Some(timeout))
             .expect("set read timeout");
         let reader = BufReader::new(writer.try_clone().expect("clone stream"));
         Conn { writer, reader }

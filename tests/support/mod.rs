@@ -25,12 +25,14 @@ use serde_json::Value;
 
 pub mod accounts;
 mod client;
+mod raw;
 pub mod redis;
 mod token;
 mod upstream;
 mod wire;
 
 pub use client::*;
+pub use raw::*;
 pub use token::*;
 pub use upstream::*;
 
@@ -305,10 +307,14 @@ impl Config {
 
     pub fn yaml(&self) -> String {
         let mut yaml = format!(
-            "server:\n  listen: 127.0.0.1:0\n  workers: {}\n  max_body_bytes: 1048576\n  \
+            "server:\n  listen: 127.0.0.1:0\n  workers: {}\n  \
              header_timeout: {}\n  body_timeout: {}\n  keepalive_timeout: 5s\n",
             self.workers, self.header_timeout, self.body_timeout
         );
+        // 1 MiB unless the test sets its own.
+        if !self.server.iter().any(|(key, _)| key == "max_body_bytes") {
+            yaml.push_str("  max_body_bytes: 1048576\n");
+        }
         for (key, value) in &self.server {
             yaml.push_str(&format!("  {key}: {value}\n"));
         }
@@ -710,4 +716,14 @@ pub fn sse_events(deltas: usize) -> Vec<String> {
     events.push("event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":9}}\n\n".to_string());
     events.push("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string());
     events
+}
+
+/// A line from `/proc/<pid>/status` (`VmRSS`, `Threads`), as its number.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the gateway process is alive (/proc/<pid>/status readable)");
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }

@@ -61,6 +61,11 @@ pub struct Script {
     pub refresh_invalid_grant: bool,
     /// Every code exchange is answered 400 `invalid_grant` with this description.
     pub exchange_error: Option<String>,
+    /// Every call is answered 400 with an error that quotes the whole request body back
+    /// (code, verifier, refresh token, client secret), as a careless endpoint might.
+    pub echo: bool,
+    /// Grants carry this access token instead of a numbered one (an endpoint that lies).
+    pub access_token: Option<String>,
 }
 
 impl Default for Script {
@@ -72,6 +77,8 @@ impl Default for Script {
             refresh_delay: Duration::ZERO,
             refresh_invalid_grant: false,
             exchange_error: None,
+            echo: false,
+            access_token: None,
         }
     }
 }
@@ -228,6 +235,15 @@ fn answer(state: &Mutex<State>, req: &Recorded) -> Reply {
         return Reply::json(404, r#"{"error":"not_found"}"#);
     }
     let script = state.lock().expect("token state").script.clone();
+    if script.echo {
+        record(400);
+        let quoted = String::from_utf8_lossy(&req.body);
+        let description = format!("malformed request: {quoted}");
+        return Reply::json(
+            400,
+            &json!({"error": "invalid_request", "error_description": description}).to_string(),
+        );
+    }
     let (expires_in, new_refresh) = match grant_type.as_str() {
         "authorization_code" => {
             if let Some(description) = &script.exchange_error {
@@ -274,7 +290,7 @@ fn answer(state: &Mutex<State>, req: &Recorded) -> Reply {
     };
     let mut grant = json!({
         "token_type": "Bearer",
-        "access_token": access_token(n),
+        "access_token": script.access_token.clone().unwrap_or_else(|| access_token(n)),
         "expires_in": expires_in,
         "scope": GRANTED_SCOPE,
         "organization": {"uuid": ORG_UUID, "name": ORG_NAME},
