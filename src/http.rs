@@ -128,6 +128,8 @@ pub struct Conn {
     broken: bool,
     /// When the body being read started, and the bytes received for it since.
     body_clock: (Instant, u64),
+    /// Whether a response to the current request has started going out.
+    responded: bool,
 }
 
 /// The parts of a request head that identify it in logs.
@@ -169,6 +171,7 @@ impl Conn {
             pending: None,
             broken: false,
             body_clock: (Instant::now(), 0),
+            responded: false,
         }
     }
 
@@ -235,6 +238,7 @@ impl Conn {
     pub fn read_head(&mut self, limits: &Limits) -> Result<Request, ReadError> {
         self.last_head = None;
         self.pending = None;
+        self.responded = false;
         let first = self.served == 0;
         let started = Instant::now();
         if self.buf.is_empty() {
@@ -464,6 +468,12 @@ impl Conn {
         }
     }
 
+    /// Whether a response to the request last read has started going out (a panic after that
+    /// can only close the connection).
+    pub fn responded(&self) -> bool {
+        self.responded
+    }
+
     /// Starts a response. `keep_alive` is what the request allows; the responder may still close.
     pub fn respond(&mut self, minor_version: u8, keep_alive: bool) -> Responder<'_> {
         Responder {
@@ -651,7 +661,8 @@ impl<'a> Responder<'a> {
         self
     }
 
-    fn finish_head(&self, head: &mut Head, framing: &str) {
+    fn finish_head(&mut self, head: &mut Head, framing: &str) {
+        self.conn.responded = true;
         if let Some(id) = &self.request_id {
             head.header("x-request-id", id.as_bytes());
         }
@@ -666,14 +677,14 @@ impl<'a> Responder<'a> {
 
     /// Sends a complete response with Content-Length in one write. Returns whether the
     /// connection may be reused.
-    pub fn send(self, mut head: Head, body: &[u8]) -> bool {
+    pub fn send(mut self, mut head: Head, body: &[u8]) -> bool {
         self.finish_head(&mut head, &format!("content-length: {}\r\n", body.len()));
         head.buf.extend_from_slice(body);
         (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
     }
 
     /// Sends a response that has no body by definition (204, 304): no framing header at all.
-    pub fn send_bodiless(self, mut head: Head) -> bool {
+    pub fn send_bodiless(mut self, mut head: Head) -> bool {
         self.finish_head(&mut head, "");
         (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
     }
@@ -698,7 +709,7 @@ impl<'a> Responder<'a> {
     }
 
     /// Starts a body of known length, copied through as it arrives.
-    pub fn stream_with_length(self, mut head: Head, len: u64) -> io::Result<BodyWriter<'a>> {
+    pub fn stream_with_length(mut self, mut head: Head, len: u64) -> io::Result<BodyWriter<'a>> {
         self.finish_head(&mut head, &format!("content-length: {len}\r\n"));
         (&*self.conn.stream).write_all(&head.buf)?;
         Ok(BodyWriter {

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::supervise::Threads;
+
 /// Idle workers beyond this many retire after `PoolSettings::idle_retire`.
 const KEEP_IDLE: usize = 4;
 // Worker stacks: serde_json caps nesting at 128, and TLS needs tens of KiB; 256 KiB of address
@@ -103,13 +105,16 @@ impl Pool {
 
 /// Accepts connections until `Workers::stop`, handing each to `serve` on a worker thread.
 /// When every worker is busy, `reclaim` is asked to close one idle keep-alive connection, whose
-/// worker then takes the newcomer: an idle client never costs a new one its answer.
+/// worker then takes the newcomer: an idle client never costs a new one its answer. The accept
+/// loop runs under `threads` as `name`: a panic in it restarts it, with the pool as it was.
 pub fn run<F, R>(
     listener: TcpListener,
     settings: PoolSettings,
     workers: Arc<Workers>,
     serve: F,
     reclaim: R,
+    threads: &Threads,
+    name: &'static str,
 ) where
     F: Fn(TcpStream) + Send + Sync + 'static,
     R: Fn() -> bool + Send + Sync + 'static,
@@ -127,13 +132,23 @@ pub fn run<F, R>(
         reclaim: Box::new(reclaim),
     });
     let serve = Arc::new(serve);
+    threads.run_here(name, true, || accept(&listener, &pool, &serve, name));
+}
+
+fn accept<F>(listener: &TcpListener, pool: &Arc<Pool>, serve: &Arc<F>, name: &str)
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
     let mut last_error_log: Option<Instant> = None;
     loop {
         if pool.workers.stopping.load(Ordering::SeqCst) {
             return;
         }
         match listener.accept() {
-            Ok((stream, _)) => dispatch(&pool, &serve, stream),
+            Ok((stream, _)) => {
+                crate::supervise::inject(name);
+                dispatch(pool, serve, stream);
+            }
             Err(_) if pool.workers.stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 if matches!(
@@ -207,7 +222,7 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
     pool.workers.alive.fetch_add(1, Ordering::Relaxed);
     {
         let _busy = Busy(&pool.workers);
-        serve(first);
+        serve_contained(serve, first);
     }
     loop {
         let mut state = pool.lock();
@@ -245,8 +260,14 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             }
         };
         drop(state);
-        serve(stream);
+        serve_contained(serve, stream);
     }
+}
+
+/// Serves one connection; a panic that escapes `serve` (which contains its own) ends only the
+/// connection, never the worker, so the pool keeps its strength.
+fn serve_contained<F: Fn(TcpStream)>(serve: &F, stream: TcpStream) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(stream)));
 }
 
 /// Answers 503 without a worker. The socket is fresh, so the tiny response fits its send

@@ -40,6 +40,7 @@ mod sse;
 mod status;
 mod sticky;
 mod store;
+mod supervise;
 mod sys;
 mod time;
 mod upstream;

@@ -547,7 +547,8 @@ fn admit(
                 }
             }
             return Ok(Admitted::Local(if route == Route::Metrics {
-                let text = gw.metrics.render(&gw.accounts);
+                let mut text = gw.metrics.render(&gw.accounts);
+                gw.threads.render(&mut text);
                 Served::Local(200, text, "text/plain; version=0.0.4; charset=utf-8")
             } else {
                 Served::Local(200, status::render(gw).to_string(), JSON)
@@ -579,6 +580,7 @@ fn serve(
     admitted: Forward,
     names: &mut Names,
 ) -> Result<Served, ApiError> {
+    crate::supervise::inject("request");
     let Forward {
         route,
         client,
@@ -884,8 +886,13 @@ impl Drop for Probing<'_> {
 /// Redis is reachable; an outage does not make the instance unready (it serves on its own
 /// state, and a load balancer pulling every instance at once would be the larger outage).
 fn ready(gw: &Gateway) -> Served {
+    let failing = gw.threads.failing_for_ready();
     let available = gw.accounts.any_available();
-    let mut body = if available {
+    let ready = available && failing.is_empty();
+    let mut body = if !failing.is_empty() {
+        let reason = format!("threads keep dying: {}", failing.join(", "));
+        serde_json::json!({"status": "not_ready", "reason": reason})
+    } else if available {
         serde_json::json!({"status": "ready"})
     } else {
         serde_json::json!({"status": "not_ready", "reason": "no upstream account is available now"})
@@ -899,7 +906,7 @@ fn ready(gw: &Gateway) -> Served {
             }
         }
     }
-    Served::Local(if available { 200 } else { 503 }, body.to_string(), JSON)
+    Served::Local(if ready { 200 } else { 503 }, body.to_string(), JSON)
 }
 
 /// Why `send` produced no answer.

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::router::{self, Listener};
 use crate::shared::Shared;
+use crate::supervise::Threads;
 use crate::sys::{self, Signal};
 use crate::upstream::Upstream;
 
@@ -80,6 +81,8 @@ pub struct Gateway {
     pub max_workers: usize,
     /// Open downstream connections, so a shutdown can close the idle ones.
     connections: Connections,
+    /// The supervised threads and the panics caught.
+    pub threads: Arc<Threads>,
 }
 
 impl Gateway {
@@ -115,6 +118,7 @@ impl Gateway {
             workers: Arc::default(),
             max_workers: s.workers,
             connections: Connections::default(),
+            threads: Arc::default(),
         }
     }
 
@@ -255,6 +259,11 @@ pub enum StartError {
     /// The usage ledger cannot be read or recovered: serving would mean serving without
     /// budgets.
     Ledger(std::io::Error),
+    /// A long-lived thread could not be started (out of threads or memory).
+    Thread {
+        name: &'static str,
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for StartError {
@@ -262,6 +271,9 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             StartError::Ledger(error) => write!(f, "usage ledger: {error}"),
+            StartError::Thread { name, error } => {
+                write!(f, "cannot start the {name} thread: {error}")
+            }
         }
     }
 }
@@ -280,6 +292,19 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         }
     };
     log::set_level(config.log_level);
+    // A panic is one log line (the supervisor or the worker that caught it says what
+    // happens next), not std's multi-line report.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let at = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        error!(
+            "panic in thread {}{at}: {}",
+            thread.name().unwrap_or("unnamed"),
+            crate::supervise::message(info.payload())
+        );
+    }));
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -327,20 +352,36 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         let _ = std::io::stdout().flush();
     }
 
+    // Every long-lived thread runs supervised (`supervise`): a panic restarts it. One that
+    // cannot even be started is an error at start, not a gateway running without it.
+    let threads = Arc::clone(&gateway.threads);
+    let start = |name: &'static str, result: std::io::Result<()>| {
+        result.map_err(|error| StartError::Thread { name, error })
+    };
     let (reload_tx, reload_rx) = mpsc::channel();
-    let watched = Arc::clone(&gateway);
-    let running = config.clone();
-    let _ = std::thread::Builder::new()
-        .name("config-watch".into())
-        .spawn(move || watch_config(&watched, running, &reload_rx));
+    let watching = Arc::clone(&gateway);
+    let watched = Mutex::new(Watched {
+        last: stamp(&config.path),
+        running: config.clone(),
+    });
+    start(
+        "config-watch",
+        threads.spawn("config-watch", true, move || {
+            let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+            watch_config(&watching, &mut watched, &reload_rx);
+        }),
+    )?;
 
     if let Some(shared) = gateway.accounts.shared().cloned() {
         let syncing = Arc::clone(&gateway);
-        let _ = std::thread::Builder::new()
-            .name("shared-state".into())
-            .spawn(move || {
+        // Not needed for /ready: a Redis outage never takes every instance out of the load
+        // balancer, and neither does the thread that watches Redis.
+        start(
+            "shared-state",
+            threads.spawn("shared-state", false, move || {
                 let mut renewed = Instant::now();
                 loop {
+                    crate::supervise::inject("shared-state");
                     shared.probe();
                     let _ = syncing.accounts.sync();
                     if renewed.elapsed() >= crate::shared::SLOT_HOLD / 6 {
@@ -349,17 +390,36 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
                     }
                     std::thread::sleep(SHARED_SYNC);
                 }
-            });
+            }),
+        )?;
+    }
+    if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
+        let (flusher, flushed) = (Arc::clone(ledger), Arc::clone(journal));
+        let interval = config.usage.flush_interval;
+        start(
+            "usage-ledger",
+            threads.spawn("usage-ledger", true, move || {
+                loop {
+                    std::thread::sleep(interval);
+                    crate::supervise::inject("usage-ledger");
+                    // Only this thread and the final flush take it; a panic mid-flush leaves
+                    // the journal as usable as an I/O error would.
+                    flusher.flush(&mut flushed.lock().unwrap_or_else(|p| p.into_inner()));
+                }
+            }),
+        )?;
     }
     let refreshing = Arc::clone(&gateway);
-    let _ = std::thread::Builder::new()
-        .name("oauth-refresh".into())
-        .spawn(move || {
+    start(
+        "oauth-refresh",
+        threads.spawn("oauth-refresh", true, move || {
             loop {
+                crate::supervise::inject("oauth-refresh");
                 refreshing.refresher.tick(&refreshing.accounts);
                 std::thread::sleep(Duration::from_secs(1));
             }
-        });
+        }),
+    )?;
 
     let mut listeners = Vec::new();
     if let Ok(clone) = listener.try_clone() {
@@ -371,9 +431,12 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         listeners.push(admin);
     }
     if signals {
-        let _ = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || take_signals(&listeners, &reload_tx));
+        start(
+            "signals",
+            threads.spawn("signals", true, move || {
+                take_signals(&listeners, &reload_tx)
+            }),
+        )?;
     }
     let settings = PoolSettings {
         workers: config.server.workers,
@@ -389,6 +452,8 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         workers,
         move |stream| serve_connection(&serving, stream, Listener::Main),
         move || reclaiming.connections.reclaim_idle(),
+        &threads,
+        "accept",
     );
     drain(&gateway, config.server.shutdown_grace);
     if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
@@ -403,6 +468,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
 fn take_signals(listeners: &[(TcpListener, Arc<Workers>)], reload: &Sender<()>) {
     let mut stopping = false;
     loop {
+        crate::supervise::inject("signals");
         match sys::wait_signal() {
             Ok(Signal::Hangup) => {
                 info!("SIGHUP: reloading config.yaml");
@@ -499,9 +565,11 @@ fn start_admin(
     let gw = Arc::clone(gateway);
     let workers = Arc::new(Workers::default());
     let stop = (listener.try_clone().ok()?, Arc::clone(&workers));
-    let _ = std::thread::Builder::new()
+    // Its accept loop is supervised inside `listener::run`, as the main one is.
+    let spawned = std::thread::Builder::new()
         .name("admin-accept".into())
         .spawn(move || {
+            let threads = Arc::clone(&gw.threads);
             let settings = PoolSettings {
                 workers: 4,
                 queue: 16,
@@ -514,8 +582,14 @@ fn start_admin(
                 workers,
                 move |stream| serve_connection(&gw, stream, kind),
                 || false,
+                &threads,
+                "admin-accept",
             );
         });
+    if let Err(e) = spawned {
+        warn!("admin listener not started: {e}");
+        return None;
+    }
     Some(stop)
 }
 
@@ -570,32 +644,16 @@ fn known_models(config: &Config) -> Vec<String> {
     names
 }
 
-/// Opens the usage ledger and starts its flusher, or explains why usage is not recorded. The
-/// journal is returned too, for the last flush before a graceful exit.
 /// The ledger and its journal (kept for the last flush before a graceful exit).
 type Opened = (Arc<Ledger>, Arc<Mutex<Journal>>);
 
+/// Opens the usage ledger, or explains why usage is not recorded.
 fn open_ledger(config: &Config, shared: Option<Arc<Shared>>) -> Result<Option<Opened>, StartError> {
     if !config.usage.enabled {
         return Ok(None);
     }
     match Ledger::open(&config.usage.dir, shared) {
-        Ok((ledger, journal)) => {
-            let journal = Arc::new(Mutex::new(journal));
-            let (flusher, flushed) = (Arc::clone(&ledger), Arc::clone(&journal));
-            let interval = config.usage.flush_interval;
-            let _ = std::thread::Builder::new()
-                .name("usage-ledger".into())
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(interval);
-                        // Only this thread and the final flush take it; a panic mid-flush
-                        // leaves the journal as usable as an I/O error would.
-                        flusher.flush(&mut flushed.lock().unwrap_or_else(|p| p.into_inner()));
-                    }
-                });
-            Ok(Some((ledger, journal)))
-        }
+        Ok((ledger, journal)) => Ok(Some((ledger, Arc::new(Mutex::new(journal))))),
         // A ledger that cannot be read never silently means "no budgets".
         Err(e) => Err(StartError::Ledger(e)),
     }
@@ -632,8 +690,25 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
                 if gw.connections.draining() {
                     req.keep_alive = false;
                 }
-                if !router::handle(gw, req, &mut conn, listener) {
-                    break;
+                // A bug of ours costs this request, never the worker or its pool slot: the
+                // client gets a 500 if nothing was sent yet, else the connection is closed.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    router::handle(gw, req, &mut conn, listener)
+                }));
+                match handled {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) => {
+                        gw.threads.connection_panicked();
+                        if !conn.responded() {
+                            let error = ApiError::Http {
+                                status: 500,
+                                message: "the gateway failed while serving this request; it was not retried".into(),
+                            };
+                            router::refuse_unread(gw, &mut conn, &error);
+                        }
+                        break;
+                    }
                 }
             }
             Err(e) => {
@@ -647,14 +722,21 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
     }
 }
 
+/// The watcher's memory, kept across its restarts: the config in force and the file version
+/// it came from (recorded only once applied, so a version whose apply panicked is tried again).
+struct Watched {
+    running: Config,
+    last: Stamp,
+}
+
 /// Applies config.yaml changes: checked every half second, and at once when `reload` says so
 /// (SIGHUP, which also reloads an unchanged file). A file that does not load is refused with a
 /// logged error and the running config stays; it is tried again at its next change. Settings
 /// that need a restart are logged as such and keep their running value.
-fn watch_config(gw: &Gateway, mut running: Config, reload: &Receiver<()>) {
-    let path = running.path.clone();
-    let mut last = stamp(&path);
+fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receiver<()>) {
+    let path = watched.running.path.clone();
     loop {
+        crate::supervise::inject("config-watch");
         let forced = match reload.recv_timeout(Duration::from_millis(500)) {
             Ok(()) => true,
             Err(RecvTimeoutError::Timeout) => false,
@@ -664,28 +746,30 @@ fn watch_config(gw: &Gateway, mut running: Config, reload: &Receiver<()>) {
             }
         };
         let now = stamp(&path);
-        if now == last && !forced {
+        if now == watched.last && !forced {
             continue;
         }
         // An editor writing in place (truncate, then write) is read only once the file has
         // held still for a moment, so a half-written file is not taken for the new config.
         let now = settle(&path, now);
-        last = now;
         if now.is_none() {
             // Loading would fall back to the embedded default: never apply that.
             error!(
                 "config.yaml is gone ({}); keeping the running config",
                 path.display()
             );
-            continue;
-        }
-        match config::load(&path) {
-            Ok(fresh) => {
-                apply(gw, &running, &fresh);
-                running = fresh;
+        } else {
+            match config::load(&path) {
+                Ok(fresh) => {
+                    apply(gw, &watched.running, &fresh);
+                    watched.running = fresh;
+                }
+                Err(e) => {
+                    error!("config changed but cannot be loaded, keeping the previous one: {e}")
+                }
             }
-            Err(e) => error!("config changed but cannot be loaded, keeping the previous one: {e}"),
         }
+        watched.last = now;
     }
 }
 

@@ -57,6 +57,7 @@ pub fn render(gw: &Gateway) -> Value {
         "workers": {"busy": busy, "alive": alive, "max": gw.max_workers},
         "sticky_pins": gw.accounts.sticky_pins(),
         "state": state,
+        "supervised": gw.threads.view(),
         "accounts": accounts,
     })
 }

@@ -890,6 +890,7 @@ fn relay_sse(
                 if sent.is_err() {
                     return (Outcome::ClientGone, false);
                 }
+                crate::supervise::inject("relay");
                 if framer.held() > guard.max_event {
                     // Never ended: the rest is not read (dropping the reader closes the
                     // upstream connection), and our memory holds at most this event.

@@ -165,6 +165,26 @@ fn print_status(url: &str, view: &Value) {
         workers["max"],
         view["sticky_pins"]
     );
+    // Only trouble is worth a line: a thread that panicked, or connections that did.
+    if let Some(threads) = view["supervised"]["threads"].as_object() {
+        for (name, t) in threads
+            .iter()
+            .filter(|(_, t)| t["panics"].as_u64() > Some(0))
+        {
+            println!(
+                "thread {name}: {}, {} panics, last: {}",
+                t["state"].as_str().unwrap_or(""),
+                t["panics"],
+                t["last_panic"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if let Some(n) = view["supervised"]["connection_panics"]
+        .as_u64()
+        .filter(|&n| n > 0)
+    {
+        println!("connections closed by a panic: {n}");
+    }
     let rows: Vec<[String; 7]> = view["accounts"]
         .as_array()
         .map(Vec::as_slice)

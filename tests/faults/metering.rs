@@ -429,11 +429,10 @@ fn a_restart_on_one_host_loses_nothing() {
         };
         let second = gw.spawn_server(&["--listen", &listen]);
         let second_addr = second.addr();
-        assert!(
-            second.stderr().contains("takes the ledger over"),
-            "{what}: {}",
-            second.stderr()
-        );
+        // Logged before the listening line, but read from stderr by another thread.
+        crate::support::wait_until("the follower says so", Duration::from_secs(5), || {
+            second.stderr().contains("takes the ledger over")
+        });
         if !same_port {
             assert_eq!(
                 post(second_addr, &spent),

@@ -12,6 +12,7 @@ mod clients;
 mod exhaust;
 mod lifecycle;
 mod metering;
+mod panics;
 mod security;
 mod soak;
 mod state;
