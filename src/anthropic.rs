@@ -42,8 +42,8 @@ struct TextBlock<'a> {
     text: &'a str,
 }
 
-/// Where the request's top-level `system` is: its raw value (`None` when absent), and where
-/// the object's closing brace is.
+/// The request's top-level `system`, as raw text of the body (`None` when absent), and how
+/// many keys the object has (an insertion needs a comma unless it has none).
 struct Top<'a> {
     system: Option<&'a RawValue>,
     keys: usize,

@@ -93,6 +93,8 @@ struct Pool {
     workers: Arc<Workers>,
     /// Asks one idle keep-alive connection to give its worker up; true when one did.
     reclaim: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Where a panic that escaped a connection's own containment is counted.
+    threads: Arc<Threads>,
 }
 
 impl Pool {
@@ -113,7 +115,7 @@ pub fn run<F, R>(
     workers: Arc<Workers>,
     serve: F,
     reclaim: R,
-    threads: &Threads,
+    threads: &Arc<Threads>,
     name: &'static str,
 ) where
     F: Fn(TcpStream) + Send + Sync + 'static,
@@ -130,6 +132,7 @@ pub fn run<F, R>(
         settings,
         workers,
         reclaim: Box::new(reclaim),
+        threads: Arc::clone(threads),
     });
     let serve = Arc::new(serve);
     threads.run_here(name, true, || accept(&listener, &pool, &serve, name));
@@ -222,7 +225,7 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
     pool.workers.alive.fetch_add(1, Ordering::Relaxed);
     {
         let _busy = Busy(&pool.workers);
-        serve_contained(serve, first);
+        serve_contained(pool, serve, first);
     }
     loop {
         let mut state = pool.lock();
@@ -260,14 +263,16 @@ fn worker<F: Fn(TcpStream)>(pool: &Pool, serve: &F, first: TcpStream) {
             }
         };
         drop(state);
-        serve_contained(serve, stream);
+        serve_contained(pool, serve, stream);
     }
 }
 
 /// Serves one connection; a panic that escapes `serve` (which contains its own) ends only the
 /// connection, never the worker, so the pool keeps its strength.
-fn serve_contained<F: Fn(TcpStream)>(serve: &F, stream: TcpStream) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(stream)));
+fn serve_contained<F: Fn(TcpStream)>(pool: &Pool, serve: &F, stream: TcpStream) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(stream))).is_err() {
+        pool.threads.connection_panicked();
+    }
 }
 
 /// Answers 503 without a worker. The socket is fresh, so the tiny response fits its send

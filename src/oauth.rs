@@ -171,6 +171,22 @@ impl fmt::Display for TokenError {
     }
 }
 
+impl TokenError {
+    /// The error with every secret of `scrub` masked in what it quotes of the endpoint.
+    fn scrubbed(self, scrub: &Scrub) -> TokenError {
+        let clean = |m: String| scrub.text(&m).into_owned();
+        match self {
+            TokenError::InvalidGrant(m) => TokenError::InvalidGrant(clean(m)),
+            TokenError::Rejected { status, message } => TokenError::Rejected {
+                status,
+                message: clean(message),
+            },
+            TokenError::Network(m) => TokenError::Network(clean(m)),
+            TokenError::BadResponse(m) => TokenError::BadResponse(clean(m)),
+        }
+    }
+}
+
 /// The client identity sent with token requests.
 pub struct Client<'a> {
     pub id: &'a str,
@@ -246,8 +262,8 @@ impl TokenEndpoint {
         )
     }
 
-    /// Posts `body`; what the endpoint answers is checked, and anything it says is scrubbed of
-    /// what `body` carried (`sent`) before it goes into an error a log or the CLI shows.
+    /// Posts `body`; what the endpoint answers is checked, and what an error quotes of it is
+    /// scrubbed of what `body` carried (`sent`) before a log or the CLI shows it.
     fn call(&self, body: &serde_json::Value, sent: Scrub) -> Result<Grant, TokenError> {
         let response = self
             .agent
@@ -263,7 +279,9 @@ impl TokenEndpoint {
             .limit(1024 * 1024)
             .read_to_string()
             .map_err(|e| TokenError::Network(e.to_string()))?;
-        parse_token_response(status, &sent.text(&text), crate::time::now_unix())
+        // Only what is shown is scrubbed: a grant may rightly carry the refresh token we sent
+        // (one that does not rotate), and masking it would store asterisks.
+        parse_token_response(status, &text, crate::time::now_unix()).map_err(|e| e.scrubbed(&sent))
     }
 }
 

@@ -48,19 +48,23 @@ impl Scrub {
         self.finders.first().map_or(0, |f| f.needle().len())
     }
 
-    /// Masks every secret in `data`, in place; true if one was found.
+    /// Whether any secret is in `data`.
+    pub fn found_in(&self, data: &[u8]) -> bool {
+        self.finders.iter().any(|f| f.find(data).is_some())
+    }
+
+    /// Masks every secret in `data`, in place; true if one was found. Every secret is looked
+    /// for in the bytes as they came, so two that overlap are both masked whole.
     pub fn bytes(&self, data: &mut [u8]) -> bool {
-        let mut found = false;
+        let mut found: Vec<std::ops::Range<usize>> = Vec::new();
         for finder in &self.finders {
             let n = finder.needle().len();
-            let mut at = 0;
-            while let Some(i) = finder.find(&data[at..]) {
-                data[at + i..at + i + n].fill(MASK);
-                at += i + n;
-                found = true;
-            }
+            found.extend(finder.find_iter(data).map(|i| i..i + n));
         }
-        found
+        for range in &found {
+            data[range.clone()].fill(MASK);
+        }
+        !found.is_empty()
     }
 
     /// `text` with every secret masked.
@@ -130,6 +134,13 @@ mod tests {
         assert!(!text.contains(KEY) && text.contains("*****"), "{text}");
         assert_eq!(scrub.text("a short word"), "a short word");
         assert!(!scrub.text(&format!("x{KEY}y")).contains(KEY));
+    }
+
+    #[test]
+    fn overlapping_secrets_are_both_masked_whole() {
+        let scrub = Scrub::new(["abcdefgh-XYZ", "XYZ-ijklmnop"]);
+        let masked = scrub.text("[abcdefgh-XYZ-ijklmnop]");
+        assert_eq!(masked, format!("[{}]", "*".repeat(21)));
     }
 
     #[test]

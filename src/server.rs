@@ -363,6 +363,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
     let watched = Mutex::new(Watched {
         last: stamp(&config.path),
         running: config.clone(),
+        applying: None,
     });
     start(
         "config-watch",
@@ -431,10 +432,12 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
         listeners.push(admin);
     }
     if signals {
+        // Kept across restarts: a signal after a panic is still the second one.
+        let stopping = AtomicBool::new(false);
         start(
             "signals",
             threads.spawn("signals", true, move || {
-                take_signals(&listeners, &reload_tx)
+                take_signals(&listeners, &reload_tx, &stopping)
             }),
         )?;
     }
@@ -465,8 +468,11 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
 
 /// The signal thread: SIGHUP asks the watcher for a reload; the first SIGTERM or SIGINT stops
 /// the listeners (the main thread then drains), a second one exits at once with 128 + signal.
-fn take_signals(listeners: &[(TcpListener, Arc<Workers>)], reload: &Sender<()>) {
-    let mut stopping = false;
+fn take_signals(
+    listeners: &[(TcpListener, Arc<Workers>)],
+    reload: &Sender<()>,
+    stopping: &AtomicBool,
+) {
     loop {
         crate::supervise::inject("signals");
         match sys::wait_signal() {
@@ -474,7 +480,7 @@ fn take_signals(listeners: &[(TcpListener, Arc<Workers>)], reload: &Sender<()>) 
                 info!("SIGHUP: reloading config.yaml");
                 let _ = reload.send(());
             }
-            Ok(signal) if stopping => {
+            Ok(signal) if stopping.load(Ordering::SeqCst) => {
                 error!(
                     "{} again: exiting now with code {}, cutting what is in flight",
                     signal.name(),
@@ -483,7 +489,7 @@ fn take_signals(listeners: &[(TcpListener, Arc<Workers>)], reload: &Sender<()>) 
                 std::process::exit(128 + signal.number());
             }
             Ok(signal) => {
-                stopping = true;
+                stopping.store(true, Ordering::SeqCst);
                 info!(
                     "{}: shutting down; no new connections (send it again to exit at once)",
                     signal.name()
@@ -706,6 +712,12 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
                                 message: "the gateway failed while serving this request; it was not retried".into(),
                             };
                             router::refuse_unread(gw, &mut conn, &error);
+                            // A body left unread would make the close a reset that can
+                            // destroy the answer before it is read.
+                            conn.skip_arrived_body();
+                            if conn.body_unread() {
+                                conn.linger();
+                            }
                         }
                         break;
                     }
@@ -727,6 +739,8 @@ fn serve_connection(gw: &Gateway, stream: TcpStream, listener: Listener) {
 struct Watched {
     running: Config,
     last: Stamp,
+    /// The version being applied; still set after a restart when applying it panicked.
+    applying: Stamp,
 }
 
 /// Applies config.yaml changes: checked every half second, and at once when `reload` says so
@@ -749,6 +763,15 @@ fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receiver<()>) {
         if now == watched.last && !forced {
             continue;
         }
+        if watched.applying.take().is_some_and(|v| Some(v) == now) {
+            // Applying this very version panicked: tried again it would only panic again and
+            // keep the watcher dying. The running config stays until the file changes.
+            error!(
+                "config.yaml could not be applied (the watcher failed on it); keeping the running config until the file changes"
+            );
+            watched.last = now;
+            continue;
+        }
         // An editor writing in place (truncate, then write) is read only once the file has
         // held still for a moment, so a half-written file is not taken for the new config.
         let now = settle(&path, now);
@@ -759,6 +782,7 @@ fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receiver<()>) {
                 path.display()
             );
         } else {
+            watched.applying = now;
             match config::load(&path) {
                 Ok(fresh) => {
                     apply(gw, &watched.running, &fresh);
@@ -769,6 +793,7 @@ fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receiver<()>) {
                 }
             }
         }
+        watched.applying = None;
         watched.last = now;
     }
 }

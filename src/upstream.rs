@@ -33,6 +33,9 @@ const MAX_INSPECTED: u64 = 1024 * 1024;
 const MAX_USAGE: usize = 16 * 1024;
 /// A whole message read for conversion is capped here (far above any real answer).
 const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
+/// A model list (or one model) read for conversion: Anthropic's 1000-model page is about 200
+/// KiB, and the list is parsed into values, so its bound is far below a message's.
+const MAX_MODELS: u64 = 1024 * 1024;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -310,7 +313,7 @@ impl Answer {
             .filter(|&n| n <= BUFFER_WHOLE);
         let Some(n) = length else {
             return match garbled_success(content_type, None) {
-                Some(why) => Err(ApiError::UpstreamGarbled(why)),
+                Some(why) => Err(ApiError::UpstreamGarbled(scrub.text(&why).into_owned())),
                 None => Ok(Answer::new(response, scrub)),
             };
         };
@@ -330,7 +333,7 @@ impl Answer {
         }
         let content_type = header_str(&parts.headers, "content-type");
         match garbled_success(content_type, Some(&buf)) {
-            Some(why) => Err(ApiError::UpstreamGarbled(why)),
+            Some(why) => Err(ApiError::UpstreamGarbled(scrub.text(&why).into_owned())),
             None => Ok(Answer::buffered(parts, buf, scrub)),
         }
     }
@@ -695,7 +698,7 @@ pub fn relay<'a>(
             }
         }
         Shape::Models { aliases, alias } => {
-            let listed = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| parse_json(&b));
+            let listed = read_all(&mut reader, MAX_MODELS, &scrub).and_then(|b| parse_json(&b));
             match listed {
                 Ok(v) if v.get("data").is_some() => {
                     let mut list = openai::response::models(&v);
@@ -857,8 +860,9 @@ fn relay_sse(
             Ok(0) => break None,
             Ok(n) => {
                 let sent = framer.push(&buf[..n], |events| {
-                    // Events are whole here, so a secret inside one is too.
-                    let events = if guard.scrub.is_empty() {
+                    // Events are whole here, so a secret inside one is too; they are copied
+                    // only when one is there.
+                    let events = if !guard.scrub.found_in(events) {
                         events
                     } else {
                         scrubbed.clear();

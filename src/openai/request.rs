@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{self, Deserializer as _, IgnoredAny, SeqAccess, Visitor};
+use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -106,6 +106,28 @@ fn parse<'a, T: Deserialize<'a>>(raw: Raw<'a>) -> Option<T> {
     serde_json::from_str(raw?.get()).ok()
 }
 
+/// `raw` read as the struct `T` when it is an object, else `None` (a derived struct would also
+/// take an array, field by position).
+fn parse_object<'a, T: Deserialize<'a>>(raw: Raw<'a>) -> Option<T> {
+    parse(raw.filter(|r| is_object(r)))
+}
+
+/// `raw` read as the struct `T`, or a 400 naming `param`: `what` must be an object.
+fn object<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    what: &str,
+    param: &str,
+) -> Result<T, Invalid> {
+    if !is_object(raw) {
+        return Err(Invalid::new(
+            format!("{what} must be an object"),
+            Some(param),
+        ));
+    }
+    serde_json::from_str(raw.get())
+        .map_err(|e| Invalid::new(format!("{what} is not valid: {e}"), Some(param)))
+}
+
 fn is_object(raw: &RawValue) -> bool {
     raw.get().starts_with('{')
 }
@@ -160,7 +182,7 @@ struct List {
 }
 
 impl List {
-    /// Appends one value, written by `write`.
+    /// Appends `value`, serialized.
     fn push(&mut self, value: &impl Serialize) {
         if self.n > 0 {
             self.bytes.push(b',');
@@ -194,8 +216,13 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
     if !body.trim_ascii_start().starts_with(b"{") {
         return Err(Invalid::new("the request body must be a JSON object", None));
     }
-    let f: Fields = crate::json::from_slice(body)
-        .map_err(|e| Invalid::new(format!("the request body is not valid JSON: {e}"), None))?;
+    // Checked whole once, strings and all, so that what is copied as raw text below is valid
+    // JSON; then read through borrowed views.
+    let invalid = |e: serde_json::Error| {
+        Invalid::new(format!("the request body is not valid JSON: {e}"), None)
+    };
+    crate::json::from_slice::<crate::json::Valid>(body).map_err(invalid)?;
+    let f: Fields = serde_json::from_slice(body).map_err(invalid)?;
     let requested_model = text(f.model)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| Invalid::new("`model` is required and must be a string", Some("model")))?
@@ -251,7 +278,7 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         include_usage: Option<serde_json::Value>,
     }
     let include_usage = stream
-        && parse::<StreamOptions>(f.stream_options)
+        && parse_object::<StreamOptions>(f.stream_options)
             .and_then(|o| o.include_usage)
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
@@ -294,7 +321,7 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
     }
     let thinking_budget = thinking
         .as_deref()
-        .and_then(|t| parse::<Thinking>(Some(t)))
+        .and_then(|t| parse_object::<Thinking>(Some(t)))
         .filter(|t| t.kind.as_deref() == Some("enabled"))
         .and_then(|t| t.budget_tokens)
         .and_then(|b| b.as_u64());
@@ -432,7 +459,7 @@ fn json_instruction(format: &RawValue) -> Result<Option<String>, Invalid> {
     #[derive(Deserialize)]
     struct Format<'a> {
         #[serde(rename = "type", borrow, default)]
-        kind: Option<Cow<'a, str>>,
+        kind: Raw<'a>,
         #[serde(borrow, default)]
         json_schema: Option<Schema<'a>>,
     }
@@ -441,14 +468,11 @@ fn json_instruction(format: &RawValue) -> Result<Option<String>, Invalid> {
         #[serde(borrow, default)]
         schema: Raw<'a>,
     }
-    let wrong = || {
-        Invalid::new(
-            "`response_format` must be an object",
-            Some("response_format"),
-        )
+    // Anything but an object with a known `type` string says nothing, as before: ignored.
+    let Some(format) = parse_object::<Format>(Some(format)) else {
+        return Ok(None);
     };
-    let format: Format = serde_json::from_str(format.get()).map_err(|_| wrong())?;
-    match format.kind.as_deref().unwrap_or("") {
+    match text(format.kind).as_deref().unwrap_or("") {
         "text" | "" => Ok(None),
         "json_object" => Ok(Some(
             "Respond with a single valid JSON object and nothing else.".into(),
@@ -502,9 +526,7 @@ fn convert_tools(tools: Raw<'_>, functions: Raw<'_>) -> Result<List, Invalid> {
     let mut out = List::default();
     if let Some(list) = tools {
         let walked = each(list, |i, tool| {
-            let tool: Tool = serde_json::from_str(tool.get()).map_err(|_| {
-                Invalid::new("a tool must be an object", Some(&format!("tools[{i}]")))
-            })?;
+            let tool: Tool = object(tool, "a tool", &format!("tools[{i}]"))?;
             let kind = text(tool.kind);
             let kind = kind.as_deref().unwrap_or("function");
             if kind != "function" {
@@ -535,8 +557,7 @@ fn convert_tools(tools: Raw<'_>, functions: Raw<'_>) -> Result<List, Invalid> {
 }
 
 fn tool_definition(function: &RawValue, param: &str, out: &mut List) -> Result<(), Invalid> {
-    let f: Function = serde_json::from_str(function.get())
-        .map_err(|_| Invalid::new("a function must be an object", Some(param)))?;
+    let f: Function = object(function, "a function", param)?;
     let name = text(f.name).filter(|n| valid_tool_name(n)).ok_or_else(|| {
         Invalid::new(
             "a function name must be 1 to 128 letters, digits, _ or -",
@@ -624,7 +645,7 @@ fn tool_choice(f: &Fields<'_>, has_tools: bool) -> Result<Option<ToolChoice>, In
                 #[serde(borrow, default)]
                 name: Raw<'a>,
             }
-            let named: Option<Named> = parse(Some(raw));
+            let named: Option<Named> = parse_object(Some(raw));
             let name = named
                 .and_then(|n| text(n.function.and_then(|f| f.name)).or_else(|| text(n.name)))
                 .ok_or_else(|| {
@@ -705,12 +726,7 @@ fn convert_messages(messages: &RawValue, out: &mut Vec<u8>) -> Result<(List, usi
     };
     each(messages, |i, m| {
         let at = |field: &str| format!("messages[{i}].{field}");
-        let m: Message = serde_json::from_str(m.get()).map_err(|_| {
-            Invalid::new(
-                "a message must be an object",
-                Some(&format!("messages[{i}]")),
-            )
-        })?;
+        let m: Message = object(m, "a message", &format!("messages[{i}]"))?;
         let role = text(m.role)
             .ok_or_else(|| Invalid::new("a message needs a role", Some(&at("role"))))?;
         let mut blocks = Blocks::default();
@@ -838,8 +854,7 @@ struct Part<'a> {
 }
 
 fn part<'a>(raw: &'a RawValue, param: &str) -> Result<Part<'a>, Invalid> {
-    serde_json::from_str(raw.get())
-        .map_err(|_| Invalid::new("a content part must be an object", Some(param)))
+    object(raw, "a content part", param)
 }
 
 /// Text blocks from string or array content; empty and whitespace-only text is skipped.
@@ -905,7 +920,7 @@ fn user_blocks(content: Raw<'_>, param: &str, out: &mut List) -> Result<(), Inva
                     url: Raw<'a>,
                 }
                 let url = text(p.image_url)
-                    .or_else(|| text(parse::<Url>(p.image_url).and_then(|u| u.url)))
+                    .or_else(|| text(parse_object::<Url>(p.image_url).and_then(|u| u.url)))
                     .unwrap_or_default();
                 media_block(&url, "image", &format!("{at}.image_url"), out)
             }
@@ -917,7 +932,7 @@ fn user_blocks(content: Raw<'_>, param: &str, out: &mut List) -> Result<(), Inva
                     #[serde(borrow, default)]
                     file_data: Raw<'a>,
                 }
-                let file: Option<File> = parse(p.file);
+                let file: Option<File> = parse_object(p.file);
                 let (id, data) = file.map_or((None, None), |f| (f.file_id, f.file_data));
                 if id.is_some() && data.is_none() {
                     return Err(Invalid::new(
@@ -1031,20 +1046,14 @@ fn tool_use(call: &RawValue, id: Option<&str>, param: &str, out: &mut List) -> R
         #[serde(borrow, default)]
         arguments: Raw<'a>,
     }
-    let call: Call = serde_json::from_str(call.get())
-        .map_err(|_| Invalid::new("a tool call must be an object", Some(param)))?;
+    let call: Call = object(call, "a tool call", param)?;
     // A legacy `function_call` is the function itself; a tool call holds one.
     let function = match (id, call.function) {
         (Some(_), _) => CallFunction {
             name: call.name,
             arguments: call.arguments,
         },
-        (None, Some(f)) => serde_json::from_str(f.get()).map_err(|_| {
-            Invalid::new(
-                "a tool call needs function",
-                Some(&format!("{param}.function")),
-            )
-        })?,
+        (None, Some(f)) => object(f, "a tool call's function", &format!("{param}.function"))?,
         (None, None) => {
             return Err(Invalid::new(
                 "a tool call needs function",
@@ -1082,7 +1091,7 @@ fn tool_use(call: &RawValue, id: Option<&str>, param: &str, out: &mut List) -> R
         (Some(_), Some(s)) if s.trim().is_empty() => empty_object(),
         (Some(_), Some(s)) => {
             let s = s.trim();
-            if !s.starts_with('{') || crate::json::from_str::<IgnoredAny>(s).is_err() {
+            if !s.starts_with('{') || crate::json::from_str::<crate::json::Valid>(s).is_err() {
                 return Err(bad());
             }
             RawValue::from_string(s.to_string())

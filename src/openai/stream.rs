@@ -107,11 +107,11 @@ impl ChunkStream {
                 let block = &v["content_block"];
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
-                        let k = self.next_tool;
-                        self.next_tool = self.next_tool.saturating_add(1);
                         if self.tools.len() >= MAX_OPEN_TOOLS {
                             return Vec::new();
                         }
+                        let k = self.next_tool;
+                        self.next_tool = self.next_tool.saturating_add(1);
                         self.tools.insert(
                             index,
                             Tool {

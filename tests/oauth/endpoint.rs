@@ -137,3 +137,32 @@ fn an_echoing_token_endpoint_shows_none_of_our_secrets() {
     });
     rig.assert_no_leaks(&[]);
 }
+
+#[test]
+fn a_refresh_token_sent_back_unchanged_is_kept_as_it_is() {
+    // Scrubbing masks what an endpoint echoes in its errors, never a grant: a refresh answer
+    // that carries the refresh token it was sent keeps it usable for the next refresh.
+    let script = Script {
+        exchange_expires_in: 0,
+        refresh_expires_in: 0,
+        echo_refresh_token: true,
+        ..Script::default()
+    };
+    let mut rig = Rig::new(script, answering_upstream(), |c| c);
+    rig.login("steady");
+    let addr = rig.gw.start();
+    // Every token is born expired: each request asks for a refresh, granted at most once a
+    // second (`refresh_min_interval`); a second grant needs the first's refresh token intact.
+    wait_until("a second refresh is granted", SERVER_ACTS, || {
+        rig.post(addr, MESSAGE_BODY);
+        rig.tokens.granted_refreshes() >= 2
+    });
+    for refresh in rig.tokens.refreshes() {
+        assert_eq!(
+            refresh["refresh_token"],
+            crate::support::refresh_token(1).as_str(),
+            "{refresh}"
+        );
+    }
+    rig.assert_no_leaks(&[]);
+}

@@ -66,6 +66,9 @@ pub struct Script {
     pub echo: bool,
     /// Grants carry this access token instead of a numbered one (an endpoint that lies).
     pub access_token: Option<String>,
+    /// Refresh grants carry the presented refresh token back (one that does not rotate, sent
+    /// anyway, as RFC 6749 §6 allows).
+    pub echo_refresh_token: bool,
 }
 
 impl Default for Script {
@@ -79,6 +82,7 @@ impl Default for Script {
             exchange_error: None,
             echo: false,
             access_token: None,
+            echo_refresh_token: false,
         }
     }
 }
@@ -298,6 +302,8 @@ fn answer(state: &Mutex<State>, req: &Recorded) -> Reply {
     });
     if new_refresh {
         grant["refresh_token"] = refresh_token(n).into();
+    } else if script.echo_refresh_token {
+        grant["refresh_token"] = body["refresh_token"].clone();
     }
     record(200);
     Reply::json(200, &grant.to_string())
