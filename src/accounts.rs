@@ -453,7 +453,8 @@ impl Accounts {
         Ok(Pick { entry })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many accounts there are.
+    pub fn count(&self) -> usize {
         self.snapshot().len()
     }
 
@@ -509,7 +510,7 @@ impl Accounts {
 
     /// How many sticky pins are held (bounded by `sticky.max_entries`).
     pub fn sticky_pins(&self) -> usize {
-        self.sticky.as_ref().map_or(0, Sticky::len)
+        self.sticky.as_ref().map_or(0, Sticky::pins)
     }
 }
 

@@ -29,7 +29,6 @@ impl Splice {
     }
 
     /// `body` with this edit made, as one buffer.
-    #[cfg(test)]
     pub fn apply(&self, body: &[u8]) -> Vec<u8> {
         self.pieces(body).concat()
     }
@@ -188,7 +187,6 @@ pub fn system_splice(body: &[u8], text: &str) -> Result<Option<Splice>, String> 
 }
 
 /// `system_splice` made: the whole edited body (tests and the fuzzer).
-#[cfg(test)]
 pub fn prepend_system_text(body: &[u8], text: &str) -> Result<Vec<u8>, String> {
     Ok(match system_splice(body, text)? {
         Some(splice) => splice.apply(body),

@@ -107,7 +107,7 @@ impl ReadError {
     }
 }
 
-pub(crate) enum Framing {
+pub enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -226,7 +226,6 @@ impl Conn {
     }
 
     /// Reads the next request, head and body (the fuzzer's whole-request entry point).
-    #[cfg(test)]
     pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
         let mut req = self.read_head(limits)?;
         self.read_body(&mut req, limits)?;
@@ -486,7 +485,7 @@ impl Conn {
 }
 
 /// Parses a complete head from `buf`: `Ok(None)` if more bytes are needed.
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError> {
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, Framing, usize)>, ReadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -583,7 +582,7 @@ pub fn list_values(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
+pub fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
     let digits = line.split(|&b| b == b';').next().unwrap_or(&[]);
     let digits = String::from_utf8_lossy(digits);
     let digits = digits.trim();

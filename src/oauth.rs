@@ -22,8 +22,8 @@ pub struct Login {
 }
 
 impl Login {
-    /// 32 OS-random bytes each, base64url without padding (43 characters).
-    pub fn new() -> Login {
+    /// A new attempt: 32 OS-random bytes each, base64url without padding (43 characters).
+    pub fn start() -> Login {
         Login {
             verifier: Secret::new(encoding::base64url(&secret::random_bytes::<32>())),
             state: Secret::new(encoding::base64url(&secret::random_bytes::<32>())),
@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn pkce_values_have_the_specified_shape() {
-        let login = Login::new();
+        let login = Login::start();
         assert_eq!(login.verifier.expose().len(), 43);
         assert_eq!(login.state.expose().len(), 43);
         assert!(
@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn authorize_url_carries_every_parameter() {
-        let login = Login::new();
+        let login = Login::start();
         let url = authorize_url(&settings(), "client-1", &login);
         assert!(url.starts_with("https://auth.test/oauth/authorize?code=true&"));
         for part in [

@@ -1029,7 +1029,7 @@ fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
 
 /// The body must be one JSON object; returns the format it clearly belongs to, if any. One
 /// pass over the body, without building a tree (see `openai::detect`).
-pub(crate) fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
+pub fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::BadRequest(
             "the request body is empty; expected a JSON object".into(),

@@ -335,7 +335,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
     let gateway = Arc::new(Gateway::new(&config, ledger, shared));
     info!(
         "serving {} accounts to {} client keys, upstream {}, up to {} workers",
-        gateway.accounts.len(),
+        gateway.accounts.count(),
         config.client_keys.len(),
         config.upstream.base_url,
         config.server.workers

@@ -303,7 +303,8 @@ impl Sticky {
         self.ttl
     }
 
-    pub fn len(&self) -> usize {
+    /// How many pins the table holds.
+    pub fn pins(&self) -> usize {
         self.lock().pins.len()
     }
 }
@@ -383,7 +384,7 @@ mod tests {
         for k in 0..50_000u64 {
             let key = Key::new(k, Some(owners[k as usize % 3]));
             s.pin(key, "a", t0 + Duration::from_millis(k));
-            assert!(s.len() <= 1000);
+            assert!(s.pins() <= 1000);
         }
         let newest = Key::new(49_999, Some(owners[49_999 % 3]));
         assert!(s.get(newest.hash, t0).is_some(), "the newest pins survive");
@@ -414,7 +415,7 @@ mod tests {
             // Its first pin stays in use: renewed, it is never its oldest.
             s.pin(flood(0), "b", at);
         }
-        assert_eq!(s.len(), 6, "the flooding key holds its share only");
+        assert_eq!(s.pins(), 6, "the flooding key holds its share only");
         assert_eq!(s.get(kept.hash, t0).as_deref(), Some("a"));
         assert!(s.get(flood(499).hash, t0).is_some(), "its newest pins stay");
         assert!(s.get(flood(0).hash, t0).is_some(), "and the one in use");
@@ -424,6 +425,6 @@ mod tests {
         for k in 0..50u64 {
             open.pin(Key::new(k, None), "a", t0);
         }
-        assert_eq!(open.len(), 50);
+        assert_eq!(open.pins(), 50);
     }
 }

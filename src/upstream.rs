@@ -481,7 +481,7 @@ impl Meter {
     }
 
     /// Takes the usage of an Anthropic message body, if it has one.
-    pub(crate) fn message(&mut self, body: &[u8]) {
+    pub fn message(&mut self, body: &[u8]) {
         if let Ok(p) = crate::json::from_slice::<UsageProbe>(body) {
             self.usage.take(&p.usage.unwrap_or_default());
         }
@@ -529,7 +529,7 @@ impl Meter {
 
     /// Takes the usage of complete SSE events (message_start and message_delta carry it), and
     /// the error an `error` event reports.
-    pub(crate) fn events(&mut self, events: &[u8]) {
+    pub fn events(&mut self, events: &[u8]) {
         for event in sse::split_events(events) {
             let Some(name) = sse::event_names(event).next() else {
                 continue;

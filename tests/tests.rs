@@ -7,6 +7,7 @@
 mod balance;
 mod cli;
 mod faults;
+mod fuzz;
 mod limits;
 mod oauth;
 mod openai;

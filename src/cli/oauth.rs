@@ -152,7 +152,7 @@ pub fn oauth_start(path: &Path, cmd: OAuthStart) -> Result<(), CliError> {
     let _lock = store::account_lock(path, id)?;
     let config = config::load(path)?;
     let (name, oauth) = oauth_account(&config, id)?;
-    let login = Login::new();
+    let login = Login::start();
     let url = oauth::authorize_url(&config.oauth, &oauth.client_id, &login);
     let expires_at = time::now_unix() + oauth::LOGIN_TTL_SECS;
     store::update(path, |m| {

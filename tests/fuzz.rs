@@ -1,11 +1,14 @@
-//! An in-tree mutation fuzzer, run as unit tests: no nightly, no coverage, no crate. Each
+//! An in-tree mutation fuzzer, run as integration tests against the library: no nightly, no
+//! coverage, no crate. Each
 //! target starts from its corpus in `fuzz/corpus/<target>/`, then feeds the code random
 //! mutations of it (byte-level for the wire parsers, JSON-aware as well for the converters)
 //! on a thread with the workers' stack size, as in production. A panic saves the input to
 //! `fuzz/crashes/<target>-<hash>` and fails with that path and the seed that replays it.
 //!
-//! `FUZZ_SEED` fixes the seed; `FUZZ_RUNS` the number of inputs per target (`FAULTS_LONG=1`
-//! means a million); by default each target runs for about four seconds.
+//! A plain `cargo test` (`make test`) replays each corpus deterministically, no mutation.
+//! `make faults` (which sets `FAULTS_LONG`) mutates for about four seconds per target with a
+//! clock seed; `FAULTS_LONG=1` runs a million inputs per target. `FUZZ_SEED` fixes the seed
+//! and `FUZZ_RUNS` the number of inputs, either of which also turns mutation on.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -17,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use crate::http::{self, Conn, Limits};
-use crate::openai::{self, request::Options, stream::ChunkStream};
-use crate::sse::{self, Framer};
+use llm_gateway::http::{self, Conn, Limits};
+use llm_gateway::openai::{self, request::Options, stream::ChunkStream};
+use llm_gateway::sse::{self, Framer};
 
 /// The largest input a mutation may grow to.
 const MAX_INPUT: usize = 256 * 1024;
@@ -90,10 +93,13 @@ fn budget() -> Budget {
     if let Some(n) = std::env::var("FUZZ_RUNS").ok().and_then(|s| s.parse().ok()) {
         return Budget::Runs(n);
     }
-    if std::env::var_os("FAULTS_LONG").is_some_and(|v| v == "1") {
-        return Budget::Runs(1_000_000);
+    match std::env::var("FAULTS_LONG").as_deref() {
+        Ok("1") => Budget::Runs(1_000_000),
+        Ok(_) => Budget::Time(Duration::from_secs(4)),
+        // The corpus only, in order: the same inputs every run.
+        Err(_) if std::env::var_os("FUZZ_SEED").is_some() => Budget::Time(Duration::from_secs(4)),
+        Err(_) => Budget::Runs(0),
     }
-    Budget::Time(Duration::from_secs(4))
 }
 
 fn root() -> PathBuf {
@@ -502,9 +508,9 @@ fn mutate(rng: &mut Rng, kind: Kind, base: &[u8], other: &[u8]) -> Vec<u8> {
     let mut data = base.to_vec();
     if let Kind::Json = kind {
         if !rng.one_in(4)
-            && let Ok(mut v) = crate::json::from_slice::<Value>(&data)
+            && let Ok(mut v) = llm_gateway::json::from_slice::<Value>(&data)
         {
-            let donor: Value = crate::json::from_slice(other).unwrap_or(Value::Null);
+            let donor: Value = llm_gateway::json::from_slice(other).unwrap_or(Value::Null);
             for _ in 0..1 + rng.below(3) {
                 mutate_value(rng, &mut v, &donor, 0);
             }
@@ -538,7 +544,7 @@ fn fuzz(target: &'static str, kind: Kind, run: fn(&[u8])) -> Report {
     let corpus = corpus(target);
     let worker = std::thread::Builder::new()
         .name(format!("fuzz-{target}"))
-        .stack_size(crate::memory::WORKER_STACK)
+        .stack_size(llm_gateway::memory::WORKER_STACK)
         .spawn(move || fuzz_loop(target, kind, run, seed, &budget, &corpus))
         .expect("spawn the fuzz thread");
     let result = worker.join();
@@ -571,7 +577,7 @@ fn fuzz_loop(
     let mut runs = 0u64;
     loop {
         let done = match budget {
-            Budget::Runs(n) => runs >= *n,
+            Budget::Runs(n) => runs >= (*n).max(corpus.len() as u64),
             Budget::Time(t) => runs >= corpus.len() as u64 && started.elapsed() >= *t,
         };
         if done {
@@ -721,7 +727,7 @@ fn sse(input: &[u8]) {
 
 /// The OpenAI → Anthropic request converter, as the router runs it.
 fn openai_request(input: &[u8]) {
-    let _ = crate::router::body_format(input);
+    let _ = llm_gateway::router::body_format(input);
     let aliases = HashMap::from([("gpt-4o".to_string(), "claude-sonnet-4-5".to_string())]);
     let options = Options {
         default_max_tokens: 8192,
@@ -734,21 +740,21 @@ fn openai_request(input: &[u8]) {
             serde_json::from_slice::<Value>(&bytes).expect("a converted body is JSON");
         }
         // The converted body goes on through the Anthropic-side readers.
-        let _ = crate::sticky::facts(&bytes, None);
-        let _ = crate::anthropic::prepend_system_text(&bytes, "system");
+        let _ = llm_gateway::sticky::facts(&bytes, None);
+        let _ = llm_gateway::anthropic::prepend_system_text(&bytes, "system");
     }
 }
 
 /// The Anthropic → OpenAI response converters: message, error and model list.
 fn openai_response(input: &[u8]) {
-    let value: Value = crate::json::from_slice(input).unwrap_or(Value::Null);
+    let value: Value = llm_gateway::json::from_slice(input).unwrap_or(Value::Null);
     if let Ok(c) = openai::response::completion(input, "gpt-4o", 1_700_000_000) {
         serde_json::from_slice::<Value>(&c.body).expect("a completion is JSON");
     }
     let _ = openai::response::models(&value).to_string();
     let status = [200, 400, 401, 404, 429, 500, 529][(hash(input) % 7) as usize];
     let _ = openai::response::error_from_anthropic(status, input).to_string();
-    let mut meter = crate::upstream::Meter::default();
+    let mut meter = llm_gateway::upstream::Meter::default();
     meter.message(input);
     let _ = meter.usage.total();
 }
@@ -758,7 +764,7 @@ fn openai_response(input: &[u8]) {
 fn openai_stream(input: &[u8]) {
     let mut rng = rng_of(input);
     let mut chat = ChunkStream::new("gpt-4o", rng.one_in(2), 1_700_000_000);
-    let mut meter = crate::upstream::Meter::default();
+    let mut meter = llm_gateway::upstream::Meter::default();
     let mut framer = Framer::default();
     let mut out = Vec::new();
     for piece in reads(input, &mut rng) {
@@ -788,11 +794,11 @@ fn openai_stream(input: &[u8]) {
 /// What reads every client body before any conversion: format detection, the sticky facts,
 /// and the OAuth system-prompt edit.
 fn body_probe(input: &[u8]) {
-    let _ = crate::router::body_format(input);
+    let _ = llm_gateway::router::body_format(input);
     let _ = openai::detect(input);
-    let _ = crate::sticky::facts(input, None);
-    let _ = crate::sticky::facts(input, Some("session"));
-    if let Ok(edited) = crate::anthropic::prepend_system_text(input, "You are Claude Code")
+    let _ = llm_gateway::sticky::facts(input, None);
+    let _ = llm_gateway::sticky::facts(input, Some("session"));
+    if let Ok(edited) = llm_gateway::anthropic::prepend_system_text(input, "You are Claude Code")
         && serde_json::from_slice::<Value>(input).is_ok()
     {
         // The edit is made in the raw bytes: whatever a valid body's spacing and escapes,
@@ -800,10 +806,10 @@ fn body_probe(input: &[u8]) {
         let v: Value = serde_json::from_slice(&edited).expect("an edited body is JSON");
         assert_eq!(v["system"][0]["text"], "You are Claude Code", "{v}");
     }
-    if let Ok(v) = crate::json::from_slice::<Value>(input)
+    if let Ok(v) = llm_gateway::json::from_slice::<Value>(input)
         && let Some(user_id) = v["metadata"]["user_id"].as_str()
     {
-        let _ = crate::sticky::session_of_user_id(user_id);
+        let _ = llm_gateway::sticky::session_of_user_id(user_id);
     }
 }
 
@@ -889,7 +895,7 @@ fn hundred_thousand_level_json_overflows_no_stack() {
     // and in upstream events) is refused or passed by every target on a worker-sized stack.
     let bodies = deep_bodies(100_000);
     let worker = std::thread::Builder::new()
-        .stack_size(crate::memory::WORKER_STACK)
+        .stack_size(llm_gateway::memory::WORKER_STACK)
         .spawn(move || {
             for body in &bodies {
                 body_probe(body);

@@ -1,0 +1,47 @@
+//! llm-gateway: one static binary that pools a team's Anthropic accounts behind one endpoint.
+//! This library is the gateway; `src/main.rs` only hands the command line to `cli::main`.
+//! ARCHITECTURE.md maps the modules. The modules are public so the integration tests (the
+//! fuzzer among them) can drive the parsers and converters in-process.
+
+// `sys` holds the crate's only `unsafe` code: the Linux calls std does not offer.
+#![deny(unsafe_code)]
+
+#[macro_use]
+pub mod log;
+
+pub mod access;
+pub mod accounts;
+pub mod anthropic;
+pub mod auth;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod cooldown;
+pub mod encoding;
+pub mod error;
+pub mod http;
+pub mod json;
+pub mod ledger;
+pub mod limits;
+pub mod listener;
+pub mod memory;
+pub mod metrics;
+pub mod oauth;
+pub mod openai;
+pub mod probe;
+pub mod processor;
+pub mod refresh;
+pub mod router;
+pub mod scrub;
+pub mod secret;
+pub mod server;
+pub mod shared;
+pub mod sse;
+pub mod status;
+pub mod sticky;
+pub mod store;
+pub mod supervise;
+pub mod sys;
+pub mod time;
+pub mod upstream;
+pub mod watch;
