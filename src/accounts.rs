@@ -165,7 +165,11 @@ impl Entry {
     /// `enabled`, `disabled`, `needs_login`, `not_logged_in`, `unusable`: the configured state,
     /// for lists.
     pub fn state(&self) -> &'static str {
-        let live = self.live();
+        self.state_with(&self.live())
+    }
+
+    /// `state`, with the live state already in hand (its lock is not taken again).
+    fn state_with(&self, live: &Live) -> &'static str {
         if !self.account.enabled || live.disabled_reason.is_some() {
             return "disabled";
         }
@@ -210,6 +214,13 @@ impl Entry {
         let mut live = self.live();
         let before = live.health.cooldown.clone();
         live.health.record(signal, now, jitter, settings);
+        if let (Some(rest), None) = (&before, &live.health.cooldown) {
+            debug!(
+                "account {}: back in service, its rest ({}) over",
+                self.id(),
+                rest.reason
+            );
+        }
         if live.health.invalid && failed {
             error!(
                 "account {} ({}) is invalid: its key was refused again and again; fix it and restart, or remove it",
@@ -390,18 +401,32 @@ impl Accounts {
                 e.adopt(&mut live, cool, ban, clock);
             }
             if tried.iter().any(|t| t == e.id()) {
+                debug!(
+                    "account {}: skipped, already tried for this request",
+                    e.id()
+                );
                 continue;
             }
             if !e.usable_with(&live) {
+                debug!(
+                    "account {}: skipped, not in service ({})",
+                    e.id(),
+                    e.state_with(&live)
+                );
                 continue;
             }
             if live.health.available(now) {
                 candidates.push(e);
-            } else if let Some(c) = &live.health.cooldown
-                && !live.health.invalid
-                && soonest.is_none_or(|at| c.until < at)
-            {
-                soonest = Some(c.until);
+            } else if let Some(c) = &live.health.cooldown {
+                debug!(
+                    "account {}: skipped, resting {} ms more ({})",
+                    e.id(),
+                    c.until.saturating_duration_since(now).as_millis(),
+                    c.reason
+                );
+                if !live.health.invalid && soonest.is_none_or(|at| c.until < at) {
+                    soonest = Some(c.until);
+                }
             }
         }
         let Some(best) = candidates.iter().map(|e| e.account.priority).min() else {

@@ -1,74 +1,52 @@
 //! Byte encodings the gateway needs and nothing more: base64 (standard, padded) for sealed
-//! secrets and key files, base64url without padding for tokens, and lowercase hex for hashes.
+//! secrets and key files, base64url without padding for tokens (both by the `base64` crate),
+//! and lowercase hex for hashes.
 
-const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+use base64::Engine;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{
+    GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD,
+};
 
-fn encode(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..4 {
-            if i < chars {
-                out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
+/// What is read: padded or not, trailing bits ignored, as any encoder writes it.
+const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+    .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+    .with_decode_allow_trailing_bits(true);
+const READ_STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+const READ_URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
 
 /// Standard base64 with padding.
 pub fn base64(bytes: &[u8]) -> String {
-    encode(bytes, STD, true)
+    STANDARD.encode(bytes)
 }
 
 /// URL-safe base64 without padding (RFC 4648 §5), as PKCE and our key format use.
 pub fn base64url(bytes: &[u8]) -> String {
-    encode(bytes, URL, false)
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The alphabet `text` is written in: URL-safe once it holds `-` or `_`.
+fn reader(text: &str) -> &'static GeneralPurpose {
+    if text.contains(['-', '_']) {
+        &READ_URL_SAFE
+    } else {
+        &READ_STANDARD
+    }
 }
 
 /// Decodes standard or URL-safe base64, padded or not. `None` on any invalid character or length.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    decode_into(text, |b| out.push(b))?;
-    Some(out)
+    reader(text).decode(text).ok()
 }
 
-/// Whether `text` is base64 that `base64_decode` takes, decoding nothing into memory.
+/// Whether `text` is base64 that `base64_decode` takes, decoding it in pieces into a small
+/// buffer rather than into memory of its size (a data URL can be tens of MB).
 pub fn is_base64(text: &str) -> bool {
-    decode_into(text, |_| {}).is_some()
-}
-
-fn decode_into(text: &str, mut byte: impl FnMut(u8)) -> Option<()> {
-    let text = text.trim_end_matches('=');
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            byte((acc >> bits) as u8);
-        }
-    }
-    // Six leftover bits can never come from a whole number of bytes.
-    (bits < 6).then_some(())
+    let engine = reader(text);
+    let digits = text.trim_end_matches('=');
+    let mut buf = [0u8; 3 * 1024];
+    // Whole groups of four, so only the last piece may end part way through one.
+    (digits.as_bytes().chunks(4 * 1024)).all(|piece| engine.decode_slice(piece, &mut buf).is_ok())
 }
 
 /// `text` with every character outside `[A-Za-z0-9_-]` replaced by `_` (never empty): the
@@ -137,6 +115,11 @@ mod tests {
     fn base64_rejects_garbage() {
         assert_eq!(base64_decode("ab$d"), None);
         assert_eq!(base64_decode("a"), None);
+        assert!(!is_base64("ab$d") && !is_base64("a"));
+        assert!(is_base64("Zm9vYg==") && is_base64("-_8"));
+        let long = base64(&vec![7u8; 10_000]);
+        assert!(is_base64(&long));
+        assert!(!is_base64(&format!("{long}$")));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 // `sys` holds the crate's only `unsafe` code: the Linux calls std does not offer.
 #![deny(unsafe_code)]
 
+// `error!`, `warn!`, `info!` and `debug!` everywhere are the `log` facade's; `logger` is its
+// backend.
 #[macro_use]
-pub mod log;
+extern crate log;
 
 pub mod access;
 pub mod accounts;
@@ -24,6 +26,7 @@ pub mod json;
 pub mod ledger;
 pub mod limits;
 pub mod listener;
+pub mod logger;
 pub mod memory;
 pub mod metrics;
 pub mod oauth;

@@ -313,6 +313,30 @@ impl Limiter {
         estimate: u64,
         ledger: Option<&Ledger>,
     ) -> Result<(), ApiError> {
+        // Refused only for what others hold: the request before this one, whose answer this
+        // client may already have read, is a moment from giving its reservation back, so it
+        // gets the concurrency slots' short grace.
+        let mut waited = 0;
+        loop {
+            match self.reserve_once(permit, client, estimate, ledger) {
+                Err((_, true)) if waited < SLOT_GRACE_STEPS => {
+                    std::thread::sleep(SLOT_GRACE_STEP);
+                    waited += 1;
+                }
+                Err((refusal, _)) => return Err(refusal),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// One try of `reserve`; a refusal says whether only others' reservations caused it.
+    fn reserve_once(
+        &self,
+        permit: &mut Permit,
+        client: &Client,
+        estimate: u64,
+        ledger: Option<&Ledger>,
+    ) -> Result<(), (ApiError, bool)> {
         let (Some(limits), Some(ledger), Some(held)) = (&client.limits, ledger, &mut permit.held)
         else {
             return Ok(());
@@ -334,7 +358,10 @@ impl Limiter {
                 }
                 Ok(Err(reserved)) => {
                     // The script saw reserved >= what is left: refuse saying as much.
-                    return spent.check(limits, reserved.max(spent.left(limits)));
+                    let by_others = reserved > 0 && spent.check(limits, 0).is_ok();
+                    return spent
+                        .check(limits, reserved.max(spent.left(limits)))
+                        .map_err(|e| (e, by_others));
                 }
                 Err(_) => {}
             }
@@ -344,7 +371,10 @@ impl Limiter {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let spent = Spent::read(limits, &client.id, ledger);
         let state = keys.entry(client.id.clone()).or_default();
-        spent.check(limits, state.reserved)?;
+        if let Err(refusal) = spent.check(limits, state.reserved) {
+            let by_others = state.reserved > 0 && spent.check(limits, 0).is_ok();
+            return Err((refusal, by_others));
+        }
         state.reserved = state.reserved.saturating_add(estimate);
         held.reserved = estimate;
         Ok(())

@@ -635,9 +635,26 @@ fn serve(
         names.account.clone_from(&pick.entry.account.name);
         names.account_id = Some(pick.entry.id().to_string());
         names.attempts += 1;
+        debug!(
+            "attempt {} on account {} ({})",
+            names.attempts,
+            pick.entry.id(),
+            pick.entry.account.name
+        );
         match attempt(gw, req, &pick.entry)? {
-            Step::Done(answer) => return Ok(Served::Upstream(answer, Some(pick), shape, permit)),
+            Step::Done(answer) => {
+                debug!("account {} answers {}", pick.entry.id(), answer.status());
+                return Ok(Served::Upstream(answer, Some(pick), shape, permit));
+            }
             Step::Next(why) => {
+                let what = match &why {
+                    Ok(answer) => format!("its {}", answer.status()),
+                    Err(error) => error.to_string(),
+                };
+                debug!(
+                    "account {} cannot serve it ({what}); trying the next",
+                    pick.entry.id()
+                );
                 tried.push(pick.entry.id().to_string());
                 fallback = Some(why);
             }

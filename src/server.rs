@@ -19,7 +19,7 @@ use crate::http::{Conn, Limits};
 use crate::ledger::{Journal, Ledger};
 use crate::limits::Limiter;
 use crate::listener::{self, PoolSettings, Workers};
-use crate::log;
+use crate::logger;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::router::{self, Listener};
@@ -291,7 +291,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
             false
         }
     };
-    log::set_level(config.log_level);
+    logger::set_level(config.log_level);
     // A panic is one log line (the supervisor or the worker that caught it says what
     // happens next), not std's multi-line report.
     std::panic::set_hook(Box::new(|info| {
@@ -824,7 +824,7 @@ fn settle(path: &std::path::Path, mut seen: Stamp) -> Stamp {
 
 /// Applies what can change live and names what needs a restart.
 fn apply(gw: &Gateway, old: &Config, fresh: &Config) {
-    log::set_level(fresh.log_level);
+    logger::set_level(fresh.log_level);
     gw.accounts.replace(fresh.accounts.clone());
     gw.accounts.set_settings(&fresh.balance);
     gw.clients.replace(fresh.client_keys.clone());

@@ -140,6 +140,8 @@ struct ServerCmd {
 
 /// Parses the process arguments, runs the command, and returns its exit code.
 pub fn main() -> ExitCode {
+    // Every command logs at `info` until a server sets the configured level.
+    crate::logger::set_level(crate::logger::Level::Info);
     let args = match text_args(std::env::args_os()) {
         Ok(args) => args,
         Err(message) => {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::log::Level;
+use crate::logger::Level;
 use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
 
 /// Where the config lives when neither `--config` nor `LLM_GATEWAY_CONFIG` says.

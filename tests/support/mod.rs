@@ -65,12 +65,11 @@ pub fn masked(key: &str) -> String {
     format!("sk-ant-…{}", &key[key.len() - 4..])
 }
 
-/// Base64url without padding (RFC 4648 §5), the encoding of PKCE verifiers and challenges.
+/// Base64url without padding (RFC 4648 §5), the encoding of PKCE verifiers and challenges
+/// (the `base64` crate itself, not the gateway's wrapper of it).
 pub fn base64url(bytes: &[u8]) -> String {
-    base64(bytes)
-        .trim_end_matches('=')
-        .replace('+', "-")
-        .replace('/', "_")
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Seconds since the Unix epoch, as the gateway writes them in config.yaml and prints them.
@@ -98,24 +97,8 @@ pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 
 /// Standard base64 with padding, for building `LLM_GATEWAY_SECRET_KEY` values.
 pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Panics with the command's output unless it exited with `code`.

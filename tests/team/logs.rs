@@ -390,3 +390,40 @@ fn a_request_refused_while_read_still_gets_its_id_and_its_line() {
         || access_line(&gw.stderr(), "too-big-1").is_some(),
     );
 }
+
+#[test]
+fn log_level_debug_shows_each_attempt_each_skip_and_each_rest() {
+    // `log.level: debug` says what the gateway decided: the attempt on the account that is
+    // rate limited, why it cannot serve, the attempt on the next, and, on the next request,
+    // that the resting account was skipped; ureq's own diagnostics show too, its headers
+    // redacted (no key in the log).
+    use crate::support::accounts::{KEY_A, KEY_B, post, rests_key_a_once, started};
+    let (up, _switch) = rests_key_a_once(true);
+    let config = Config::new(up.base_url())
+        .log_level("debug")
+        .section("balance:\n  strategy: fill_first\n");
+    let (gw, ids) = started(&config, &[("alpha", KEY_A, &[]), ("bravo", KEY_B, &[])]);
+    assert_eq!(post(&gw).status, 200, "failed over to bravo");
+    assert_eq!(post(&gw).status, 200, "bravo again while alpha rests");
+    let (alpha, bravo) = (&ids[0], &ids[1]);
+    let expected = [
+        format!("attempt 1 on account {alpha} (alpha)"),
+        format!("account {alpha} cannot serve it (its 429); trying the next"),
+        format!("attempt 2 on account {bravo} (bravo)"),
+        format!("account {bravo} answers 200"),
+        format!("account {alpha}: skipped, resting"),
+        "[ureq]".to_string(),
+    ];
+    wait_until(
+        "the debug lines are written",
+        std::time::Duration::from_secs(5),
+        || {
+            let log = gw.stderr();
+            expected.iter().all(|line| log.contains(line.as_str()))
+        },
+    );
+    let log = gw.stderr();
+    for key in [KEY_A, KEY_B, gw.client_key()] {
+        assert!(!log.contains(key), "a key in the debug log:\n{log}");
+    }
+}
