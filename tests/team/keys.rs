@@ -401,3 +401,25 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
         "every refused request stayed at the gateway"
     );
 }
+
+#[test]
+fn an_expiry_with_an_offset_is_the_instant_it_names() {
+    // An hour ago, written five hours ahead of UTC: read as UTC (the offset ignored), it would
+    // still be hours away and the key would serve.
+    let up = FakeUpstream::start(answer);
+    let mut gw = Gateway::new(&Config::new(up.base_url()));
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    let local = llm_gateway::time::rfc3339(unix_now() as u64 - 3600 + 5 * 3600);
+    let expired_at = local.replace('Z', "+05:00");
+    let (_, expired) = add_key(&gw, "expired-east", &["--expires", &expired_at]);
+    let soon =
+        llm_gateway::time::rfc3339(unix_now() as u64 + 3600 - 5 * 3600).replace('Z', "-05:00");
+    let (_, live) = add_key(&gw, "live-west", &["--expires", &soon]);
+    gw.start();
+    let body = anthropic_body(SONNET, Tokens::new(1, 1, 0, 0), false, "offset");
+    let resp = post_anthropic(gw.addr(), &expired, &body, &[]);
+    assert_error(&resp, 401, Some("authentication_error"));
+    assert!(resp.text().contains("expired"), "{}", resp.text());
+    let resp = post_anthropic(gw.addr(), &live, &body, &[]);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
