@@ -55,6 +55,38 @@ pub struct Entry {
     failures: Arc<AtomicU64>,
 }
 
+/// An account's configured state: whether it may serve at all, before its health counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Enabled,
+    Disabled,
+    /// An OAuth account whose refresh token was refused: a person must log in again.
+    NeedsLogin,
+    /// An OAuth account never logged in.
+    NotLoggedIn,
+    /// Its credential cannot be used (an unset environment variable, say).
+    Unusable,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Enabled => "enabled",
+            State::Disabled => "disabled",
+            State::NeedsLogin => "needs_login",
+            State::NotLoggedIn => "not_logged_in",
+            State::Unusable => "unusable",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Live {
     /// The OAuth tokens in use. Newer than the file's while `persist_error` is set.
@@ -162,36 +194,36 @@ impl Entry {
             }
     }
 
-    /// `enabled`, `disabled`, `needs_login`, `not_logged_in`, `unusable`: the configured state,
-    /// for lists.
-    pub fn state(&self) -> &'static str {
+    /// The configured state, for lists.
+    pub fn state(&self) -> State {
         self.state_with(&self.live())
     }
 
     /// `state`, with the live state already in hand (its lock is not taken again).
-    fn state_with(&self, live: &Live) -> &'static str {
+    fn state_with(&self, live: &Live) -> State {
         if !self.account.enabled || live.disabled_reason.is_some() {
-            return "disabled";
+            return State::Disabled;
         }
         match &self.account.credential {
-            Credential::OAuth(_) if live.needs_login => "needs_login",
-            Credential::OAuth(_) if live.tokens.is_none() => "not_logged_in",
-            Credential::Unusable(_) => "unusable",
-            _ => "enabled",
+            Credential::OAuth(_) if live.needs_login => State::NeedsLogin,
+            Credential::OAuth(_) if live.tokens.is_none() => State::NotLoggedIn,
+            Credential::Unusable(_) => State::Unusable,
+            _ => State::Enabled,
         }
     }
 
     /// The running state for status: `active`, `cooling`, `invalid`, or the configured state
     /// when the account is out of service; with the reason.
     pub fn status(&self, now: Instant) -> (&'static str, Option<String>) {
-        match self.state() {
-            "enabled" => self.live().health.describe(now),
-            "disabled" => ("disabled", self.live().disabled_reason.clone()),
-            "unusable" => match &self.account.credential {
+        let live = self.live();
+        match self.state_with(&live) {
+            State::Enabled => live.health.describe(now),
+            State::Disabled => ("disabled", live.disabled_reason.clone()),
+            State::Unusable => match &self.account.credential {
                 Credential::Unusable(why) => ("unusable", Some(why.clone())),
                 _ => ("unusable", None),
             },
-            other => (other, None),
+            other => (other.as_str(), None),
         }
     }
 
@@ -569,8 +601,8 @@ fn why_none(all: &[Arc<Entry>], tried: &[String]) -> String {
     if all.is_empty() {
         return "no upstream account is configured: add one with `llm-gateway add-api-key`".into();
     }
-    let count = |state: &str| all.iter().filter(|e| e.state() == state).count();
-    let (disabled, needs_login) = (count("disabled"), count("needs_login"));
+    let count = |state: State| all.iter().filter(|e| e.state() == state).count();
+    let (disabled, needs_login) = (count(State::Disabled), count(State::NeedsLogin));
     if disabled == all.len() {
         return format!(
             "all {} upstream accounts are disabled: enable one with `llm-gateway enable-account`",
@@ -584,7 +616,7 @@ fn why_none(all: &[Arc<Entry>], tried: &[String]) -> String {
     for (n, what) in [
         (disabled, "disabled"),
         (needs_login, "need a new login (oauth-start)"),
-        (count("not_logged_in"), "not logged in yet (oauth-start)"),
+        (count(State::NotLoggedIn), "not logged in yet (oauth-start)"),
     ] {
         if n > 0 {
             parts.push(format!("{n} {what}"));

@@ -10,6 +10,7 @@ use crate::auth::Client;
 use crate::config::Credential;
 use crate::cooldown::Signal;
 use crate::error::ApiError;
+use crate::gateway::{Gateway, Settings};
 use crate::http::{Conn, Head, Request, Responder};
 use crate::ledger::Record;
 use crate::limits::{Limiter, Permit};
@@ -20,7 +21,6 @@ use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::scrub::Scrub;
 use crate::secret::Secret;
-use crate::server::{Gateway, Live};
 use crate::status;
 use crate::sticky;
 use crate::store;
@@ -1025,7 +1025,7 @@ fn unified_reset(answer: &Answer) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn oauth_processor<'a>(live: &'a Live, token: &'a Secret) -> OAuth<'a> {
+fn oauth_processor<'a>(live: &'a Settings, token: &'a Secret) -> OAuth<'a> {
     OAuth {
         token,
         system_prompt: &live.system_prompt,

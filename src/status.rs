@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 use crate::time;
 
 pub fn render(gw: &Gateway) -> Value {
