@@ -98,7 +98,7 @@ pub struct Live {
     /// A ban the upstream announced that a probe could not settle: the account rests, and is
     /// probed again before it next serves.
     pub suspected_ban: Option<crate::anthropic::Ban>,
-    /// A probe of the account is in flight (`router::confirm_ban`): one at a time.
+    /// A probe of the account is in flight (`failover::confirm_ban`): one at a time.
     pub probing: bool,
     /// Consecutive failed refresh attempts, and when the next may be made.
     pub refresh_failures: u32,

@@ -21,6 +21,7 @@ pub mod config;
 pub mod cooldown;
 pub mod encoding;
 pub mod error;
+pub mod failover;
 pub mod gateway;
 pub mod http;
 pub mod json;

@@ -1,29 +1,24 @@
-//! Routing of one downstream request: match the path, authenticate the client, check the body,
-//! then try accounts until one answers (failover before the first byte), relay the answer, and
-//! write the access log line.
+//! Routing of one downstream request: match the path, authenticate the client and admit it
+//! under its limits from the head, read and check the body, shape it for the upstream, hand it
+//! to `failover` (which tries accounts until one answers), relay the answer, and account for
+//! it (ledger, metrics, access log).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::accounts::{Entry, Pick};
+use crate::accounts::Pick;
 use crate::anthropic;
 use crate::auth::Client;
-use crate::config::Credential;
 use crate::cooldown::Signal;
 use crate::error::ApiError;
-use crate::gateway::{Gateway, Settings};
+use crate::failover;
+use crate::gateway::Gateway;
 use crate::http::{Conn, Head, Request, Responder};
-use crate::ledger::Record;
+use crate::ledger::{Record, Usage};
 use crate::limits::{Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
-use crate::probe::{self, Verdict};
-use crate::processor::{ApiKey, OAuth};
-use crate::refresh::Need;
-use crate::scrub::Scrub;
-use crate::secret::Secret;
 use crate::status;
 use crate::sticky;
-use crate::store;
 use crate::upstream::{self, Answer, Meter, Outcome, Shape};
 
 const JSON: &str = "application/json";
@@ -177,8 +172,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         .respond(req.minor_version, req.keep_alive && !unread)
         .with_request_id(&request_id);
     // The key's concurrency slot and budget reservation, given back once the answer is
-    // relayed and metered.
+    // relayed and metered (or settled just before its end).
     let mut permit = None;
+    let mut settled = false;
     let (status, outcome, keep) = match served {
         Ok(Served::Local(status, body, content_type)) => {
             let mut head = Head::new(status);
@@ -193,8 +189,16 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             req.body = Vec::new();
             let status = answer.status();
             let max_event = gw.upstream().max_event();
-            let (outcome, keep) = match upstream::relay(answer, out, &shape, &mut meter, max_event)
-            {
+            // A whole answer is charged, and its reservation and slot given back, just before
+            // its last bytes go out: a client that sends its next request the moment it has
+            // read this answer finds the tokens spent and nothing held.
+            let mut settle = |m: &Meter| {
+                record_usage(gw, &names, status, m.usage, None);
+                permit = None;
+                settled = true;
+            };
+            let relayed = upstream::relay(answer, out, &shape, &mut meter, max_event, &mut settle);
+            let (outcome, keep) = match relayed {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {
                     let keep = send_error(out, &error, names.format);
@@ -204,7 +208,11 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             // An answer cut short before its usage passed (the client hung up, the upstream
             // broke) still cost tokens: a budgeted key is charged what it reserved, so
             // hanging up before the end is no way around a budget.
-            if !matches!(outcome, Outcome::Complete) && meter.usage.total() == 0 && status < 300 {
+            if !settled
+                && !matches!(outcome, Outcome::Complete)
+                && meter.usage.total() == 0
+                && status < 300
+            {
                 meter.usage.input = permit.as_ref().map_or(0, Permit::reserved);
             }
             // After the first byte nothing is retried, but the account's failure counts.
@@ -234,6 +242,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
         &outcome,
         &meter,
         &names,
+        settled,
     );
     // Recorded in the ledger first, so a budget check never sees neither the reservation nor
     // the tokens.
@@ -405,6 +414,7 @@ fn account_for(
     outcome: &Outcome,
     meter: &Meter,
     names: &Names,
+    settled: bool,
 ) {
     let error = match outcome {
         Outcome::Complete => names.error.clone(),
@@ -419,17 +429,8 @@ fn account_for(
         Outcome::UpstreamError { kind, .. } => anthropic::status_of_error_type(kind),
         _ => status,
     };
-    // Only what an authenticated client asked for goes into the ledger.
-    if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
-        ledger.record(&Record {
-            t: crate::time::now_unix(),
-            key: key.clone(),
-            account: names.account_id.clone().unwrap_or_else(|| "-".into()),
-            model: names.model.clone().unwrap_or_else(|| "-".into()),
-            status: counted,
-            usage: meter.usage,
-            error: error.clone(),
-        });
+    if !settled {
+        record_usage(gw, names, counted, meter.usage, error.clone());
     }
     if names.client_id.is_some() {
         gw.metrics.observe(&Observation {
@@ -452,6 +453,21 @@ fn account_for(
             error: error.as_deref(),
         };
         gw.access.write(&line.render(names, meter));
+    }
+}
+
+/// Records a request in the ledger; only what an authenticated client asked for goes there.
+fn record_usage(gw: &Gateway, names: &Names, status: u16, usage: Usage, error: Option<String>) {
+    if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
+        ledger.record(&Record {
+            t: crate::time::now_unix(),
+            key: key.clone(),
+            account: names.account_id.clone().unwrap_or_else(|| "-".into()),
+            model: names.model.clone().unwrap_or_else(|| "-".into()),
+            status,
+            usage,
+            error,
+        });
     }
 }
 
@@ -608,59 +624,17 @@ fn serve(
     gw.limiter
         .reserve(&mut permit, &client, estimate, gw.ledger.as_deref())?;
 
-    // Until the first byte goes downstream, an account's failure moves the request to the
-    // next; attempts and time are bounded. If none is left, the client gets the last
-    // account's answer, or why no account could be used.
-    let settings = gw.accounts.settings();
-    let started = Instant::now();
-    let mut tried: Vec<String> = Vec::new();
-    let mut fallback: Option<Result<Answer, ApiError>> = None;
-    loop {
-        let out_of_budget = tried.len() as u32 >= settings.max_attempts
-            || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
-        let picked = if out_of_budget {
-            Err(ApiError::NoAccount("attempts exhausted".into()))
-        } else {
-            gw.accounts.pick(&tried, sticky_key)
-        };
-        let pick = match (picked, fallback.take()) {
-            (Ok(pick), _) => pick,
-            (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
-            (Err(_), Some(Ok(answer))) => {
-                return Ok(Served::Upstream(answer, None, shape, permit));
-            }
-            (Err(_), Some(Err(error))) => return Err(error),
-            (Err(none), None) => return Err(none),
-        };
-        names.account.clone_from(&pick.entry.account.name);
-        names.account_id = Some(pick.entry.id().to_string());
-        names.attempts += 1;
-        debug!(
-            "attempt {} on account {} ({})",
-            names.attempts,
-            pick.entry.id(),
-            pick.entry.account.name
-        );
-        match attempt(gw, req, &pick.entry)? {
-            Step::Done(answer) => {
-                debug!("account {} answers {}", pick.entry.id(), answer.status());
-                return Ok(Served::Upstream(answer, Some(pick), shape, permit));
-            }
-            Step::Next(why) => {
-                let what = match &why {
-                    Ok(answer) => format!("its {}", answer.status()),
-                    Err(error) => error.to_string(),
-                };
-                debug!(
-                    "account {} cannot serve it ({what}); trying the next",
-                    pick.entry.id()
-                );
-                tried.push(pick.entry.id().to_string());
-                fallback = Some(why);
-            }
-        }
+    let mut attempts = failover::Attempts::default();
+    let answered = failover::run(gw, req, sticky_key, &mut attempts);
+    if let Some((id, name)) = attempts.last {
+        names.account = name;
+        names.account_id = Some(id);
     }
+    names.attempts = attempts.count;
+    let (answer, pick) = answered?;
+    Ok(Served::Upstream(answer, pick, shape, permit))
 }
+
 /// Decides what goes upstream and what shape the answer takes. A body that clearly belongs
 /// to the other API than its path is served as what it is (an OpenAI body posted to
 /// /v1/messages is converted and answered in OpenAI's format, and the reverse), rather than
@@ -744,161 +718,6 @@ fn derived(req: &Request, target: &str, body: Vec<u8>) -> Request {
     }
 }
 
-/// What one account made of the request.
-enum Step {
-    /// An answer to relay.
-    Done(Answer),
-    /// This account cannot serve it; try another. Carries what the client gets if none can.
-    Next(Result<Answer, ApiError>),
-}
-
-fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
-    // A ban left unsettled is settled before the account serves again.
-    let suspected = entry.live().suspected_ban.clone();
-    if let Some(ban) = suspected
-        && confirm_ban(gw, entry, &ban) != Verdict::Refuted
-    {
-        return Ok(Step::Next(Err(ApiError::NoAccount(format!(
-            "account {} ({}): {}",
-            entry.id(),
-            entry.account.name,
-            ban.reason
-        )))));
-    }
-    let sent_at = Instant::now();
-    let answer = match send(gw, req, entry) {
-        Ok(answer) => {
-            gw.metrics.upstream_latency.observe(sent_at.elapsed());
-            answer
-        }
-        // The request itself cannot be sent (an invalid header): no account would do better.
-        Err(Failed::Request(error)) => return Err(error),
-        // The account has no usable credential now (login needed, refresh failing).
-        Err(Failed::Account(error)) => return Ok(Step::Next(Err(error))),
-        Err(Failed::Upstream(error)) => {
-            gw.accounts
-                .record(entry, Signal::Failure(error.to_string()));
-            return Ok(Step::Next(Err(error)));
-        }
-    };
-    let status = answer.status();
-    if status < 400 {
-        return Ok(match answer.settle() {
-            Ok(answer) => {
-                gw.accounts.record(entry, Signal::Success);
-                Step::Done(answer)
-            }
-            Err(error) => {
-                gw.accounts
-                    .record(entry, Signal::Failure(error.to_string()));
-                Step::Next(Err(error))
-            }
-        });
-    }
-    // Errors are small: read them, so they can be inspected and, if we move on, replayed.
-    let answer = match answer.buffer() {
-        Ok(answer) => answer,
-        Err(error) => {
-            gw.accounts
-                .record(entry, Signal::Failure(error.to_string()));
-            return Ok(Step::Next(Err(error)));
-        }
-    };
-    let signal = match status {
-        429 => Signal::RateLimited {
-            retry_after: answer.header("retry-after").and_then(parse_retry_after),
-            unified_reset: unified_reset(&answer),
-        },
-        401 => Signal::AuthFailed,
-        500 | 502 | 503 | 504 | 529 => Signal::Failure(format!("{status} from upstream")),
-        400 | 403 => {
-            return Ok(
-                match anthropic::ban(status, answer.body(), entry.is_oauth()) {
-                    // A ban the probe refutes was the request's doing: the client's own error.
-                    Some(ban) if confirm_ban(gw, entry, &ban) != Verdict::Refuted => {
-                        Step::Next(Ok(answer))
-                    }
-                    // The client's own mistake (invalid_request_error, …): never retried.
-                    _ => Step::Done(answer),
-                },
-            );
-        }
-        // 404, 413 and the rest belong to the request, not the account.
-        _ => return Ok(Step::Done(answer)),
-    };
-    gw.accounts.record(entry, signal);
-    Ok(Step::Next(Ok(answer)))
-}
-
-/// Probes an account that announced `ban` (or was left suspected of one) and acts on the
-/// verdict: confirmed, the account is disabled for good; inconclusive, it rests like an
-/// ejection and stays suspected; refuted, it is back in service, untouched. One probe of an
-/// account runs at a time; a request that finds one running moves on without it.
-fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
-    let Some(_probing) = Probing::start(entry) else {
-        return Verdict::Inconclusive("another request is probing the account".into());
-    };
-    let probed = probe::account(
-        &gw.upstream(),
-        &gw.refresher,
-        entry,
-        &gw.live().system_prompt,
-    );
-    let verdict = probe::verdict(&probed, ban, entry.is_oauth());
-    let kind = ban.error_type.as_deref().unwrap_or("no error type");
-    let account = format!("account {} ({})", entry.id(), entry.account.name);
-    match &verdict {
-        Verdict::Confirmed => {
-            error!(
-                "{account} disabled: the upstream says \"{}\" ({kind}), and its probe confirms it",
-                ban.reason
-            );
-            entry.live().suspected_ban = None;
-            disable(gw, entry, ban.reason);
-        }
-        Verdict::Inconclusive(why) => {
-            warn!(
-                "{account}: the upstream says \"{}\" ({kind}), unconfirmed: {why}",
-                ban.reason
-            );
-            entry.live().suspected_ban = Some(ban.clone());
-            let reason = format!(
-                "the upstream said \"{}\" and {why}; probed again when this rest ends",
-                ban.reason
-            );
-            gw.accounts.record(entry, Signal::SuspectedBan(reason));
-        }
-        Verdict::Refuted => {
-            info!(
-                "{account}: the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
-                ban.reason
-            );
-            entry.live().suspected_ban = None;
-        }
-    }
-    verdict
-}
-
-/// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
-struct Probing<'a>(&'a Entry);
-
-impl<'a> Probing<'a> {
-    fn start(entry: &'a Entry) -> Option<Probing<'a>> {
-        let mut live = entry.live();
-        if live.probing {
-            return None;
-        }
-        live.probing = true;
-        Some(Probing(entry))
-    }
-}
-
-impl Drop for Probing<'_> {
-    fn drop(&mut self) {
-        self.0.live().probing = false;
-    }
-}
-
 /// `/ready`: 503 when no account could serve now. With shared state it also says whether
 /// Redis is reachable; an outage does not make the instance unready (it serves on its own
 /// state, and a load balancer pulling every instance at once would be the larger outage).
@@ -924,124 +743,6 @@ fn ready(gw: &Gateway) -> Served {
         }
     }
     Served::Local(if ready { 200 } else { 503 }, body.to_string(), JSON)
-}
-
-/// Why `send` produced no answer.
-enum Failed {
-    Request(ApiError),
-    Account(ApiError),
-    Upstream(ApiError),
-}
-
-/// Sends the request with `entry`'s credential. An OAuth token refused with 401 is refreshed
-/// once and the request sent once more.
-fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
-    let upstream = gw.upstream();
-    let forward = |processor: &dyn crate::processor::Processor, scrub: Scrub| {
-        upstream
-            .forward(req, processor)
-            .map(|response| Answer::new(response, scrub))
-            .map_err(|e| match e {
-                ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
-                    Failed::Upstream(e)
-                }
-                // Every account shares the upstream's address: another would be refused the
-                // same way, and the account is not at fault.
-                ApiError::UpstreamUntrusted(_) => Failed::Request(e),
-                other => Failed::Request(other),
-            })
-    };
-    match &entry.account.credential {
-        Credential::ApiKey(key) => forward(&ApiKey(key), Scrub::new([key.expose()])),
-        Credential::OAuth(oauth) => {
-            // What an answer must not echo: the token it carried, the refresh token and the
-            // client secret (the upstream never sees the last two, but nothing of ours goes
-            // out that the gateway could have kept in).
-            let scrub = |tokens: &crate::config::Tokens| {
-                let secret = oauth.client_secret.as_ref().map(Secret::expose);
-                Scrub::new(
-                    [tokens.access.expose(), tokens.refresh.expose()]
-                        .into_iter()
-                        .chain(secret),
-                )
-            };
-            let tokens = gw.refresher.ensure(entry, Need::Expired).map_err(|e| {
-                let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
-                Failed::Account(ApiError::NoAccount(why))
-            })?;
-            // A token stored before tokens were checked (or by another instance) that no
-            // header can carry is the account's problem, never a 400 for the client.
-            if let Some(why) = crate::oauth::unsendable(tokens.access.expose()) {
-                let why = format!(
-                    "account {} ({}): its access token {why}",
-                    entry.id(),
-                    entry.account.name
-                );
-                return Err(Failed::Account(ApiError::NoAccount(why)));
-            }
-            let live = gw.live();
-            let answer = forward(&oauth_processor(&live, &tokens.access), scrub(&tokens))?;
-            if answer.status() != 401 {
-                return Ok(answer);
-            }
-            // A token we believed valid was refused: refresh once and retry once.
-            match gw
-                .refresher
-                .ensure(entry, Need::Rejected(tokens.access.clone()))
-            {
-                Ok(fresh) => forward(&oauth_processor(&live, &fresh.access), scrub(&fresh)),
-                // Not an API key refused: the token could not be renewed now. The account
-                // counts a failure (ejected by the usual rules), and a login needed shows as
-                // such on the account.
-                Err(e) => {
-                    warn!("account {}: 401 and no fresh token: {e}", entry.id());
-                    Err(Failed::Upstream(ApiError::NoAccount(format!(
-                        "account {} ({}): its token was refused and {e}",
-                        entry.id(),
-                        entry.account.name
-                    ))))
-                }
-            }
-        }
-        Credential::Unusable(why) => Err(Failed::Account(ApiError::NoAccount(why.clone()))),
-    }
-}
-
-/// `retry-after` in seconds (Anthropic sends whole or fractional seconds).
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
-}
-
-/// The unified rate-limit reset (Unix seconds), counted only when the unified status is
-/// `rejected`: an `allowed_warning` reset is not a limit.
-fn unified_reset(answer: &Answer) -> Option<u64> {
-    let rejected = answer
-        .header("anthropic-ratelimit-unified-status")
-        .is_some_and(|s| s.trim() == "rejected");
-    rejected
-        .then(|| answer.header("anthropic-ratelimit-unified-reset"))
-        .flatten()
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn oauth_processor<'a>(live: &'a Settings, token: &'a Secret) -> OAuth<'a> {
-    OAuth {
-        token,
-        system_prompt: &live.system_prompt,
-    }
-}
-
-/// Takes an account out of service for good: in memory at once, and in config.yaml.
-fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
-    entry.live().disabled_reason = Some(reason.to_string());
-    gw.accounts.share_ban(entry, reason);
-    if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
-        error!(
-            "could not record that account {} is disabled: {e}",
-            entry.id()
-        );
-    }
 }
 
 /// The body must be one JSON object; returns the format it clearly belongs to, if any. One
@@ -1158,17 +859,6 @@ mod tests {
         ] {
             assert_eq!(check_query(bad).expect_err(bad).status(), 400, "{bad}");
         }
-    }
-
-    #[test]
-    fn retry_after_values_parse() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after(" 1.5 "),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-        assert_eq!(parse_retry_after("-1"), None);
     }
 
     #[test]

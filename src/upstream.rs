@@ -12,7 +12,7 @@ use ureq::{Agent, Body, SendBody};
 
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
-use crate::http::{Head, Request, Responder};
+use crate::http::{BodyWriter, Head, Request, Responder};
 use crate::json;
 use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
@@ -553,6 +553,11 @@ impl Meter {
     }
 }
 
+/// What a relay calls with the answer's usage just before its last bytes go out, so the
+/// request is charged (and its reservation given back) before the client can see its answer
+/// end and send the next one.
+pub type Settle<'s> = &'s mut dyn FnMut(&Meter);
+
 /// Copies an answer downstream in `shape`. Returns how it ended and whether the connection
 /// may be reused; an error means nothing was sent yet and the caller should answer it.
 pub fn relay<'a>(
@@ -561,6 +566,7 @@ pub fn relay<'a>(
     shape: &Shape,
     meter: &mut Meter,
     max_event: usize,
+    settle: Settle<'_>,
 ) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
     let Answer { body, scrub } = answer;
     let (parts, mut reader): (_, Box<dyn Read>) = match body {
@@ -611,6 +617,7 @@ pub fn relay<'a>(
     }
     if no_body(status) {
         meter.sent();
+        settle(meter);
         return Ok((Outcome::Complete, out.send_bodiless(head)));
     }
     let guard = Guard {
@@ -621,14 +628,19 @@ pub fn relay<'a>(
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
 
-    let json = |mut head: Head, value: serde_json::Value, out: Responder<'a>, meter: &mut Meter| {
+    let json = |mut head: Head,
+                value: serde_json::Value,
+                out: Responder<'a>,
+                meter: &mut Meter,
+                settle: Settle<'_>| {
         head.header("content-type", b"application/json");
         meter.sent();
+        settle(meter);
         let keep = out.send(head, value.to_string().as_bytes());
         Ok((Outcome::Complete, keep))
     };
     match shape {
-        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter, &guard)),
+        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter, &guard, settle)),
         Shape::Anthropic => match length {
             Some(n) if n <= BUFFER_WHOLE => {
                 // Small bodies: read whole, then one write; a short body is still an error we
@@ -640,11 +652,11 @@ pub fn relay<'a>(
                     Ok(got) if got as u64 == n => {
                         scrub.bytes(&mut buf);
                         meter.sent();
-                        let keep = out.send(head, &buf);
                         if status < 300 {
                             meter.message(&buf);
                         }
-                        Ok((Outcome::Complete, keep))
+                        settle(meter);
+                        Ok((Outcome::Complete, out.send(head, &buf)))
                     }
                     Ok(got) => Err((
                         ApiError::UpstreamUnreachable(format!(
@@ -658,9 +670,11 @@ pub fn relay<'a>(
             // Large or unframed: copied through, its usage found on the way.
             _ => {
                 let usage = (status < 300).then(|| json::FieldScan::new("usage", MAX_USAGE));
-                Ok(relay_stream(
-                    reader, out, head, length, usage, meter, &scrub,
-                ))
+                let started = match length {
+                    Some(n) => out.stream_with_length(head, n),
+                    None => out.stream(head),
+                };
+                Ok(relay_stream(reader, started, usage, meter, &scrub, settle))
             }
         },
         _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED, &scrub) {
@@ -669,6 +683,7 @@ pub fn relay<'a>(
                 openai::response::error_from_anthropic(status, &body),
                 out,
                 meter,
+                settle,
             ),
             Err(e) => Err((e, out)),
         },
@@ -680,7 +695,15 @@ pub fn relay<'a>(
             head.header("content-type", b"text/event-stream")
                 .header("cache-control", b"no-cache");
             let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
-            Ok(relay_sse(reader, out, head, Some(chat), meter, &guard))
+            Ok(relay_sse(
+                reader,
+                out,
+                head,
+                Some(chat),
+                meter,
+                &guard,
+                settle,
+            ))
         }
         Shape::Chat { model, .. } => {
             let completion = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| {
@@ -692,6 +715,7 @@ pub fn relay<'a>(
                     meter.usage.merge(&c.usage);
                     head.header("content-type", b"application/json");
                     meter.sent();
+                    settle(meter);
                     Ok((Outcome::Complete, out.send(head, &c.body)))
                 }
                 Err(e) => Err((e, out)),
@@ -707,7 +731,7 @@ pub fn relay<'a>(
                             serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
                         }));
                     }
-                    json(head, list, out, meter)
+                    json(head, list, out, meter, settle)
                 }
                 Ok(v) => {
                     let mut model = openai::response::model(&v);
@@ -715,7 +739,7 @@ pub fn relay<'a>(
                         model["id"] = alias.as_str().into();
                         model["owned_by"] = "llm-gateway".into();
                     }
-                    json(head, model, out, meter)
+                    json(head, model, out, meter, settle)
                 }
                 Err(e) => Err((e, out)),
             }
@@ -780,18 +804,13 @@ struct Guard<'a> {
 /// secret, held until the next piece).
 fn relay_stream(
     mut reader: impl Read,
-    out: Responder<'_>,
-    head: Head,
-    length: Option<u64>,
+    started: std::io::Result<BodyWriter<'_>>,
     mut usage: Option<json::FieldScan>,
     meter: &mut Meter,
     scrub: &Scrub,
+    settle: Settle<'_>,
 ) -> (Outcome, bool) {
-    let writer = match length {
-        Some(n) => out.stream_with_length(head, n),
-        None => out.stream(head),
-    };
-    let Ok(mut writer) = writer else {
+    let Ok(mut writer) = started else {
         return (Outcome::ClientGone, false);
     };
     let watching = watch::watch(writer.socket());
@@ -800,6 +819,10 @@ fn relay_stream(
     let ended = loop {
         match reader.read(&mut buf) {
             Ok(0) => {
+                if let Some(value) = usage.take().as_ref().and_then(json::FieldScan::value) {
+                    meter.usage_value(value);
+                }
+                settle(meter);
                 if writer.write(&scrubbing.finish()).is_err() {
                     break (Outcome::ClientGone, false);
                 }
@@ -843,6 +866,7 @@ fn relay_sse(
     mut chat: Option<ChunkStream>,
     meter: &mut Meter,
     guard: &Guard<'_>,
+    settle: Settle<'_>,
 ) -> (Outcome, bool) {
     let Ok(mut writer) = out.stream(head) else {
         return (Outcome::ClientGone, false);
@@ -914,7 +938,11 @@ fn relay_sse(
         meter.usage.merge(&chat.usage());
     }
     if finished && broke.is_none() {
-        return (meter.outcome(Outcome::Complete), writer.finish());
+        let outcome = meter.outcome(Outcome::Complete);
+        if outcome == Outcome::Complete {
+            settle(meter);
+        }
+        return (outcome, writer.finish());
     }
     let why = match &broke {
         Some(e) => format!("the upstream stream broke before message_stop: {e}"),

@@ -1,0 +1,379 @@
+//! The failover loop: pick an account, get it a usable credential, forward through its
+//! processor (an OAuth 401 refreshes and retries once), classify the answer (a success, the
+//! client's own error, the account's failure with its cooldown signal, or a ban, which a probe
+//! must confirm before the account is disabled), and move on to the next while attempts and
+//! time allow. Nothing here runs once the first byte has gone downstream.
+
+use std::time::{Duration, Instant};
+
+use crate::accounts::{Entry, Pick};
+use crate::anthropic;
+use crate::config::Credential;
+use crate::cooldown::Signal;
+use crate::error::ApiError;
+use crate::gateway::{Gateway, Settings};
+use crate::http::Request;
+use crate::probe::{self, Verdict};
+use crate::processor::{ApiKey, OAuth};
+use crate::refresh::Need;
+use crate::scrub::Scrub;
+use crate::secret::Secret;
+use crate::sticky;
+use crate::store;
+use crate::upstream::Answer;
+
+/// What the loop did, for the access log: how many attempts, and the last account tried (id,
+/// name).
+#[derive(Default)]
+pub struct Attempts {
+    pub count: u32,
+    pub last: Option<(String, String)>,
+}
+
+/// Tries accounts for `req` until one answers; returns the answer and the account it came
+/// from (none for the buffered answer of an account that already failed over).
+pub fn run(
+    gw: &Gateway,
+    req: &Request,
+    sticky_key: Option<sticky::Key<'_>>,
+    attempts: &mut Attempts,
+) -> Result<(Answer, Option<Pick>), ApiError> {
+    // Until the first byte goes downstream, an account's failure moves the request to the
+    // next; attempts and time are bounded. If none is left, the client gets the last
+    // account's answer, or why no account could be used.
+    let settings = gw.accounts.settings();
+    let started = Instant::now();
+    let mut tried: Vec<String> = Vec::new();
+    let mut fallback: Option<Result<Answer, ApiError>> = None;
+    loop {
+        let out_of_budget = tried.len() as u32 >= settings.max_attempts
+            || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
+        let picked = if out_of_budget {
+            Err(ApiError::NoAccount("attempts exhausted".into()))
+        } else {
+            gw.accounts.pick(&tried, sticky_key)
+        };
+        let pick = match (picked, fallback.take()) {
+            (Ok(pick), _) => pick,
+            (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
+            (Err(_), Some(Ok(answer))) => return Ok((answer, None)),
+            (Err(_), Some(Err(error))) => return Err(error),
+            (Err(none), None) => return Err(none),
+        };
+        attempts.last = Some((pick.entry.id().to_string(), pick.entry.account.name.clone()));
+        attempts.count += 1;
+        debug!(
+            "attempt {} on account {} ({})",
+            attempts.count,
+            pick.entry.id(),
+            pick.entry.account.name
+        );
+        match attempt(gw, req, &pick.entry)? {
+            Step::Done(answer) => {
+                debug!("account {} answers {}", pick.entry.id(), answer.status());
+                return Ok((answer, Some(pick)));
+            }
+            Step::Next(why) => {
+                let what = match &why {
+                    Ok(answer) => format!("its {}", answer.status()),
+                    Err(error) => error.to_string(),
+                };
+                debug!(
+                    "account {} cannot serve it ({what}); trying the next",
+                    pick.entry.id()
+                );
+                tried.push(pick.entry.id().to_string());
+                fallback = Some(why);
+            }
+        }
+    }
+}
+
+/// What one account made of the request.
+enum Step {
+    /// An answer to relay.
+    Done(Answer),
+    /// This account cannot serve it; try another. Carries what the client gets if none can.
+    Next(Result<Answer, ApiError>),
+}
+
+fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
+    // A ban left unsettled is settled before the account serves again.
+    let suspected = entry.live().suspected_ban.clone();
+    if let Some(ban) = suspected
+        && confirm_ban(gw, entry, &ban) != Verdict::Refuted
+    {
+        return Ok(Step::Next(Err(ApiError::NoAccount(format!(
+            "account {} ({}): {}",
+            entry.id(),
+            entry.account.name,
+            ban.reason
+        )))));
+    }
+    let sent_at = Instant::now();
+    let answer = match send(gw, req, entry) {
+        Ok(answer) => {
+            gw.metrics.upstream_latency.observe(sent_at.elapsed());
+            answer
+        }
+        // The request itself cannot be sent (an invalid header): no account would do better.
+        Err(Failed::Request(error)) => return Err(error),
+        // The account has no usable credential now (login needed, refresh failing).
+        Err(Failed::Account(error)) => return Ok(Step::Next(Err(error))),
+        Err(Failed::Upstream(error)) => {
+            gw.accounts
+                .record(entry, Signal::Failure(error.to_string()));
+            return Ok(Step::Next(Err(error)));
+        }
+    };
+    let status = answer.status();
+    if status < 400 {
+        return Ok(match answer.settle() {
+            Ok(answer) => {
+                gw.accounts.record(entry, Signal::Success);
+                Step::Done(answer)
+            }
+            Err(error) => {
+                gw.accounts
+                    .record(entry, Signal::Failure(error.to_string()));
+                Step::Next(Err(error))
+            }
+        });
+    }
+    // Errors are small: read them, so they can be inspected and, if we move on, replayed.
+    let answer = match answer.buffer() {
+        Ok(answer) => answer,
+        Err(error) => {
+            gw.accounts
+                .record(entry, Signal::Failure(error.to_string()));
+            return Ok(Step::Next(Err(error)));
+        }
+    };
+    let signal = match status {
+        429 => Signal::RateLimited {
+            retry_after: answer.header("retry-after").and_then(parse_retry_after),
+            unified_reset: unified_reset(&answer),
+        },
+        401 => Signal::AuthFailed,
+        500 | 502 | 503 | 504 | 529 => Signal::Failure(format!("{status} from upstream")),
+        400 | 403 => {
+            return Ok(
+                match anthropic::ban(status, answer.body(), entry.is_oauth()) {
+                    // A ban the probe refutes was the request's doing: the client's own error.
+                    Some(ban) if confirm_ban(gw, entry, &ban) != Verdict::Refuted => {
+                        Step::Next(Ok(answer))
+                    }
+                    // The client's own mistake (invalid_request_error, …): never retried.
+                    _ => Step::Done(answer),
+                },
+            );
+        }
+        // 404, 413 and the rest belong to the request, not the account.
+        _ => return Ok(Step::Done(answer)),
+    };
+    gw.accounts.record(entry, signal);
+    Ok(Step::Next(Ok(answer)))
+}
+
+/// Probes an account that announced `ban` (or was left suspected of one) and acts on the
+/// verdict: confirmed, the account is disabled for good; inconclusive, it rests like an
+/// ejection and stays suspected; refuted, it is back in service, untouched. One probe of an
+/// account runs at a time; a request that finds one running moves on without it.
+fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
+    let Some(_probing) = Probing::start(entry) else {
+        return Verdict::Inconclusive("another request is probing the account".into());
+    };
+    let probed = probe::account(
+        &gw.upstream(),
+        &gw.refresher,
+        entry,
+        &gw.live().system_prompt,
+    );
+    let verdict = probe::verdict(&probed, ban, entry.is_oauth());
+    let kind = ban.error_type.as_deref().unwrap_or("no error type");
+    let account = format!("account {} ({})", entry.id(), entry.account.name);
+    match &verdict {
+        Verdict::Confirmed => {
+            error!(
+                "{account} disabled: the upstream says \"{}\" ({kind}), and its probe confirms it",
+                ban.reason
+            );
+            entry.live().suspected_ban = None;
+            disable(gw, entry, ban.reason);
+        }
+        Verdict::Inconclusive(why) => {
+            warn!(
+                "{account}: the upstream says \"{}\" ({kind}), unconfirmed: {why}",
+                ban.reason
+            );
+            entry.live().suspected_ban = Some(ban.clone());
+            let reason = format!(
+                "the upstream said \"{}\" and {why}; probed again when this rest ends",
+                ban.reason
+            );
+            gw.accounts.record(entry, Signal::SuspectedBan(reason));
+        }
+        Verdict::Refuted => {
+            info!(
+                "{account}: the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
+                ban.reason
+            );
+            entry.live().suspected_ban = None;
+        }
+    }
+    verdict
+}
+
+/// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
+struct Probing<'a>(&'a Entry);
+
+impl<'a> Probing<'a> {
+    fn start(entry: &'a Entry) -> Option<Probing<'a>> {
+        let mut live = entry.live();
+        if live.probing {
+            return None;
+        }
+        live.probing = true;
+        Some(Probing(entry))
+    }
+}
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.live().probing = false;
+    }
+}
+
+/// Why `send` produced no answer.
+enum Failed {
+    Request(ApiError),
+    Account(ApiError),
+    Upstream(ApiError),
+}
+
+/// Sends the request with `entry`'s credential. An OAuth token refused with 401 is refreshed
+/// once and the request sent once more.
+fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
+    let upstream = gw.upstream();
+    let forward = |processor: &dyn crate::processor::Processor, scrub: Scrub| {
+        upstream
+            .forward(req, processor)
+            .map(|response| Answer::new(response, scrub))
+            .map_err(|e| match e {
+                ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
+                    Failed::Upstream(e)
+                }
+                // Every account shares the upstream's address: another would be refused the
+                // same way, and the account is not at fault.
+                ApiError::UpstreamUntrusted(_) => Failed::Request(e),
+                other => Failed::Request(other),
+            })
+    };
+    match &entry.account.credential {
+        Credential::ApiKey(key) => forward(&ApiKey(key), Scrub::new([key.expose()])),
+        Credential::OAuth(oauth) => {
+            // What an answer must not echo: the token it carried, the refresh token and the
+            // client secret (the upstream never sees the last two, but nothing of ours goes
+            // out that the gateway could have kept in).
+            let scrub = |tokens: &crate::config::Tokens| {
+                let secret = oauth.client_secret.as_ref().map(Secret::expose);
+                Scrub::new(
+                    [tokens.access.expose(), tokens.refresh.expose()]
+                        .into_iter()
+                        .chain(secret),
+                )
+            };
+            let tokens = gw.refresher.ensure(entry, Need::Expired).map_err(|e| {
+                let why = format!("account {} ({}): {e}", entry.id(), entry.account.name);
+                Failed::Account(ApiError::NoAccount(why))
+            })?;
+            // A token stored before tokens were checked (or by another instance) that no
+            // header can carry is the account's problem, never a 400 for the client.
+            if let Some(why) = crate::oauth::unsendable(tokens.access.expose()) {
+                let why = format!(
+                    "account {} ({}): its access token {why}",
+                    entry.id(),
+                    entry.account.name
+                );
+                return Err(Failed::Account(ApiError::NoAccount(why)));
+            }
+            let live = gw.live();
+            let answer = forward(&oauth_processor(&live, &tokens.access), scrub(&tokens))?;
+            if answer.status() != 401 {
+                return Ok(answer);
+            }
+            // A token we believed valid was refused: refresh once and retry once.
+            match gw
+                .refresher
+                .ensure(entry, Need::Rejected(tokens.access.clone()))
+            {
+                Ok(fresh) => forward(&oauth_processor(&live, &fresh.access), scrub(&fresh)),
+                // Not an API key refused: the token could not be renewed now. The account
+                // counts a failure (ejected by the usual rules), and a login needed shows as
+                // such on the account.
+                Err(e) => {
+                    warn!("account {}: 401 and no fresh token: {e}", entry.id());
+                    Err(Failed::Upstream(ApiError::NoAccount(format!(
+                        "account {} ({}): its token was refused and {e}",
+                        entry.id(),
+                        entry.account.name
+                    ))))
+                }
+            }
+        }
+        Credential::Unusable(why) => Err(Failed::Account(ApiError::NoAccount(why.clone()))),
+    }
+}
+
+/// `retry-after` in seconds (Anthropic sends whole or fractional seconds).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// The unified rate-limit reset (Unix seconds), counted only when the unified status is
+/// `rejected`: an `allowed_warning` reset is not a limit.
+fn unified_reset(answer: &Answer) -> Option<u64> {
+    let rejected = answer
+        .header("anthropic-ratelimit-unified-status")
+        .is_some_and(|s| s.trim() == "rejected");
+    rejected
+        .then(|| answer.header("anthropic-ratelimit-unified-reset"))
+        .flatten()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn oauth_processor<'a>(live: &'a Settings, token: &'a Secret) -> OAuth<'a> {
+    OAuth {
+        token,
+        system_prompt: &live.system_prompt,
+    }
+}
+
+/// Takes an account out of service for good: in memory at once, and in config.yaml.
+fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
+    entry.live().disabled_reason = Some(reason.to_string());
+    gw.accounts.share_ban(entry, reason);
+    if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
+        error!(
+            "could not record that account {} is disabled: {e}",
+            entry.id()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_values_parse() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after(" 1.5 "),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+}
