@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::http::Request;
 use crate::openai::Format;
-use crate::upstream::Meter;
+use crate::relay::Meter;
 
 pub struct AccessLog {
     /// `None`: stderr.

@@ -36,6 +36,7 @@ pub mod openai;
 pub mod probe;
 pub mod processor;
 pub mod refresh;
+pub mod relay;
 pub mod router;
 pub mod scrub;
 pub mod secret;

@@ -18,9 +18,10 @@ use crate::ledger::{Record, Usage};
 use crate::limits::{Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
+use crate::relay::{self, Meter, Outcome, Shape};
 use crate::status;
 use crate::sticky;
-use crate::upstream::{self, Answer, Meter, Outcome, Shape};
+use crate::upstream::Answer;
 
 const JSON: &str = "application/json";
 
@@ -198,7 +199,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                 permit = None;
                 settled = true;
             };
-            let relayed = upstream::relay(answer, out, &shape, &mut meter, max_event, &mut settle);
+            let relayed = relay::relay(answer, out, &shape, &mut meter, max_event, &mut settle);
             let (outcome, keep) = match relayed {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {

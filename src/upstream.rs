@@ -1,9 +1,8 @@
-//! The upstream side: one ureq agent whose connection pool is sized to the workers, the
-//! forwarding of a downstream request with the account's credential, and the relay of the
-//! response back downstream (byte for byte; SSE event by event, flushed after every read).
+//! The upstream client: one ureq agent whose connection pool is sized to the workers, the
+//! forwarding of a downstream request with the account's credential, and `Answer`, what came
+//! back (checked before anything goes downstream; `relay` copies it on).
 
 use std::io::Read;
-use std::time::Instant;
 
 use ureq::http::{self, HeaderMap};
 use ureq::unversioned::resolver::DefaultResolver;
@@ -12,30 +11,15 @@ use ureq::{Agent, Body, SendBody};
 
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
-use crate::http::{BodyWriter, Head, Request, Responder};
-use crate::json;
-use crate::ledger::{Reported, Usage};
-use crate::openai::{self, stream::ChunkStream};
+use crate::http::Request;
 use crate::processor::{Outgoing, Processor};
-use crate::scrub::{self, Scrub};
-use crate::sse;
-use crate::watch::{self, ClientWatch};
+use crate::scrub::Scrub;
+use crate::watch::ClientWatch;
 
 /// Bodies up to this size are read whole and sent with the head in one write.
-const BUFFER_WHOLE: u64 = 256 * 1024;
-const COPY_CHUNK: usize = 8 * 1024;
-/// SSE events are small (Anthropic's deltas are a few hundred bytes) and each read is relayed at
-/// once, so a stream's read buffer is small too.
-const SSE_CHUNK: usize = 2 * 1024;
+pub(crate) const BUFFER_WHOLE: u64 = 256 * 1024;
 /// Error bodies read for inspection are capped here.
-const MAX_INSPECTED: u64 = 1024 * 1024;
-/// A `usage` object found in a streamed body is kept up to this size (real ones are ~200 B).
-const MAX_USAGE: usize = 16 * 1024;
-/// A whole message read for conversion is capped here (far above any real answer).
-const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
-/// A model list (or one model) read for conversion: Anthropic's 1000-model page is about 200
-/// KiB, and the list is parsed into values, so its bound is far below a message's.
-const MAX_MODELS: u64 = 1024 * 1024;
+pub(crate) const MAX_INSPECTED: u64 = 1024 * 1024;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -58,7 +42,7 @@ const HEAD_OVERHEAD: usize = 512;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones the
 /// gateway sets itself.
-fn hop_by_hop(name: &str) -> bool {
+pub(crate) fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"
@@ -234,13 +218,13 @@ fn run<S: ureq::AsSendBody>(
 
 /// An upstream answer, and the secrets its request carried, which nothing of it may echo.
 pub struct Answer {
-    body: Held,
-    scrub: Scrub,
+    pub(crate) body: Held,
+    pub(crate) scrub: Scrub,
 }
 
 /// An answer still streaming, or read whole because the router had to look at it (and
 /// already scrubbed).
-enum Held {
+pub(crate) enum Held {
     Streaming(http::Response<Body>),
     Buffered(http::response::Parts, Vec<u8>),
 }
@@ -355,7 +339,7 @@ impl Answer {
     }
 }
 
-fn upstream_error(e: &ureq::Error) -> ApiError {
+pub(crate) fn upstream_error(e: &ureq::Error) -> ApiError {
     let message = e.to_string();
     if untrusted_certificate(&message) {
         return ApiError::UpstreamUntrusted(message);
@@ -380,12 +364,12 @@ fn untrusted_certificate(message: &str) -> bool {
 }
 
 /// Statuses whose answer has no body by definition (RFC 9110 §6.4.1): relayed without one.
-fn no_body(status: u16) -> bool {
+pub(crate) fn no_body(status: u16) -> bool {
     matches!(status, 204 | 304)
 }
 
 /// Whether a content type is an event stream.
-fn is_event_stream(content_type: &str) -> bool {
+pub(crate) fn is_event_stream(content_type: &str) -> bool {
     content_type.trim_start().starts_with("text/event-stream")
 }
 
@@ -415,369 +399,11 @@ pub fn garbled_success(content_type: Option<&str>, body: Option<&[u8]>) -> Optio
     }
 }
 
-/// How a relayed response ended, for the access log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Complete,
-    /// The upstream broke or ended early; the client was told (SSE error event) or saw a
-    /// truncated body.
-    UpstreamBroke(String),
-    /// The client went away mid-response.
-    ClientGone,
-    /// The upstream's stream carried an `event: error` (relayed to the client as it came):
-    /// its `error.type` and (the start of) its message.
-    UpstreamError {
-        kind: String,
-        message: String,
-    },
-}
-
-/// The form the client wants the answer in.
-#[derive(Debug, Clone)]
-pub enum Shape {
-    /// As Anthropic sent it.
-    Anthropic,
-    /// An OpenAI chat completion (or chunk stream), reporting the model the client named.
-    Chat { include_usage: bool, model: String },
-    /// OpenAI's model list (or one model), with the configured aliases listed too; `alias`
-    /// names a single model fetched for an alias.
-    Models {
-        aliases: Vec<String>,
-        alias: Option<String>,
-    },
-}
-
-impl Shape {
-    /// Whether the request is a message (sticky sessions apply).
-    pub fn is_message(&self) -> bool {
-        !matches!(self, Shape::Models { .. })
-    }
-}
-
-/// The `usage` of a message, or of an SSE event's data (`message_start` nests it in `message`);
-/// everything else in the body is skipped, not built.
-#[derive(serde::Deserialize)]
-struct UsageProbe {
-    usage: Option<Reported>,
-    message: Option<Box<UsageProbe>>,
-}
-
-/// What a relay learned on the way, for the ledger, metrics and the access log.
-#[derive(Debug, Default)]
-pub struct Meter {
-    pub usage: Usage,
-    /// When the first byte of the answer's body went to the client.
-    pub first_byte: Option<Instant>,
-    /// The `error` event a stream carried, if it did: (type, message).
-    stream_error: Option<(String, String)>,
-}
-
-/// An error event's message is kept this far for the logs: it may quote the request.
-const MAX_ERROR_MESSAGE: usize = 300;
-
-impl Meter {
-    fn sent(&mut self) {
-        self.first_byte.get_or_insert_with(Instant::now);
-    }
-
-    /// Takes the usage of an Anthropic message body, if it has one.
-    pub fn message(&mut self, body: &[u8]) {
-        if let Ok(p) = crate::json::from_slice::<UsageProbe>(body) {
-            self.usage.take(&p.usage.unwrap_or_default());
-        }
-    }
-
-    /// Takes what an `error` event says: `{"type":"error","error":{"type","message"}}`.
-    fn error_event(&mut self, event: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Data {
-            error: Inner,
-        }
-        #[derive(serde::Deserialize)]
-        struct Inner {
-            #[serde(rename = "type")]
-            kind: String,
-            #[serde(default)]
-            message: String,
-        }
-        let parsed = sse::data(event).and_then(|d| crate::json::from_slice::<Data>(&d).ok());
-        let (kind, message) = match parsed {
-            Some(Data { error }) => (error.kind, error.message),
-            None => (
-                "api_error".to_string(),
-                "an error event without an error".into(),
-            ),
-        };
-        let message = message.chars().take(MAX_ERROR_MESSAGE).collect();
-        self.stream_error = Some((kind, message));
-    }
-
-    /// How a stream that ended as `ended` ended, given the error event it may have carried.
-    fn outcome(&mut self, ended: Outcome) -> Outcome {
-        match (ended, self.stream_error.take()) {
-            (Outcome::Complete, Some((kind, message))) => Outcome::UpstreamError { kind, message },
-            (ended, _) => ended,
-        }
-    }
-
-    /// Takes a `usage` object's JSON text.
-    fn usage_value(&mut self, value: &[u8]) {
-        if let Ok(reported) = crate::json::from_slice::<Reported>(value) {
-            self.usage.take(&reported);
-        }
-    }
-
-    /// Takes the usage of complete SSE events (message_start and message_delta carry it), and
-    /// the error an `error` event reports.
-    pub fn events(&mut self, events: &[u8]) {
-        for event in sse::split_events(events) {
-            let Some(name) = sse::event_names(event).next() else {
-                continue;
-            };
-            if name == b"error" {
-                self.error_event(event);
-                continue;
-            }
-            if name != b"message_start" && name != b"message_delta" {
-                continue;
-            }
-            let Some(data) = sse::data(event) else {
-                continue;
-            };
-            if let Ok(p) = crate::json::from_slice::<UsageProbe>(&data) {
-                let in_message = p.message.and_then(|m| m.usage);
-                self.usage.take(&in_message.unwrap_or_default());
-                self.usage.take(&p.usage.unwrap_or_default());
-            }
-        }
-    }
-}
-
-/// What a relay calls with the answer's usage just before its last bytes go out, so the
-/// request is charged (and its reservation given back) before the client can see its answer
-/// end and send the next one.
-pub type Settle<'s> = &'s mut dyn FnMut(&Meter);
-
-/// Copies an answer downstream in `shape`. Returns how it ended and whether the connection
-/// may be reused; an error means nothing was sent yet and the caller should answer it.
-pub fn relay<'a>(
-    answer: Answer,
-    out: Responder<'a>,
-    shape: &Shape,
-    meter: &mut Meter,
-    max_event: usize,
-    settle: Settle<'_>,
-) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
-    let Answer { body, scrub } = answer;
-    let (parts, mut reader): (_, Box<dyn Read>) = match body {
-        Held::Streaming(response) => {
-            let (parts, body) = response.into_parts();
-            (parts, Box::new(body.into_reader()))
-        }
-        Held::Buffered(parts, bytes) => (parts, Box::new(std::io::Cursor::new(bytes))),
-    };
-    let status = parts.status.as_u16();
-    let converted = !matches!(shape, Shape::Anthropic);
-    if status < 200 || (converted && no_body(status)) {
-        return Err((
-            ApiError::UpstreamGarbled(format!("a {status} answer, which carries no message")),
-            out,
-        ));
-    }
-    let mut head = Head::new(status);
-    let tokens: Vec<String> = parts
-        .headers
-        .get_all("connection")
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
-        .collect();
-    let has_request_id = parts.headers.contains_key("request-id");
-    for (name, value) in &parts.headers {
-        let mut name = name.as_str();
-        // A converted body gets its own content-type; retry-after, request-id and the
-        // rate-limit headers still pass.
-        let skip = hop_by_hop(name)
-            || tokens.iter().any(|t| t == name)
-            || (converted && name == "content-type");
-        if skip {
-            continue;
-        }
-        // `x-request-id` is ours (the gateway's id for the request); the upstream's id
-        // travels under Anthropic's name for it.
-        if name == "x-request-id" {
-            if has_request_id {
-                continue;
-            }
-            name = "request-id";
-        }
-        let mut value = value.as_bytes().to_vec();
-        scrub.bytes(&mut value);
-        head.header(name, &value);
-    }
-    if no_body(status) {
-        meter.sent();
-        settle(meter);
-        return Ok((Outcome::Complete, out.send_bodiless(head)));
-    }
-    let guard = Guard {
-        scrub: &scrub,
-        max_event,
-    };
-    let is_sse = header_str(&parts.headers, "content-type").is_some_and(is_event_stream);
-    let length =
-        header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-
-    let json = |mut head: Head,
-                value: serde_json::Value,
-                out: Responder<'a>,
-                meter: &mut Meter,
-                settle: Settle<'_>| {
-        head.header("content-type", b"application/json");
-        meter.sent();
-        settle(meter);
-        let keep = out.send(head, value.to_string().as_bytes());
-        Ok((Outcome::Complete, keep))
-    };
-    match shape {
-        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter, &guard, settle)),
-        Shape::Anthropic => match length {
-            Some(n) if n <= BUFFER_WHOLE => {
-                // Small bodies: read whole, then one write; a short body is still an error we
-                // can report properly, since nothing has been sent yet. Read to the end (the
-                // reader's own end, one byte past `n` at most): only a body read to its end
-                // lets ureq return the connection to its pool.
-                let mut buf = Vec::with_capacity(n as usize);
-                match reader.by_ref().take(n + 1).read_to_end(&mut buf) {
-                    Ok(got) if got as u64 == n => {
-                        scrub.bytes(&mut buf);
-                        meter.sent();
-                        if status < 300 {
-                            meter.message(&buf);
-                        }
-                        settle(meter);
-                        Ok((Outcome::Complete, out.send(head, &buf)))
-                    }
-                    Ok(got) => Err((
-                        ApiError::UpstreamUnreachable(format!(
-                            "the upstream closed after {got} of {n} body bytes"
-                        )),
-                        out,
-                    )),
-                    Err(e) => Err((io_error(&e), out)),
-                }
-            }
-            // Large or unframed: copied through, its usage found on the way.
-            _ => {
-                let usage = (status < 300).then(|| json::FieldScan::new("usage", MAX_USAGE));
-                let started = match length {
-                    Some(n) => out.stream_with_length(head, n),
-                    None => out.stream(head),
-                };
-                Ok(relay_stream(reader, started, usage, meter, &scrub, settle))
-            }
-        },
-        _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED, &scrub) {
-            Ok(body) => json(
-                head,
-                openai::response::error_from_anthropic(status, &body),
-                out,
-                meter,
-                settle,
-            ),
-            Err(e) => Err((e, out)),
-        },
-        Shape::Chat {
-            include_usage,
-            model,
-            ..
-        } if is_sse => {
-            head.header("content-type", b"text/event-stream")
-                .header("cache-control", b"no-cache");
-            let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
-            Ok(relay_sse(
-                reader,
-                out,
-                head,
-                Some(chat),
-                meter,
-                &guard,
-                settle,
-            ))
-        }
-        Shape::Chat { model, .. } => {
-            let completion = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| {
-                openai::response::completion(&b, model, crate::time::now_unix())
-                    .map_err(|e| not_json(&e))
-            });
-            match completion {
-                Ok(c) => {
-                    meter.usage.merge(&c.usage);
-                    head.header("content-type", b"application/json");
-                    meter.sent();
-                    settle(meter);
-                    Ok((Outcome::Complete, out.send(head, &c.body)))
-                }
-                Err(e) => Err((e, out)),
-            }
-        }
-        Shape::Models { aliases, alias } => {
-            let listed = read_all(&mut reader, MAX_MODELS, &scrub).and_then(|b| parse_json(&b));
-            match listed {
-                Ok(v) if v.get("data").is_some() => {
-                    let mut list = openai::response::models(&v);
-                    if let Some(data) = list["data"].as_array_mut() {
-                        data.extend(aliases.iter().map(|a| {
-                            serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
-                        }));
-                    }
-                    json(head, list, out, meter, settle)
-                }
-                Ok(v) => {
-                    let mut model = openai::response::model(&v);
-                    if let Some(alias) = alias {
-                        model["id"] = alias.as_str().into();
-                        model["owned_by"] = "llm-gateway".into();
-                    }
-                    json(head, model, out, meter, settle)
-                }
-                Err(e) => Err((e, out)),
-            }
-        }
-    }
-}
-
-/// Reads a whole body, refusing more than `limit` bytes, and scrubs it.
-fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>, ApiError> {
-    let mut buf = Vec::new();
-    reader
-        .take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| io_error(&e))?;
-    if buf.len() as u64 > limit {
-        return Err(ApiError::UpstreamUnreachable(format!(
-            "the upstream answer is larger than {limit} bytes"
-        )));
-    }
-    scrub.bytes(&mut buf);
-    Ok(buf)
-}
-
-fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
-    crate::json::from_slice(body).map_err(|e| not_json(&e))
-}
-
-fn not_json(e: &serde_json::Error) -> ApiError {
-    ApiError::UpstreamUnreachable(format!(
-        "the upstream answered something that is not JSON: {e}"
-    ))
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn io_error(e: &std::io::Error) -> ApiError {
+pub(crate) fn io_error(e: &std::io::Error) -> ApiError {
     // ureq's body reader wraps its own errors (a read timeout is `Timeout(Reason::Read)` with
     // kind `Other`): classify those as ureq errors, so a stalled body is a 504, not a 502.
     if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<ureq::Error>()) {
@@ -791,180 +417,6 @@ fn io_error(e: &std::io::Error) -> ApiError {
     } else {
         ApiError::UpstreamUnreachable(e.to_string())
     }
-}
-
-/// What an event stream's relay holds it to.
-struct Guard<'a> {
-    scrub: &'a Scrub,
-    /// The largest event held before it is relayed.
-    max_event: usize,
-}
-
-/// A body of unknown or large length, copied as it arrives (less the tail that may begin a
-/// secret, held until the next piece).
-fn relay_stream(
-    mut reader: impl Read,
-    started: std::io::Result<BodyWriter<'_>>,
-    mut usage: Option<json::FieldScan>,
-    meter: &mut Meter,
-    scrub: &Scrub,
-    settle: Settle<'_>,
-) -> (Outcome, bool) {
-    let Ok(mut writer) = started else {
-        return (Outcome::ClientGone, false);
-    };
-    let watching = watch::watch(writer.socket());
-    let mut scrubbing = scrub::Stream::new(scrub);
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let ended = loop {
-        match reader.read(&mut buf) {
-            Ok(0) => {
-                if let Some(value) = usage.take().as_ref().and_then(json::FieldScan::value) {
-                    meter.usage_value(value);
-                }
-                settle(meter);
-                if writer.write(&scrubbing.finish()).is_err() {
-                    break (Outcome::ClientGone, false);
-                }
-                let keep = writer.finish();
-                break (Outcome::Complete, keep);
-            }
-            Ok(n) => {
-                meter.sent();
-                if let Some(scan) = &mut usage {
-                    scan.feed(&buf[..n]);
-                }
-                if writer.write(&scrubbing.feed(&buf[..n])).is_err() {
-                    break (Outcome::ClientGone, false);
-                }
-            }
-            Err(_) if watch::went_away() => {
-                drop(watching);
-                break (Outcome::ClientGone, writer.abort());
-            }
-            Err(e) => {
-                // Headers are gone: the only honest signal left is a truncated body.
-                break (Outcome::UpstreamBroke(e.to_string()), writer.abort());
-            }
-        }
-    };
-    // What the answer cost, however it ended: the tokens were spent upstream.
-    if let Some(value) = usage.as_ref().and_then(json::FieldScan::value) {
-        meter.usage_value(value);
-    }
-    ended
-}
-
-/// An SSE body, forwarded event by event, or converted event by event into OpenAI chunks
-/// when `chat` is given. If the upstream ends without `message_stop` (or an `error` event of
-/// its own), or an event grows past `guard.max_event`, the client is told with an error in
-/// its format rather than a silent cut.
-fn relay_sse(
-    mut reader: impl Read,
-    out: Responder<'_>,
-    head: Head,
-    mut chat: Option<ChunkStream>,
-    meter: &mut Meter,
-    guard: &Guard<'_>,
-    settle: Settle<'_>,
-) -> (Outcome, bool) {
-    let Ok(mut writer) = out.stream(head) else {
-        return (Outcome::ClientGone, false);
-    };
-    // The stream may last minutes on a shallow stack: return the pages the request's sending
-    // touched.
-    crate::memory::release_unused();
-    let watching = watch::watch(writer.socket());
-    let mut framer = sse::Framer::default();
-    let mut finished = false;
-    let mut buf = vec![0u8; SSE_CHUNK];
-    let mut scrubbed = Vec::new();
-    let broke = loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break None,
-            Ok(n) => {
-                let sent = framer.push(&buf[..n], |events| {
-                    // Events are whole here, so a secret inside one is too; they are copied
-                    // only when one is there.
-                    let events = if !guard.scrub.found_in(events) {
-                        events
-                    } else {
-                        scrubbed.clear();
-                        scrubbed.extend_from_slice(events);
-                        guard.scrub.bytes(&mut scrubbed);
-                        &scrubbed[..]
-                    };
-                    meter.sent();
-                    match &mut chat {
-                        None => {
-                            finished |= sse::event_names(events)
-                                .any(|name| name == b"message_stop" || name == b"error");
-                            // Written first: counting tokens never delays an event.
-                            let written = writer.write(events);
-                            meter.events(events);
-                            written
-                        }
-                        Some(chat) => {
-                            meter.events(events);
-                            let mut chunks = Vec::new();
-                            for event in sse::split_events(events) {
-                                chunks.extend(chat.event(event));
-                            }
-                            finished = chat.closed();
-                            writer.write(&chunks)
-                        }
-                    }
-                });
-                if sent.is_err() {
-                    return (Outcome::ClientGone, false);
-                }
-                crate::supervise::inject("relay");
-                if framer.held() > guard.max_event {
-                    // Never ended: the rest is not read (dropping the reader closes the
-                    // upstream connection), and our memory holds at most this event.
-                    break Some(format!(
-                        "an event grew past upstream.max_event_bytes ({} bytes) without ending",
-                        guard.max_event
-                    ));
-                }
-            }
-            Err(_) if watch::went_away() => return (Outcome::ClientGone, false),
-            Err(e) => break Some(e.to_string()),
-        }
-    };
-    drop(reader);
-    drop(watching);
-    if let Some(chat) = &chat {
-        meter.usage.merge(&chat.usage());
-    }
-    if finished && broke.is_none() {
-        let outcome = meter.outcome(Outcome::Complete);
-        if outcome == Outcome::Complete {
-            settle(meter);
-        }
-        return (outcome, writer.finish());
-    }
-    let why = match &broke {
-        Some(e) => format!("the upstream stream broke before message_stop: {e}"),
-        None if framer.has_partial() => {
-            "the upstream ended the stream in the middle of an event".to_string()
-        }
-        None => "the upstream ended the stream before message_stop".to_string(),
-    };
-    if finished {
-        // The message was complete (or its error said); a break after it loses nothing.
-        return (meter.outcome(Outcome::Complete), writer.finish());
-    }
-    let notice = match &mut chat {
-        None => sse::error_event("api_error", &why),
-        Some(chat) => chat.end(broke.as_deref()),
-    };
-    if writer.write(&notice).is_err() {
-        return (Outcome::ClientGone, false);
-    }
-    writer.finish();
-    // The response is complete as HTTP, but the connection saw a failure: do not reuse it.
-    (Outcome::UpstreamBroke(why), false)
 }
 
 #[cfg(test)]

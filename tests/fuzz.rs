@@ -754,7 +754,7 @@ fn openai_response(input: &[u8]) {
     let _ = openai::response::models(&value).to_string();
     let status = [200, 400, 401, 404, 429, 500, 529][(hash(input) % 7) as usize];
     let _ = openai::response::error_from_anthropic(status, input).to_string();
-    let mut meter = llm_gateway::upstream::Meter::default();
+    let mut meter = llm_gateway::relay::Meter::default();
     meter.message(input);
     let _ = meter.usage.total();
 }
@@ -764,7 +764,7 @@ fn openai_response(input: &[u8]) {
 fn openai_stream(input: &[u8]) {
     let mut rng = rng_of(input);
     let mut chat = ChunkStream::new("gpt-4o", rng.one_in(2), 1_700_000_000);
-    let mut meter = llm_gateway::upstream::Meter::default();
+    let mut meter = llm_gateway::relay::Meter::default();
     let mut framer = Framer::default();
     let mut out = Vec::new();
     for piece in reads(input, &mut rng) {
