@@ -2,9 +2,11 @@
 //! streams converted back, and the detection of which format a body is in. Pure functions, no
 //! I/O; tested table-style from fixtures in tests/data/openai/.
 
+mod messages;
 pub mod request;
 pub mod response;
 pub mod stream;
+mod views;
 
 use std::borrow::Cow;
 
