@@ -37,6 +37,8 @@ pub mod probe;
 pub mod processor;
 pub mod refresh;
 pub mod relay;
+pub mod reload;
+pub mod route;
 pub mod router;
 pub mod scrub;
 pub mod secret;

@@ -19,117 +19,12 @@ use crate::limits::{Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
 use crate::relay::{self, Meter, Outcome, Shape};
+use crate::route::{Route, check_query, route};
 use crate::status;
 use crate::sticky;
 use crate::upstream::Answer;
 
 const JSON: &str = "application/json";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// Alive: always 200.
-    Health,
-    /// At least one account could take a request now.
-    Ready,
-    /// The running state, for `llm-gateway status`: admin only.
-    Status,
-    /// Prometheus metrics: admin only.
-    Metrics,
-    /// Anthropic Messages (`count_tokens` too): passed through, unless the body is clearly
-    /// OpenAI's.
-    Messages { count_tokens: bool },
-    /// OpenAI Chat Completions: converted, unless the body is clearly Anthropic's.
-    Chat,
-    /// The model list or one model, in the caller's format.
-    Models,
-}
-
-fn route(method: &str, path: &str) -> Result<Route, ApiError> {
-    let (allow, route) = match path {
-        "/health" => ("GET", Route::Health),
-        "/ready" => ("GET", Route::Ready),
-        "/admin/status" => ("GET", Route::Status),
-        "/metrics" => ("GET", Route::Metrics),
-        "/v1/messages" => (
-            "POST",
-            Route::Messages {
-                count_tokens: false,
-            },
-        ),
-        "/v1/messages/count_tokens" => ("POST", Route::Messages { count_tokens: true }),
-        "/v1/chat/completions" | "/chat/completions" => ("POST", Route::Chat),
-        "/v1/models" => ("GET", Route::Models),
-        p if p.starts_with("/v1/models/") => {
-            let id = &p["/v1/models/".len()..];
-            if !is_model_id(id) {
-                return Err(ApiError::BadRequest(
-                    "the path does not end in a model id: ids are letters, digits, '-', '_', '.', ':' and '@', up to 128 of them, without '..'".into(),
-                ));
-            }
-            ("GET", Route::Models)
-        }
-        _ => {
-            return Err(ApiError::NotFound(format!(
-                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, GET /v1/models, GET /health and GET /ready"
-            )));
-        }
-    };
-    if allow == method {
-        Ok(route)
-    } else {
-        Err(ApiError::MethodNotAllowed { allow })
-    }
-}
-
-/// A model id as a piece of an upstream path: model-name characters only, so that nothing a
-/// client writes there (`..`, an encoded `/` or `\\`, a control byte) can lead the upstream
-/// request anywhere but to one model.
-fn is_model_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
-        && !id.starts_with(['.', '-'])
-        && !id.contains("..")
-}
-
-/// The query string a client sent, checked before it is passed on (`?beta=true`, the model
-/// list's paging): `key=value` pairs of URL characters whose percent-decoding is text without
-/// control characters.
-fn check_query(target: &str) -> Result<(), ApiError> {
-    let Some((_, query)) = target.split_once('?') else {
-        return Ok(());
-    };
-    let bad = |why: &str| Err(ApiError::BadRequest(format!("the query string {why}")));
-    let bytes = query.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = (bytes.get(i + 1..i + 3))
-                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                .and_then(|h| std::str::from_utf8(h).ok());
-            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                Some(v) => decoded.push(v),
-                None => return bad("has a '%' not followed by two hex digits"),
-            }
-            i += 3;
-            continue;
-        }
-        // RFC 3986's query characters: unreserved, sub-delims, ':', '@', '/' and '?'.
-        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b)) {
-            return bad("has a character a query may not hold");
-        }
-        decoded.push(b);
-        i += 1;
-    }
-    match std::str::from_utf8(&decoded) {
-        Ok(text) if !text.chars().any(char::is_control) => Ok(()),
-        Ok(_) => bad("decodes to control characters"),
-        Err(_) => bad("does not decode to UTF-8 text"),
-    }
-}
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -674,63 +569,6 @@ mod tests {
             &[b'['; 200],
             MAX_JSON_DEPTH
         ));
-    }
-
-    #[test]
-    fn routes_match_paths_and_methods() {
-        assert_eq!(route("GET", "/health").ok(), Some(Route::Health));
-        assert_eq!(route("GET", "/ready").ok(), Some(Route::Ready));
-        assert_eq!(
-            route("POST", "/v1/messages").ok(),
-            Some(Route::Messages {
-                count_tokens: false
-            })
-        );
-        assert_eq!(route("POST", "/chat/completions").ok(), Some(Route::Chat));
-        assert_eq!(
-            route("GET", "/v1/models/claude-x").ok(),
-            Some(Route::Models)
-        );
-        assert_eq!(route("GET", "/v1/messages").expect_err("405").status(), 405);
-        for bad in ["a/b", "..", "a%2Fb", "a\\b", ".x", "-x", "a..b", "a%00", ""] {
-            let path = format!("/v1/models/{bad}");
-            assert_eq!(route("GET", &path).expect_err(bad).status(), 400, "{bad}");
-        }
-        for good in [
-            "claude-sonnet-4-5",
-            "claude-3-5-sonnet@20240620",
-            "anthropic.claude-v2:1",
-        ] {
-            assert!(
-                route("GET", &format!("/v1/models/{good}")).is_ok(),
-                "{good}"
-            );
-        }
-        assert_eq!(route("POST", "/nope").expect_err("404").status(), 404);
-    }
-
-    #[test]
-    fn queries_are_url_text() {
-        for good in [
-            "/v1/messages",
-            "/v1/messages?beta=true",
-            "/m?limit=5&after_id=x%20y",
-            "/m?q=%C3%A9",
-        ] {
-            assert!(check_query(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "/m?a=%+f",
-            "/m?a=%zz",
-            "/m?a=%f",
-            "/m?a=%ff",
-            "/m?a=%0d%0a",
-            "/m?a=\"",
-            "/m?a=#x",
-            "/m?a b",
-        ] {
-            assert_eq!(check_query(bad).expect_err(bad).status(), 400, "{bad}");
-        }
     }
 
     #[test]
