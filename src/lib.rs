@@ -52,4 +52,5 @@ pub mod supervise;
 pub mod sys;
 pub mod time;
 pub mod upstream;
+pub mod usage;
 pub mod watch;

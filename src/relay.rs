@@ -9,7 +9,6 @@ use std::time::Instant;
 use crate::error::ApiError;
 use crate::http::{BodyWriter, Head, Responder};
 use crate::json;
-use crate::ledger::{Reported, Usage};
 use crate::openai::{self, stream::ChunkStream};
 use crate::scrub::{self, Scrub};
 use crate::sse;
@@ -17,6 +16,7 @@ use crate::upstream::{
     Answer, BUFFER_WHOLE, Held, MAX_INSPECTED, header_str, hop_by_hop, io_error, is_event_stream,
     no_body,
 };
+use crate::usage::{Reported, Usage};
 use crate::watch;
 
 const COPY_CHUNK: usize = 8 * 1024;

@@ -14,7 +14,6 @@ use crate::error::ApiError;
 use crate::failover;
 use crate::gateway::Gateway;
 use crate::http::{Conn, Head, Request, Responder};
-use crate::ledger::{Record, Usage};
 use crate::limits::{Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
@@ -23,6 +22,7 @@ use crate::route::{Route, check_query, route};
 use crate::status;
 use crate::sticky;
 use crate::upstream::Answer;
+use crate::usage::{Record, Usage};
 
 const JSON: &str = "application/json";
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 use redis::{Connection, RedisError, RedisResult};
 
 use crate::config::{RedisSettings, Tokens};
-use crate::ledger::{RowKey, Totals, Usage};
 use crate::secret::SecretKey;
+use crate::usage::{RowKey, Totals, Usage};
 
 /// Connections kept open between calls; more concurrent callers open and close their own.
 const IDLE_CONNECTIONS: usize = 64;

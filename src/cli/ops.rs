@@ -356,7 +356,7 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
     let shared_rows = crate::shared::open(&config).map(|shared| shared.usage_rows(from, to));
     let book = match shared_rows {
         // Every instance's totals.
-        Some(Ok(rows)) => crate::ledger::Book::from_rows(rows),
+        Some(Ok(rows)) => crate::usage::Book::from_rows(rows),
         Some(Err(e)) => {
             return Err(CliError {
                 exit: Exit::Unreachable,
@@ -392,7 +392,7 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
         _ => Default::default(),
     };
     let rows = crate::ledger::group(&book, &cmd.by, from, to);
-    let mut total = crate::ledger::Totals::default();
+    let mut total = crate::usage::Totals::default();
     for (_, t) in &rows {
         total.absorb(t);
     }
@@ -401,7 +401,7 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
         None => id.to_string(),
     };
     if cmd.json {
-        let row = |name: Value, t: &crate::ledger::Totals| {
+        let row = |name: Value, t: &crate::usage::Totals| {
             json!({
                 cmd.by.as_str(): name, "requests": t.requests, "errors": t.errors,
                 "input_tokens": t.usage.input, "output_tokens": t.usage.output,
@@ -457,7 +457,7 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
     Ok(())
 }
 
-fn numbers(label: String, t: &crate::ledger::Totals) -> [String; 8] {
+fn numbers(label: String, t: &crate::usage::Totals) -> [String; 8] {
     [
         label,
         t.requests.to_string(),
