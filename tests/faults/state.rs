@@ -516,7 +516,10 @@ fn a_full_disk_fails_writes_clearly_keeps_the_old_config_and_the_server_serving(
     let _tmpfs = match Tmpfs::mount_over(gw.dir(), "256k") {
         Ok(guard) => guard,
         Err(why) => {
-            println!("SKIPPED: a full disk needs a tmpfs mount ({why})");
+            crate::support::skipped(
+                "faults::state::a_full_disk_fails_writes_clearly_keeps_the_old_config_and_the_server_serving",
+                &format!("a full disk needs a tmpfs mount ({why})"),
+            );
             return;
         }
     };

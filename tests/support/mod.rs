@@ -710,3 +710,16 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
+
+/// A test that cannot run here says so where it is seen: on the real stderr (not the output
+/// the harness captures and hides for a passing test), naming why. With
+/// `LLM_GATEWAY_NO_SKIP=1` (CI on a machine that can run everything) a skip is a failure.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    assert!(
+        std::env::var_os("LLM_GATEWAY_NO_SKIP").is_none_or(|v| v != "1"),
+        "{test} was skipped ({why}) and LLM_GATEWAY_NO_SKIP=1 forbids it"
+    );
+}
