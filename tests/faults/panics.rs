@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::accounts::{admin_status, poll_until};
+use crate::support::accounts::{admin_status, poll_until, post_body};
 use crate::support::redis::RedisServer;
 use crate::support::{
     ACCOUNT_KEY, Config, Conn, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Meeting, Reply, call,
@@ -190,13 +190,7 @@ fn every_long_lived_thread_restarts_after_a_panic_and_works_again() {
     poll_until(RESTARTS, "the accept loop restarted", || {
         thread(&gw, "accept")["panics"] == 1
     });
-    let resp = call(
-        gw.addr(),
-        "POST",
-        "/v1/messages",
-        &[gw.auth()],
-        MESSAGE_BODY.as_bytes(),
-    );
+    let resp = post_body(&gw, MESSAGE_BODY);
     assert_eq!(resp.status, 200, "accepting again: {}", resp.text());
     let ready = call(gw.admin_addr(), "GET", "/ready", &[], b"");
     assert_eq!(
@@ -266,13 +260,7 @@ fn a_thread_that_keeps_dying_fails_ready_except_the_shared_state_probe() {
         "{ready}"
     );
     assert_eq!(thread(&gw, "oauth-refresh")["state"], "failing");
-    let resp = call(
-        gw.addr(),
-        "POST",
-        "/v1/messages",
-        &[gw.auth()],
-        MESSAGE_BODY.as_bytes(),
-    );
+    let resp = post_body(&gw, MESSAGE_BODY);
     assert_eq!(
         resp.status,
         200,
