@@ -371,7 +371,7 @@ fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>,
         .read_to_end(&mut buf)
         .map_err(|e| io_error(&e))?;
     if buf.len() as u64 > limit {
-        return Err(ApiError::UpstreamUnreachable(format!(
+        return Err(ApiError::UpstreamGarbled(format!(
             "the upstream answer is larger than {limit} bytes"
         )));
     }
@@ -383,8 +383,9 @@ fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     crate::json::from_slice(body).map_err(|e| not_json(&e))
 }
 
+/// An answer that is not what it claims is garbage, not a connection failure.
 fn not_json(e: &serde_json::Error) -> ApiError {
-    ApiError::UpstreamUnreachable(format!(
+    ApiError::UpstreamGarbled(format!(
         "the upstream answered something that is not JSON: {e}"
     ))
 }

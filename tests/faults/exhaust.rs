@@ -136,6 +136,8 @@ fn bodiless(seen: Seen, stream: TcpStream) {
             PLAIN_REPLY,
         ),
         "x-id-only" => json_response("200 OK", "x-request-id: upstream-only\r\n", PLAIN_REPLY),
+        // Chunked, so it is not read whole before the relay: the converter finds it garbage.
+        "garbage" => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n9\r\n<html>oh!\r\n0\r\n\r\n".to_vec(),
         _ => json_response("200 OK", "", PLAIN_REPLY),
     };
     answer(stream, &bytes);
@@ -202,6 +204,24 @@ fn answers_without_a_body_are_relayed_without_one_and_the_upstream_id_is_request
     );
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert!(!resp.text().contains("raw bytes"), "{}", resp.text());
+
+    // An answer that is not JSON is reported as garbage, not as an unreachable upstream.
+    let resp = call(
+        gw.addr(),
+        "POST",
+        "/v1/chat/completions",
+        &[gw.auth(), ("x-case", "garbage")],
+        PLAIN_BODY.as_bytes(),
+    );
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let message = resp.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.starts_with("upstream answered garbage"),
+        "{message}"
+    );
 
     // One x-request-id, ours; the upstream's id under Anthropic's name.
     for (case, upstream_id) in [
