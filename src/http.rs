@@ -1,6 +1,6 @@
 //! The downstream wire: HTTP/1.1 requests read from a client connection with httparse, under
-//! hard limits (head size and total head time, body size and idle time), and responses written
-//! back with Content-Length, chunked, or close-delimited framing.
+//! hard limits (head size and total head time, body size and idle time); `respond` writes the
+//! answers back.
 //!
 //! Why in-tree and not tiny_http: see ARCHITECTURE.md. Nothing here allocates what the client
 //! merely declares: a body buffer grows with bytes actually received.
@@ -9,6 +9,8 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::respond::Responder;
 
 /// The largest request head accepted; more is 431.
 pub const MAX_HEAD: usize = 32 * 1024;
@@ -116,7 +118,7 @@ pub enum Framing {
 /// A client connection and the bytes read from it but not yet consumed (pipelining).
 pub struct Conn {
     /// Shared with the server's connection registry, which may shut an idle one down.
-    stream: Arc<TcpStream>,
+    pub(crate) stream: Arc<TcpStream>,
     buf: Vec<u8>,
     served: u64,
     /// What the current request's head said, once read: for answering and logging a request
@@ -129,7 +131,7 @@ pub struct Conn {
     /// When the body being read started, and the bytes received for it since.
     body_clock: (Instant, u64),
     /// Whether a response to the current request has started going out.
-    responded: bool,
+    pub(crate) responded: bool,
 }
 
 /// The parts of a request head that identify it in logs.
@@ -592,186 +594,6 @@ pub fn parse_chunk_size(line: &[u8]) -> Result<u64, ReadError> {
     u64::from_str_radix(digits, 16).map_err(|_| ReadError::Malformed("invalid chunk size"))
 }
 
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        201 => "Created",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        417 => "Expectation Failed",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        529 => "Overloaded",
-        _ => "",
-    }
-}
-
-/// Writes one response on a connection. Consumed by the method that sends the body; its result
-/// says whether the connection may serve another request.
-pub struct Responder<'a> {
-    conn: &'a mut Conn,
-    minor_version: u8,
-    keep_alive: bool,
-    /// Sent back as `x-request-id` on every response.
-    request_id: Option<String>,
-}
-
-/// A response head under construction: status line and headers, framing added on send.
-pub struct Head {
-    buf: Vec<u8>,
-}
-
-impl Head {
-    pub fn new(status: u16) -> Head {
-        let mut buf = Vec::with_capacity(512);
-        buf.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
-        Head { buf }
-    }
-
-    /// Adds a header. Values come from httparse or `http::HeaderValue`, so hold no CR or LF;
-    /// anything else is dropped rather than risk response splitting.
-    pub fn header(&mut self, name: &str, value: &[u8]) -> &mut Head {
-        if value.iter().any(|&b| b == b'\r' || b == b'\n') || name.is_empty() {
-            return self;
-        }
-        self.buf.extend_from_slice(name.as_bytes());
-        self.buf.extend_from_slice(b": ");
-        self.buf.extend_from_slice(value);
-        self.buf.extend_from_slice(b"\r\n");
-        self
-    }
-}
-
-impl<'a> Responder<'a> {
-    pub fn with_request_id(mut self, id: &str) -> Responder<'a> {
-        self.request_id = Some(id.to_string());
-        self
-    }
-
-    fn finish_head(&mut self, head: &mut Head, framing: &str) {
-        self.conn.responded = true;
-        if let Some(id) = &self.request_id {
-            head.header("x-request-id", id.as_bytes());
-        }
-        head.buf.extend_from_slice(framing.as_bytes());
-        if !self.keep_alive {
-            head.buf.extend_from_slice(b"connection: close\r\n");
-        } else if self.minor_version == 0 {
-            head.buf.extend_from_slice(b"connection: keep-alive\r\n");
-        }
-        head.buf.extend_from_slice(b"\r\n");
-    }
-
-    /// Sends a complete response with Content-Length in one write. Returns whether the
-    /// connection may be reused.
-    pub fn send(mut self, mut head: Head, body: &[u8]) -> bool {
-        self.finish_head(&mut head, &format!("content-length: {}\r\n", body.len()));
-        head.buf.extend_from_slice(body);
-        (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
-    }
-
-    /// Sends a response that has no body by definition (204, 304): no framing header at all.
-    pub fn send_bodiless(mut self, mut head: Head) -> bool {
-        self.finish_head(&mut head, "");
-        (&*self.conn.stream).write_all(&head.buf).is_ok() && self.keep_alive
-    }
-
-    /// Starts a body of unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
-    pub fn stream(mut self, mut head: Head) -> io::Result<BodyWriter<'a>> {
-        let chunked = self.minor_version == 1;
-        if chunked {
-            self.finish_head(&mut head, "transfer-encoding: chunked\r\n");
-        } else {
-            self.keep_alive = false;
-            self.finish_head(&mut head, "");
-        }
-        (&*self.conn.stream).write_all(&head.buf)?;
-        Ok(BodyWriter {
-            stream: &self.conn.stream,
-            chunked,
-            keep_alive: self.keep_alive,
-            scratch: Vec::new(),
-            remaining: None,
-        })
-    }
-
-    /// Starts a body of known length, copied through as it arrives.
-    pub fn stream_with_length(mut self, mut head: Head, len: u64) -> io::Result<BodyWriter<'a>> {
-        self.finish_head(&mut head, &format!("content-length: {len}\r\n"));
-        (&*self.conn.stream).write_all(&head.buf)?;
-        Ok(BodyWriter {
-            stream: &self.conn.stream,
-            chunked: false,
-            keep_alive: self.keep_alive,
-            scratch: Vec::new(),
-            remaining: Some(len),
-        })
-    }
-}
-
-/// Writes body bytes as they come; each `write` reaches the socket before it returns.
-pub struct BodyWriter<'a> {
-    stream: &'a TcpStream,
-    chunked: bool,
-    keep_alive: bool,
-    scratch: Vec<u8>,
-    /// For a Content-Length body, the bytes still owed.
-    remaining: Option<u64>,
-}
-
-impl BodyWriter<'_> {
-    /// The client's socket, for watching whether the client is still there (`watch`).
-    pub fn socket(&self) -> &TcpStream {
-        self.stream
-    }
-
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        if let Some(left) = &mut self.remaining {
-            *left = left.saturating_sub(data.len() as u64);
-        }
-        if !self.chunked {
-            return self.stream.write_all(data);
-        }
-        // One write per chunk: size line, data and CRLF together.
-        self.scratch.clear();
-        self.scratch
-            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        self.scratch.extend_from_slice(data);
-        self.scratch.extend_from_slice(b"\r\n");
-        self.stream.write_all(&self.scratch)
-    }
-
-    /// Ends the body properly. Returns whether the connection may be reused.
-    pub fn finish(self) -> bool {
-        if self.chunked {
-            return (&*self.stream).write_all(b"0\r\n\r\n").is_ok() && self.keep_alive;
-        }
-        self.keep_alive && self.remaining.is_none_or(|left| left == 0)
-    }
-
-    /// Ends the body without its terminator, so the client sees a truncated response rather
-    /// than a complete one. The connection must then be closed.
-    pub fn abort(self) -> bool {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -854,14 +676,5 @@ mod tests {
         assert!(parse_chunk_size(b"").is_err());
         assert!(parse_chunk_size(b"zz").is_err());
         assert!(parse_chunk_size(b"ffffffffffffffffff").is_err());
-    }
-
-    #[test]
-    fn head_values_with_line_breaks_are_dropped() {
-        let mut h = Head::new(200);
-        h.header("x-a", b"ok").header("x-b", b"bad\r\nx-evil: 1");
-        let text = String::from_utf8(h.buf).expect("ascii");
-        assert!(text.contains("x-a: ok"));
-        assert!(!text.contains("evil"));
     }
 }

@@ -38,6 +38,7 @@ pub mod processor;
 pub mod refresh;
 pub mod relay;
 pub mod reload;
+pub mod respond;
 pub mod route;
 pub mod router;
 pub mod scrub;

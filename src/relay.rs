@@ -7,9 +7,9 @@ use std::io::Read;
 use std::time::Instant;
 
 use crate::error::ApiError;
-use crate::http::{BodyWriter, Head, Responder};
 use crate::json;
 use crate::openai::{self, stream::ChunkStream};
+use crate::respond::{BodyWriter, Head, Responder};
 use crate::scrub::{self, Scrub};
 use crate::sse;
 use crate::upstream::{
