@@ -6,10 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::accounts::cooldown::Signal;
+use crate::accounts::sticky;
 use crate::accounts::{Entry, Pick};
 use crate::anthropic;
 use crate::config::Credential;
-use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, Settings};
 use crate::http::Request;
@@ -18,7 +19,6 @@ use crate::processor::{ApiKey, OAuth};
 use crate::refresh::Need;
 use crate::scrub::Scrub;
 use crate::secret::Secret;
-use crate::sticky;
 use crate::store;
 use crate::upstream::Answer;
 

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use crate::access::{AccessLine, Names, request_id, request_id_from};
 use crate::accounts::Pick;
+use crate::accounts::cooldown::Signal;
+use crate::accounts::sticky;
 use crate::anthropic;
 use crate::auth::Client;
-use crate::cooldown::Signal;
 use crate::error::ApiError;
 use crate::failover;
 use crate::gateway::Gateway;
@@ -21,7 +22,6 @@ use crate::relay::{self, Meter, Outcome, Shape};
 use crate::respond::{Head, Responder};
 use crate::route::{Route, check_query, route};
 use crate::status;
-use crate::sticky;
 use crate::upstream::Answer;
 use crate::usage::{Record, Usage};
 

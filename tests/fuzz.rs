@@ -740,7 +740,7 @@ fn openai_request(input: &[u8]) {
             serde_json::from_slice::<Value>(&bytes).expect("a converted body is JSON");
         }
         // The converted body goes on through the Anthropic-side readers.
-        let _ = llm_gateway::sticky::facts(&bytes, None);
+        let _ = llm_gateway::accounts::sticky::facts(&bytes, None);
         let _ = llm_gateway::anthropic::prepend_system_text(&bytes, "system");
     }
 }
@@ -796,8 +796,8 @@ fn openai_stream(input: &[u8]) {
 fn body_probe(input: &[u8]) {
     let _ = llm_gateway::router::body_format(input);
     let _ = openai::detect(input);
-    let _ = llm_gateway::sticky::facts(input, None);
-    let _ = llm_gateway::sticky::facts(input, Some("session"));
+    let _ = llm_gateway::accounts::sticky::facts(input, None);
+    let _ = llm_gateway::accounts::sticky::facts(input, Some("session"));
     if let Ok(edited) = llm_gateway::anthropic::prepend_system_text(input, "You are Claude Code")
         && serde_json::from_slice::<Value>(input).is_ok()
     {
@@ -809,7 +809,7 @@ fn body_probe(input: &[u8]) {
     if let Ok(v) = llm_gateway::json::from_slice::<Value>(input)
         && let Some(user_id) = v["metadata"]["user_id"].as_str()
     {
-        let _ = llm_gateway::sticky::session_of_user_id(user_id);
+        let _ = llm_gateway::accounts::sticky::session_of_user_id(user_id);
     }
 }
 

@@ -1,0 +1,292 @@
+//! One account: its configuration, what the gateway has learned about it (`Live`: health,
+//! tokens, bans, probes), its configured `State`, and the transitions `accounts` asks of it.
+
+use super::*;
+
+/// One account and what the gateway has learned about it since loading it.
+#[derive(Debug)]
+pub struct Entry {
+    pub account: Account,
+    /// Shared with the entry this one replaced at a reload, so a refresh finishing on an old
+    /// entry still lands where new requests look.
+    pub(super) live: Arc<Mutex<Live>>,
+    /// Requests using this account now; read by least_busy without the live lock.
+    pub(super) in_flight: Arc<AtomicU32>,
+    /// Since start: requests sent and failures seen, for status.
+    pub(super) requests: Arc<AtomicU64>,
+    pub(super) failures: Arc<AtomicU64>,
+}
+
+/// An account's configured state: whether it may serve at all, before its health counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Enabled,
+    Disabled,
+    /// An OAuth account whose refresh token was refused: a person must log in again.
+    NeedsLogin,
+    /// An OAuth account never logged in.
+    NotLoggedIn,
+    /// Its credential cannot be used (an unset environment variable, say).
+    Unusable,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Enabled => "enabled",
+            State::Disabled => "disabled",
+            State::NeedsLogin => "needs_login",
+            State::NotLoggedIn => "not_logged_in",
+            State::Unusable => "unusable",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    /// The OAuth tokens in use. Newer than the file's while `persist_error` is set.
+    pub tokens: Option<Tokens>,
+    /// invalid_grant seen: a person must log in again.
+    pub needs_login: bool,
+    /// A permanent failure seen at run time (a ban): the account is out of service.
+    pub disabled_reason: Option<String>,
+    /// A ban the upstream announced that a probe could not settle: the account rests, and is
+    /// probed again before it next serves.
+    pub suspected_ban: Option<crate::anthropic::Ban>,
+    /// A probe of the account is in flight (`failover::confirm_ban`): one at a time.
+    pub probing: bool,
+    /// Consecutive failed refresh attempts, and when the next may be made.
+    pub refresh_failures: u32,
+    pub next_refresh_attempt: Option<Instant>,
+    pub last_refresh: Option<Instant>,
+    pub last_refresh_error: Option<String>,
+    /// Since start, for metrics.
+    pub refreshes_ok: u64,
+    pub refreshes_failed: u64,
+    /// Rotated tokens could not be written to config.yaml: they exist only in memory until a
+    /// retry succeeds. Shown loudly; never silent.
+    pub persist_error: Option<String>,
+    /// Cooldowns and failure counts.
+    pub health: Health,
+    /// `disabled_reason` came from another instance's ban (through Redis), and goes when the
+    /// ban is lifted there.
+    pub banned_elsewhere: bool,
+}
+
+impl Entry {
+    pub(super) fn new(account: Account, previous: Option<&Entry>) -> Entry {
+        let previous = previous.filter(|p| p.account.kind == account.kind);
+        let shared = previous.map(|p| Arc::clone(&p.live)).unwrap_or_default();
+        {
+            let mut live = shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(oauth) = account.oauth() {
+                // The file is the truth unless it is older than what this process holds: tokens
+                // rotated but not written yet, or fresher ones adopted from another instance.
+                let older = match (&live.tokens, &oauth.tokens) {
+                    (Some(held), Some(file)) => file.issued_at < held.issued_at,
+                    _ => false,
+                };
+                if live.persist_error.is_none() && !older {
+                    live.tokens = oauth.tokens.clone();
+                    live.needs_login = oauth.needs_login;
+                }
+            }
+            if account.enabled {
+                live.disabled_reason = None;
+            }
+        }
+        Entry {
+            account,
+            live: shared,
+            in_flight: previous
+                .map(|p| Arc::clone(&p.in_flight))
+                .unwrap_or_default(),
+            requests: previous
+                .map(|p| Arc::clone(&p.requests))
+                .unwrap_or_default(),
+            failures: previous
+                .map(|p| Arc::clone(&p.failures))
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn live(&self) -> MutexGuard<'_, Live> {
+        // Live state is plain data, consistent after every assignment: poison carries no news.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.account.id
+    }
+
+    pub fn is_oauth(&self) -> bool {
+        self.account.oauth().is_some()
+    }
+
+    /// Whether requests may be sent with this account now.
+    pub fn usable(&self) -> bool {
+        self.usable_with(&self.live())
+    }
+
+    pub(super) fn usable_with(&self, live: &Live) -> bool {
+        self.account.enabled
+            && live.disabled_reason.is_none()
+            && match &self.account.credential {
+                Credential::ApiKey(_) => true,
+                Credential::OAuth(_) => !live.needs_login && live.tokens.is_some(),
+                Credential::Unusable(_) => false,
+            }
+    }
+
+    /// The configured state, for lists.
+    pub fn state(&self) -> State {
+        self.state_with(&self.live())
+    }
+
+    /// `state`, with the live state already in hand (its lock is not taken again).
+    pub(super) fn state_with(&self, live: &Live) -> State {
+        if !self.account.enabled || live.disabled_reason.is_some() {
+            return State::Disabled;
+        }
+        match &self.account.credential {
+            Credential::OAuth(_) if live.needs_login => State::NeedsLogin,
+            Credential::OAuth(_) if live.tokens.is_none() => State::NotLoggedIn,
+            Credential::Unusable(_) => State::Unusable,
+            _ => State::Enabled,
+        }
+    }
+
+    /// The running state for status: `active`, `cooling`, `invalid`, or the configured state
+    /// when the account is out of service; with the reason.
+    pub fn status(&self, now: Instant) -> (&'static str, Option<String>) {
+        let live = self.live();
+        match self.state_with(&live) {
+            State::Enabled => live.health.describe(now),
+            State::Disabled => ("disabled", live.disabled_reason.clone()),
+            State::Unusable => match &self.account.credential {
+                Credential::Unusable(why) => ("unusable", Some(why.clone())),
+                _ => ("unusable", None),
+            },
+            other => (other.as_str(), None),
+        }
+    }
+
+    /// Records what using the account brought; returns the cooldown it started, if any.
+    pub fn record(&self, signal: Signal, settings: &BalanceSettings) -> Option<Cooldown> {
+        let failed = !matches!(signal, Signal::Success);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = Now {
+            instant: Instant::now(),
+            unix_ms: crate::time::now_unix_millis(),
+        };
+        // Jitter only spreads the return of accounts put to cool; a success needs none.
+        let jitter = if failed {
+            cooldown::jitter()
+        } else {
+            Duration::ZERO
+        };
+        let mut live = self.live();
+        let before = live.health.cooldown.clone();
+        live.health.record(signal, now, jitter, settings);
+        if let (Some(rest), None) = (&before, &live.health.cooldown) {
+            debug!(
+                "account {}: back in service, its rest ({}) over",
+                self.id(),
+                rest.reason
+            );
+        }
+        if live.health.invalid && failed {
+            error!(
+                "account {} ({}) is invalid: its key was refused again and again; fix it and restart, or remove it",
+                self.id(),
+                self.account.name
+            );
+        }
+        let c = live
+            .health
+            .cooldown
+            .as_ref()
+            .filter(|c| Some(*c) != before.as_ref())?;
+        warn!(
+            "account {} ({}) cooling down until {}: {}",
+            self.id(),
+            self.account.name,
+            crate::time::rfc3339(c.until_unix_ms / 1000),
+            c.reason
+        );
+        Some(c.clone())
+    }
+
+    /// Meets the tokens Redis holds for this account: takes them when as new as ours or newer
+    /// (`adopt_stored`), else offers ours; rotated tokens that could not be stored before and
+    /// now are clear `persist_error`.
+    pub fn meet_stored(&self, shared: &Shared, stored: Option<&Stored>) -> Result<(), Down> {
+        let offer = adopt_stored(&mut self.live(), stored);
+        if let Some(tokens) = offer
+            && shared.offer(self.id(), &tokens)?
+        {
+            let mut live = self.live();
+            if live.persist_error.is_some() && live.tokens.as_ref() == Some(&tokens) {
+                live.persist_error = None;
+                info!("stored the rotated tokens of account {} at last", self.id());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes what other instances found (through Redis): a longer cooldown, a ban, a lifted
+    /// ban.
+    pub(super) fn adopt(
+        &self,
+        live: &mut Live,
+        cool: Option<&(u64, String)>,
+        ban: Option<&String>,
+        now: Now,
+    ) {
+        if let Some((until_ms, reason)) = cool
+            && *until_ms > now.unix_ms
+            && live
+                .health
+                .cooldown
+                .as_ref()
+                .is_none_or(|c| c.until_unix_ms < *until_ms)
+        {
+            live.health.cooldown = Some(Cooldown {
+                until: now.instant + Duration::from_millis(until_ms - now.unix_ms),
+                until_unix_ms: *until_ms,
+                reason: reason.clone(),
+            });
+        }
+        match ban {
+            Some(reason) if live.disabled_reason.is_none() => {
+                live.disabled_reason = Some(reason.clone());
+                live.banned_elsewhere = true;
+            }
+            None if live.banned_elsewhere => {
+                live.disabled_reason = None;
+                live.banned_elsewhere = false;
+            }
+            _ => {}
+        }
+    }
+}
