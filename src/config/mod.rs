@@ -498,7 +498,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// A warning when config.yaml holds sealed secrets and its group or others may read it:
 /// sealed values are safe without the key, but there is no reason to hand them out.
 pub fn exposure_warning(path: &Path, text: Option<&str>) -> Option<String> {
-    if !text?.contains("enc:v1:") {
+    // A sealed value, not the prefix named in a comment (the shipped file explains it).
+    let sealed = (text?.lines()).any(|line| {
+        line.split('#')
+            .next()
+            .is_some_and(|v| v.contains("enc:v1:"))
+    });
+    if !sealed {
         return None;
     }
     let mode = secret::readable_by_others(path)?;
@@ -1125,5 +1131,20 @@ mod tests {
         )
         .expect_err("duplicate");
         assert!(err.to_string().contains("two accounts"));
+    }
+
+    #[test]
+    fn only_a_sealed_value_makes_an_exposed_file_worth_a_warning() {
+        let dir = std::env::temp_dir().join(format!("llm-gateway-exposure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, "x: 1\n").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let comment = "# secrets are sealed (enc:v1:...)\naccounts: []\n";
+        assert_eq!(exposure_warning(&path, Some(comment)), None);
+        let sealed = "accounts:\n- key: enc:v1:AAAA # sealed\n";
+        assert!(exposure_warning(&path, Some(sealed)).is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
