@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use crate::oauth::rig::Rig;
 use crate::support::{
-    Config, Conn, FakeUpstream, Gateway, RawUpstream, Reply, Script, Seen, call, proc_status,
-    request_bytes, sse_events,
+    Config, Conn, FakeUpstream, Gateway, RawUpstream, Reply, Response, Script, Seen, call,
+    proc_status, request_bytes, sse_events,
 };
 
 /// The account key every case here uses: long enough to be looked for.
@@ -145,6 +145,17 @@ fn bodiless(seen: Seen, stream: TcpStream) {
 
 const PLAIN_REPLY: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#;
 
+/// One request for `case` on a fresh connection, and its answer.
+fn one_case(gw: &Gateway, path: &str, case: &str) -> Response {
+    call(
+        gw.addr(),
+        "POST",
+        path,
+        &[gw.auth(), ("x-case", case)],
+        PLAIN_BODY.as_bytes(),
+    )
+}
+
 fn send_case(conn: &mut Conn, gw: &Gateway, path: &str, case: &str) {
     conn.send(&request_bytes(
         "POST",
@@ -180,13 +191,7 @@ fn answers_without_a_body_are_relayed_without_one_and_the_upstream_id_is_request
         assert_eq!(next.status, 200, "{case}: the connection is still in step");
         assert_eq!(next.json()["id"], "msg_1");
         // The chat route has no message to convert: a clear 502 in OpenAI's shape.
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/chat/completions",
-            &[gw.auth(), ("x-case", case)],
-            PLAIN_BODY.as_bytes(),
-        );
+        let resp = one_case(&gw, "/v1/chat/completions", case);
         assert_eq!(resp.status, 502, "{case} on chat: {}", resp.text());
         assert!(
             resp.json()["error"]["message"].is_string(),
@@ -195,24 +200,12 @@ fn answers_without_a_body_are_relayed_without_one_and_the_upstream_id_is_request
         );
     }
     // A protocol switch nobody asked for is a 502, not an open tunnel.
-    let resp = call(
-        gw.addr(),
-        "POST",
-        "/v1/messages",
-        &[gw.auth(), ("x-case", "101")],
-        PLAIN_BODY.as_bytes(),
-    );
+    let resp = one_case(&gw, "/v1/messages", "101");
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert!(!resp.text().contains("raw bytes"), "{}", resp.text());
 
     // An answer that is not JSON is reported as garbage, not as an unreachable upstream.
-    let resp = call(
-        gw.addr(),
-        "POST",
-        "/v1/chat/completions",
-        &[gw.auth(), ("x-case", "garbage")],
-        PLAIN_BODY.as_bytes(),
-    );
+    let resp = one_case(&gw, "/v1/chat/completions", "garbage");
     assert_eq!(resp.status, 502, "{}", resp.text());
     let message = resp.json()["error"]["message"]
         .as_str()
