@@ -168,3 +168,23 @@ impl Book {
         })
     }
 }
+
+/// Rows grouped by one dimension, for `llm-gateway usage`.
+pub fn group(book: &Book, by: &str, from_day: u64, to_day: u64) -> Vec<(String, Totals)> {
+    let mut groups: HashMap<String, Totals> = HashMap::new();
+    for ((day, key, account, model), totals) in &book.rows {
+        if *day < from_day || *day > to_day {
+            continue;
+        }
+        let label = match by {
+            "account" => account.clone(),
+            "model" => model.clone(),
+            "day" => crate::time::rfc3339(day * 86_400)[..10].to_string(),
+            _ => key.clone(),
+        };
+        groups.entry(label).or_default().absorb(totals);
+    }
+    let mut out: Vec<(String, Totals)> = groups.into_iter().collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

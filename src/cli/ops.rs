@@ -391,7 +391,7 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
             .collect(),
         _ => Default::default(),
     };
-    let rows = crate::ledger::group(&book, &cmd.by, from, to);
+    let rows = crate::usage::group(&book, &cmd.by, from, to);
     let mut total = crate::usage::Totals::default();
     for (_, t) in &rows {
         total.absorb(t);

@@ -1,0 +1,214 @@
+//! The managed lists: accounts, their secrets opened with the key (and nowhere else), and the
+//! client keys. Each entry is checked alone, then the list for duplicate ids.
+
+use super::*;
+use crate::secret::{self, KeySource, Secret, SecretError, SecretKey};
+
+/// The secret key, loaded only if some account value is sealed.
+pub(super) fn secret_key(
+    keys: &KeySource,
+    accounts: &[RawAccount],
+) -> Result<Option<SecretKey>, ConfigError> {
+    let sealed = accounts.iter().any(|a| {
+        a.clone()
+            .secret_fields()
+            .iter()
+            .any(|(_, v)| v.as_deref().is_some_and(secret::is_sealed))
+    });
+    if !sealed {
+        return Ok(None);
+    }
+    let key = keys.load()?.ok_or(SecretError::NoKey {
+        file: keys.file.clone(),
+    })?;
+    Ok(Some(key))
+}
+
+pub(super) fn accounts(
+    raw: Vec<RawAccount>,
+    key: Option<&SecretKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Account>, AccountError> {
+    let accounts = (raw.into_iter())
+        .map(|a| validate_account(a, key, warnings))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(AccountError::Invalid(format!(
+            "two accounts have the id {}",
+            w[0]
+        )));
+    }
+    Ok(accounts)
+}
+
+pub(super) fn client_keys(raw: Vec<RawClientKey>) -> Result<Vec<ClientKey>, String> {
+    raw.into_iter().map(client_key).collect()
+}
+
+fn client_key(k: RawClientKey) -> Result<ClientKey, String> {
+    let hash = (k.hash.strip_prefix("sha256:"))
+        .and_then(crate::encoding::hex_decode)
+        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        .ok_or_else(|| format!("client key {}: hash must be sha256:<64 hex digits>", k.id))?;
+    let expires_at = match &k.expires {
+        None => None,
+        Some(text) => Some(parse_time(text).ok_or_else(|| {
+            format!(
+                "client key {}: expires {text:?} is not a date (2026-12-31) or an RFC 3339 time",
+                k.id
+            )
+        })?),
+    };
+    Ok(ClientKey {
+        id: k.id,
+        name: k.name,
+        hash,
+        enabled: k.enabled,
+        admin: k.admin,
+        limits: KeyLimits {
+            models: k.models,
+            rpm: k.rpm,
+            max_concurrent: k.max_concurrent,
+            daily_tokens: k.daily_tokens,
+            monthly_tokens: k.monthly_tokens,
+        },
+        expires_at,
+        revoked: k.revoked_at.is_some(),
+    })
+}
+
+pub(super) enum AccountError {
+    Secret(SecretError),
+    Invalid(String),
+}
+
+/// Opens one secret field: sealed values with the key, clear ones (written by hand) with a
+/// warning, since the next write seals them.
+fn open_field(
+    id: &str,
+    field: &str,
+    value: Option<&String>,
+    key: Option<&SecretKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Secret>, AccountError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if secret::is_sealed(value) {
+        // `needs_key` guarantees a key whenever a sealed value exists.
+        let key = key.ok_or(AccountError::Invalid(format!(
+            "account {id}: sealed {field} but no secret key"
+        )))?;
+        return key
+            .open(id, field, value)
+            .map(Some)
+            .map_err(AccountError::Secret);
+    }
+    warnings.push(format!(
+        "account {id} has its {field} in clear in the config file; it will be sealed at the next write"
+    ));
+    Ok(Some(Secret::new(value.trim())))
+}
+
+/// An environment variable's name as a shell writes one: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 255
+}
+
+fn validate_account(
+    mut a: RawAccount,
+    key: Option<&SecretKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Account, AccountError> {
+    if a.name.trim().is_empty() {
+        return Err(AccountError::Invalid("an account has an empty name".into()));
+    }
+    let id = a.id.clone().unwrap_or_else(|| derived_account_id(&a.name));
+    let mut open =
+        |field: &str, value: &Option<String>| open_field(&id, field, value.as_ref(), key, warnings);
+    let credential = match a.kind {
+        AccountKind::ApiKey => match (open("api_key", &a.api_key)?, &a.api_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: give api_key or api_key_env, not both"
+                )));
+            }
+            (None, None) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: needs api_key or api_key_env"
+                )));
+            }
+            (Some(key), None) => Credential::ApiKey(key),
+            (None, Some(var)) if !is_env_name(var) => {
+                return Err(AccountError::Invalid(format!(
+                    "account {id}: api_key_env must be the name of an environment variable (letters, digits and _, such as ANTHROPIC_KEY_PROD), not {}; if that is a key, move it out of the file: give the variable's name here, or add it with `llm-gateway add-api-key --key-file`",
+                    Secret::new(var.as_str()).mask()
+                )));
+            }
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
+                _ => Credential::Unusable(format!("environment variable {var} is not set")),
+            },
+        },
+        AccountKind::Oauth => {
+            let client_id = a
+                .client_id
+                .take()
+                .filter(|c| !c.trim().is_empty())
+                .ok_or_else(|| {
+                    AccountError::Invalid(format!("account {id}: an oauth account needs client_id"))
+                })?;
+            let tokens = match (
+                open("access_token", &a.access_token)?,
+                open("refresh_token", &a.refresh_token)?,
+            ) {
+                (Some(access), Some(refresh)) => Some(Tokens {
+                    access,
+                    refresh,
+                    expires_at: a.expires_at.unwrap_or(0),
+                    issued_at: a.issued_at.unwrap_or(0),
+                }),
+                _ => None,
+            };
+            let pending = match (
+                open("login_state", &a.login_state)?,
+                open("login_verifier", &a.login_verifier)?,
+            ) {
+                (Some(state), Some(verifier)) => Some(PendingLogin {
+                    state,
+                    verifier,
+                    expires_at: a.login_expires_at.unwrap_or(0),
+                }),
+                _ => None,
+            };
+            Credential::OAuth(Box::new(OAuth {
+                client_id,
+                client_secret: open("client_secret", &a.client_secret)?,
+                tokens,
+                needs_login: a.needs_login,
+                pending,
+                scopes: a.scopes.take(),
+                organization: a.organization_name.take().or(a.organization_uuid.take()),
+                email: a.account_email.take(),
+            }))
+        }
+    };
+    Ok(Account {
+        id,
+        name: a.name,
+        kind: a.kind,
+        credential,
+        enabled: a.enabled,
+        priority: a.priority,
+        weight: a.weight.max(1),
+        disabled_reason: a.disabled_reason,
+        created_at: a.created_at,
+    })
+}
