@@ -103,16 +103,13 @@ fn first_block_is(blocks: &RawValue, text: &str) -> Result<bool, serde_json::Err
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
             let first = seq.next_element::<&'de RawValue>()?;
             while seq.next_element::<IgnoredAny>()?.is_some() {}
-            let block = first.and_then(|raw| serde_json::from_str::<Block>(raw.get()).ok());
+            let block = first.and_then(|raw| crate::json::from_str::<Block>(raw.get()).ok());
             Ok(block.is_some_and(|b| {
                 b.kind.as_deref() == Some("text") && b.text.as_deref() == Some(self.0)
             }))
         }
     }
-    serde::Deserializer::deserialize_seq(
-        &mut serde_json::Deserializer::from_str(blocks.get()),
-        First(text),
-    )
+    crate::json::seq(blocks.get(), First(text))
 }
 
 /// Puts `text` first in the request's `system`, as a text block, without touching the rest:
@@ -151,7 +148,7 @@ pub fn system_splice(body: &[u8], text: &str) -> Result<Option<Splice>, String> 
         }
         Some(raw) if raw.get() == "null" => replace(raw, only_ours()),
         Some(raw) if raw.get().starts_with('"') => {
-            let client: Cow<'_, str> = serde_json::from_str::<Key>(raw.get())
+            let client: Cow<'_, str> = crate::json::from_str::<Key>(raw.get())
                 .map_err(|e| e.to_string())?
                 .0;
             if client.is_empty() || client == text {

@@ -1,24 +1,50 @@
-//! JSON from clients and the upstream, parsed under a nesting limit that fits the workers'
-//! small stacks. serde_json builds values recursively and stops only at 128 levels, which a
-//! debug build cannot reach on a `WORKER_STACK` stack (about 3.5 KiB a level): a client's
-//! deeply nested body would overflow it and abort the whole process. A flat scan refuses
-//! such input first, as an ordinary parse error.
+//! JSON from clients, the upstream, the token endpoint, Redis and our own files, parsed under
+//! one nesting limit that fits the workers' small stacks. serde_json builds values
+//! recursively and stops only at 128 levels, which a debug build cannot reach on a
+//! `WORKER_STACK` stack: a deeply nested body would overflow it and abort the whole process.
+//! A flat scan refuses such input first, as an ordinary parse error. Every parse in `src/`
+//! goes through here: clippy's `disallowed-methods` (clippy.toml) refuses a direct
+//! `serde_json::from_slice` or `from_str`.
 
 use serde::Deserialize;
 
-/// The deepest nesting of arrays and objects parsed into values. Real requests nest a dozen
-/// levels at most (a tool's JSON Schema is the deepest part); 48 levels need under 192 KiB of
-/// stack in a debug build, and far less in a release one.
+/// The deepest nesting of arrays and objects parsed anywhere. Measured on a 256 KiB
+/// (`WORKER_STACK`) thread in a debug build, with the limit lifted: the readers that build
+/// values recursively overflow at 77 levels (a `Value`, the chat stream converter, the
+/// upstream error converter; about 3.4 KiB a level) and 102 (the completion converter);
+/// pass-through, the system-prompt splice, sticky facts and metering skip values without
+/// recursion and take any depth. 48 levels need 163 KiB there, leaving a third of the stack
+/// for the frames above a converter (the fuzz test `the_deepest_accepted_json_fits_three_
+/// quarters_of_a_worker_stack` keeps that true); a release build needs far less. Real
+/// requests nest a dozen levels at most (a tool's JSON Schema is the deepest part).
 pub const MAX_DEPTH: usize = 48;
 
+/// A parse error for input nested past `MAX_DEPTH`, or `None`.
+fn too_deep(bytes: &[u8]) -> Option<serde_json::Error> {
+    nested_deeper_than(bytes, MAX_DEPTH)
+        .then(|| serde::de::Error::custom(format!("JSON nested deeper than {MAX_DEPTH} levels")))
+}
+
 /// `serde_json::from_slice`, refusing input nested deeper than `MAX_DEPTH`.
+#[allow(clippy::disallowed_methods)]
 pub fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
-    if nested_deeper_than(bytes, MAX_DEPTH) {
-        return Err(serde::de::Error::custom(format!(
-            "JSON nested deeper than {MAX_DEPTH} levels"
-        )));
+    match too_deep(bytes) {
+        Some(error) => Err(error),
+        None => serde_json::from_slice(bytes),
     }
-    serde_json::from_slice(bytes)
+}
+
+/// Walks the JSON array `text` with `visitor` (one element at a time, nothing kept), under
+/// the same limit.
+#[allow(clippy::disallowed_methods)]
+pub fn seq<'de, V: serde::de::Visitor<'de>>(
+    text: &'de str,
+    visitor: V,
+) -> serde_json::Result<V::Value> {
+    if let Some(error) = too_deep(text.as_bytes()) {
+        return Err(error);
+    }
+    serde::Deserializer::deserialize_seq(&mut serde_json::Deserializer::from_str(text), visitor)
 }
 
 /// `serde_json::from_str`, refusing input nested deeper than `MAX_DEPTH`.
@@ -339,6 +365,15 @@ pub fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert!(!nested_deeper_than(br#"{"a":[[1]]}"#, 3));
+        assert!(nested_deeper_than(br#"{"a":[[[1]]]}"#, 3));
+        assert!(!nested_deeper_than(br#"{"a":"[[[[\"{{{{"}"#, 1));
+        assert!(!nested_deeper_than(br#"{"a":"\\"}"#, 1));
+        assert!(nested_deeper_than(&[b'['; 200], MAX_DEPTH));
+    }
 
     /// The cost of the text check per MiB, on a realistic body (prose with escapes, a few
     /// emoji as surrogate pairs) and on one made of escapes only, its worst case

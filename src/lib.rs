@@ -5,6 +5,8 @@
 
 // `sys` holds the crate's only `unsafe` code: the Linux calls std does not offer.
 #![deny(unsafe_code)]
+// Unit tests parse JSON as they like; the code they test goes through `json` (clippy.toml).
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 // `error!`, `warn!`, `info!` and `debug!` everywhere are the `log` facade's; `logger` is its
 // backend.

@@ -321,7 +321,7 @@ pub fn parse_token_response(status: u16, text: &str, now: u64) -> Result<Grant, 
         };
         return Err(TokenError::Rejected { status, message });
     }
-    let wire: Wire = serde_json::from_str(text)
+    let wire: Wire = crate::json::from_str(text)
         .map_err(|e| TokenError::BadResponse(format!("not a token response ({e})")))?;
     let access = wire
         .access_token
@@ -380,7 +380,7 @@ pub fn unsendable(token: &str) -> Option<String> {
 /// The error code and a readable message from an OAuth or Anthropic error body. Bounded, and
 /// never the request's own secrets (the endpoint does not echo them).
 fn error_of(text: &str) -> (Option<String>, String) {
-    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let value: serde_json::Value = crate::json::from_str(text).unwrap_or_default();
     let code = match &value["error"] {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Object(o) => o.get("type").and_then(|t| t.as_str()).map(String::from),

@@ -393,7 +393,7 @@ pub fn garbled_success(content_type: Option<&str>, body: Option<&[u8]>) -> Optio
         // JSON, or no content-type at all: a whole body must parse.
         _ => {
             let body = body?;
-            let error = serde_json::from_slice::<serde::de::IgnoredAny>(body).err()?;
+            let error = crate::json::from_slice::<serde::de::IgnoredAny>(body).err()?;
             Some(format!("a success whose body is not JSON ({error})"))
         }
     }

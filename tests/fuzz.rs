@@ -908,3 +908,44 @@ fn hundred_thousand_level_json_overflows_no_stack() {
         .expect("spawn");
     assert!(worker.join().is_ok(), "a deep body panicked a reader");
 }
+
+#[test]
+fn the_deepest_accepted_json_fits_three_quarters_of_a_worker_stack() {
+    // Bodies nested up to the limit, in every field a reader looks at and in upstream
+    // events, pass every reader on three quarters of a worker's stack: the rest is left for
+    // the frames above a converter. (A reader over budget aborts this test binary.)
+    let limit = llm_gateway::json::MAX_DEPTH;
+    let mut bodies = Vec::new();
+    for levels in limit - 3..=limit {
+        bodies.extend(deep_bodies(levels));
+    }
+    let bare = "[".repeat(limit) + &"]".repeat(limit);
+    let body = format!(
+        r#"{{"model":"m","messages":[],"metadata":{}}}"#,
+        &bare[1..bare.len() - 1]
+    );
+    assert!(
+        llm_gateway::router::body_format(body.as_bytes()).is_ok(),
+        "a body nested exactly {limit} levels is accepted"
+    );
+    let deeper = format!(r#"{{"model":"m","messages":[],"metadata":{bare}}}"#);
+    assert!(
+        llm_gateway::router::body_format(deeper.as_bytes()).is_err(),
+        "one level more is refused"
+    );
+    let worker = std::thread::Builder::new()
+        .stack_size(llm_gateway::memory::WORKER_STACK / 4 * 3)
+        .spawn(move || {
+            for body in &bodies {
+                body_probe(body);
+                openai_request(body);
+                openai_response(body);
+                openai_stream(body);
+            }
+        })
+        .expect("spawn");
+    assert!(
+        worker.join().is_ok(),
+        "a reader panicked on an accepted depth"
+    );
+}

@@ -87,7 +87,7 @@ pub struct Facts {
 }
 
 pub fn facts(body: &[u8], session_header: Option<&str>) -> Facts {
-    let probe: Option<Probe<'_>> = serde_json::from_slice(body).ok();
+    let probe: Option<Probe<'_>> = crate::json::from_slice(body).ok();
     Facts {
         model: probe
             .as_ref()

@@ -146,7 +146,7 @@ fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
         .into_body()
         .read_to_string()
         .map_err(|e| e.to_string())?;
-    let value: Value = serde_json::from_str(&body)
+    let value: Value = crate::json::from_str(&body)
         .map_err(|_| format!("answered {status} with something that is not a status"))?;
     if status != 200 {
         let message = value["error"]["message"].as_str().unwrap_or("");
@@ -263,7 +263,7 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
             match probe::account(&upstream, &refresher, e, &config.oauth.system_prompt) {
                 Ok(p) if (200..300).contains(&p.status) => Ok(()),
                 Ok(p) => {
-                    let value: Value = serde_json::from_slice(&p.body).unwrap_or_default();
+                    let value: Value = crate::json::from_slice(&p.body).unwrap_or_default();
                     let message = value["error"]["message"].as_str().unwrap_or("");
                     Err(format!("{} {message}", p.status).trim_end().to_string())
                 }

@@ -92,7 +92,7 @@ pub(super) const MAX_CLOCK_SKEW: u64 = 300;
 /// A summary file: `Ok(None)` when it does not exist, `Err` saying why when it cannot be read.
 pub(super) fn read_summary(path: &Path) -> Result<Option<Summary>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
+        Ok(bytes) => crate::json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| format!("{} cannot be read: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -245,7 +245,7 @@ pub(super) fn read_journal(path: &Path, book: &mut Book, now: u64) -> std::io::R
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        match serde_json::from_slice::<Record>(line) {
+        match crate::json::from_slice::<Record>(line) {
             Ok(r) if r.t > now.saturating_add(MAX_CLOCK_SKEW) => s.future.push(number),
             Ok(r) => book.add(&r),
             // The last line, without its newline: a write a crash cut short.

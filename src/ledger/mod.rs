@@ -78,7 +78,7 @@ impl Pending {
     /// Adds the records of the lines still queued to `book` (they are in no file yet).
     fn queued_into(&self, book: &mut Book) {
         for line in self.queue.split(|&b| b == b'\n') {
-            if let Ok(record) = serde_json::from_slice::<Record>(line) {
+            if let Ok(record) = crate::json::from_slice::<Record>(line) {
                 book.add(&record);
             }
         }
@@ -137,7 +137,7 @@ impl Ledger {
         if shared.is_some()
             && let Ok(text) = std::fs::read(&outbox_file)
         {
-            match serde_json::from_slice::<Outbox>(&text) {
+            match crate::json::from_slice::<Outbox>(&text) {
                 Ok(saved) => outbox = saved,
                 Err(e) => warn!(
                     "usage ledger: {} is unreadable ({e}); not sent",

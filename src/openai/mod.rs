@@ -44,7 +44,7 @@ pub enum Format {
 /// A body that is not one JSON object, or that names a field with a type neither API accepts
 /// (`messages` that is not an array, a non-string `role`), is an error: the caller's 400.
 pub fn detect(body: &[u8]) -> Result<Option<Format>, serde_json::Error> {
-    let ObjectProbe(probe) = serde_json::from_slice(body)?;
+    let ObjectProbe(probe) = crate::json::from_slice(body)?;
     Ok(detect_probe(probe))
 }
 

@@ -102,7 +102,7 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         Invalid::new(format!("the request body is not valid JSON: {e}"), None)
     };
     crate::json::from_slice::<crate::json::Valid>(body).map_err(invalid)?;
-    let f: Fields = serde_json::from_slice(body).map_err(invalid)?;
+    let f: Fields = crate::json::from_slice(body).map_err(invalid)?;
     let requested_model = text(f.model)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| Invalid::new("`model` is required and must be a string", Some("model")))?

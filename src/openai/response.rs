@@ -117,7 +117,7 @@ impl<'de> Deserialize<'de> for Folded {
                     // A block of another shape is skipped, as an unknown type is.
                     // Each block is parsed whole (and so checked): it is small, and dropped at
                     // once.
-                    let block: Block = match serde_json::from_str(raw.get()) {
+                    let block: Block = match crate::json::from_str(raw.get()) {
                         Ok(block) => block,
                         Err(e) if raw.get().starts_with('{') => return Err(de::Error::custom(e)),
                         // Not a block at all: skipped, as an unknown type is.
@@ -159,7 +159,7 @@ pub fn completion(message: &[u8], model: &str, created: u64) -> serde_json::Resu
         reasoning,
         tool_calls,
     } = match blocks {
-        Some(raw) => serde_json::from_str(raw.get())?,
+        Some(raw) => crate::json::from_str(raw.get())?,
         None => Folded::default(),
     };
     #[derive(Serialize)]

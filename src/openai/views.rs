@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{self, Deserializer as _, SeqAccess, Visitor};
+use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -18,11 +18,11 @@ pub(super) struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// `raw` as a string, if it is one.
 pub(super) fn text(raw: Raw<'_>) -> Option<Cow<'_, str>> {
-    serde_json::from_str::<Str>(raw?.get()).ok().map(|s| s.0)
+    crate::json::from_str::<Str>(raw?.get()).ok().map(|s| s.0)
 }
 
 pub(super) fn parse<'a, T: Deserialize<'a>>(raw: Raw<'a>) -> Option<T> {
-    serde_json::from_str(raw?.get()).ok()
+    crate::json::from_str(raw?.get()).ok()
 }
 
 /// `raw` read as the struct `T` when it is an object, else `None` (a derived struct would also
@@ -43,7 +43,7 @@ pub(super) fn object<'a, T: Deserialize<'a>>(
             Some(param),
         ));
     }
-    serde_json::from_str(raw.get())
+    crate::json::from_str(raw.get())
         .map_err(|e| Invalid::new(format!("{what} is not valid: {e}"), Some(param)))
 }
 
@@ -82,10 +82,13 @@ pub(super) fn each<'a>(
         return Ok(false);
     }
     let mut failed = None;
-    let walked = serde_json::Deserializer::from_str(raw.get()).deserialize_seq(Walk {
-        f: &mut f,
-        failed: &mut failed,
-    });
+    let walked = crate::json::seq(
+        raw.get(),
+        Walk {
+            f: &mut f,
+            failed: &mut failed,
+        },
+    );
     match (failed, walked) {
         (Some(invalid), _) => Err(invalid),
         // The body parsed once already: an element cannot fail to parse as raw text.

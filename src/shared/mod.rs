@@ -201,7 +201,7 @@ fn connection_failed(e: &RedisError) -> bool {
 /// A usage hash field, `["key","account","model"]|metric`, read back.
 fn parse_usage_field(field: &str) -> Option<((String, String, String), &str)> {
     let (row, metric) = field.rsplit_once('|')?;
-    Some((serde_json::from_str(row).ok()?, metric))
+    Some((crate::json::from_str(row).ok()?, metric))
 }
 
 fn eval(script: &str, keys: &[&str]) -> redis::Cmd {
