@@ -39,6 +39,59 @@ pub enum ApiError {
     UpstreamUntrusted(String),
 }
 
+/// Each boundary's error, as the client sees it: the one place they become `ApiError`.
+impl From<crate::upstream::UpstreamError> for ApiError {
+    fn from(e: crate::upstream::UpstreamError) -> ApiError {
+        use crate::upstream::UpstreamError as U;
+        match e {
+            U::Unsendable(m) => ApiError::BadRequest(m),
+            U::Unreachable(m) => ApiError::UpstreamUnreachable(m),
+            U::Timeout(m) => ApiError::UpstreamTimeout(m),
+            U::Garbled(m) => ApiError::UpstreamGarbled(m),
+            U::Untrusted(m) => ApiError::UpstreamUntrusted(m),
+        }
+    }
+}
+
+impl From<crate::accounts::Unavailable> for ApiError {
+    fn from(e: crate::accounts::Unavailable) -> ApiError {
+        match e {
+            crate::accounts::Unavailable::Resting { retry_after } => {
+                ApiError::AllCoolingDown { retry_after }
+            }
+            crate::accounts::Unavailable::None(why) => ApiError::NoAccount(why),
+        }
+    }
+}
+
+impl From<crate::limits::Refusal> for ApiError {
+    fn from(refusal: crate::limits::Refusal) -> ApiError {
+        use crate::limits::Refusal as R;
+        let limited = |message: String, retry_after: u64| ApiError::RateLimited {
+            message,
+            retry_after,
+        };
+        match refusal {
+            R::Budget {
+                message,
+                retry_after,
+            } => limited(message, retry_after),
+            R::Rate { rpm, retry_after } => limited(
+                format!("this gateway key is limited to {rpm} requests per minute"),
+                retry_after,
+            ),
+            R::Concurrency { max } => limited(
+                format!("this gateway key is limited to {max} requests at once"),
+                1,
+            ),
+            R::Model { model, allowed } => ApiError::Forbidden(format!(
+                "this gateway key may not use model {model:?}; allowed: {}",
+                allowed.join(", ")
+            )),
+        }
+    }
+}
+
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounts::cooldown::Signal;
 use crate::accounts::sticky;
-use crate::accounts::{Entry, Pick};
+use crate::accounts::{Entry, Pick, Unavailable};
 use crate::anthropic;
 use crate::config::Credential;
 use crate::error::ApiError;
@@ -20,7 +20,7 @@ use crate::refresh::Need;
 use crate::scrub::Scrub;
 use crate::secret::Secret;
 use crate::store;
-use crate::upstream::Answer;
+use crate::upstream::{Answer, UpstreamError};
 
 /// What the loop did, for the access log: how many attempts, and the last account tried (id,
 /// name).
@@ -49,16 +49,16 @@ pub fn run(
         let out_of_budget = tried.len() as u32 >= settings.max_attempts
             || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
         let picked = if out_of_budget {
-            Err(ApiError::NoAccount("attempts exhausted".into()))
+            Err(Unavailable::None("attempts exhausted".into()))
         } else {
             gw.accounts.pick(&tried, sticky_key)
         };
         let pick = match (picked, fallback.take()) {
             (Ok(pick), _) => pick,
-            (Err(cooling @ ApiError::AllCoolingDown { .. }), _) => return Err(cooling),
+            (Err(resting @ Unavailable::Resting { .. }), _) => return Err(resting.into()),
             (Err(_), Some(Ok(answer))) => return Ok((answer, None)),
             (Err(_), Some(Err(error))) => return Err(error),
-            (Err(none), None) => return Err(none),
+            (Err(none), None) => return Err(none.into()),
         };
         attempts.last = Some((pick.entry.id().to_string(), pick.entry.account.name.clone()));
         attempts.count += 1;
@@ -99,7 +99,7 @@ enum Step {
 
 fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
     // A ban left unsettled is settled before the account serves again.
-    let suspected = entry.live().suspected_ban.clone();
+    let suspected = entry.view().suspected_ban;
     if let Some(ban) = suspected
         && confirm_ban(gw, entry, &ban) != Verdict::Refuted
     {
@@ -136,7 +136,7 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
             Err(error) => {
                 gw.accounts
                     .record(entry, Signal::Failure(error.to_string()));
-                Step::Next(Err(error))
+                Step::Next(Err(error.into()))
             }
         });
     }
@@ -146,7 +146,7 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
         Err(error) => {
             gw.accounts
                 .record(entry, Signal::Failure(error.to_string()));
-            return Ok(Step::Next(Err(error)));
+            return Ok(Step::Next(Err(error.into())));
         }
     };
     let signal = match status {
@@ -180,7 +180,7 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
 /// ejection and stays suspected; refuted, it is back in service, untouched. One probe of an
 /// account runs at a time; a request that finds one running moves on without it.
 fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
-    let Some(_probing) = Probing::start(entry) else {
+    let Some(_probing) = entry.start_probe() else {
         return Verdict::Inconclusive("another request is probing the account".into());
     };
     let probed = probe::account(
@@ -198,7 +198,7 @@ fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
                 "{account} disabled: the upstream says \"{}\" ({kind}), and its probe confirms it",
                 ban.reason
             );
-            entry.live().suspected_ban = None;
+            entry.suspect_ban(None);
             disable(gw, entry, ban.reason);
         }
         Verdict::Inconclusive(why) => {
@@ -206,7 +206,7 @@ fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
                 "{account}: the upstream says \"{}\" ({kind}), unconfirmed: {why}",
                 ban.reason
             );
-            entry.live().suspected_ban = Some(ban.clone());
+            entry.suspect_ban(Some(ban.clone()));
             let reason = format!(
                 "the upstream said \"{}\" and {why}; probed again when this rest ends",
                 ban.reason
@@ -218,30 +218,10 @@ fn confirm_ban(gw: &Gateway, entry: &Entry, ban: &anthropic::Ban) -> Verdict {
                 "{account}: the upstream said \"{}\" ({kind}), but the account answers: the request's error, not a ban",
                 ban.reason
             );
-            entry.live().suspected_ban = None;
+            entry.suspect_ban(None);
         }
     }
     verdict
-}
-
-/// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
-struct Probing<'a>(&'a Entry);
-
-impl<'a> Probing<'a> {
-    fn start(entry: &'a Entry) -> Option<Probing<'a>> {
-        let mut live = entry.live();
-        if live.probing {
-            return None;
-        }
-        live.probing = true;
-        Some(Probing(entry))
-    }
-}
-
-impl Drop for Probing<'_> {
-    fn drop(&mut self) {
-        self.0.live().probing = false;
-    }
 }
 
 /// Why `send` produced no answer.
@@ -260,13 +240,14 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
             .forward(req, processor)
             .map(|response| Answer::new(response, scrub))
             .map_err(|e| match e {
-                ApiError::UpstreamUnreachable(_) | ApiError::UpstreamTimeout(_) => {
-                    Failed::Upstream(e)
-                }
+                UpstreamError::Unreachable(_)
+                | UpstreamError::Timeout(_)
+                | UpstreamError::Garbled(_) => Failed::Upstream(e.into()),
                 // Every account shares the upstream's address: another would be refused the
                 // same way, and the account is not at fault.
-                ApiError::UpstreamUntrusted(_) => Failed::Request(e),
-                other => Failed::Request(other),
+                UpstreamError::Untrusted(_) | UpstreamError::Unsendable(_) => {
+                    Failed::Request(e.into())
+                }
             })
     };
     match &entry.account.credential {
@@ -352,7 +333,7 @@ fn oauth_processor<'a>(live: &'a Settings, token: &'a Secret) -> OAuth<'a> {
 
 /// Takes an account out of service for good: in memory at once, and in config.yaml.
 fn disable(gw: &Gateway, entry: &Entry, reason: &str) {
-    entry.live().disabled_reason = Some(reason.to_string());
+    entry.disable(reason);
     gw.accounts.share_ban(entry, reason);
     if let Err(e) = store::disable_account(&gw.config_path, entry.id(), reason) {
         error!(

@@ -11,9 +11,22 @@ use std::time::{Duration, Instant};
 
 use crate::auth::Client;
 use crate::config::KeyLimits;
-use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::shared::Shared;
+
+/// Why a gateway key's own limits refuse a request: the limits boundary's error.
+/// `ApiError::from` says what each is to the client (429 with its retry, or 403).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A token budget is spent, or reserved by requests in flight; `retry_after` is its reset.
+    Budget { message: String, retry_after: u64 },
+    /// Requests per minute; the oldest of the minute leaves it in `retry_after` seconds.
+    Rate { rpm: u32, retry_after: u64 },
+    /// Requests at once.
+    Concurrency { max: u32 },
+    /// A model outside the key's allow-list.
+    Model { model: String, allowed: Vec<String> },
+}
 
 #[derive(Default)]
 struct KeyState {
@@ -55,7 +68,7 @@ impl Spent {
 
     /// Refuses when what is spent, plus what requests in flight have reserved, reaches a
     /// budget.
-    fn check(&self, limits: &KeyLimits, reserved: u64) -> Result<(), ApiError> {
+    fn check(&self, limits: &KeyLimits, reserved: u64) -> Result<(), Refusal> {
         let held = |used: u64| {
             if reserved == 0 {
                 format!("{used} used")
@@ -66,7 +79,7 @@ impl Spent {
         if let Some(budget) = limits.daily_tokens
             && self.today.saturating_add(reserved) >= budget
         {
-            return Err(ApiError::RateLimited {
+            return Err(Refusal::Budget {
                 message: format!(
                     "this gateway key used its daily budget of {budget} tokens ({}); it resets at 00:00 UTC",
                     held(self.today)
@@ -77,7 +90,7 @@ impl Spent {
         if let Some(budget) = limits.monthly_tokens
             && self.month.saturating_add(reserved) >= budget
         {
-            return Err(ApiError::RateLimited {
+            return Err(Refusal::Budget {
                 message: format!(
                     "this gateway key used its monthly budget of {budget} tokens ({}); it resets on the 1st, 00:00 UTC",
                     held(self.month)
@@ -178,7 +191,7 @@ impl Limiter {
     }
 
     /// Whether `client` may use `model` (its allow-list), once the body has named it.
-    pub fn allow_model(client: &Client, model: Option<&str>) -> Result<(), ApiError> {
+    pub fn allow_model(client: &Client, model: Option<&str>) -> Result<(), Refusal> {
         let Some(limits) = client.limits.as_ref().filter(|l| !l.models.is_empty()) else {
             return Ok(());
         };
@@ -186,10 +199,10 @@ impl Limiter {
         if limits.models.iter().any(|m| m == model) {
             return Ok(());
         }
-        Err(ApiError::Forbidden(format!(
-            "this gateway key may not use model {model:?}; allowed: {}",
-            limits.models.join(", ")
-        )))
+        Err(Refusal::Model {
+            model: model.to_string(),
+            allowed: limits.models.clone(),
+        })
     }
 
     /// Admits `client` now under its budgets, rate and concurrency, or says which limit
@@ -198,7 +211,7 @@ impl Limiter {
         self: &Arc<Self>,
         client: &Client,
         ledger: Option<&Ledger>,
-    ) -> Result<Permit, ApiError> {
+    ) -> Result<Permit, Refusal> {
         let Some(limits) = &client.limits else {
             return Ok(Permit {
                 limiter: Arc::clone(self),
@@ -209,78 +222,12 @@ impl Limiter {
             let reserved = self.reserved(&client.id);
             Spent::read(limits, &client.id, ledger).check(limits, reserved)?;
         }
-        let mut slot = None;
-        if let Some(shared) = &self.shared {
-            if let Some(max) = limits.max_concurrent {
-                for waited in 0.. {
-                    match shared.acquire(&client.id, max) {
-                        Ok(Some(taken)) => slot = Some(taken),
-                        Ok(None) if waited < SLOT_GRACE_STEPS => {
-                            std::thread::sleep(SLOT_GRACE_STEP);
-                            continue;
-                        }
-                        Ok(None) => return Err(too_many(max)),
-                        // Redis is down: the local count below decides.
-                        Err(_) => {}
-                    }
-                    break;
-                }
+        let slot = self.take_shared(client, limits)?;
+        if let Err(refusal) = self.take_local(client, limits, slot.is_some()) {
+            if let (Some(slot), Some(shared)) = (&slot, &self.shared) {
+                shared.release(&client.id, slot);
             }
-            if let Some(rpm) = limits.rpm
-                && let Ok(Some(wait)) = shared.rpm(&client.id, rpm)
-            {
-                if let Some(slot) = slot {
-                    shared.release(&client.id, &slot);
-                }
-                return Err(ApiError::RateLimited {
-                    message: format!("this gateway key is limited to {rpm} requests per minute"),
-                    retry_after: crate::accounts::ceil_secs(wait).max(1),
-                });
-            }
-        }
-        let shared_up = self.shared_up();
-        for waited in 0.. {
-            let now = Instant::now();
-            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            let state = keys.entry(client.id.clone()).or_default();
-            if let Some(rpm) = limits.rpm.filter(|_| !shared_up) {
-                while state
-                    .recent
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
-                {
-                    state.recent.pop_front();
-                }
-                if state.recent.len() >= rpm as usize {
-                    let oldest = state.recent.front().copied().unwrap_or(now);
-                    let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-                    if let (Some(slot), Some(shared)) = (&slot, &self.shared) {
-                        shared.release(&client.id, slot);
-                    }
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "this gateway key is limited to {rpm} requests per minute"
-                        ),
-                        retry_after: crate::accounts::ceil_secs(wait).max(1),
-                    });
-                }
-            }
-            if let Some(max) = limits.max_concurrent
-                && slot.is_none()
-                && state.in_flight >= max
-            {
-                drop(keys);
-                if waited < SLOT_GRACE_STEPS {
-                    std::thread::sleep(SLOT_GRACE_STEP);
-                    continue;
-                }
-                return Err(too_many(max));
-            }
-            if limits.rpm.is_some() {
-                state.recent.push_back(now);
-            }
-            state.in_flight += 1;
-            break;
+            return Err(refusal);
         }
         if let Some(slot) = &slot {
             self.lock_slots().insert(slot.clone(), client.id.clone());
@@ -294,6 +241,90 @@ impl Limiter {
                 shared_reservation: None,
             })),
         })
+    }
+
+    /// With shared state, the counts of every instance: a concurrency slot (waiting the short
+    /// grace for one) and the minute window. While Redis is down, nothing is taken here and
+    /// the local count decides.
+    fn take_shared(&self, client: &Client, limits: &KeyLimits) -> Result<Option<String>, Refusal> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let mut slot = None;
+        if let Some(max) = limits.max_concurrent {
+            let mut waited = 0;
+            loop {
+                match shared.acquire(&client.id, max) {
+                    Ok(None) if waited < SLOT_GRACE_STEPS => {
+                        std::thread::sleep(SLOT_GRACE_STEP);
+                        waited += 1;
+                    }
+                    Ok(None) => return Err(Refusal::Concurrency { max }),
+                    Ok(taken) => break slot = taken,
+                    Err(_) => break,
+                }
+            }
+        }
+        if let Some(rpm) = limits.rpm
+            && let Ok(Some(wait)) = shared.rpm(&client.id, rpm)
+        {
+            if let Some(slot) = slot {
+                shared.release(&client.id, &slot);
+            }
+            return Err(Refusal::Rate {
+                rpm,
+                retry_after: crate::accounts::ceil_secs(wait).max(1),
+            });
+        }
+        Ok(slot)
+    }
+
+    /// This instance's counts: the minute window while Redis does not keep it, and requests
+    /// at once unless a shared slot was taken (waiting the short grace for one to free).
+    fn take_local(
+        &self,
+        client: &Client,
+        limits: &KeyLimits,
+        has_slot: bool,
+    ) -> Result<(), Refusal> {
+        let shared_up = self.shared_up();
+        let mut waited = 0;
+        loop {
+            let now = Instant::now();
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let state = keys.entry(client.id.clone()).or_default();
+            if let Some(rpm) = limits.rpm.filter(|_| !shared_up) {
+                let minute = Duration::from_secs(60);
+                while (state.recent.front()).is_some_and(|t| now.duration_since(*t) >= minute) {
+                    state.recent.pop_front();
+                }
+                if state.recent.len() >= rpm as usize {
+                    let oldest = state.recent.front().copied().unwrap_or(now);
+                    let wait = minute.saturating_sub(now.duration_since(oldest));
+                    return Err(Refusal::Rate {
+                        rpm,
+                        retry_after: crate::accounts::ceil_secs(wait).max(1),
+                    });
+                }
+            }
+            if let Some(max) = limits.max_concurrent
+                && !has_slot
+                && state.in_flight >= max
+            {
+                drop(keys);
+                if waited < SLOT_GRACE_STEPS {
+                    std::thread::sleep(SLOT_GRACE_STEP);
+                    waited += 1;
+                    continue;
+                }
+                return Err(Refusal::Concurrency { max });
+            }
+            if limits.rpm.is_some() {
+                state.recent.push_back(now);
+            }
+            state.in_flight += 1;
+            return Ok(());
+        }
     }
 
     /// Tokens the key's requests in flight have reserved.
@@ -312,7 +343,7 @@ impl Limiter {
         client: &Client,
         estimate: u64,
         ledger: Option<&Ledger>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Refusal> {
         // Refused only for what others hold: the request before this one, whose answer this
         // client may already have read, is a moment from giving its reservation back, so it
         // gets the concurrency slots' short grace.
@@ -336,7 +367,7 @@ impl Limiter {
         client: &Client,
         estimate: u64,
         ledger: Option<&Ledger>,
-    ) -> Result<(), (ApiError, bool)> {
+    ) -> Result<(), (Refusal, bool)> {
         let (Some(limits), Some(ledger), Some(held)) = (&client.limits, ledger, &mut permit.held)
         else {
             return Ok(());
@@ -420,13 +451,6 @@ fn lock(
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn too_many(max: u32) -> ApiError {
-    ApiError::RateLimited {
-        message: format!("this gateway key is limited to {max} requests at once"),
-        retry_after: 1,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,8 +476,21 @@ mod tests {
         let b = limiter.admit(&c, None).expect("second");
         drop((a, b));
         let err = limiter.admit(&c, None).err().expect("third in the minute");
-        assert_eq!(err.status(), 429);
-        assert!((59..=60).contains(&err.retry_after().unwrap_or(0)));
+        assert!(
+            matches!(
+                err,
+                Refusal::Rate {
+                    rpm: 2,
+                    retry_after: 59..=60
+                }
+            ),
+            "{err:?}"
+        );
+        let err = crate::error::ApiError::from(err);
+        assert_eq!(
+            (err.status(), err.retry_after().map(|s| s >= 59)),
+            (429, Some(true))
+        );
     }
 
     #[test]
@@ -464,7 +501,10 @@ mod tests {
             ..KeyLimits::default()
         });
         let held = limiter.admit(&c, None).expect("first");
-        assert_eq!(limiter.admit(&c, None).err().map(|e| e.status()), Some(429));
+        assert_eq!(
+            limiter.admit(&c, None).err(),
+            Some(Refusal::Concurrency { max: 1 })
+        );
         drop(held);
         assert!(limiter.admit(&c, None).is_ok());
     }
@@ -477,7 +517,7 @@ mod tests {
         });
         assert!(Limiter::allow_model(&c, Some("claude-haiku")).is_ok());
         let err = Limiter::allow_model(&c, Some("claude-opus")).expect_err("forbidden");
-        assert_eq!(err.status(), 403);
+        assert_eq!(crate::error::ApiError::from(err).status(), 403);
         assert!(Limiter::allow_model(&c, None).is_err());
         assert!(Limiter::allow_model(&client(KeyLimits::default()), Some("x")).is_ok());
     }

@@ -206,7 +206,7 @@ impl Metrics {
         }
         out.push_str("# HELP llm_gateway_oauth_refreshes_total OAuth token refreshes, by account and result.\n# TYPE llm_gateway_oauth_refreshes_total counter\n");
         for e in entries.iter().filter(|e| e.account.oauth().is_some()) {
-            let live = e.live();
+            let live = e.view();
             for (result, n) in [
                 ("success", live.refreshes_ok),
                 ("failure", live.refreshes_failed),

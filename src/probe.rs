@@ -7,19 +7,37 @@ use std::time::Duration;
 use crate::accounts::Entry;
 use crate::anthropic;
 use crate::config::Credential;
-use crate::error::ApiError;
 use crate::http::Request;
 use crate::processor::{ApiKey, OAuth, Processor};
 use crate::refresh::{Need, Refresher};
 use crate::scrub::Scrub;
 use crate::secret::Secret;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// What of a probe's answer is kept: its status and (a bounded start of) its body.
 #[derive(Debug)]
 pub struct Probed {
     pub status: u16,
     pub body: Vec<u8>,
+}
+
+/// Why a probe got no answer.
+#[derive(Debug)]
+pub enum ProbeError {
+    /// The account has no credential to probe with now (a login needed, a refresh failing,
+    /// an unset environment variable).
+    Account(String),
+    /// The upstream could not be asked.
+    Upstream(UpstreamError),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Account(why) => f.write_str(why),
+            ProbeError::Upstream(e) => e.fmt(f),
+        }
+    }
 }
 
 /// An error body is read this far, no more.
@@ -35,7 +53,7 @@ pub fn account(
     refresher: &Refresher,
     entry: &Entry,
     system_prompt: &str,
-) -> Result<Probed, ApiError> {
+) -> Result<Probed, ProbeError> {
     let request = Request {
         method: "GET".into(),
         target: "/v1/models?limit=1".into(),
@@ -46,7 +64,8 @@ pub fn account(
     };
     // The body is shown by health-check: nothing of the credential it was sent with stays.
     let send = |processor: &dyn Processor, secret: &Secret| {
-        let response = upstream.forward_within(&request, processor, Some(PROBE_TIMEOUT))?;
+        let response = (upstream.forward_within(&request, processor, Some(PROBE_TIMEOUT)))
+            .map_err(ProbeError::Upstream)?;
         let status = response.status().as_u16();
         let mut body = (response.into_body().into_with_config())
             .limit(MAX_BODY)
@@ -58,7 +77,7 @@ pub fn account(
     let fresh = |need: Need| {
         refresher
             .ensure(entry, need)
-            .map_err(|e| ApiError::NoAccount(e.to_string()))
+            .map_err(|e| ProbeError::Account(e.to_string()))
     };
     match &entry.account.credential {
         Credential::ApiKey(key) => send(&ApiKey(key), key),
@@ -75,7 +94,7 @@ pub fn account(
             let fresh = fresh(Need::Rejected(tokens.access.clone()))?;
             send(&oauth(&fresh.access), &fresh.access)
         }
-        Credential::Unusable(why) => Err(ApiError::NoAccount(why.clone())),
+        Credential::Unusable(why) => Err(ProbeError::Account(why.clone())),
     }
 }
 
@@ -91,7 +110,7 @@ pub enum Verdict {
 }
 
 /// Judges a probe of an account that answered with `ban`.
-pub fn verdict(probed: &Result<Probed, ApiError>, ban: &anthropic::Ban, oauth: bool) -> Verdict {
+pub fn verdict(probed: &Result<Probed, ProbeError>, ban: &anthropic::Ban, oauth: bool) -> Verdict {
     match probed {
         Ok(p) if (200..300).contains(&p.status) => Verdict::Refuted,
         Ok(p) if matches!(p.status, 401 | 403) => Verdict::Confirmed,
@@ -109,7 +128,7 @@ pub fn verdict(probed: &Result<Probed, ApiError>, ban: &anthropic::Ban, oauth: b
 mod tests {
     use super::*;
 
-    fn probed(status: u16, body: &str) -> Result<Probed, ApiError> {
+    fn probed(status: u16, body: &str) -> Result<Probed, ProbeError> {
         Ok(Probed {
             status,
             body: body.as_bytes().to_vec(),
@@ -133,7 +152,9 @@ mod tests {
                 Verdict::Inconclusive(_)
             ));
         }
-        let timeout = Err(ApiError::UpstreamTimeout("no answer".into()));
+        let timeout = Err(ProbeError::Upstream(UpstreamError::Timeout(
+            "no answer".into(),
+        )));
         assert!(matches!(
             verdict(&timeout, &ban, false),
             Verdict::Inconclusive(_)

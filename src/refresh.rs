@@ -63,6 +63,13 @@ pub struct Refresher {
     shared: Option<Arc<Shared>>,
 }
 
+/// What `take_lease` found: fresh tokens another holder stored, or the lease (`None` without
+/// shared state) and the tokens to refresh.
+enum Leased<'s> {
+    Done(Tokens),
+    Held(Tokens, Option<Lease<'s>>),
+}
+
 /// How often a request waiting for another instance's refresh looks at Redis.
 const AWAIT_POLL: Duration = Duration::from_millis(20);
 
@@ -103,182 +110,209 @@ impl Refresher {
     }
 
     /// Tokens for `entry` good enough for `need`, refreshing at most once across every
-    /// thread and process.
+    /// thread and process: what is held, else under the account's lock what the file or
+    /// Redis holds now, else (under the shared lease) one call to the token endpoint.
     pub fn ensure(&self, entry: &Entry, need: Need) -> Result<Tokens, RefreshError> {
         let Some(oauth) = entry.account.oauth() else {
             return Err(RefreshError::Unavailable("not an OAuth account".into()));
         };
-        let now = now_unix();
-        {
-            let live = entry.live();
-            if live.needs_login {
-                return Err(RefreshError::NeedsLogin(format!(
-                    "account {} needs a new login (oauth-start)",
-                    entry.id()
-                )));
-            }
-            if let Some(t) = &live.tokens
-                && self.satisfied(&need, t, now)
-            {
-                return Ok(t.clone());
-            }
-            if let Some(at) = live.next_refresh_attempt
-                && Instant::now() < at
-                && !matches!(need, Need::Rejected(_))
-            {
-                return Err(RefreshError::Unavailable(format!(
-                    "backing off after {} failed refreshes: {}",
-                    live.refresh_failures,
-                    live.last_refresh_error.as_deref().unwrap_or("")
-                )));
-            }
+        if let Some(held) = self.held(entry, &need) {
+            return held;
         }
-
         let _lock = store::account_lock(&self.path, entry.id())
             .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
-        let mut current = self.current_tokens(entry)?;
-        let now = now_unix();
-        if self.satisfied(&need, &current, now) {
+        let current = self.current_tokens(entry)?;
+        if self.satisfied(&need, &current, now_unix()) {
             return Ok(current);
         }
-        if let Some(last) = entry.live().last_refresh
-            && last.elapsed() < self.settings.refresh_min_interval
-        {
-            return Err(RefreshError::Unavailable(format!(
-                "refreshed {}s ago; not again within {}s",
-                last.elapsed().as_secs(),
-                self.settings.refresh_min_interval.as_secs()
-            )));
-        }
-
-        let mut lease = None;
-        if let Some(shared) = &self.shared {
-            // Another holder may end without fresh tokens (it failed, or died and its lease
-            // lapsed): then the lease is taken here, once more at most.
-            for round in 0.. {
-                match shared.lease(entry.id(), self.lease_ttl()) {
-                    Ok(Some(held)) => {
-                        // The last holder may have stored fresh tokens just before releasing.
-                        current = self.current_tokens(entry)?;
-                        if self.satisfied(&need, &current, now_unix()) {
-                            return Ok(current);
-                        }
-                        lease = Some(held);
-                        break;
-                    }
-                    Ok(None) if matches!(need, Need::Due) => {
-                        return Err(RefreshError::Unavailable(
-                            "another instance is refreshing this account".into(),
-                        ));
-                    }
-                    Ok(None) => {
-                        if let Some(tokens) = self.await_holder(shared, entry, &need)? {
-                            return Ok(tokens);
-                        }
-                        if round == 1 {
-                            return Err(RefreshError::Unavailable(
-                                "other instances' refreshes ended without fresh tokens".into(),
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        return Err(RefreshError::Unavailable(format!(
-                            "{e}; a token is refreshed only under the shared lease"
-                        )));
-                    }
-                }
-            }
-        }
-
+        self.check_interval(entry)?;
+        let (current, lease) = match self.take_lease(entry, &need, current)? {
+            Leased::Done(tokens) => return Ok(tokens),
+            Leased::Held(current, lease) => (current, lease),
+        };
         let client = Client {
             id: &oauth.client_id,
             secret: oauth.client_secret.as_ref(),
         };
         match self.endpoint.refresh(&client, &current.refresh) {
-            Ok(grant) => {
-                let tokens = Tokens {
-                    access: grant.access_token.clone(),
-                    // A response without a refresh token keeps the old one.
-                    refresh: grant.refresh_token.clone().unwrap_or(current.refresh),
-                    expires_at: grant.expires_at,
-                    issued_at: now,
-                };
-                // Persist before use: a rotated refresh token exists nowhere else.
-                let persisted = self.persist(entry, &tokens, lease.as_ref());
-                drop(lease);
-                let mut live = entry.live();
-                live.tokens = Some(tokens.clone());
-                live.last_refresh = Some(Instant::now());
-                live.refresh_failures = 0;
-                live.refreshes_ok += 1;
-                live.next_refresh_attempt = None;
-                live.last_refresh_error = None;
-                match persisted {
-                    Ok(()) => {
-                        live.persist_error = None;
-                        info!(
-                            "refreshed the token of account {} ({}); it expires in {}",
-                            entry.id(),
-                            entry.account.name,
-                            crate::time::human_duration(tokens.expires_at.saturating_sub(now))
-                        );
-                    }
-                    Err(e) => {
-                        error!(
-                            "refreshed the token of account {} but could NOT save it: {e}. \
-                             The new tokens live only in this process until a retry succeeds",
-                            entry.id(),
-                        );
-                        live.persist_error = Some(e);
-                    }
-                }
-                Ok(tokens)
-            }
+            Ok(grant) => Ok(self.refreshed(entry, grant, current, lease)),
             Err(TokenError::InvalidGrant(message)) => {
-                {
-                    let mut live = entry.live();
-                    live.needs_login = true;
-                    live.refreshes_failed += 1;
-                }
-                error!(
-                    "account {} ({}) needs a new login: {message}",
-                    entry.id(),
-                    entry.account.name
-                );
-                if let Some(lease) = &lease
-                    && let Err(e) = lease.needs_login(current.issued_at)
-                {
-                    error!(
-                        "could not tell other instances that account {} needs a login: {e}",
-                        entry.id()
-                    );
-                }
-                if let Err(e) = store::mark_needs_login(&self.path, entry.id()) {
-                    error!(
-                        "could not record that account {} needs a login: {e}",
-                        entry.id()
-                    );
-                }
-                Err(RefreshError::NeedsLogin(message))
+                Err(self.refused(entry, message, &current, lease.as_ref()))
             }
-            Err(e) => {
-                let mut live = entry.live();
-                live.refresh_failures += 1;
-                live.refreshes_failed += 1;
-                let backoff = BACKOFF_START
-                    .saturating_mul(1 << (live.refresh_failures - 1).min(10))
-                    .min(BACKOFF_MAX);
-                live.next_refresh_attempt = Some(Instant::now() + backoff);
-                live.last_refresh_error = Some(e.to_string());
-                warn!(
-                    "refreshing account {} failed ({} in a row, next try in {}s): {e}",
-                    entry.id(),
-                    live.refresh_failures,
-                    backoff.as_secs()
-                );
-                Err(RefreshError::Unavailable(e.to_string()))
+            Err(e) => Err(self.failed(entry, &e)),
+        }
+    }
+
+    /// The answer from what this process holds, without any lock: a login needed, tokens
+    /// good enough, or a refresh backing off; `None` when a refresh may be needed.
+    fn held(&self, entry: &Entry, need: &Need) -> Option<Result<Tokens, RefreshError>> {
+        let live = entry.view();
+        if live.needs_login {
+            return Some(Err(RefreshError::NeedsLogin(format!(
+                "account {} needs a new login (oauth-start)",
+                entry.id()
+            ))));
+        }
+        if let Some(t) = live.tokens
+            && self.satisfied(need, &t, now_unix())
+        {
+            return Some(Ok(t));
+        }
+        if let Some(at) = live.next_refresh_attempt
+            && Instant::now() < at
+            && !matches!(need, Need::Rejected(_))
+        {
+            return Some(Err(RefreshError::Unavailable(format!(
+                "backing off after {} failed refreshes: {}",
+                live.refresh_failures,
+                live.last_refresh_error.as_deref().unwrap_or("")
+            ))));
+        }
+        None
+    }
+
+    /// Refuses a second refresh of one account within `oauth.refresh_min_interval`.
+    fn check_interval(&self, entry: &Entry) -> Result<(), RefreshError> {
+        match entry.view().last_refresh {
+            Some(last) if last.elapsed() < self.settings.refresh_min_interval => {
+                Err(RefreshError::Unavailable(format!(
+                    "refreshed {}s ago; not again within {}s",
+                    last.elapsed().as_secs(),
+                    self.settings.refresh_min_interval.as_secs()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// With shared state, takes the account's lease, or waits for the instance holding it.
+    /// Another holder may end without fresh tokens (it failed, or died and its lease
+    /// lapsed): then the lease is taken here, once more at most.
+    fn take_lease<'s>(
+        &'s self,
+        entry: &Entry,
+        need: &Need,
+        current: Tokens,
+    ) -> Result<Leased<'s>, RefreshError> {
+        let Some(shared) = &self.shared else {
+            return Ok(Leased::Held(current, None));
+        };
+        for round in 0..2 {
+            match shared.lease(entry.id(), self.lease_ttl()) {
+                Ok(Some(held)) => {
+                    // The last holder may have stored fresh tokens just before releasing.
+                    let current = self.current_tokens(entry)?;
+                    if self.satisfied(need, &current, now_unix()) {
+                        return Ok(Leased::Done(current));
+                    }
+                    return Ok(Leased::Held(current, Some(held)));
+                }
+                Ok(None) if matches!(need, Need::Due) => {
+                    return Err(RefreshError::Unavailable(
+                        "another instance is refreshing this account".into(),
+                    ));
+                }
+                Ok(None) => {
+                    if let Some(tokens) = self.await_holder(shared, entry, need)? {
+                        return Ok(Leased::Done(tokens));
+                    }
+                    if round == 1 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    return Err(RefreshError::Unavailable(format!(
+                        "{e}; a token is refreshed only under the shared lease"
+                    )));
+                }
             }
         }
+        Err(RefreshError::Unavailable(
+            "other instances' refreshes ended without fresh tokens".into(),
+        ))
+    }
+
+    /// The token endpoint granted new tokens: persisted before use (a rotated refresh token
+    /// exists nowhere else), then in use, saved or not.
+    fn refreshed(
+        &self,
+        entry: &Entry,
+        grant: crate::oauth::Grant,
+        current: Tokens,
+        lease: Option<Lease<'_>>,
+    ) -> Tokens {
+        let now = now_unix();
+        let tokens = Tokens {
+            access: grant.access_token,
+            // A response without a refresh token keeps the old one.
+            refresh: grant.refresh_token.unwrap_or(current.refresh),
+            expires_at: grant.expires_at,
+            issued_at: now,
+        };
+        let persisted = self.persist(entry, &tokens, lease.as_ref());
+        drop(lease);
+        match &persisted {
+            Ok(()) => info!(
+                "refreshed the token of account {} ({}); it expires in {}",
+                entry.id(),
+                entry.account.name,
+                crate::time::human_duration(tokens.expires_at.saturating_sub(now))
+            ),
+            Err(e) => error!(
+                "refreshed the token of account {} but could NOT save it: {e}. \
+                 The new tokens live only in this process until a retry succeeds",
+                entry.id(),
+            ),
+        }
+        entry.refreshed(&tokens, persisted);
+        tokens
+    }
+
+    /// The token endpoint refused the refresh token: a person must log in again, as this
+    /// process, other instances and config.yaml are told.
+    fn refused(
+        &self,
+        entry: &Entry,
+        message: String,
+        current: &Tokens,
+        lease: Option<&Lease<'_>>,
+    ) -> RefreshError {
+        entry.needs_login(true);
+        error!(
+            "account {} ({}) needs a new login: {message}",
+            entry.id(),
+            entry.account.name
+        );
+        if let Some(lease) = lease
+            && let Err(e) = lease.needs_login(current.issued_at)
+        {
+            error!(
+                "could not tell other instances that account {} needs a login: {e}",
+                entry.id()
+            );
+        }
+        if let Err(e) = store::mark_needs_login(&self.path, entry.id()) {
+            error!(
+                "could not record that account {} needs a login: {e}",
+                entry.id()
+            );
+        }
+        RefreshError::NeedsLogin(message)
+    }
+
+    /// A refresh failed for a reason that may pass: the next one backs off.
+    fn failed(&self, entry: &Entry, e: &TokenError) -> RefreshError {
+        let (failures, backoff) = entry.refresh_failed(e.to_string(), |failures| {
+            BACKOFF_START
+                .saturating_mul(1 << (failures - 1).min(10))
+                .min(BACKOFF_MAX)
+        });
+        warn!(
+            "refreshing account {} failed ({failures} in a row, next try in {}s): {e}",
+            entry.id(),
+            backoff.as_secs()
+        );
+        RefreshError::Unavailable(e.to_string())
     }
 
     /// Stores rotated tokens: in Redis under the lease (and config.yaml as this instance's
@@ -356,25 +390,22 @@ impl Refresher {
             .flatten();
         // Redis answered just now; an offer that fails here is retried by the sync.
         let _ = entry.meet_stored(shared, stored.as_ref());
-        let live = entry.live();
+        let live = entry.view();
         if live.needs_login {
             return Err(RefreshError::NeedsLogin(
                 "marked in the shared state (another instance's refresh was refused)".into(),
             ));
         }
-        Ok(live.tokens.clone())
+        Ok(live.tokens)
     }
 
     /// The account's tokens as they are now: from Redis with shared state, else (or when
     /// neither holds any) from config.yaml, adopting them; unless this process holds newer
     /// ones it has not managed to save.
     fn current_tokens(&self, entry: &Entry) -> Result<Tokens, RefreshError> {
-        if entry.live().persist_error.is_some() {
-            return entry
-                .live()
-                .tokens
-                .clone()
-                .ok_or_else(|| RefreshError::Unavailable("no tokens".into()));
+        let live = entry.view();
+        if live.persist_error.is_some() {
+            return (live.tokens).ok_or_else(|| RefreshError::Unavailable("no tokens".into()));
         }
         if let Some(shared) = &self.shared
             && let Some(tokens) = self.shared_tokens(shared, entry)?
@@ -391,17 +422,15 @@ impl Refresher {
         let oauth = account
             .oauth()
             .ok_or_else(|| RefreshError::Unavailable("no longer an OAuth account".into()))?;
-        let mut live = entry.live();
         if oauth.needs_login {
-            live.needs_login = true;
+            entry.needs_login(false);
             return Err(RefreshError::NeedsLogin("marked in the config".into()));
         }
         let tokens = oauth
             .tokens
             .clone()
             .ok_or_else(|| RefreshError::NeedsLogin("never logged in".into()))?;
-        live.tokens = Some(tokens.clone());
-        drop(live);
+        let tokens = entry.adopt_tokens(tokens);
         if let Some(shared) = &self.shared {
             let _ = shared.offer(entry.id(), &tokens);
         }
@@ -416,8 +445,8 @@ impl Refresher {
                 continue;
             }
             let (due, unsaved) = {
-                let live = entry.live();
-                if live.needs_login || live.disabled_reason.is_some() {
+                let live = entry.view();
+                if live.needs_login || live.disabled {
                     continue;
                 }
                 let Some(tokens) = &live.tokens else { continue };
@@ -447,11 +476,11 @@ impl Refresher {
         };
         match store::save_tokens(&self.path, entry.id(), tokens, None) {
             Ok(()) => {
-                entry.live().persist_error = None;
+                entry.unsaved(None);
                 info!("saved the rotated tokens of account {} at last", entry.id());
             }
             Err(e) => {
-                entry.live().persist_error = Some(e.to_string());
+                entry.unsaved(Some(e.to_string()));
                 warn!(
                     "still cannot save the rotated tokens of account {}: {e}",
                     entry.id()

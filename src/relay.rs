@@ -6,15 +6,14 @@
 use std::io::Read;
 use std::time::Instant;
 
-use crate::error::ApiError;
 use crate::json;
 use crate::openai::{self, stream::ChunkStream};
 use crate::respond::{BodyWriter, Head, Responder};
 use crate::scrub::{self, Scrub};
 use crate::sse;
 use crate::upstream::{
-    Answer, BUFFER_WHOLE, Held, MAX_INSPECTED, header_str, hop_by_hop, io_error, is_event_stream,
-    no_body,
+    Answer, BUFFER_WHOLE, Held, MAX_INSPECTED, UpstreamError, header_str, hop_by_hop, io_error,
+    is_event_stream, no_body,
 };
 use crate::usage::{Reported, Usage};
 use crate::watch;
@@ -183,7 +182,7 @@ pub fn relay<'a>(
     meter: &mut Meter,
     max_event: usize,
     settle: Settle<'_>,
-) -> Result<(Outcome, bool), (ApiError, Responder<'a>)> {
+) -> Result<(Outcome, bool), (UpstreamError, Responder<'a>)> {
     let Answer { body, scrub } = answer;
     let (parts, mut reader): (_, Box<dyn Read>) = match body {
         Held::Streaming(response) => {
@@ -196,7 +195,7 @@ pub fn relay<'a>(
     let converted = !matches!(shape, Shape::Anthropic);
     if status < 200 || (converted && no_body(status)) {
         return Err((
-            ApiError::UpstreamGarbled(format!("a {status} answer, which carries no message")),
+            UpstreamError::Garbled(format!("a {status} answer, which carries no message")),
             out,
         ));
     }
@@ -275,7 +274,7 @@ pub fn relay<'a>(
                         Ok((Outcome::Complete, out.send(head, &buf)))
                     }
                     Ok(got) => Err((
-                        ApiError::UpstreamUnreachable(format!(
+                        UpstreamError::Unreachable(format!(
                             "the upstream closed after {got} of {n} body bytes"
                         )),
                         out,
@@ -364,14 +363,14 @@ pub fn relay<'a>(
 }
 
 /// Reads a whole body, refusing more than `limit` bytes, and scrubs it.
-fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>, ApiError> {
+fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>, UpstreamError> {
     let mut buf = Vec::new();
     reader
         .take(limit + 1)
         .read_to_end(&mut buf)
         .map_err(|e| io_error(&e))?;
     if buf.len() as u64 > limit {
-        return Err(ApiError::UpstreamGarbled(format!(
+        return Err(UpstreamError::Garbled(format!(
             "the upstream answer is larger than {limit} bytes"
         )));
     }
@@ -379,13 +378,13 @@ fn read_all(reader: &mut dyn Read, limit: u64, scrub: &Scrub) -> Result<Vec<u8>,
     Ok(buf)
 }
 
-fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+fn parse_json(body: &[u8]) -> Result<serde_json::Value, UpstreamError> {
     crate::json::from_slice(body).map_err(|e| not_json(&e))
 }
 
 /// An answer that is not what it claims is garbage, not a connection failure.
-fn not_json(e: &serde_json::Error) -> ApiError {
-    ApiError::UpstreamGarbled(format!(
+fn not_json(e: &serde_json::Error) -> UpstreamError {
+    UpstreamError::Garbled(format!(
         "the upstream answered something that is not JSON: {e}"
     ))
 }

@@ -99,7 +99,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             let (outcome, keep) = match relayed {
                 Ok(relayed) => relayed,
                 Err((error, out)) => {
-                    let keep = send_error(out, &error, names.format);
+                    let keep = send_error(out, &ApiError::from(error.clone()), names.format);
                     (Outcome::UpstreamBroke(error.to_string()), keep)
                 }
             };

@@ -56,8 +56,29 @@ impl std::fmt::Display for StartError {
 
 /// Runs the server until SIGTERM or SIGINT has drained it (or a second one exits at once).
 pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
-    // Before any thread starts, so every thread inherits the mask and the signals wait for
-    // the one thread that takes them.
+    let signals = prepare_process(&config);
+    let listener = bind_main(&config, listen)?;
+    let (gateway, journal) = assemble(&config)?;
+    announce(&listener);
+    let (reload_tx, reload_rx) = mpsc::channel();
+    start_background(&gateway, &config, journal.as_ref(), reload_rx)?;
+    let listeners = listeners(&gateway, &config, &listener);
+    if signals {
+        start_signals(&gateway, listeners, reload_tx)?;
+    }
+    serve(&gateway, &config, listener);
+    drain(&gateway, config.server.shutdown_grace);
+    if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
+        ledger.flush(&mut journal.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// What the whole process needs before any thread starts: the signal mask (every thread
+/// inherits it, so signals wait for the one thread that takes them), the log level, a
+/// one-line panic report, and the config's warnings. Returns whether signals are ours.
+fn prepare_process(config: &Config) -> bool {
     let signals = match sys::block_signals() {
         Ok(()) => true,
         Err(e) => {
@@ -90,25 +111,31 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
              A loopback address does not make this safe when a local proxy forwards to it."
         );
     }
+    signals
+}
+
+/// Binds the main listener (`--listen`, else `server.listen`) with a deep accept queue.
+fn bind_main(config: &Config, listen: Option<String>) -> Result<TcpListener, StartError> {
     let addr = listen.unwrap_or_else(|| config.server.listen.clone());
-    let reuse_port = config.server.reuse_port;
-    let listener = bind(&addr, reuse_port).map_err(|error| StartError::Bind {
-        addr: addr.clone(),
-        error,
-    })?;
-    let local = listener.local_addr().map_err(|error| StartError::Bind {
+    let listener = bind(&addr, config.server.reuse_port).map_err(|error| StartError::Bind {
         addr: addr.clone(),
         error,
     })?;
     if let Err(e) = crate::sys::deepen_backlog(&listener, ACCEPT_BACKLOG) {
         warn!("could not deepen the accept queue ({e}); bursts of connections may wait a second");
     }
-    let shared = start_shared(&config);
-    let (ledger, journal) = match open_ledger(&config, shared.clone())? {
+    Ok(listener)
+}
+
+/// The running gateway: shared state, the ledger (its journal kept for the last flush) and
+/// everything `Gateway` holds.
+fn assemble(config: &Config) -> Result<(Arc<Gateway>, Option<SharedJournal>), StartError> {
+    let shared = start_shared(config);
+    let (ledger, journal) = match open_ledger(config, shared.clone())? {
         Some((ledger, journal)) => (Some(ledger), Some(journal)),
         None => (None, None),
     };
-    let gateway = Arc::new(Gateway::new(&config, ledger, shared));
+    let gateway = Arc::new(Gateway::new(config, ledger, shared));
     info!(
         "serving {} accounts to {} client keys, upstream {}, up to {} workers",
         gateway.accounts.count(),
@@ -121,39 +148,46 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
             "no client keys: every request will get 401 until you run `llm-gateway add-client-key`"
         );
     }
-    // The one line scripts and tests wait for.
-    println!("llm-gateway listening on http://{local}");
-    {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-    }
+    Ok((gateway, journal))
+}
 
-    // Every long-lived thread runs supervised (`supervise`): a panic restarts it. One that
-    // cannot even be started is an error at start, not a gateway running without it.
-    let threads = Arc::clone(&gateway.threads);
-    let start = |name: &'static str, result: std::io::Result<()>| {
-        result.map_err(|error| StartError::Thread { name, error })
-    };
-    let (reload_tx, reload_rx) = mpsc::channel();
-    let watching = Arc::clone(&gateway);
+/// Prints the one line scripts and tests wait for: the address really bound.
+fn announce(listener: &TcpListener) {
+    use std::io::Write;
+    if let Ok(local) = listener.local_addr() {
+        println!("llm-gateway listening on http://{local}");
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Starts the long-lived threads, each supervised (`supervise`: a panic restarts it): the
+/// config watcher, the shared-state sync, the ledger's flusher and the OAuth refresher. One
+/// that cannot even be started is an error at start, not a gateway running without it.
+fn start_background(
+    gateway: &Arc<Gateway>,
+    config: &Config,
+    journal: Option<&SharedJournal>,
+    reload_rx: mpsc::Receiver<()>,
+) -> Result<(), StartError> {
+    let threads = &gateway.threads;
+    let watching = Arc::clone(gateway);
     let watched = Mutex::new(Watched {
         last: stamp(&config.path),
         running: config.clone(),
         applying: None,
     });
-    start(
+    started(
         "config-watch",
         threads.spawn("config-watch", true, move || {
             let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
             watch_config(&watching, &mut watched, &reload_rx);
         }),
     )?;
-
     if let Some(shared) = gateway.accounts.shared().cloned() {
-        let syncing = Arc::clone(&gateway);
+        let syncing = Arc::clone(gateway);
         // Not needed for /ready: a Redis outage never takes every instance out of the load
         // balancer, and neither does the thread that watches Redis.
-        start(
+        started(
             "shared-state",
             threads.spawn("shared-state", false, move || {
                 let mut renewed = Instant::now();
@@ -170,10 +204,10 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
             }),
         )?;
     }
-    if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
+    if let (Some(ledger), Some(journal)) = (&gateway.ledger, journal) {
         let (flusher, flushed) = (Arc::clone(ledger), Arc::clone(journal));
         let interval = config.usage.flush_interval;
-        start(
+        started(
             "usage-ledger",
             threads.spawn("usage-ledger", true, move || {
                 loop {
@@ -186,8 +220,8 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
             }),
         )?;
     }
-    let refreshing = Arc::clone(&gateway);
-    start(
+    let refreshing = Arc::clone(gateway);
+    started(
         "oauth-refresh",
         threads.spawn("oauth-refresh", true, move || {
             loop {
@@ -196,50 +230,67 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }),
-    )?;
+    )
+}
 
+/// Starts the admin listener; returns both listeners with their pools, for the signal
+/// thread to stop.
+fn listeners(
+    gateway: &Arc<Gateway>,
+    config: &Config,
+    listener: &TcpListener,
+) -> Vec<(TcpListener, Arc<Workers>)> {
     let mut listeners = Vec::new();
     if let Ok(clone) = listener.try_clone() {
         listeners.push((clone, Arc::clone(&gateway.workers)));
     }
     if let Some(addr) = &config.admin_listen
-        && let Some(admin) = start_admin(&gateway, addr, config.server.reuse_port)
+        && let Some(admin) = start_admin(gateway, addr, config.server.reuse_port)
     {
         listeners.push(admin);
     }
-    if signals {
-        // Kept across restarts: a signal after a panic is still the second one.
-        let stopping = AtomicBool::new(false);
-        start(
-            "signals",
-            threads.spawn("signals", true, move || {
-                take_signals(&listeners, &reload_tx, &stopping)
-            }),
-        )?;
-    }
+    listeners
+}
+
+/// Starts the signal thread, which reloads on SIGHUP and stops `listeners` on SIGTERM/SIGINT.
+fn start_signals(
+    gateway: &Arc<Gateway>,
+    listeners: Vec<(TcpListener, Arc<Workers>)>,
+    reload_tx: Sender<()>,
+) -> Result<(), StartError> {
+    // Kept across restarts: a signal after a panic is still the second one.
+    let stopping = AtomicBool::new(false);
+    started(
+        "signals",
+        gateway.threads.spawn("signals", true, move || {
+            take_signals(&listeners, &reload_tx, &stopping)
+        }),
+    )
+}
+
+/// A thread's start, as a start error naming it.
+fn started(name: &'static str, result: std::io::Result<()>) -> Result<(), StartError> {
+    result.map_err(|error| StartError::Thread { name, error })
+}
+
+/// Serves the main listener on the worker pool until the signal thread stops it.
+fn serve(gateway: &Arc<Gateway>, config: &Config, listener: TcpListener) {
     let settings = PoolSettings {
         workers: config.server.workers,
         queue: config.server.accept_queue,
         idle_retire: config.server.worker_idle,
     };
-    let workers = Arc::clone(&gateway.workers);
-    let serving = Arc::clone(&gateway);
-    let reclaiming = Arc::clone(&gateway);
+    let serving = Arc::clone(gateway);
+    let reclaiming = Arc::clone(gateway);
     listener::run(
         listener,
         settings,
-        workers,
+        Arc::clone(&gateway.workers),
         move |stream| serve_connection(&serving, stream, Listener::Main),
         move || reclaiming.connections.reclaim_idle(),
-        &threads,
+        &gateway.threads,
         "accept",
     );
-    drain(&gateway, config.server.shutdown_grace);
-    if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
-        ledger.flush(&mut journal.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-    info!("stopped");
-    Ok(())
 }
 
 /// The signal thread: SIGHUP asks the watcher for a reload; the first SIGTERM or SIGINT stops
@@ -416,8 +467,11 @@ fn start_shared(config: &Config) -> Option<Arc<Shared>> {
     Some(shared)
 }
 
-/// The ledger and its journal (kept for the last flush before a graceful exit).
-type Opened = (Arc<Ledger>, Arc<Mutex<Journal>>);
+/// The ledger's journal, shared by its flusher thread and the last flush before a graceful
+/// exit.
+type SharedJournal = Arc<Mutex<Journal>>;
+/// The ledger and its journal.
+type Opened = (Arc<Ledger>, SharedJournal);
 
 /// Opens the usage ledger, or explains why usage is not recorded.
 fn open_ledger(config: &Config, shared: Option<Arc<Shared>>) -> Result<Option<Opened>, StartError> {

@@ -18,11 +18,8 @@ pub fn render(gw: &Gateway) -> Value {
         .map(|e| {
             let (state, reason) = e.status(now);
             let (requests, failures) = e.counts();
-            let live = e.live();
-            let cooldown_until = live
-                .health
-                .cooldown
-                .as_ref()
+            let live = e.view();
+            let cooldown_until = (live.cooldown.as_ref())
                 .filter(|c| now < c.until && state == "cooling")
                 .map(|c| time::rfc3339(c.until_unix_ms.div_ceil(1000)));
             json!({

@@ -10,7 +10,6 @@ use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 use ureq::{Agent, Body, SendBody};
 
 use crate::config::UpstreamSettings;
-use crate::error::ApiError;
 use crate::http::Request;
 use crate::processor::{Outgoing, Processor};
 use crate::scrub::Scrub;
@@ -130,7 +129,7 @@ impl Upstream {
         &self,
         req: &Request,
         processor: &dyn Processor,
-    ) -> Result<http::Response<Body>, ApiError> {
+    ) -> Result<http::Response<Body>, UpstreamError> {
         self.forward_within(req, processor, None)
     }
 
@@ -141,7 +140,7 @@ impl Upstream {
         req: &Request,
         processor: &dyn Processor,
         within: Option<std::time::Duration>,
-    ) -> Result<http::Response<Body>, ApiError> {
+    ) -> Result<http::Response<Body>, UpstreamError> {
         // Names listed in `Connection:` are hop-by-hop too.
         let tokens = crate::http::list_values(&req.headers, "connection");
         let mut out = Outgoing {
@@ -161,7 +160,9 @@ impl Upstream {
         }
         out.headers
             .push(("accept-encoding".into(), b"identity".to_vec()));
-        processor.prepare(&mut out)?;
+        processor
+            .prepare(&mut out)
+            .map_err(|e| UpstreamError::Unsendable(e.to_string()))?;
 
         let mut builder = http::Request::builder()
             .method(req.method.as_str())
@@ -180,7 +181,8 @@ impl Upstream {
         } else {
             &self.large
         };
-        let invalid = |e: http::Error| ApiError::BadRequest(format!("invalid request header: {e}"));
+        let invalid =
+            |e: http::Error| UpstreamError::Unsendable(format!("invalid request header: {e}"));
         let result = match (&out.splice, req.method.as_str()) {
             (_, "GET") => run(agent, builder.body(()).map_err(invalid)?, within),
             (None, _) => run(agent, builder.body(out.body).map_err(invalid)?, within),
@@ -253,7 +255,7 @@ impl Answer {
     }
 
     /// Reads the body (an error body: small, and capped) so it can be inspected.
-    pub fn buffer(self) -> Result<Answer, ApiError> {
+    pub fn buffer(self) -> Result<Answer, UpstreamError> {
         match self.body {
             Held::Streaming(response) => {
                 let (parts, body) = response.into_parts();
@@ -272,7 +274,7 @@ impl Answer {
     /// body that stalls, breaks or is garbage is still this account's failure and the request
     /// can move on: nothing has gone downstream yet. Streams and large bodies pass untouched
     /// (only their content type is checked).
-    pub fn settle(self) -> Result<Answer, ApiError> {
+    pub fn settle(self) -> Result<Answer, UpstreamError> {
         let Answer {
             body: Held::Streaming(response),
             scrub,
@@ -284,7 +286,7 @@ impl Answer {
         if status < 200 {
             // ureq consumes 100, 102 and 103 itself; what is left (101) would hand us the
             // upstream's raw connection, and nothing here asks to switch protocols.
-            return Err(ApiError::UpstreamGarbled(format!(
+            return Err(UpstreamError::Garbled(format!(
                 "a {status} answer to a request that asked for no protocol switch"
             )));
         }
@@ -297,7 +299,7 @@ impl Answer {
             .filter(|&n| n <= BUFFER_WHOLE);
         let Some(n) = length else {
             return match garbled_success(content_type, None) {
-                Some(why) => Err(ApiError::UpstreamGarbled(scrub.text(&why).into_owned())),
+                Some(why) => Err(UpstreamError::Garbled(scrub.text(&why).into_owned())),
                 None => Ok(Answer::new(response, scrub)),
             };
         };
@@ -311,13 +313,13 @@ impl Answer {
             .read_to_end(&mut buf)
             .map_err(|e| io_error(&e))?;
         if got as u64 != n {
-            return Err(ApiError::UpstreamUnreachable(format!(
+            return Err(UpstreamError::Unreachable(format!(
                 "the upstream closed after {got} of {n} body bytes"
             )));
         }
         let content_type = header_str(&parts.headers, "content-type");
         match garbled_success(content_type, Some(&buf)) {
-            Some(why) => Err(ApiError::UpstreamGarbled(scrub.text(&why).into_owned())),
+            Some(why) => Err(UpstreamError::Garbled(scrub.text(&why).into_owned())),
             None => Ok(Answer::buffered(parts, buf, scrub)),
         }
     }
@@ -339,20 +341,48 @@ impl Answer {
     }
 }
 
-pub(crate) fn upstream_error(e: &ureq::Error) -> ApiError {
+/// What went wrong between the gateway and the upstream: the upstream boundary's errors.
+/// `ApiError::from` says what each one is to the client, in one place.
+#[derive(Debug, Clone)]
+pub enum UpstreamError {
+    /// The request itself cannot be sent (an invalid header, a body an account's processor
+    /// cannot edit): no account would do better.
+    Unsendable(String),
+    /// The upstream could not be reached, or broke before answering whole.
+    Unreachable(String),
+    /// The upstream did not answer within the configured timeout.
+    Timeout(String),
+    /// A success whose body is not what it claims (not JSON, too large, no message).
+    Garbled(String),
+    /// The upstream's TLS certificate is not trusted: no account would do better.
+    Untrusted(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (UpstreamError::Unsendable(m)
+        | UpstreamError::Unreachable(m)
+        | UpstreamError::Timeout(m)
+        | UpstreamError::Garbled(m)
+        | UpstreamError::Untrusted(m)) = self;
+        f.write_str(m)
+    }
+}
+
+pub(crate) fn upstream_error(e: &ureq::Error) -> UpstreamError {
     let message = e.to_string();
     if untrusted_certificate(&message) {
-        return ApiError::UpstreamUntrusted(message);
+        return UpstreamError::Untrusted(message);
     }
     match e {
-        ureq::Error::Timeout(_) => ApiError::UpstreamTimeout(e.to_string()),
+        ureq::Error::Timeout(_) => UpstreamError::Timeout(e.to_string()),
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
-            ApiError::UpstreamTimeout(e.to_string())
+            UpstreamError::Timeout(e.to_string())
         }
         ureq::Error::Http(_) | ureq::Error::BadUri(_) => {
-            ApiError::BadRequest(format!("the request cannot be forwarded: {e}"))
+            UpstreamError::Unsendable(format!("the request cannot be forwarded: {e}"))
         }
-        _ => ApiError::UpstreamUnreachable(e.to_string()),
+        _ => UpstreamError::Unreachable(e.to_string()),
     }
 }
 
@@ -403,7 +433,7 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-pub(crate) fn io_error(e: &std::io::Error) -> ApiError {
+pub(crate) fn io_error(e: &std::io::Error) -> UpstreamError {
     // ureq's body reader wraps its own errors (a read timeout is `Timeout(Reason::Read)` with
     // kind `Other`): classify those as ureq errors, so a stalled body is a 504, not a 502.
     if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<ureq::Error>()) {
@@ -413,9 +443,9 @@ pub(crate) fn io_error(e: &std::io::Error) -> ApiError {
         e.kind(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
     ) {
-        ApiError::UpstreamTimeout(e.to_string())
+        UpstreamError::Timeout(e.to_string())
     } else {
-        ApiError::UpstreamUnreachable(e.to_string())
+        UpstreamError::Unreachable(e.to_string())
     }
 }
 
@@ -480,9 +510,12 @@ mod tests {
     #[test]
     fn wrapped_ureq_timeouts_are_timeouts() {
         let wrapped = std::io::Error::other(ureq::Error::Timeout(ureq::Timeout::PerRead));
-        assert_eq!(io_error(&wrapped).status(), 504, "{wrapped}");
+        assert!(
+            matches!(io_error(&wrapped), UpstreamError::Timeout(_)),
+            "{wrapped}"
+        );
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert_eq!(io_error(&reset).status(), 502);
+        assert!(matches!(io_error(&reset), UpstreamError::Unreachable(_)));
     }
 
     #[test]

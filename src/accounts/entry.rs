@@ -49,37 +49,6 @@ impl std::fmt::Display for State {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Live {
-    /// The OAuth tokens in use. Newer than the file's while `persist_error` is set.
-    pub tokens: Option<Tokens>,
-    /// invalid_grant seen: a person must log in again.
-    pub needs_login: bool,
-    /// A permanent failure seen at run time (a ban): the account is out of service.
-    pub disabled_reason: Option<String>,
-    /// A ban the upstream announced that a probe could not settle: the account rests, and is
-    /// probed again before it next serves.
-    pub suspected_ban: Option<crate::anthropic::Ban>,
-    /// A probe of the account is in flight (`failover::confirm_ban`): one at a time.
-    pub probing: bool,
-    /// Consecutive failed refresh attempts, and when the next may be made.
-    pub refresh_failures: u32,
-    pub next_refresh_attempt: Option<Instant>,
-    pub last_refresh: Option<Instant>,
-    pub last_refresh_error: Option<String>,
-    /// Since start, for metrics.
-    pub refreshes_ok: u64,
-    pub refreshes_failed: u64,
-    /// Rotated tokens could not be written to config.yaml: they exist only in memory until a
-    /// retry succeeds. Shown loudly; never silent.
-    pub persist_error: Option<String>,
-    /// Cooldowns and failure counts.
-    pub health: Health,
-    /// `disabled_reason` came from another instance's ban (through Redis), and goes when the
-    /// ban is lifted there.
-    pub banned_elsewhere: bool,
-}
-
 impl Entry {
     pub(super) fn new(account: Account, previous: Option<&Entry>) -> Entry {
         let previous = previous.filter(|p| p.account.kind == account.kind);
@@ -128,7 +97,7 @@ impl Entry {
         )
     }
 
-    pub fn live(&self) -> MutexGuard<'_, Live> {
+    pub(super) fn live(&self) -> MutexGuard<'_, Live> {
         // Live state is plain data, consistent after every assignment: poison carries no news.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -7,9 +7,12 @@
 pub mod balance;
 pub mod cooldown;
 mod entry;
+mod live;
 pub mod sticky;
 
-pub use entry::{Entry, Live, State};
+pub use entry::{Entry, State};
+use live::Live;
+pub use live::{Probing, View};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -17,10 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens};
-use crate::error::ApiError;
 use crate::shared::{Down, Shared, Stored};
 use balance::Load;
-use cooldown::{Cooldown, Health, Now, Signal};
+use cooldown::{Cooldown, Now, Signal};
 use sticky::{Key, Sticky};
 
 pub struct Accounts {
@@ -133,7 +135,7 @@ impl Accounts {
     /// the sticky pin if it is in that tier, else the strategy. When all usable accounts are
     /// cooling down: 529 with the soonest return as `retry-after`; when none is usable: 503
     /// saying why.
-    pub fn pick(&self, tried: &[String], sticky_key: Option<Key<'_>>) -> Result<Pick, ApiError> {
+    pub fn pick(&self, tried: &[String], sticky_key: Option<Key<'_>>) -> Result<Pick, Unavailable> {
         let all = self.snapshot();
         let now = Instant::now();
         // The key's hash with its pins' TTL, when sticky sessions are on.
@@ -188,10 +190,10 @@ impl Accounts {
         }
         let Some(best) = candidates.iter().map(|e| e.account.priority).min() else {
             return Err(match soonest {
-                Some(at) => ApiError::AllCoolingDown {
+                Some(at) => Unavailable::Resting {
                     retry_after: ceil_secs(at.saturating_duration_since(now)).max(1),
                 },
-                None => ApiError::NoAccount(why_none(&all, tried)),
+                None => Unavailable::None(why_none(&all, tried)),
             });
         };
         candidates.retain(|e| e.account.priority == best);
@@ -315,6 +317,16 @@ fn adopt_stored(live: &mut Live, stored: Option<&Stored>) -> Option<Tokens> {
         live.needs_login |= stored.needs_login;
     }
     None
+}
+
+/// Why no account can be picked: the selection boundary's error. `ApiError::from` makes the
+/// first a 529 with its retry and the second a 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every account that could serve is resting; the first returns in `retry_after` seconds.
+    Resting { retry_after: u64 },
+    /// None can serve, and none will recover by itself: why.
+    None(String),
 }
 
 /// Rounded-up seconds until `d` has passed, for `retry-after`.
@@ -472,7 +484,8 @@ mod tests {
         );
         cool(&accounts, "a");
         cool(&accounts, "b");
-        let err = accounts.pick(&[], None).err().expect("all cooling");
+        let err =
+            crate::error::ApiError::from(accounts.pick(&[], None).err().expect("all cooling"));
         assert_eq!(err.status(), 529);
         assert_eq!(err.error_type(), "overloaded_error");
         let retry = err.retry_after().expect("retry-after");
@@ -545,10 +558,10 @@ mod tests {
     #[test]
     fn none_usable_says_why() {
         let none = pool(vec![], Strategy::LeastBusy);
-        let err = none.pick(&[], None).err().expect("none");
+        let err = crate::error::ApiError::from(none.pick(&[], None).err().expect("none"));
         assert!(err.to_string().contains("add-api-key"));
         let off = pool(vec![account("a", false)], Strategy::LeastBusy);
-        let err = off.pick(&[], None).err().expect("disabled");
+        let err = crate::error::ApiError::from(off.pick(&[], None).err().expect("disabled"));
         assert_eq!(err.status(), 503);
         assert!(err.to_string().contains("enable-account"));
         let mut unset = account("u", true);
@@ -557,9 +570,9 @@ mod tests {
             .pick(&[], None)
             .err()
             .expect("unusable");
-        assert!(err.to_string().contains("K is not set"));
+        assert!(matches!(&err, Unavailable::None(why) if why.contains("K is not set")));
         let login = pool(vec![oauth("o", None)], Strategy::LeastBusy);
-        let err = login.pick(&[], None).err().expect("login");
+        let err = crate::error::ApiError::from(login.pick(&[], None).err().expect("login"));
         assert!(err.to_string().contains("oauth-start"));
     }
 
@@ -663,5 +676,53 @@ mod tests {
         accounts.replace(vec![oauth("o", Some(tokens("file-3")))]);
         let entry = accounts.pick(&[], None).expect("usable").entry.clone();
         assert_eq!(access(&entry), Some(Secret::new("file-3")));
+    }
+
+    #[test]
+    fn transitions_keep_the_newer_token_and_say_whether_it_is_saved() {
+        let accounts = pool(
+            vec![oauth("o", Some(tokens("file-1")))],
+            Strategy::LeastBusy,
+        );
+        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
+        let newer = Tokens {
+            issued_at: 20,
+            ..tokens("refreshed-2")
+        };
+        entry.refreshed(&newer, Err("disk full".into()));
+        let view = entry.view();
+        assert_eq!(view.tokens.as_ref(), Some(&newer));
+        assert_eq!(view.persist_error.as_deref(), Some("disk full"));
+        assert_eq!(view.refreshes_ok, 1);
+        // An older copy read from the file does not replace the refreshed tokens.
+        let older = Tokens {
+            issued_at: 10,
+            ..tokens("file-1")
+        };
+        assert_eq!(entry.adopt_tokens(older), newer);
+        entry.unsaved(None);
+        assert_eq!(entry.view().persist_error, None);
+        // A later login in the file wins.
+        let login = Tokens {
+            issued_at: 30,
+            ..tokens("login-3")
+        };
+        assert_eq!(entry.adopt_tokens(login.clone()), login);
+        // Failures back off by their count; a refused refresh token means a new login.
+        let (n, wait) =
+            entry.refresh_failed("timeout".into(), |n| Duration::from_secs(u64::from(n) * 7));
+        assert_eq!((n, wait), (1, Duration::from_secs(7)));
+        let (n, _) = entry.refresh_failed("timeout".into(), |_| Duration::ZERO);
+        assert_eq!(n, 2);
+        entry.needs_login(true);
+        let view = entry.view();
+        assert!(view.needs_login);
+        assert_eq!(view.refreshes_failed, 3);
+        assert!(!entry.usable());
+        // One probe at a time.
+        let probe = entry.start_probe().expect("the first probe");
+        assert!(entry.start_probe().is_none());
+        drop(probe);
+        assert!(entry.start_probe().is_some());
     }
 }

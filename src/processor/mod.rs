@@ -8,7 +8,6 @@ pub use api_key::ApiKey;
 pub use oauth::OAuth;
 
 use crate::anthropic::Splice;
-use crate::error::ApiError;
 
 /// The upstream request under construction: headers already filtered of the client's
 /// credentials and hop-by-hop fields, and the body as the client sent it.
@@ -44,5 +43,17 @@ impl Outgoing<'_> {
 
 pub trait Processor {
     /// Adds the credential and whatever the account kind requires.
-    fn prepare(&self, out: &mut Outgoing<'_>) -> Result<(), ApiError>;
+    fn prepare(&self, out: &mut Outgoing<'_>) -> Result<(), Unfit>;
+}
+
+/// The processors' error: the request cannot carry what this kind of account must add to it
+/// (a `system` that is neither text nor blocks). The client's to fix; no account would do
+/// better.
+#[derive(Debug, Clone)]
+pub struct Unfit(pub String);
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }

@@ -3,7 +3,6 @@
 
 use super::{Outgoing, Processor};
 use crate::anthropic;
-use crate::error::ApiError;
 use crate::secret::Secret;
 
 pub const OAUTH_BETA: &str = "oauth-2025-04-20";
@@ -14,7 +13,7 @@ pub struct OAuth<'a> {
 }
 
 impl Processor for OAuth<'_> {
-    fn prepare(&self, out: &mut Outgoing<'_>) -> Result<(), ApiError> {
+    fn prepare(&self, out: &mut Outgoing<'_>) -> Result<(), super::Unfit> {
         out.take_header("x-api-key");
         out.set_header("authorization", format!("Bearer {}", self.token.expose()));
         let betas = out.take_header("anthropic-beta");
@@ -25,8 +24,8 @@ impl Processor for OAuth<'_> {
             "/v1/messages" | "/v1/messages/count_tokens"
         ) && !out.body.is_empty()
         {
-            out.splice = anthropic::system_splice(out.body, self.system_prompt)
-                .map_err(ApiError::BadRequest)?;
+            out.splice =
+                anthropic::system_splice(out.body, self.system_prompt).map_err(super::Unfit)?;
         }
         Ok(())
     }
