@@ -3,7 +3,8 @@
 //! ARCHITECTURE.md maps the modules. The modules are public so the integration tests (the
 //! fuzzer among them) can drive the parsers and converters in-process.
 
-// `sys` holds the crate's only `unsafe` code: the Linux calls std does not offer.
+// `sys` holds the crate's `unsafe` code (and `memory` its one caller of an `unsafe fn`): the Linux
+// calls std does not offer, through libc and socket2.
 #![deny(unsafe_code)]
 // Unit tests parse JSON as they like; the code they test goes through `json` (clippy.toml).
 #![cfg_attr(test, allow(clippy::disallowed_methods))]

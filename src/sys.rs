@@ -1,71 +1,44 @@
-//! The Linux calls std does not offer, and the crate's only `unsafe` code: dropping dead stack
-//! pages (`memory`), a deeper accept queue and a way to stop accepting for the listener,
-//! receiving signals on a thread of our own (`sigwait`) for shutdown and reload, a
-//! non-blocking peek at a client socket (`watch`), and giving freed heap back after the
-//! worker pool shrinks.
+//! The Linux calls std does not offer, through `libc` and `socket2`: dropping dead stack pages
+//! (`memory`), a deeper accept queue and a way to stop accepting for the listener, receiving
+//! signals on a thread of our own (`sigwait`) for shutdown and reload, a non-blocking peek at
+//! a client socket (`watch`), and giving freed heap back after the worker pool shrinks. The
+//! crate's `unsafe` blocks are here, each with its SAFETY line, and one in `memory` calling
+//! `dont_need`, whose safety depends on its arguments.
 
 use std::ffi::{c_int, c_void};
 
-#[allow(unsafe_code)]
-mod ffi {
-    use super::*;
-    unsafe extern "C" {
-        pub fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-        pub fn listen(fd: c_int, backlog: c_int) -> c_int;
-        pub fn shutdown(fd: c_int, how: c_int) -> c_int;
-        pub fn sigemptyset(set: *mut SigSet) -> c_int;
-        pub fn sigaddset(set: *mut SigSet, signum: c_int) -> c_int;
-        pub fn pthread_sigmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
-        pub fn sigwait(set: *const SigSet, sig: *mut c_int) -> c_int;
-        pub fn recv(fd: c_int, buf: *mut c_void, len: usize, flags: c_int) -> isize;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        pub fn malloc_trim(pad: usize) -> c_int;
-    }
-}
+use socket2::SockRef;
 
-/// Drops the pages of `[addr, addr + len)`, which must lie in the calling thread's own stack,
-/// below its stack pointer (`memory::release_unused` guarantees both).
+/// Drops the pages of `[addr, addr + len)`: they read as zeros when touched again.
+///
+/// # Safety
+///
+/// The range must hold no live value: it lies in the calling thread's own stack, below its
+/// stack pointer (`memory::release_unused` computes such a range).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn dont_need(addr: usize, len: usize) {
-    const MADV_DONTNEED: c_int = 4;
-    // SAFETY: the range holds no live value (it is below the stack pointer of the thread that
-    // owns it), and MADV_DONTNEED on private anonymous memory only drops the pages: the
-    // mapping stays valid and reads as zeros when touched again.
+pub unsafe fn dont_need(addr: usize, len: usize) {
+    // SAFETY: the caller guarantees the range holds nothing live; MADV_DONTNEED on private
+    // anonymous memory only drops the pages, and the mapping stays valid.
     unsafe {
-        ffi::madvise(addr as *mut c_void, len, MADV_DONTNEED);
+        libc::madvise(addr as *mut c_void, len, libc::MADV_DONTNEED);
     }
 }
 
+/// # Safety
+///
+/// As on Linux (here it does nothing).
 #[cfg(not(target_os = "linux"))]
-pub fn dont_need(_addr: usize, _len: usize) {}
+#[allow(unsafe_code)]
+pub unsafe fn dont_need(_addr: usize, _len: usize) {}
 
 /// std listens with a backlog of 128: a burst of new connections (a thousand clients opening
 /// streams at once) overflows it, and the kernel drops SYNs that clients resend only after a
 /// second. Listening again on a listening socket only changes its backlog; the kernel caps the
 /// value at `net.core.somaxconn`.
-#[cfg(unix)]
-#[allow(unsafe_code)]
 pub fn deepen_backlog(listener: &std::net::TcpListener, backlog: c_int) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is a valid listening socket for the borrow's duration; listen()
-    // reads nothing from our memory.
-    let rc = unsafe { ffi::listen(listener.as_raw_fd(), backlog) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    SockRef::from(listener).listen(backlog)
 }
-
-#[cfg(not(unix))]
-pub fn deepen_backlog(_listener: &std::net::TcpListener, _backlog: c_int) -> std::io::Result<()> {
-    Ok(())
-}
-
-/// `sigset_t`: 1024 bits on Linux (glibc and musl alike); only libc's functions touch it.
-#[repr(C)]
-pub struct SigSet([u64; 16]);
 
 /// The signals the server handles itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,16 +70,17 @@ impl Signal {
 /// SIGHUP, SIGINT and SIGTERM.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn handled_set() -> SigSet {
-    let mut set = SigSet([0; 16]);
-    // SAFETY: `set` is a properly sized, writable sigset_t; the numbers are valid signals.
+fn handled_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, and sigemptyset initialises it before any other use;
+    // the numbers added are valid signals.
     unsafe {
-        ffi::sigemptyset(&mut set);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
         for signal in [Signal::Hangup, Signal::Interrupt, Signal::Terminate] {
-            ffi::sigaddset(&mut set, signal.number());
+            libc::sigaddset(&mut set, signal.number());
         }
+        set
     }
-    set
 }
 
 /// Blocks SIGHUP, SIGINT and SIGTERM in the calling thread and every thread it starts after
@@ -114,10 +88,9 @@ fn handled_set() -> SigSet {
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 pub fn block_signals() -> std::io::Result<()> {
-    const SIG_BLOCK: c_int = 0;
     let set = handled_set();
     // SAFETY: `set` is a valid sigset_t; a null old set is allowed.
-    let rc = unsafe { ffi::pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -133,7 +106,7 @@ pub fn wait_signal() -> std::io::Result<Signal> {
     loop {
         let mut sig: c_int = 0;
         // SAFETY: `set` is a valid sigset_t and `sig` a writable int, both live for the call.
-        let rc = unsafe { ffi::sigwait(&set, &mut sig) };
+        let rc = unsafe { libc::sigwait(&set, &mut sig) };
         if rc != 0 {
             return Err(std::io::Error::from_raw_os_error(rc));
         }
@@ -162,36 +135,24 @@ pub fn wait_signal() -> std::io::Result<Signal> {
 
 /// Stops a listening socket: a thread blocked in `accept` on it returns an error at once, and
 /// new connections are refused. The descriptor stays open until the listener is dropped.
-#[cfg(unix)]
-#[allow(unsafe_code)]
 pub fn stop_listening(listener: &std::net::TcpListener) {
-    use std::os::fd::AsRawFd;
-    const SHUT_RDWR: c_int = 2;
-    // SAFETY: the descriptor is a valid socket for the borrow's duration.
-    unsafe {
-        ffi::shutdown(listener.as_raw_fd(), SHUT_RDWR);
-    }
+    let _ = SockRef::from(listener).shutdown(std::net::Shutdown::Both);
 }
-
-#[cfg(not(unix))]
-pub fn stop_listening(_listener: &std::net::TcpListener) {}
 /// Peeks at one byte of a socket without blocking and without consuming it: `Ok(0)` is end
 /// of stream, `WouldBlock` an open socket with nothing waiting. std's `peek` would block, and
 /// making the socket non-blocking would change it for every holder of the descriptor.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 pub fn peek_nonblocking(fd: c_int) -> std::io::Result<usize> {
-    const MSG_PEEK: c_int = 2;
-    const MSG_DONTWAIT: c_int = 0x40;
     let mut byte = 0u8;
     // SAFETY: the buffer is one byte we own for the duration of the call; a descriptor that is
     // not a socket (or no longer open) makes recv fail with an error, nothing more.
     let n = unsafe {
-        ffi::recv(
+        libc::recv(
             fd,
             (&raw mut byte).cast::<c_void>(),
             1,
-            MSG_PEEK | MSG_DONTWAIT,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
     if n < 0 {
@@ -216,7 +177,7 @@ pub fn peek_nonblocking(_fd: c_int) -> std::io::Result<usize> {
 pub fn trim_heap() {
     // SAFETY: malloc_trim only reorganises the allocator's own free lists and takes its locks.
     unsafe {
-        ffi::malloc_trim(0);
+        libc::malloc_trim(0);
     }
 }
 
