@@ -199,37 +199,7 @@ pub fn relay<'a>(
             out,
         ));
     }
-    let mut head = Head::new(status);
-    let tokens: Vec<String> = parts
-        .headers
-        .get_all("connection")
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
-        .collect();
-    let has_request_id = parts.headers.contains_key("request-id");
-    for (name, value) in &parts.headers {
-        let mut name = name.as_str();
-        // A converted body gets its own content-type; retry-after, request-id and the
-        // rate-limit headers still pass.
-        let skip = hop_by_hop(name)
-            || tokens.iter().any(|t| t == name)
-            || (converted && name == "content-type");
-        if skip {
-            continue;
-        }
-        // `x-request-id` is ours (the gateway's id for the request); the upstream's id
-        // travels under Anthropic's name for it.
-        if name == "x-request-id" {
-            if has_request_id {
-                continue;
-            }
-            name = "request-id";
-        }
-        let mut value = value.as_bytes().to_vec();
-        scrub.bytes(&mut value);
-        head.header(name, &value);
-    }
+    let mut head = relayed_head(&parts, converted, &scrub);
     if no_body(status) {
         meter.sent();
         settle(meter);
@@ -242,46 +212,19 @@ pub fn relay<'a>(
     let is_sse = header_str(&parts.headers, "content-type").is_some_and(is_event_stream);
     let length =
         header_str(&parts.headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-
-    let json = |mut head: Head,
-                value: serde_json::Value,
-                out: Responder<'a>,
-                meter: &mut Meter,
-                settle: Settle<'_>| {
-        head.header("content-type", b"application/json");
-        meter.sent();
-        settle(meter);
-        let keep = out.send(head, value.to_string().as_bytes());
-        Ok((Outcome::Complete, keep))
-    };
-    match shape {
-        Shape::Anthropic if is_sse => Ok(relay_sse(reader, out, head, None, meter, &guard, settle)),
+    // Streams are relayed as they come; every other answer is read whole, then sent in one
+    // write (so a short or garbled one is still an error we can report: nothing went yet).
+    let whole = match shape {
+        Shape::Anthropic if is_sse => {
+            return Ok(relay_sse(reader, out, head, None, meter, &guard, settle));
+        }
         Shape::Anthropic => match length {
-            Some(n) if n <= BUFFER_WHOLE => {
-                // Small bodies: read whole, then one write; a short body is still an error we
-                // can report properly, since nothing has been sent yet. Read to the end (the
-                // reader's own end, one byte past `n` at most): only a body read to its end
-                // lets ureq return the connection to its pool.
-                let mut buf = Vec::with_capacity(n as usize);
-                match reader.by_ref().take(n + 1).read_to_end(&mut buf) {
-                    Ok(got) if got as u64 == n => {
-                        scrub.bytes(&mut buf);
-                        meter.sent();
-                        if status < 300 {
-                            meter.message(&buf);
-                        }
-                        settle(meter);
-                        Ok((Outcome::Complete, out.send(head, &buf)))
-                    }
-                    Ok(got) => Err((
-                        UpstreamError::Unreachable(format!(
-                            "the upstream closed after {got} of {n} body bytes"
-                        )),
-                        out,
-                    )),
-                    Err(e) => Err((io_error(&e), out)),
+            Some(n) if n <= BUFFER_WHOLE => read_exactly(&mut reader, n, &scrub).map(|body| {
+                if status < 300 {
+                    meter.message(&body);
                 }
-            }
+                Whole { json: false, body }
+            }),
             // Large or unframed: copied through, its usage found on the way.
             _ => {
                 let usage = (status < 300).then(|| json::FieldScan::new("usage", MAX_USAGE));
@@ -289,19 +232,12 @@ pub fn relay<'a>(
                     Some(n) => out.stream_with_length(head, n),
                     None => out.stream(head),
                 };
-                Ok(relay_stream(reader, started, usage, meter, &scrub, settle))
+                return Ok(relay_stream(reader, started, usage, meter, &scrub, settle));
             }
         },
-        _ if status >= 400 => match read_all(&mut reader, MAX_INSPECTED, &scrub) {
-            Ok(body) => json(
-                head,
-                openai::response::error_from_anthropic(status, &body),
-                out,
-                meter,
-                settle,
-            ),
-            Err(e) => Err((e, out)),
-        },
+        _ if status >= 400 => read_all(&mut reader, MAX_INSPECTED, &scrub).map(|body| {
+            Whole::json(openai::response::error_from_anthropic(status, &body).to_string())
+        }),
         Shape::Chat {
             include_usage,
             model,
@@ -310,7 +246,7 @@ pub fn relay<'a>(
             head.header("content-type", b"text/event-stream")
                 .header("cache-control", b"no-cache");
             let chat = ChunkStream::new(model, *include_usage, crate::time::now_unix());
-            Ok(relay_sse(
+            return Ok(relay_sse(
                 reader,
                 out,
                 head,
@@ -318,47 +254,120 @@ pub fn relay<'a>(
                 meter,
                 &guard,
                 settle,
-            ))
+            ));
         }
-        Shape::Chat { model, .. } => {
-            let completion = read_all(&mut reader, MAX_MESSAGE, &scrub).and_then(|b| {
+        Shape::Chat { model, .. } => read_all(&mut reader, MAX_MESSAGE, &scrub)
+            .and_then(|b| {
                 openai::response::completion(&b, model, crate::time::now_unix())
                     .map_err(|e| not_json(&e))
-            });
-            match completion {
-                Ok(c) => {
-                    meter.usage.merge(&c.usage);
-                    head.header("content-type", b"application/json");
-                    meter.sent();
-                    settle(meter);
-                    Ok((Outcome::Complete, out.send(head, &c.body)))
+            })
+            .map(|c| {
+                meter.usage.merge(&c.usage);
+                Whole {
+                    json: true,
+                    body: c.body,
                 }
-                Err(e) => Err((e, out)),
+            }),
+        Shape::Models { aliases, alias } => read_all(&mut reader, MAX_MODELS, &scrub)
+            .and_then(|b| parse_json(&b))
+            .map(|v| Whole::json(model_list(&v, aliases, alias.as_deref()).to_string())),
+    };
+    match whole {
+        Ok(whole) => {
+            if whole.json {
+                head.header("content-type", b"application/json");
             }
+            meter.sent();
+            settle(meter);
+            Ok((Outcome::Complete, out.send(head, &whole.body)))
         }
-        Shape::Models { aliases, alias } => {
-            let listed = read_all(&mut reader, MAX_MODELS, &scrub).and_then(|b| parse_json(&b));
-            match listed {
-                Ok(v) if v.get("data").is_some() => {
-                    let mut list = openai::response::models(&v);
-                    if let Some(data) = list["data"].as_array_mut() {
-                        data.extend(aliases.iter().map(|a| {
-                            serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
-                        }));
-                    }
-                    json(head, list, out, meter, settle)
-                }
-                Ok(v) => {
-                    let mut model = openai::response::model(&v);
-                    if let Some(alias) = alias {
-                        model["id"] = alias.as_str().into();
-                        model["owned_by"] = "llm-gateway".into();
-                    }
-                    json(head, model, out, meter, settle)
-                }
-                Err(e) => Err((e, out)),
+        Err(e) => Err((e, out)),
+    }
+}
+
+/// An answer read whole, to be sent in one write.
+struct Whole {
+    /// Converted: it gets our `content-type`.
+    json: bool,
+    body: Vec<u8>,
+}
+
+impl Whole {
+    fn json(text: String) -> Whole {
+        Whole {
+            json: true,
+            body: text.into_bytes(),
+        }
+    }
+}
+
+/// The upstream's response head as the client gets it: hop-by-hop headers (and those that
+/// `Connection` names) dropped, a converted body's `content-type` ours, `x-request-id` (the
+/// gateway's own name) passed as Anthropic's `request-id`, every value scrubbed.
+fn relayed_head(parts: &ureq::http::response::Parts, converted: bool, scrub: &Scrub) -> Head {
+    let mut head = Head::new(parts.status.as_u16());
+    let tokens: Vec<String> = parts
+        .headers
+        .get_all("connection")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+        .collect();
+    let has_request_id = parts.headers.contains_key("request-id");
+    for (name, value) in &parts.headers {
+        let mut name = name.as_str();
+        let skip = hop_by_hop(name)
+            || tokens.iter().any(|t| t == name)
+            || (converted && name == "content-type");
+        if skip {
+            continue;
+        }
+        if name == "x-request-id" {
+            if has_request_id {
+                continue;
             }
+            name = "request-id";
         }
+        let mut value = value.as_bytes().to_vec();
+        scrub.bytes(&mut value);
+        head.header(name, &value);
+    }
+    head
+}
+
+/// The upstream's model list (or one model) in OpenAI's shape, with our aliases.
+fn model_list(v: &serde_json::Value, aliases: &[String], alias: Option<&str>) -> serde_json::Value {
+    if v.get("data").is_some() {
+        let mut list = openai::response::models(v);
+        if let Some(data) = list["data"].as_array_mut() {
+            data.extend(aliases.iter().map(|a| {
+                serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
+            }));
+        }
+        return list;
+    }
+    let mut model = openai::response::model(v);
+    if let Some(alias) = alias {
+        model["id"] = alias.into();
+        model["owned_by"] = "llm-gateway".into();
+    }
+    model
+}
+
+/// Reads a body of exactly `n` bytes and scrubs it. Read to the reader's own end (one byte
+/// past `n` at most): only a body read to its end lets ureq return the connection to its
+/// pool.
+fn read_exactly(reader: &mut dyn Read, n: u64, scrub: &Scrub) -> Result<Vec<u8>, UpstreamError> {
+    let mut buf = Vec::with_capacity(n as usize);
+    match reader.take(n + 1).read_to_end(&mut buf) {
+        Ok(got) if got as u64 == n => {
+            scrub.bytes(&mut buf);
+            Ok(buf)
+        }
+        Ok(got) => Err(UpstreamError::Unreachable(format!(
+            "the upstream closed after {got} of {n} body bytes"
+        ))),
+        Err(e) => Err(io_error(&e)),
     }
 }
 

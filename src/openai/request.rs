@@ -92,17 +92,9 @@ struct Fields<'a> {
     user: Raw<'a>,
 }
 
+/// Converts one request, field group by field group, each written out as it is read.
 pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid> {
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(Invalid::new("the request body must be a JSON object", None));
-    }
-    // Checked whole once, strings and all, so that what is copied as raw text below is valid
-    // JSON; then read through borrowed views.
-    let invalid = |e: serde_json::Error| {
-        Invalid::new(format!("the request body is not valid JSON: {e}"), None)
-    };
-    crate::json::from_slice::<crate::json::Valid>(body).map_err(invalid)?;
-    let f: Fields = crate::json::from_slice(body).map_err(invalid)?;
+    let f = read(body)?;
     let requested_model = text(f.model)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| Invalid::new("`model` is required and must be a string", Some("model")))?
@@ -112,7 +104,56 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
     let mut out = Vec::with_capacity(body.len() + body.len() / 2);
     out.extend_from_slice(b"{\"model\":");
     put(&mut out, model);
+    let mut system = write_messages(&f, &mut out)?;
+    let max_tokens = max_tokens(&f, options)?;
+    let (stream, include_usage) = streaming(&f)?;
+    if let Some(format) = f.response_format
+        && let Some(instruction) = json_instruction(format)?
+    {
+        system.push(&TextBlock::new(&instruction, None));
+    }
+    if system.n > 0 {
+        out.extend_from_slice(b",\"system\":");
+        system.write_array(&mut out);
+    }
+    // Thinking first: it constrains max_tokens and the sampling fields.
+    let thinking = write_thinking(&f, max_tokens, &mut out)?;
+    write_sampling(&f, thinking.is_some(), &mut out)?;
+    if let Some(stops) = stop_sequences(f.stop)? {
+        out.extend_from_slice(b",\"stop_sequences\":");
+        stops.write_array(&mut out);
+    }
+    write_tools(&f, &mut out)?;
+    write_user(&f, &mut out);
+    out.extend_from_slice(b",\"stream\":");
+    put(&mut out, &stream);
+    out.push(b'}');
+    // Everything else is dropped silently, as Anthropic's own compatibility layer does: seed,
+    // logprobs, top_logprobs, logit_bias, presence_penalty, frequency_penalty, metadata,
+    // service_tier, store, prediction, modalities, audio, web_search_options and fields newer
+    // than this code. Passing unknowns on would make Anthropic answer 400 for them.
+    Ok(Converted {
+        body: out,
+        include_usage,
+        requested_model,
+    })
+}
 
+/// The body, checked whole once (strings and all, so that what is copied as raw text below
+/// is valid JSON), then read through borrowed views.
+fn read(body: &[u8]) -> Result<Fields<'_>, Invalid> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(Invalid::new("the request body must be a JSON object", None));
+    }
+    let invalid = |e: serde_json::Error| {
+        Invalid::new(format!("the request body is not valid JSON: {e}"), None)
+    };
+    crate::json::from_slice::<crate::json::Valid>(body).map_err(invalid)?;
+    crate::json::from_slice(body).map_err(invalid)
+}
+
+/// Writes `messages` as Anthropic's turns; returns the system blocks they held.
+fn write_messages<'a>(f: &Fields<'a>, out: &mut Vec<u8>) -> Result<List, Invalid> {
     let messages = f
         .messages
         .filter(|m| m.get().starts_with('['))
@@ -123,7 +164,7 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             )
         })?;
     out.extend_from_slice(b",\"messages\":[");
-    let (mut system, turns) = convert_messages(messages, &mut out)?;
+    let (system, turns) = convert_messages(messages, out)?;
     out.push(b']');
     if turns == 0 {
         return Err(Invalid::new(
@@ -131,14 +172,12 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             Some("messages"),
         ));
     }
+    Ok(system)
+}
 
-    // max_completion_tokens is the newer field: it wins when both are given.
-    let max_tokens = match (f.max_completion_tokens, f.max_tokens) {
-        (Some(v), _) => positive(v, "max_completion_tokens")?,
-        (_, Some(v)) => positive(v, "max_tokens")?,
-        _ => options.default_max_tokens,
-    };
-
+/// The answer's length: `max_completion_tokens` (the newer field wins), `max_tokens`, or the
+/// configured default. `n` must be 1.
+fn max_tokens(f: &Fields<'_>, options: &Options<'_>) -> Result<u64, Invalid> {
     if let Some(n) = f.n
         && parse::<u64>(Some(n)) != Some(1)
     {
@@ -147,7 +186,15 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             Some("n"),
         ));
     }
+    match (f.max_completion_tokens, f.max_tokens) {
+        (Some(v), _) => positive(v, "max_completion_tokens"),
+        (_, Some(v)) => positive(v, "max_tokens"),
+        _ => Ok(options.default_max_tokens),
+    }
+}
 
+/// `stream`, and whether its last chunk carries usage (`stream_options.include_usage`).
+fn streaming(f: &Fields<'_>) -> Result<(bool, bool), Invalid> {
     let stream = match f.stream {
         None => false,
         Some(v) => parse::<bool>(Some(v))
@@ -162,18 +209,16 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             .and_then(|o| o.include_usage)
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+    Ok((stream, include_usage))
+}
 
-    if let Some(format) = f.response_format
-        && let Some(instruction) = json_instruction(format)?
-    {
-        system.push(&TextBlock::new(&instruction, None));
-    }
-    if system.n > 0 {
-        out.extend_from_slice(b",\"system\":");
-        system.write_array(&mut out);
-    }
-
-    // Thinking first: it constrains max_tokens and the sampling fields.
+/// Writes `max_tokens` and `thinking` (the client's, or one `reasoning_effort` names);
+/// returns the thinking budget, if thinking is on.
+fn write_thinking(
+    f: &Fields<'_>,
+    max_tokens: u64,
+    out: &mut Vec<u8>,
+) -> Result<Option<u64>, Invalid> {
     let mut thinking: Option<Cow<'_, RawValue>> = f.thinking.map(Cow::Borrowed);
     if let Some(effort) = f.reasoning_effort {
         let effort = text(Some(effort)).unwrap_or_default();
@@ -199,7 +244,7 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         kind: Option<Cow<'a, str>>,
         budget_tokens: Option<serde_json::Value>,
     }
-    let thinking_budget = thinking
+    let budget = thinking
         .as_deref()
         .and_then(|t| parse_object::<Thinking>(Some(t)))
         .filter(|t| t.kind.as_deref() == Some("enabled"))
@@ -207,18 +252,22 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         .and_then(|b| b.as_u64());
     // Anthropic requires max_tokens > budget_tokens; the client's max_tokens is what it wants
     // to *see*, so the budget goes on top rather than eating into the answer.
-    let max_tokens = match thinking_budget {
+    let max_tokens = match budget {
         // Saturating: both numbers are the client's, and u64::MAX of each must not overflow.
         Some(budget) if max_tokens <= budget => max_tokens.saturating_add(budget),
         _ => max_tokens,
     };
     out.extend_from_slice(b",\"max_tokens\":");
-    put(&mut out, &max_tokens);
+    put(out, &max_tokens);
     if let Some(t) = &thinking {
         out.extend_from_slice(b",\"thinking\":");
         out.extend_from_slice(t.get().as_bytes());
     }
+    Ok(budget)
+}
 
+/// Writes `temperature`, `top_p` and `top_k`, as far as thinking and each other allow.
+fn write_sampling(f: &Fields<'_>, thinking: bool, out: &mut Vec<u8>) -> Result<(), Invalid> {
     let mut has_temperature = false;
     if let Some(t) = f.temperature {
         let t = parse::<f64>(Some(t))
@@ -231,9 +280,9 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             })?;
         // Thinking allows no temperature change; otherwise OpenAI's 0–2 is capped to
         // Anthropic's 0–1 (as Anthropic's own compatibility layer does).
-        if thinking_budget.is_none() {
+        if !thinking {
             out.extend_from_slice(b",\"temperature\":");
-            put(&mut out, &t.min(1.0));
+            put(out, &t.min(1.0));
             has_temperature = true;
         }
     }
@@ -243,57 +292,47 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             .ok_or_else(|| Invalid::new("`top_p` must be a number from 0 to 1", Some("top_p")))?;
         // Newer models reject temperature and top_p together; temperature is the one clients
         // set deliberately far more often, so top_p goes when both are present.
-        if !has_temperature && thinking_budget.is_none() {
+        if !has_temperature && !thinking {
             out.extend_from_slice(b",\"top_p\":");
-            put(&mut out, &p);
+            put(out, &p);
         }
     }
     if let Some(k) = f.top_k
-        && thinking_budget.is_none()
+        && !thinking
     {
         out.extend_from_slice(b",\"top_k\":");
         out.extend_from_slice(k.get().as_bytes());
     }
+    Ok(())
+}
 
-    if let Some(stops) = stop_sequences(f.stop)? {
-        out.extend_from_slice(b",\"stop_sequences\":");
-        stops.write_array(&mut out);
-    }
-
+/// Writes `tools` (and legacy `functions`) and the tool choice.
+fn write_tools(f: &Fields<'_>, out: &mut Vec<u8>) -> Result<(), Invalid> {
     let tools = convert_tools(f.tools, f.functions)?;
     let has_tools = tools.n > 0;
     if has_tools {
         out.extend_from_slice(b",\"tools\":");
-        tools.write_array(&mut out);
+        tools.write_array(out);
     }
     drop(tools);
-    if let Some(choice) = tool_choice(&f, has_tools)? {
+    if let Some(choice) = tool_choice(f, has_tools)? {
         out.extend_from_slice(b",\"tool_choice\":");
-        put(&mut out, &choice);
+        put(out, &choice);
     }
+    Ok(())
+}
 
+/// Writes `user` as `metadata.user_id`, when it is an opaque id: an email or phone number is
+/// personal data Anthropic asks not to get.
+fn write_user(f: &Fields<'_>, out: &mut Vec<u8>) {
     if let Some(user) = text(f.user) {
-        // Only opaque ids: an email or phone number is personal data Anthropic asks not to get.
         let personal = user.contains('@') || user.chars().filter(char::is_ascii_digit).count() >= 7;
         if !user.is_empty() && !personal {
             out.extend_from_slice(b",\"metadata\":{\"user_id\":");
-            put(&mut out, &user);
+            put(out, &user);
             out.push(b'}');
         }
     }
-    out.extend_from_slice(b",\"stream\":");
-    put(&mut out, &stream);
-    out.push(b'}');
-    // Everything else is dropped silently, as Anthropic's own compatibility layer does: seed,
-    // logprobs, top_logprobs, logit_bias, presence_penalty, frequency_penalty, metadata,
-    // service_tier, store, prediction, modalities, audio, web_search_options and fields newer
-    // than this code. Passing unknowns on would make Anthropic answer 400 for them.
-
-    Ok(Converted {
-        body: out,
-        include_usage,
-        requested_model,
-    })
 }
 
 /// Writes `value` as JSON (our own strings and numbers: it cannot fail).
