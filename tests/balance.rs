@@ -7,17 +7,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::accounts::{
     KEY_A, KEY_B, KEY_C, KEY_D, account, admin_status, assert_rested, assert_served_by, ceil_secs,
-    each_case, error_body, poll_until, post, post_body, rests_key_a_once, retry_after, served_by,
-    started, unix_now,
+    each_case, error_body, first_account_apart, first_request_limited, limiting_upstream,
+    poll_until, post, post_body, rate_limited, rests_key_a_once, retry_after, served_by, started,
+    started_ab, unix_now,
 };
 use crate::support::{
-    Config, Conn, FakeUpstream, Meeting, Reply, StreamEnd, assert_error, assert_exit, call,
-    request_bytes, sse_events,
+    Config, FakeUpstream, Reply, assert_error, assert_exit, call, in_parallel, open_sse, sse_events,
 };
 
 #[test]
@@ -37,20 +36,14 @@ fn failures_before_the_first_byte_move_the_request_to_the_next_account() {
     ];
     each_case(&triggers, |&(status, kind, message)| {
         // The account used first is A: it fails with `status`; every other account succeeds.
-        let first: Arc<Mutex<Option<String>>> = Arc::default();
-        let up = FakeUpstream::start(move |req| {
-            let key = req.api_key().to_string();
-            let mut first = first.lock().expect("first lock");
-            if *first.get_or_insert_with(|| key.clone()) == key {
-                Reply::json(status, &error_body(kind, message, &key))
+        let up = first_account_apart(move |key, first| {
+            if first {
+                Reply::json(status, &error_body(kind, message, key))
             } else {
-                Reply::json(200, &served_by(&key))
+                Reply::json(200, &served_by(key))
             }
         });
-        let (gw, _) = started(
-            &Config::new(up.base_url()),
-            &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-        );
+        let (gw, _) = started_ab(&Config::new(up.base_url()));
 
         let resp = post(&gw);
         let keys = up.keys();
@@ -141,10 +134,7 @@ fn client_errors_are_never_retried() {
         let up = FakeUpstream::start(move |req| {
             Reply::json(status, &error_body(kind, message, req.api_key()))
         });
-        let (gw, _) = started(
-            &Config::new(up.base_url()),
-            &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-        );
+        let (gw, _) = started_ab(&Config::new(up.base_url()));
 
         let resp = post(&gw);
         let keys = up.keys();
@@ -172,33 +162,15 @@ fn no_retry_after_the_first_byte_and_the_break_counts_as_a_failure() {
             }
         }
     });
-    let (gw, ids) = started(
-        &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
-        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-    );
+    let (gw, ids) = started_ab(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
 
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
+    let mut sse = open_sse(
+        gw.addr(),
         "/v1/messages",
         &[gw.auth(), ("connection", "close")],
         br#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"count"}]}"#,
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
-    for (i, expected) in events.iter().enumerate() {
-        let ev = sse
-            .next_event()
-            .unwrap_or_else(|| panic!("stream ended before event {i}: {:?}", sse.end()));
-        assert_eq!(&ev.raw, expected, "event {i}");
-    }
-    let err = sse
-        .next_event()
-        .unwrap_or_else(|| panic!("no error event after the break: {:?}", sse.end()));
-    assert_eq!(err.field("event"), Some("error"), "{:?}", err.raw);
-    assert!(sse.next_event().is_none(), "nothing after the error event");
-    assert_eq!(sse.end(), Some(&StreamEnd::Clean));
+    );
+    sse.assert_events_then_error(&events);
 
     let keys = up.keys();
     assert_eq!(keys.len(), 1, "no retry after the first byte: {keys:?}");
@@ -224,25 +196,8 @@ fn no_retry_after_the_first_byte_and_the_break_counts_as_a_failure() {
 #[test]
 fn retry_after_rests_an_account_until_it_ends_then_it_serves_again() {
     // Two accounts: the first one used answers 429 `retry-after: 2` once.
-    let first: Arc<Mutex<Option<String>>> = Arc::default();
-    let up = FakeUpstream::start(move |req| {
-        let key = req.api_key().to_string();
-        let mut first = first.lock().expect("first lock");
-        if first.is_none() {
-            *first = Some(key.clone());
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", &key),
-            )
-        } else {
-            Reply::json(200, &served_by(&key))
-        }
-    });
-    let (gw, _) = started(
-        &Config::new(up.base_url()),
-        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-    );
+    let up = first_request_limited(&[("retry-after", "2")]);
+    let (gw, _) = started_ab(&Config::new(up.base_url()));
 
     let resp = post(&gw);
     let keys = up.keys();
@@ -274,18 +229,7 @@ fn retry_after_rests_an_account_until_it_ends_then_it_serves_again() {
 
 #[test]
 fn a_single_resting_account_gives_529_then_serves_again() {
-    let limited_once = AtomicBool::new(true);
-    let up = FakeUpstream::start(move |req| {
-        if limited_once.swap(false, Ordering::SeqCst) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", req.api_key()),
-            )
-        } else {
-            Reply::json(200, &served_by(req.api_key()))
-        }
-    });
+    let up = first_request_limited(&[("retry-after", "2")]);
     let (gw, _) = started(&Config::new(up.base_url()), &[("only", KEY_A, &[])]);
 
     let sent = Instant::now();
@@ -347,35 +291,19 @@ fn unified_rate_limit_reset_is_honoured_only_when_rejected() {
         };
         let reset = wall.floor() as u64 + ahead;
         let reset_at = mono + Duration::from_secs_f64(reset as f64 - wall);
+        let status = match case {
+            Unified::AllowedWarning => "allowed_warning",
+            _ => "rejected",
+        };
+        let reset_header = reset.to_string();
         let mut headers = vec![
-            (
-                "anthropic-ratelimit-unified-status".to_string(),
-                match case {
-                    Unified::AllowedWarning => "allowed_warning",
-                    _ => "rejected",
-                }
-                .to_string(),
-            ),
-            (
-                "anthropic-ratelimit-unified-reset".to_string(),
-                reset.to_string(),
-            ),
+            ("anthropic-ratelimit-unified-status", status),
+            ("anthropic-ratelimit-unified-reset", reset_header.as_str()),
         ];
         if let Unified::RejectedWithRetryAfter = case {
-            headers.push(("retry-after".to_string(), "1".to_string()));
+            headers.push(("retry-after", "1"));
         }
-        let limited_once = AtomicBool::new(true);
-        let up = FakeUpstream::start(move |req| {
-            if limited_once.swap(false, Ordering::SeqCst) {
-                Reply::Json {
-                    status: 429,
-                    headers: headers.clone(),
-                    body: error_body("rate_limit_error", "rate limited", req.api_key()).into(),
-                }
-            } else {
-                Reply::json(200, &served_by(req.api_key()))
-            }
-        });
+        let up = first_request_limited(&headers);
         let (gw, _) = started(&Config::new(up.base_url()), &[("only", KEY_A, &[])]);
 
         assert_eq!(post(&gw).status, 429);
@@ -398,25 +326,11 @@ fn unified_rate_limit_reset_is_honoured_only_when_rejected() {
 #[test]
 fn every_account_resting_gives_529_with_the_soonest_return() {
     // The first account used is limited for 3 s, the other for 5 s.
-    let first: Arc<Mutex<Option<String>>> = Arc::default();
-    let up = FakeUpstream::start(move |req| {
-        let key = req.api_key().to_string();
-        let mut first = first.lock().expect("first lock");
-        let wait = if *first.get_or_insert_with(|| key.clone()) == key {
-            "3"
-        } else {
-            "5"
-        };
-        Reply::json_with(
-            429,
-            &[("retry-after", wait)],
-            &error_body("rate_limit_error", "rate limited", &key),
-        )
+    let up = first_account_apart(|key, first| {
+        let wait = if first { "3" } else { "5" };
+        rate_limited(wait, key)
     });
-    let (gw, _) = started(
-        &Config::new(up.base_url()),
-        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-    );
+    let (gw, _) = started_ab(&Config::new(up.base_url()));
 
     let sent = Instant::now();
     let both = post(&gw);
@@ -461,19 +375,7 @@ fn turn_body(user_id: &str, turn: usize) -> String {
 fn sticky_sessions_stay_on_one_account_and_move_when_it_is_limited() {
     each_case(&["least_busy", "round_robin"], |strategy| {
         let limited: Arc<Mutex<Option<String>>> = Arc::default();
-        let limit = Arc::clone(&limited);
-        let up = FakeUpstream::start(move |req| {
-            let key = req.api_key();
-            if limit.lock().expect("limit lock").as_deref() == Some(key) {
-                Reply::json_with(
-                    429,
-                    &[("retry-after", "60")],
-                    &error_body("rate_limit_error", "rate limited", key),
-                )
-            } else {
-                Reply::json(200, &served_by(key))
-            }
-        });
+        let up = limiting_upstream(&limited);
         let config = Config::new(up.base_url()).section(&format!(
             "balance:\n  strategy: {strategy}\nsticky:\n  enabled: true\n  ttl: 1h\n"
         ));
@@ -522,7 +424,7 @@ fn sticky_sessions_stay_on_one_account_and_move_when_it_is_limited() {
         let before = up.keys().len();
         assert_eq!(post_body(&gw, &turn_body(&session, 6)).status, 200);
         let pinned = up.keys()[before].clone();
-        *limited.lock().expect("limit lock") = Some(pinned.clone());
+        *limited.lock().expect("limited lock") = Some(pinned.clone());
         let before = up.keys().len();
         let moved = post_body(&gw, &turn_body(&session, 7));
         let used = used_since(before);
@@ -607,11 +509,8 @@ fn priority_tiers_use_the_backup_only_while_the_main_account_rests() {
 fn least_busy_spreads_concurrent_requests_evenly() {
     const REQUESTS: usize = 100;
     // Every request is held upstream until all of them are in flight together.
-    let meeting = Meeting::new(REQUESTS, Duration::from_secs(4));
-    let held = Arc::clone(&meeting);
-    let up = FakeUpstream::start(move |req| Reply::Held {
-        meeting: Arc::clone(&held),
-        then: Box::new(Reply::json(200, &served_by(req.api_key()))),
+    let (up, meeting) = FakeUpstream::meeting(REQUESTS, Duration::from_secs(4), |req| {
+        Reply::json(200, &served_by(req.api_key()))
     });
     let config = Config::new(up.base_url())
         .workers(256)
@@ -629,24 +528,19 @@ fn least_busy_spreads_concurrent_requests_evenly() {
 
     let addr = gw.addr();
     let auth = gw.client_key().to_string();
-    let statuses: Vec<u16> = thread::scope(|s| {
-        let running: Vec<_> = (0..REQUESTS)
-            .map(|i| {
-                let auth = auth.as_str();
-                s.spawn(move || {
-                    // Distinct conversations, so no sticky pin groups them.
-                    let body = format!(
-                        r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{{"role":"user","content":"request {i}"}}]}}"#
-                    );
-                    call(addr, "POST", "/v1/messages", &[("x-api-key", auth)], body.as_bytes())
-                        .status
-                })
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect()
+    let statuses = in_parallel(REQUESTS, |i| {
+        // Distinct conversations, so no sticky pin groups them.
+        let body = format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{{"role":"user","content":"request {i}"}}]}}"#
+        );
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", &auth)],
+            body.as_bytes(),
+        )
+        .status
     });
 
     assert!(statuses.iter().all(|s| *s == 200), "statuses: {statuses:?}");
@@ -678,10 +572,7 @@ fn repeated_server_errors_eject_an_account_after_eject_after() {
             Reply::json(200, &served_by(key))
         }
     });
-    let (gw, ids) = started(
-        &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
-        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-    );
+    let (gw, ids) = started_ab(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
     let tried_a = || up.keys().iter().filter(|k| *k == KEY_A).count();
 
     // Each failure moves the request to B; A stays in rotation until its third in a row.

@@ -6,7 +6,8 @@ use std::thread;
 use serde_json::Value;
 
 use crate::support::{
-    Config, FakeUpstream, Gateway, MESSAGE_BODY, TempDir, assert_exit, base64, call, masked, run,
+    Config, FakeUpstream, Gateway, TempDir, assert_exit, base64, call, in_parallel, masked,
+    post_message, printed, run,
 };
 
 /// A base URL for tests that never start the server.
@@ -109,11 +110,7 @@ fn add_api_key_four_ways_stores_only_sealed_secrets() {
             "config.yaml holds {key} in clear"
         );
         for out in outputs.iter().chain([&list]) {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let text = printed(out);
             assert!(
                 !text.contains(secret_part),
                 "CLI output shows {key} in clear: {text}"
@@ -407,23 +404,15 @@ fn concurrent_add_api_key_processes_all_land() {
     let out = gw.run_cli(&["remove-account", "--account-id", &seed]);
     assert_exit(&out, 0, "remove seed");
 
-    let outputs: Vec<_> = thread::scope(|s| {
-        let handles: Vec<_> = (0..20)
-            .map(|i| {
-                let cmd = gw.cli(&[
-                    "add-api-key",
-                    "--name",
-                    &format!("parallel-{i:02}"),
-                    "--key",
-                    &format!("sk-ant-api03-Parallel{i:02}-p{i:03}"),
-                ]);
-                s.spawn(move || run(cmd, None))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("runner thread"))
-            .collect()
+    let outputs = in_parallel(20, |i| {
+        let cmd = gw.cli(&[
+            "add-api-key",
+            "--name",
+            &format!("parallel-{i:02}"),
+            "--key",
+            &format!("sk-ant-api03-Parallel{i:02}-p{i:03}"),
+        ]);
+        run(cmd, None)
     });
     for (i, out) in outputs.iter().enumerate() {
         assert_exit(out, 0, &format!("add-api-key #{i}"));
@@ -431,18 +420,18 @@ fn concurrent_add_api_key_processes_all_land() {
 
     let accounts = list_accounts(&gw);
     assert_eq!(accounts.len(), 20, "every concurrent add landed");
-    let mut ids: Vec<&str> = accounts
-        .iter()
-        .map(|a| a["id"].as_str().expect("id"))
-        .collect();
-    ids.sort();
+    let sorted = |field: &str| {
+        let mut values: Vec<&str> = accounts
+            .iter()
+            .map(|a| a[field].as_str().expect(field))
+            .collect();
+        values.sort();
+        values
+    };
+    let mut ids = sorted("id");
     ids.dedup();
     assert_eq!(ids.len(), 20, "ids are distinct");
-    let mut names: Vec<&str> = accounts
-        .iter()
-        .map(|a| a["name"].as_str().expect("name"))
-        .collect();
-    names.sort();
+    let names = sorted("name");
     let expected: Vec<String> = (0..20).map(|i| format!("parallel-{i:02}")).collect();
     assert_eq!(names, expected);
 }
@@ -489,11 +478,7 @@ fn client_key_clear_text_is_printed_once_and_stored_hashed() {
             "config.yaml holds client key {key}"
         );
         for (what, out) in [("list-accounts", &list), ("list-client-keys", &list_keys)] {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let text = printed(out);
             assert!(
                 !text.contains(secret),
                 "{what} shows client key {key}: {text}"
@@ -504,13 +489,7 @@ fn client_key_clear_text_is_printed_once_and_stored_hashed() {
     // Both stored hashes authenticate, and the server does not log the keys.
     gw.start();
     for key in [&json_key, &plain_key] {
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &[("x-api-key", key)],
-            MESSAGE_BODY.as_bytes(),
-        );
+        let resp = post_message(gw.addr(), &[("x-api-key", key)]);
         assert_eq!(resp.status, 200, "key {key}: {}", resp.text());
         assert!(
             !gw.stderr().contains(&key["lgw_".len()..]),
@@ -564,16 +543,7 @@ fn running_server_applies_cli_changes() {
     );
     gw.add_client_key("first");
     gw.start();
-    let post = |key: &str| {
-        call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &[("x-api-key", key)],
-            MESSAGE_BODY.as_bytes(),
-        )
-        .status
-    };
+    let post = |key: &str| post_message(gw.addr(), &[("x-api-key", key)]).status;
     let first = gw.client_key().to_string();
     assert_eq!(post(&first), 503, "the only account is disabled");
 

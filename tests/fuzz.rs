@@ -813,47 +813,36 @@ fn body_probe(input: &[u8]) {
     }
 }
 
-#[test]
-fn http_head_parser_never_panics() {
-    // The head and chunk-size parsers answer every byte string with a value or an error.
-    fuzz("http_head", Kind::Bytes, http_head);
+/// One `#[test]` per target, each fuzzing it with `fuzz`: `name => target, kind, run;`, after
+/// the doc comment that says what it checks.
+macro_rules! fuzz_tests {
+    ($($(#[doc = $doc:literal])* $name:ident => $target:literal, $kind:ident, $run:ident;)*) => {
+        $(
+            $(#[doc = $doc])*
+            #[test]
+            fn $name() {
+                fuzz($target, Kind::$kind, $run);
+            }
+        )*
+    };
 }
 
-#[test]
-fn http_request_reader_never_panics_and_reads_no_more_than_sent() {
-    // A whole connection's bytes (heads, bodies, chunks, trailers, pipelining) never panic
-    // the reader, and it never yields more body than the client sent.
-    fuzz("http_conn", Kind::Bytes, http_conn);
-}
-
-#[test]
-fn sse_framing_never_panics_nor_alters_the_stream() {
-    // However the upstream bytes are split, the framer passes them on unaltered and whole.
-    fuzz("sse", Kind::Bytes, sse);
-}
-
-#[test]
-fn openai_request_converter_never_panics() {
-    // Any client body gets a converted request or a 400, never a panic.
-    fuzz("openai_request", Kind::Json, openai_request);
-}
-
-#[test]
-fn openai_response_converters_never_panic() {
-    // Any upstream message, error or model list converts without a panic.
-    fuzz("openai_response", Kind::Json, openai_response);
-}
-
-#[test]
-fn openai_stream_converter_never_panics_and_sends_json() {
-    // Any upstream event stream converts to data lines of JSON (or [DONE]), never a panic.
-    fuzz("openai_stream", Kind::Bytes, openai_stream);
-}
-
-#[test]
-fn body_probes_never_panic() {
-    // Format detection, sticky facts and the system-prompt edit take any client body.
-    fuzz("body_probe", Kind::Json, body_probe);
+fuzz_tests! {
+    /// The head and chunk-size parsers answer every byte string with a value or an error.
+    http_head_parser_never_panics => "http_head", Bytes, http_head;
+    /// A whole connection's bytes (heads, bodies, chunks, trailers, pipelining) never panic
+    /// the reader, and it never yields more body than the client sent.
+    http_request_reader_never_panics_and_reads_no_more_than_sent => "http_conn", Bytes, http_conn;
+    /// However the upstream bytes are split, the framer passes them on unaltered and whole.
+    sse_framing_never_panics_nor_alters_the_stream => "sse", Bytes, sse;
+    /// Any client body gets a converted request or a 400, never a panic.
+    openai_request_converter_never_panics => "openai_request", Json, openai_request;
+    /// Any upstream message, error or model list converts without a panic.
+    openai_response_converters_never_panic => "openai_response", Json, openai_response;
+    /// Any upstream event stream converts to data lines of JSON (or [DONE]), never a panic.
+    openai_stream_converter_never_panics_and_sends_json => "openai_stream", Bytes, openai_stream;
+    /// Format detection, sticky facts and the system-prompt edit take any client body.
+    body_probes_never_panic => "body_probe", Json, body_probe;
 }
 
 /// JSON nested `levels` deep, in several shapes, placed where each reader looks.
@@ -889,24 +878,40 @@ fn deep_bodies(levels: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// Runs every reader over every body, in that order, on a thread with a stack of
+/// `stack_size` bytes; whether they all returned (a panic says no; a stack overflow aborts
+/// the test binary).
+fn readers_on_stack(stack_size: usize, bodies: Vec<Vec<u8>>, readers: &[fn(&[u8])]) -> bool {
+    let readers = readers.to_vec();
+    let worker = std::thread::Builder::new()
+        .stack_size(stack_size)
+        .spawn(move || {
+            for body in &bodies {
+                for read in &readers {
+                    read(body);
+                }
+            }
+        })
+        .expect("spawn");
+    worker.join().is_ok()
+}
+
 #[test]
 fn hundred_thousand_level_json_overflows_no_stack() {
     // A 100,000-level nested body (and the same nesting inside each field a reader looks at,
     // and in upstream events) is refused or passed by every target on a worker-sized stack.
-    let bodies = deep_bodies(100_000);
-    let worker = std::thread::Builder::new()
-        .stack_size(llm_gateway::memory::WORKER_STACK)
-        .spawn(move || {
-            for body in &bodies {
-                body_probe(body);
-                openai_request(body);
-                openai_response(body);
-                openai_stream(body);
-                sse(body);
-            }
-        })
-        .expect("spawn");
-    assert!(worker.join().is_ok(), "a deep body panicked a reader");
+    let read = readers_on_stack(
+        llm_gateway::memory::WORKER_STACK,
+        deep_bodies(100_000),
+        &[
+            body_probe,
+            openai_request,
+            openai_response,
+            openai_stream,
+            sse,
+        ],
+    );
+    assert!(read, "a deep body panicked a reader");
 }
 
 #[test]
@@ -933,19 +938,10 @@ fn the_deepest_accepted_json_fits_three_quarters_of_a_worker_stack() {
         llm_gateway::router::body_format(deeper.as_bytes()).is_err(),
         "one level more is refused"
     );
-    let worker = std::thread::Builder::new()
-        .stack_size(llm_gateway::memory::WORKER_STACK / 4 * 3)
-        .spawn(move || {
-            for body in &bodies {
-                body_probe(body);
-                openai_request(body);
-                openai_response(body);
-                openai_stream(body);
-            }
-        })
-        .expect("spawn");
-    assert!(
-        worker.join().is_ok(),
-        "a reader panicked on an accepted depth"
+    let read = readers_on_stack(
+        llm_gateway::memory::WORKER_STACK / 4 * 3,
+        bodies,
+        &[body_probe, openai_request, openai_response, openai_stream],
     );
+    assert!(read, "a reader panicked on an accepted depth");
 }

@@ -139,6 +139,40 @@ fn rest_of_stream(sse: &mut SseStream) -> Vec<String> {
     rest
 }
 
+/// The `error` object of a body in OpenAI's error shape: an object with `message`, `type`,
+/// `param` and `code`, and no top-level `type` (Anthropic's shape has one).
+fn openai_error_object<'a>(v: &'a Value, what: &str) -> &'a Value {
+    let error = v
+        .get("error")
+        .filter(|e| e.is_object())
+        .unwrap_or_else(|| panic!("{what}: no `error` object in {v}"));
+    assert!(
+        v.get("type").is_none(),
+        "{what}: OpenAI's shape, not Anthropic's (top-level `type`): {v}"
+    );
+    for field in ["message", "type", "param", "code"] {
+        assert!(
+            error.get(field).is_some(),
+            "{what}: error.{field} missing in {v}"
+        );
+    }
+    error
+}
+
+/// The chunks of the rest of a stream that must end cleanly in `[DONE]`, parsed.
+fn chunks_until_done(sse: &mut SseStream) -> Vec<Value> {
+    let data = rest_of_stream(sse);
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "a complete stream ends in [DONE]: {data:?}"
+    );
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk ({e}): {d:.200}")))
+        .collect()
+}
+
 /// Checks an OpenAI error response (`{"error":{"message","type","param","code"}}`, JSON, with
 /// this status and type) and returns its `error` object.
 fn assert_openai_error(resp: &Response, status: u16, error_type: &str) -> Value {
@@ -150,17 +184,7 @@ fn assert_openai_error(resp: &Response, status: u16, error_type: &str) -> Value 
         resp.text()
     );
     let v = resp.json();
-    let error = v
-        .get("error")
-        .filter(|e| e.is_object())
-        .unwrap_or_else(|| panic!("no `error` object in {v}"));
-    assert!(
-        v.get("type").is_none(),
-        "OpenAI's shape, not Anthropic's (top-level `type`): {v}"
-    );
-    for field in ["message", "type", "param", "code"] {
-        assert!(error.get(field).is_some(), "error.{field} missing in {v}");
-    }
+    let error = openai_error_object(&v, &format!("a {status}"));
     assert_eq!(error["type"], error_type, "error.type in {v}");
     assert!(
         error["message"].as_str().is_some_and(|m| !m.is_empty()),

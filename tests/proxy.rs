@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::support::{
     ACCOUNT_KEY, Config, Conn, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Recorded, Reply,
-    StreamEnd, assert_error, call, request_bytes, sse_events,
+    Response, SseStream, StreamEnd, assert_error, call, message_request, ok_upstream_and_gateway,
+    open_sse, post_message, request_bytes, sse_events,
 };
 
 const STREAM_BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"count"}]}"#;
@@ -71,6 +72,15 @@ fn json_round_trip_is_byte_for_byte() {
     );
 }
 
+/// The client got a 200 for the one request that reached the upstream, with `MESSAGE_BODY`
+/// as its body, whatever framing the client sent it in.
+fn assert_message_forwarded(resp: &Response, up: &FakeUpstream) {
+    assert_eq!(resp.status, 200, "body: {}", resp.text());
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].body, MESSAGE_BODY.as_bytes());
+}
+
 /// Asserts the credential rules every upstream request must follow.
 fn assert_clean_credentials(req: &Recorded, client_key: &str) {
     assert_eq!(
@@ -98,15 +108,12 @@ fn assert_clean_credentials(req: &Recorded, client_key: &str) {
 
 #[test]
 fn upstream_gets_account_key_and_never_client_credentials() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let key = gw.client_key().to_string();
     let bearer = format!("Bearer {key}");
 
-    let first = call(
+    let first = post_message(
         gw.addr(),
-        "POST",
-        "/v1/messages",
         &[
             ("x-api-key", &key),
             ("cookie", "session=secret-cookie"),
@@ -119,19 +126,15 @@ fn upstream_gets_account_key_and_never_client_credentials() {
             ("accept-encoding", "gzip, br"),
             ("content-type", "application/json"),
         ],
-        MESSAGE_BODY.as_bytes(),
     );
     assert_eq!(first.status, 200, "body: {}", first.text());
-    let second = call(
+    let second = post_message(
         gw.addr(),
-        "POST",
-        "/v1/messages",
         &[
             ("authorization", &bearer),
             ("anthropic-version", "2024-10-22"),
             ("content-type", "application/json"),
         ],
-        MESSAGE_BODY.as_bytes(),
     );
     assert_eq!(second.status, 200, "body: {}", second.text());
 
@@ -172,8 +175,7 @@ fn upstream_gets_account_key_and_never_client_credentials() {
 
 #[test]
 fn client_auth_accepts_gateway_keys_only() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let bearer = format!("Bearer {}", gw.client_key());
 
     let health = call(gw.addr(), "GET", "/health", &[], b"");
@@ -185,13 +187,7 @@ fn client_auth_accepts_gateway_keys_only() {
     );
     assert!(health.json().is_object(), "health answers a JSON object");
 
-    let ok = call(
-        gw.addr(),
-        "POST",
-        "/v1/messages",
-        &[("authorization", &bearer)],
-        MESSAGE_BODY.as_bytes(),
-    );
+    let ok = post_message(gw.addr(), &[("authorization", &bearer)]);
     assert_eq!(ok.status, 200, "bearer auth: {}", ok.text());
 
     let wrong_key = format!("{}x", gw.client_key());
@@ -206,13 +202,7 @@ fn client_auth_accepts_gateway_keys_only() {
         ("no credentials", vec![]),
     ];
     for (what, headers) in cases {
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &headers,
-            MESSAGE_BODY.as_bytes(),
-        );
+        let resp = post_message(gw.addr(), &headers);
         assert_eq!(resp.status, 401, "{what}");
         assert_error(&resp, 401, Some("authentication_error"));
     }
@@ -239,13 +229,7 @@ fn no_client_keys_configured_says_how_to_add_one() {
     gw.start();
 
     for headers in [vec![("x-api-key", "lgw_made_up_key")], vec![]] {
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &headers,
-            MESSAGE_BODY.as_bytes(),
-        );
+        let resp = post_message(gw.addr(), &headers);
         let v = assert_error(&resp, 401, Some("authentication_error"));
         let message = v["error"]["message"].as_str().unwrap_or_default();
         assert!(
@@ -333,6 +317,18 @@ fn sse_is_forwarded_event_by_event() {
     );
 }
 
+/// A gateway on `up`, and the event stream of a `STREAM_BODY` request through it.
+fn stream_through(up: &FakeUpstream) -> (Gateway, SseStream) {
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let sse = open_sse(
+        gw.addr(),
+        "/v1/messages",
+        &[gw.auth(), ("connection", "close")],
+        STREAM_BODY.as_bytes(),
+    );
+    (gw, sse)
+}
+
 #[test]
 fn sse_from_close_delimited_upstream_is_forwarded_whole() {
     let events = sse_events(3);
@@ -342,18 +338,7 @@ fn sse_from_close_delimited_upstream_is_forwarded_whole() {
         gate: None,
         framing: Framing::CloseDelimited,
     });
-    let gw = Gateway::started(&Config::new(up.base_url()));
-
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
-        "/v1/messages",
-        &[gw.auth(), ("connection", "close")],
-        STREAM_BODY.as_bytes(),
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
+    let (_gw, mut sse) = stream_through(&up);
     let mut received = String::new();
     while let Some(ev) = sse.next_event() {
         received.push_str(&ev.raw);
@@ -372,47 +357,8 @@ fn assert_truncated_stream_reports_error(
     reply: impl Fn() -> Reply + Send + 'static,
 ) {
     let up = FakeUpstream::start(move |_| reply());
-    let gw = Gateway::started(&Config::new(up.base_url()));
-
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
-        "/v1/messages",
-        &[gw.auth(), ("connection", "close")],
-        STREAM_BODY.as_bytes(),
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
-    for (i, expected) in sent.iter().enumerate() {
-        let ev = sse
-            .next_event()
-            .unwrap_or_else(|| panic!("stream ended before event {i}: {:?}", sse.end()));
-        assert_eq!(&ev.raw, expected, "event {i} before the error");
-    }
-    let err = sse
-        .next_event()
-        .unwrap_or_else(|| panic!("no error event after a truncated stream: {:?}", sse.end()));
-    assert_eq!(
-        err.field("event"),
-        Some("error"),
-        "final event: {:?}",
-        err.raw
-    );
-    let data = err
-        .field("data")
-        .unwrap_or_else(|| panic!("error event has no data: {:?}", err.raw));
-    let v: serde_json::Value = serde_json::from_str(data).expect("error data is JSON");
-    assert_eq!(v["type"], "error", "{v}");
-    assert!(v["error"]["type"].is_string(), "{v}");
-    assert!(v["error"]["message"].is_string(), "{v}");
-    let extra = sse.next_event().map(|e| e.raw);
-    assert_eq!(extra, None, "nothing after the error event");
-    assert_eq!(
-        sse.end(),
-        Some(&StreamEnd::Clean),
-        "stream should end properly"
-    );
+    let (_gw, mut sse) = stream_through(&up);
+    sse.assert_events_then_error(sent);
 }
 
 #[test]
@@ -470,13 +416,7 @@ fn upstream_error_status_passes_through() {
             body: body.as_bytes().to_vec(),
         });
         let gw = Gateway::started(&Config::new(up.base_url()));
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &[gw.auth()],
-            MESSAGE_BODY.as_bytes(),
-        );
+        let resp = post_message(gw.addr(), &[gw.auth()]);
         assert_eq!(resp.status, status, "body: {}", resp.text());
         assert_eq!(resp.text(), body, "status {status} body passes unchanged");
         for (name, value) in headers {
@@ -560,12 +500,7 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let gw = Gateway::started(&Config::new(up.base_url()));
     let mut conn = Conn::open(gw.addr());
 
-    conn.send(&request_bytes(
-        "POST",
-        "/v1/messages",
-        &[gw.auth()],
-        MESSAGE_BODY.as_bytes(),
-    ));
+    conn.send(&message_request(&[gw.auth()]));
     let first = conn.read_response();
     assert_eq!(first.status, 200);
     assert_eq!(first.text(), r#"{"id":"msg_keepalive"}"#);
@@ -578,12 +513,7 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     conn.send(&request_bytes("GET", "/health", &[], b""));
     assert_eq!(conn.read_response().status, 200);
 
-    conn.send(&request_bytes(
-        "POST",
-        "/v1/messages",
-        &[gw.auth(), ("connection", "close")],
-        MESSAGE_BODY.as_bytes(),
-    ));
+    conn.send(&message_request(&[gw.auth(), ("connection", "close")]));
     let third = conn.read_response();
     assert_eq!(third.status, 200);
     assert_eq!(third.text(), r#"{"id":"msg_keepalive"}"#);
@@ -592,8 +522,7 @@ fn keep_alive_serves_several_requests_on_one_connection() {
 
 #[test]
 fn chunked_request_body_is_forwarded_dechunked() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let (a, b) = MESSAGE_BODY.split_at(20);
     let (b, c) = b.split_at(30);
     let mut raw = format!(
@@ -610,16 +539,12 @@ fn chunked_request_body_is_forwarded_dechunked() {
     conn.send(raw.as_bytes());
     let resp = conn.read_response();
 
-    assert_eq!(resp.status, 200, "body: {}", resp.text());
-    let reqs = up.requests();
-    assert_eq!(reqs.len(), 1);
-    assert_eq!(reqs[0].body, MESSAGE_BODY.as_bytes());
+    assert_message_forwarded(&resp, &up);
 }
 
 #[test]
 fn expect_100_continue_is_honoured() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let head = format!(
         "POST /v1/messages HTTP/1.1\r\nhost: gateway.test\r\nx-api-key: {}\r\n\
          expect: 100-continue\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -636,8 +561,5 @@ fn expect_100_continue_is_honoured() {
     conn.send(MESSAGE_BODY.as_bytes());
     let resp = conn.read_response();
 
-    assert_eq!(resp.status, 200, "body: {}", resp.text());
-    let reqs = up.requests();
-    assert_eq!(reqs.len(), 1);
-    assert_eq!(reqs[0].body, MESSAGE_BODY.as_bytes());
+    assert_message_forwarded(&resp, &up);
 }

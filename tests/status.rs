@@ -3,17 +3,16 @@
 //! `/ready` and `/health`.
 
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::accounts::{
-    KEY_A, KEY_B, account, admin_status, assert_rested, assert_served_by, error_body, poll_until,
-    post, served_by, started, stdout_json, unix_from_rfc3339, unix_now,
+    KEY_A, KEY_B, account, admin_status, assert_rested, assert_served_by, first_request_limited,
+    poll_until, post, rate_limited, served_by, started, stdout_json, unix_from_rfc3339, unix_now,
 };
 use crate::support::{
-    Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error, assert_exit, call,
+    Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error, assert_exit, call, printed,
     refused_base_url,
 };
 
@@ -40,11 +39,7 @@ fn status_shows_cooling_accounts_on_the_admin_and_main_listeners() {
     let up = FakeUpstream::start(|req| {
         let key = req.api_key();
         if key == KEY_A {
-            Reply::json_with(
-                429,
-                &[("retry-after", "30")],
-                &error_body("rate_limit_error", "rate limited", key),
-            )
+            rate_limited("30", key)
         } else {
             Reply::json(200, &served_by(key))
         }
@@ -219,11 +214,7 @@ fn status_without_a_server_exits_5_with_what_the_config_knows() {
 
     let out = gw.run_cli(&["status", "--url", &nobody]);
     assert_exit(&out, 5, "status with no server");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = printed(&out);
     for needle in [alpha.as_str(), bravo.as_str(), "alpha", "bravo"] {
         assert!(text.contains(needle), "output lacks {needle}:\n{text}");
     }
@@ -336,18 +327,7 @@ fn health_check_probes_every_account_and_exits_by_the_result() {
 
 #[test]
 fn ready_follows_account_availability_and_health_is_always_200() {
-    let limited_once = AtomicBool::new(true);
-    let up = FakeUpstream::start(move |req| {
-        if limited_once.swap(false, Ordering::SeqCst) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", req.api_key()),
-            )
-        } else {
-            Reply::json(200, &served_by(req.api_key()))
-        }
-    });
+    let up = first_request_limited(&[("retry-after", "2")]);
     let (gw, _) = started(
         &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
         &[("only", KEY_A, &[])],

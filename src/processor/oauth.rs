@@ -35,10 +35,21 @@ impl Processor for OAuth<'_> {
 mod tests {
     use super::*;
 
+    /// `out` as the OAuth processor with token `at-1` and prompt `P` leaves it.
+    fn prepared(mut out: Outgoing<'_>) -> Outgoing<'_> {
+        let token = Secret::new("at-1");
+        OAuth {
+            token: &token,
+            system_prompt: "P",
+        }
+        .prepare(&mut out)
+        .expect("ok");
+        out
+    }
+
     #[test]
     fn sets_bearer_beta_and_system_prompt() {
-        let token = Secret::new("at-1");
-        let mut out = Outgoing {
+        let out = prepared(Outgoing {
             path: "/v1/messages".into(),
             headers: vec![
                 ("anthropic-beta".into(), b"tools-1".to_vec()),
@@ -46,13 +57,7 @@ mod tests {
             ],
             body: br#"{"model":"m","system":"S"}"#,
             splice: None,
-        };
-        OAuth {
-            token: &token,
-            system_prompt: "P",
-        }
-        .prepare(&mut out)
-        .expect("ok");
+        });
         let header = |n: &str| {
             out.headers
                 .iter()
@@ -77,19 +82,12 @@ mod tests {
 
     #[test]
     fn leaves_bodies_of_other_paths_alone() {
-        let token = Secret::new("t");
-        let mut out = Outgoing {
+        let out = prepared(Outgoing {
             path: "/v1/models".into(),
             headers: vec![],
             body: b"",
             splice: None,
-        };
-        OAuth {
-            token: &token,
-            system_prompt: "P",
-        }
-        .prepare(&mut out)
-        .expect("ok");
+        });
         assert!(out.body.is_empty() && out.splice.is_none());
     }
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::support::{
     Config, Conn, FakeUpstream, Gateway, MESSAGE_BODY, Reply, STEP_TIMEOUT, assert_error, call,
-    proc_status, request_bytes, sse_events, wait_until,
+    open_sse, post_message, proc_status, request_bytes, sse_events, wait_until,
 };
 
 const MESSAGES_STREAM: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"count"}]}"#;
@@ -22,6 +22,9 @@ const CHAT_STREAM: &str =
     r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"count"}]}"#;
 const CHAT_BODY: &str =
     r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// What the upstream answers every request with, in the tests that need no more than that.
+const MESSAGE: &str = r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#;
 
 fn rss_kib(gw: &Gateway) -> u64 {
     proc_status(gw.pid(), "VmRSS")
@@ -93,16 +96,12 @@ fn client_leaving_a_silent_stream_frees_worker_and_upstream_within_a_second() {
     .into_iter()
     .enumerate()
     {
-        let mut conn = Conn::open(gw.addr());
-        conn.send(&request_bytes(
-            "POST",
+        let mut events = open_sse(
+            gw.addr(),
             path,
             &[("x-api-key", &key), ("content-type", "application/json")],
             body.as_bytes(),
-        ));
-        let (status, headers) = conn.read_head();
-        assert_eq!(status, 200, "{path}: stream starts");
-        let mut events = conn.into_sse(&headers);
+        );
         let event = events.next_event().expect("the first event arrives");
         assert!(event.raw.contains("message_start") || event.raw.contains("chat.completion"));
         assert_eq!(busy_workers(&gw), 1, "{path}: one worker relays the stream");
@@ -162,10 +161,7 @@ fn assert_shaped(path: &str, resp: &crate::support::Response, status: u16, what:
 /// `server.max_body_bytes`.
 #[test]
 fn hostile_framing_is_refused_in_the_endpoints_shape_without_memory_growth() {
-    let up = FakeUpstream::json(
-        200,
-        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
-    );
+    let up = FakeUpstream::json(200, MESSAGE);
     let gw = Gateway::started(&Config::new(up.base_url()));
     let key = gw.client_key().to_string();
     assert_serving(&gw, "/v1/messages", MESSAGE_BODY);
@@ -226,10 +222,7 @@ fn hostile_framing_is_refused_in_the_endpoints_shape_without_memory_growth() {
 /// the upstream, nothing panics or overflows a stack, and the gateway keeps serving.
 #[test]
 fn hostile_headers_and_bodies_get_clear_errors_and_the_gateway_survives() {
-    let up = FakeUpstream::json(
-        200,
-        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
-    );
+    let up = FakeUpstream::json(200, MESSAGE);
     let gw = Gateway::started(&Config::new(up.base_url()));
     let key = gw.client_key().to_string();
 
@@ -357,10 +350,7 @@ fn slow_loris_flood_does_not_delay_normal_clients_and_everything_is_given_back()
     } else {
         (500, 200)
     };
-    let up = FakeUpstream::json(
-        200,
-        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
-    );
+    let up = FakeUpstream::json(200, MESSAGE);
     // The default 1280 workers, or more for the long form's bigger flood.
     let workers = 1280.max(dribblers + body_stallers + 64);
     let config = Config::new(up.base_url())
@@ -418,13 +408,7 @@ fn slow_loris_flood_does_not_delay_normal_clients_and_everything_is_given_back()
         thread::spawn(move || {
             while flooding.load(Ordering::SeqCst) {
                 let t = Instant::now();
-                let resp = call(
-                    addr,
-                    "POST",
-                    "/v1/messages",
-                    &[("x-api-key", &key)],
-                    MESSAGE_BODY.as_bytes(),
-                );
+                let resp = post_message(addr, &[("x-api-key", &key)]);
                 latencies
                     .lock()
                     .expect("latencies")
@@ -541,10 +525,7 @@ fn try_call(addr: SocketAddr, key: &str, wait: Duration) -> Option<u16> {
 #[test]
 fn running_out_of_descriptors_is_survived_and_recovered_from() {
     let clients = if crate::faults::long() { 3000 } else { 1000 };
-    let up = FakeUpstream::json(
-        200,
-        r#"{"id":"msg_1","type":"message","role":"assistant","content":[],"usage":{"input_tokens":1,"output_tokens":1}}"#,
-    );
+    let up = FakeUpstream::json(200, MESSAGE);
     let config = Config::new(up.base_url())
         .workers(1280)
         .header_timeout("5s");

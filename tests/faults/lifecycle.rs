@@ -7,8 +7,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::support::{
-    ACCOUNT_KEY, Config, Conn, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Reply, assert_exit,
-    call, request_bytes, sse_events, wait_until,
+    ACCOUNT_KEY, Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_exit, call, open_sse,
+    sse_events, wait_until,
 };
 
 const DELTAS: usize = 3;
@@ -21,15 +21,8 @@ fn gated() -> (Gateway, FakeUpstream, mpsc::Sender<()>) {
 
 /// `gated`, with the config's YAML edited by `edit` first.
 fn gated_with(edit: fn(String) -> String) -> (Gateway, FakeUpstream, mpsc::Sender<()>) {
-    let (gate, gate_rx) = mpsc::channel::<()>();
-    let mut gate_rx = Some(gate_rx);
-    let up = FakeUpstream::start(move |_| match gate_rx.take() {
-        Some(gate) => Reply::Sse {
-            events: sse_events(DELTAS),
-            gate: Some(gate),
-            framing: Framing::Chunked,
-        },
-        None => Reply::json(200, r#"{"id":"msg_1","type":"message","content":[]}"#),
+    let (up, gate) = FakeUpstream::gated_first(sse_events(DELTAS), |_| {
+        Reply::json(200, r#"{"id":"msg_1","type":"message","content":[]}"#)
     });
     let mut gw = Gateway::with_yaml(&edit(Config::new(up.base_url()).yaml()));
     gw.add_api_key("primary", ACCOUNT_KEY);
@@ -40,16 +33,12 @@ fn gated_with(edit: fn(String) -> String) -> (Gateway, FakeUpstream, mpsc::Sende
 
 /// Opens a stream and reads its first event, so it is in flight at the gateway.
 fn open_stream(gw: &Gateway) -> crate::support::SseStream {
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
+    let mut sse = open_sse(
+        gw.addr(),
         "/v1/messages",
         &[gw.auth(), ("connection", "close")],
         br#"{"model":"claude-sonnet-4-5","max_tokens":16,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200, "the stream starts");
-    let mut sse = conn.into_sse(&headers);
+    );
     let first = sse.next_event().expect("first event");
     assert_eq!(first.field("event"), Some("message_start"));
     sse

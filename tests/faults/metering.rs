@@ -1,15 +1,14 @@
 //! Trust boundaries, part 2 (README: Reliability): every token an answer costs is metered,
 //! whatever its framing and size, so budgets count it; an error inside a stream is an error.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::accounts::{account, admin_status};
 use crate::support::{
-    ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Meeting, Reply, assert_exit,
-    call, sse_events,
+    ACCOUNT_KEY, Config, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Reply, assert_exit, call,
+    in_parallel, post_message, sse_events,
 };
 use crate::team::add_key;
 
@@ -245,16 +244,7 @@ fn the_ledger_never_fails_open() {
     let mut gw = Gateway::new(&Config::new(up.base_url()));
     gw.add_api_key("primary", ACCOUNT_KEY);
     let (key_id, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
-    let post = |gw: &Gateway| {
-        call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &[("x-api-key", &key)],
-            MESSAGE_BODY.as_bytes(),
-        )
-        .status
-    };
+    let post = |gw: &Gateway| post_message(gw.addr(), &[("x-api-key", &key)]).status;
     let usage_dir = gw.dir().join("usage");
     let flushed = |gw: &Gateway, requests: u64| {
         crate::support::accounts::poll_until(Duration::from_secs(10), "flushed", || {
@@ -335,39 +325,26 @@ fn the_ledger_never_fails_open() {
 #[test]
 fn budgets_hold_under_concurrency() {
     const PARALLEL: usize = 10;
-    let meeting = Meeting::new(PARALLEL, Duration::from_secs(2));
-    let held = Arc::clone(&meeting);
-    let up = FakeUpstream::start(move |_| Reply::Held {
-        meeting: Arc::clone(&held),
-        then: Box::new(Reply::json(
+    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
+        Reply::json(
             200,
             r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
-        )),
+        )
     });
     let mut gw = Gateway::new(&Config::new(up.base_url()).read_timeout("10s"));
     gw.add_api_key("primary", ACCOUNT_KEY);
     let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
     gw.start();
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let running: Vec<_> = (0..PARALLEL)
-            .map(|_| {
-                s.spawn(|| {
-                    call(
-                        gw.addr(),
-                        "POST",
-                        "/v1/messages",
-                        &[("x-api-key", &key)],
-                        body.as_bytes(),
-                    )
-                    .status
-                })
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|h| h.join().expect("request"))
-            .collect()
+    let statuses = in_parallel(PARALLEL, |_| {
+        call(
+            gw.addr(),
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", &key)],
+            body.as_bytes(),
+        )
+        .status
     });
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
@@ -402,16 +379,7 @@ fn a_restart_on_one_host_loses_nothing() {
         gw.add_api_key("primary", ACCOUNT_KEY);
         let (_, spent) = add_key(&gw, "spent", &["--daily-tokens", "50"]);
         let (_, free) = add_key(&gw, "free", &[]);
-        let post = |addr, key: &str| {
-            call(
-                addr,
-                "POST",
-                "/v1/messages",
-                &[("x-api-key", key)],
-                MESSAGE_BODY.as_bytes(),
-            )
-            .status
-        };
+        let post = |addr, key: &str| post_message(addr, &[("x-api-key", key)]).status;
         let first = gw.start();
         assert_eq!(post(first, &spent), 200, "{what}");
         assert_eq!(post(first, &spent), 200, "{what}: 30 of 50");

@@ -12,7 +12,7 @@ use crate::support::accounts::{admin_status, poll_until, post_body};
 use crate::support::redis::RedisServer;
 use crate::support::{
     ACCOUNT_KEY, Config, Conn, FakeUpstream, Framing, Gateway, MESSAGE_BODY, Meeting, Reply, call,
-    request_bytes, sse_events,
+    in_parallel, post_message, request_bytes, sse_events,
 };
 
 const STREAM_BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -94,25 +94,8 @@ fn a_panic_while_serving_is_a_500_and_the_pool_keeps_its_strength() {
     assert!(up.requests().is_empty(), "nothing went upstream");
 
     // Both workers, at once: each request waits upstream until the other has arrived.
-    let together = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    call(
-                        gw.addr(),
-                        "POST",
-                        "/v1/messages",
-                        &[gw.auth(), ("x-together", "1")],
-                        MESSAGE_BODY.as_bytes(),
-                    )
-                    .status
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("request thread"))
-            .collect::<Vec<u16>>()
+    let together = in_parallel(2, |_| {
+        post_message(gw.addr(), &[gw.auth(), ("x-together", "1")]).status
     });
     assert_eq!(together, [200, 200], "the pool is at full strength");
     assert_eq!(meeting.arrived(), 2);
@@ -212,13 +195,7 @@ fn every_long_lived_thread_restarts_after_a_panic_and_works_again() {
     // The watcher applies a key added now.
     let fresh = gw.add_client_key("added-after-the-panics");
     poll_until(RESTARTS, "the new key is honoured", || {
-        let resp = call(
-            gw.addr(),
-            "POST",
-            "/v1/messages",
-            &[("x-api-key", &fresh)],
-            MESSAGE_BODY.as_bytes(),
-        );
+        let resp = post_message(gw.addr(), &[("x-api-key", &fresh)]);
         resp.status == 200
     });
     // The flusher writes usage.

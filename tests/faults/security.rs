@@ -3,6 +3,7 @@
 //! on a loopback admin listener.
 
 use crate::oauth::rig::Rig;
+use crate::support::post_message;
 use crate::support::*;
 
 const KEY_LIMITED: &str = "sk-ant-api03-SecurityLimitedKEY-0x9QpLm2-AA";
@@ -176,13 +177,7 @@ fn admin_listener_off_loopback_needs_an_admin_key() {
         let resp = call(admin, "GET", path, &[], b"");
         assert_eq!(resp.status, status, "{path}: {}", resp.text());
     }
-    let resp = call(
-        admin,
-        "POST",
-        "/v1/messages",
-        &[gw.auth()],
-        MESSAGE_BODY.as_bytes(),
-    );
+    let resp = post_message(admin, &[gw.auth()]);
     assert_eq!(
         resp.status, 404,
         "nothing is forwarded from the admin listener"

@@ -198,26 +198,31 @@ fn assert_writes_kept(gw: &Gateway, written: &Written, round: usize) {
     }
 }
 
-/// Logs the OAuth account in through the CLI (a code exchange: one grant).
-fn login(gw: &Gateway, id: &str) {
-    let out = gw.run_cli(&["oauth-start", "--account-id", id, "--json"]);
-    assert_exit(&out, 0, "oauth-start");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("oauth-start JSON");
-    let url = v["authorize_url"].as_str().expect("authorize_url");
-    let state = url
-        .split(['?', '&'])
-        .find_map(|p| p.strip_prefix("state="))
-        .expect("state in the URL");
-    let code = format!("code-state-fault#{state}");
+/// The config of a gateway on `up` whose OAuth accounts get their tokens from `tokens`, with
+/// the OAuth rig's timings (`oauth::rig`).
+fn oauth_config(up: &FakeUpstream, tokens: &FakeTokenEndpoint) -> Config {
+    Config::new(up.base_url())
+        .oauth("authorize_url", tokens.authorize_url())
+        .oauth("token_url", tokens.token_url())
+        .oauth("refresh_min_interval", "1s")
+        .oauth("token_timeout", "5s")
+}
+
+/// Adds an OAuth account through the CLI and logs it in (a code exchange: one grant); its id.
+fn add_logged_in_oauth(gw: &Gateway, name: &str, client_id: &str) -> String {
     let out = gw.run_cli(&[
-        "oauth-callback",
-        "--account-id",
-        id,
-        "--code",
-        &code,
+        "add-oauth",
+        "--name",
+        name,
+        "--client-id",
+        client_id,
         "--json",
     ]);
-    assert_exit(&out, 0, "oauth-callback");
+    assert_exit(&out, 0, "add-oauth");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("add-oauth JSON");
+    let id = v["id"].as_str().expect("id").to_string();
+    gw.oauth_login(&id, "code-state-fault");
+    id
 }
 
 /// The grant number in a token the fake endpoint issued (`rt-7-…` → 7).
@@ -296,7 +301,7 @@ fn check_tokens(
         },
     );
     server.kill();
-    login(gw, id);
+    gw.oauth_login(id, "code-state-fault");
     check_tokens(gw, tokens, id, issued(tokens), lost)
 }
 
@@ -356,24 +361,8 @@ fn kill_rounds(rounds: usize, rng: &mut Rng) -> Tally {
         rotate: true,
         ..Script::default()
     });
-    let config = Config::new(up.base_url())
-        .oauth("authorize_url", tokens.authorize_url())
-        .oauth("token_url", tokens.token_url())
-        .oauth("refresh_min_interval", "1s")
-        .oauth("token_timeout", "5s");
-    let gw = Gateway::new(&config);
-    let out = gw.run_cli(&[
-        "add-oauth",
-        "--name",
-        "refreshed",
-        "--client-id",
-        "client-state-fault",
-        "--json",
-    ]);
-    assert_exit(&out, 0, "add-oauth");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("add-oauth JSON");
-    let id = v["id"].as_str().expect("id").to_string();
-    login(&gw, &id);
+    let gw = Gateway::new(&oauth_config(&up, &tokens));
+    let id = add_logged_in_oauth(&gw, "refreshed", "client-state-fault");
     let mut acked = issued(&tokens);
 
     let written = Mutex::new(Written::default());
@@ -492,26 +481,9 @@ fn a_full_disk_fails_writes_clearly_keeps_the_old_config_and_the_server_serving(
         rotate: true,
         ..Script::default()
     });
-    let config = Config::new(up.base_url())
-        .admin_listen("127.0.0.1:0")
-        .oauth("authorize_url", tokens.authorize_url())
-        .oauth("token_url", tokens.token_url())
-        .oauth("refresh_min_interval", "1s")
-        .oauth("token_timeout", "5s");
-    let mut gw = Gateway::new(&config);
+    let mut gw = Gateway::new(&oauth_config(&up, &tokens).admin_listen("127.0.0.1:0"));
     gw.add_client_key("tests");
-    let out = gw.run_cli(&[
-        "add-oauth",
-        "--name",
-        "disk",
-        "--client-id",
-        "client-disk-fault",
-        "--json",
-    ]);
-    assert_exit(&out, 0, "add-oauth");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("add-oauth JSON");
-    let id = v["id"].as_str().expect("id").to_string();
-    login(&gw, &id);
+    let id = add_logged_in_oauth(&gw, "disk", "client-disk-fault");
 
     let _tmpfs = match Tmpfs::mount_over(gw.dir(), "256k") {
         Ok(guard) => guard,

@@ -6,9 +6,7 @@
 use super::SERVER_ACTS;
 use super::answering_upstream;
 use super::rig::{Rig, bearer};
-use crate::support::{
-    ACCOUNT_KEY, MESSAGE_BODY, Script, access_token, assert_exit, now_unix, wait_until,
-};
+use crate::support::{MESSAGE_BODY, Script, access_token, assert_exit, now_unix, wait_until};
 
 /// The most a grant's lifetime is believed (the gateway's bound: 30 days).
 const MAX_LIFETIME: u64 = 30 * 24 * 3600;
@@ -72,14 +70,9 @@ fn a_token_no_header_can_carry_is_a_failed_refresh_and_requests_fail_over() {
     let id = rig.login("expired");
     rig.tokens
         .script(|s| s.access_token = Some(INJECTING.into()));
-    rig.gw.add_api_key("steady", ACCOUNT_KEY);
-    let addr = rig.gw.start();
-    for i in 0..4 {
-        let resp = rig.post(addr, MESSAGE_BODY);
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
+    let addr = rig.start_with_steady_key();
+    rig.assert_steady_serves(addr, 4);
     for req in rig.up.requests() {
-        assert_eq!(req.all("x-api-key"), [ACCOUNT_KEY], "served by the API key");
         assert!(req.header("x-injected").is_none());
     }
     wait_until("the refresh was tried", SERVER_ACTS, || {

@@ -5,11 +5,12 @@ use serde_json::Value;
 
 use super::rig::{self, Rig};
 use super::{
-    DEFAULT_REDIRECT, DEFAULT_SCOPES, answering_upstream, assert_base64url, keys, sha256_base64url,
+    DEFAULT_REDIRECT, DEFAULT_SCOPES, answering_upstream, assert_base64url, sha256_base64url,
     sorted,
 };
 use crate::support::{
     ACCOUNT_EMAIL, ACCOUNT_KEY, GRANTED_SCOPE, ORG_NAME, Script, TOKEN_PATH, assert_exit, now_unix,
+    sorted_keys,
 };
 
 #[test]
@@ -196,7 +197,11 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
         if secret.is_some() {
             expected.push("client_secret");
         }
-        assert_eq!(keys(&exchange), sorted(&expected), "{form}: {exchange}");
+        assert_eq!(
+            sorted_keys(&exchange),
+            sorted(&expected),
+            "{form}: {exchange}"
+        );
         assert_eq!(exchange["grant_type"], "authorization_code");
         assert_eq!(exchange["client_id"], rig::CLIENT_ID);
         assert_eq!(exchange["code"], code.as_str(), "{form}");
@@ -210,7 +215,7 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
 
         let row = rig.account(&id);
         assert_eq!(
-            keys(&row),
+            sorted_keys(&row),
             sorted(&[
                 "id",
                 "name",

@@ -2,16 +2,67 @@
 //! account across threads and processes; rotated refresh tokens persisted across a restart; and
 //! `invalid_grant` turning the account to `needs_login` while other accounts serve.
 
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use super::rig::{self, Rig, bearer, in_parallel};
-use super::{OK_BODY, RELOAD, SERVER_ACTS, answering_upstream, keys, sorted, unix_f64};
+use super::rig::{self, Rig, bearer};
+use super::{OK_BODY, RELOAD, SERVER_ACTS, answering_upstream, sorted, unix_f64};
 use crate::support::{
-    ACCOUNT_KEY, FakeUpstream, MESSAGE_BODY, Reply, Script, access_token, assert_error,
-    assert_exit, now_unix, refresh_token, wait_until,
+    Config, FakeUpstream, MESSAGE_BODY, Reply, Response, Script, access_token, assert_error,
+    assert_exit, in_parallel, now_unix, refresh_token, sorted_keys, wait_until,
 };
+
+/// A rig on the answering upstream with `config`'s settings, `name` logged in through
+/// `script`, and its server started: the rig, the account's id and the server's address.
+fn started_rig(
+    script: Script,
+    config: impl FnOnce(Config) -> Config,
+    name: &str,
+) -> (Rig, String, SocketAddr) {
+    let mut rig = Rig::new(script, answering_upstream(), config);
+    let id = rig.login(name);
+    let addr = rig.gw.start();
+    (rig, id, addr)
+}
+
+/// Stops the server, expires the token config.yaml holds, and has a new server serve one
+/// request: to do that it must refresh with the refresh token config.yaml kept.
+fn restart_with_the_token_expired(rig: &mut Rig) {
+    rig.gw.stop();
+    rig.set_config_ints("expires_at", now_unix() - 120);
+    rig.gw.start();
+    let resp = rig.post(rig.gw.addr(), MESSAGE_BODY);
+    assert_eq!(resp.status, 200, "after restart: {}", resp.text());
+}
+
+/// The refresh token each refresh call presented, in order.
+fn presented_refresh_tokens(rig: &Rig) -> Vec<Value> {
+    rig.tokens
+        .refreshes()
+        .iter()
+        .map(|r| r["refresh_token"].clone())
+        .collect()
+}
+
+/// Every response is a 200 and they share one refresh: the token endpoint was called once,
+/// and each of their upstream requests carried the refreshed token.
+fn assert_served_after_one_refresh(rig: &Rig, responses: &[Response], what: &str) {
+    for (i, resp) in responses.iter().enumerate() {
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    assert_eq!(
+        rig.tokens.refreshes().len(),
+        1,
+        "{what}: exactly one refresh"
+    );
+    let reqs = rig.up.requests();
+    assert_eq!(reqs.len(), responses.len());
+    for req in &reqs {
+        assert_eq!(bearer(req), Some(access_token(2).as_str()));
+    }
+}
 
 #[test]
 fn refresher_renews_a_token_before_it_expires() {
@@ -53,7 +104,7 @@ fn refresher_renews_a_token_before_it_expires() {
     );
     let refresh = &rig.tokens.refreshes()[0];
     assert_eq!(
-        keys(refresh),
+        sorted_keys(refresh),
         sorted(&["grant_type", "refresh_token", "client_id"]),
         "{refresh}"
     );
@@ -82,35 +133,23 @@ fn rotated_refresh_token_survives_a_restart() {
         rotate: true,
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| c);
-    let id = rig.login("rotating");
-    rig.gw.start();
-    let resp = rig.post(rig.gw.addr(), MESSAGE_BODY);
+    let (mut rig, id, addr) = started_rig(script, |c| c, "rotating");
+    let resp = rig.post(addr, MESSAGE_BODY);
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(
         bearer(&rig.up.requests()[0]),
         Some(access_token(2).as_str())
     );
     assert_eq!(rig.tokens.refreshes().len(), 1);
-    rig.gw.stop();
 
     // Expire the rotated token, so the next server must refresh with the rotated refresh token.
-    rig.set_config_ints("expires_at", now_unix() - 120);
-    rig.gw.start();
-    let resp = rig.post(rig.gw.addr(), MESSAGE_BODY);
-    assert_eq!(resp.status, 200, "after restart: {}", resp.text());
+    restart_with_the_token_expired(&mut rig);
     let reqs = rig.up.requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(bearer(&reqs[1]), Some(access_token(3).as_str()));
 
-    let presented: Vec<Value> = rig
-        .tokens
-        .refreshes()
-        .iter()
-        .map(|r| r["refresh_token"].clone())
-        .collect();
     assert_eq!(
-        presented,
+        presented_refresh_tokens(&rig),
         [json!(refresh_token(1)), json!(refresh_token(2))],
         "the second server must use the rotated refresh token"
     );
@@ -131,17 +170,11 @@ fn refresh_answer_without_refresh_token_keeps_the_old_one() {
         exchange_expires_in: 0,
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| c);
-    let id = rig.login("kept");
-    rig.gw.start();
-    let resp = rig.post(rig.gw.addr(), MESSAGE_BODY);
+    let (mut rig, id, addr) = started_rig(script, |c| c, "kept");
+    let resp = rig.post(addr, MESSAGE_BODY);
     assert_eq!(resp.status, 200, "{}", resp.text());
-    rig.gw.stop();
 
-    rig.set_config_ints("expires_at", now_unix() - 120);
-    rig.gw.start();
-    let resp = rig.post(rig.gw.addr(), MESSAGE_BODY);
-    assert_eq!(resp.status, 200, "after restart: {}", resp.text());
+    restart_with_the_token_expired(&mut rig);
     let bearers: Vec<Option<String>> = rig
         .up
         .requests()
@@ -149,14 +182,8 @@ fn refresh_answer_without_refresh_token_keeps_the_old_one() {
         .map(|r| bearer(r).map(String::from))
         .collect();
     assert_eq!(bearers, [Some(access_token(2)), Some(access_token(3))]);
-    let presented: Vec<Value> = rig
-        .tokens
-        .refreshes()
-        .iter()
-        .map(|r| r["refresh_token"].clone())
-        .collect();
     assert_eq!(
-        presented,
+        presented_refresh_tokens(&rig),
         [json!(refresh_token(1)), json!(refresh_token(1))],
         "a refresh answer without refresh_token keeps the old one"
     );
@@ -171,11 +198,7 @@ fn token_within_a_minute_of_expiry_is_refreshed_when_selected() {
         exchange_expires_in: 30,
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| {
-        c.oauth("refresh_lead", "1s")
-    });
-    rig.login("nearly");
-    let addr = rig.gw.start();
+    let (mut rig, _, addr) = started_rig(script, |c| c.oauth("refresh_lead", "1s"), "nearly");
 
     let resp = rig.post(addr, MESSAGE_BODY);
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -193,24 +216,10 @@ fn twenty_concurrent_requests_share_one_refresh() {
         refresh_delay: Duration::from_millis(300),
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| c);
-    rig.login("busy");
-    let addr = rig.gw.start();
+    let (mut rig, _, addr) = started_rig(script, |c| c, "busy");
 
     let responses = in_parallel(20, |_| rig.post(addr, MESSAGE_BODY));
-    for (i, resp) in responses.iter().enumerate() {
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
-    assert_eq!(
-        rig.tokens.refreshes().len(),
-        1,
-        "20 requests with an expired token: exactly one refresh"
-    );
-    let reqs = rig.up.requests();
-    assert_eq!(reqs.len(), 20);
-    for req in &reqs {
-        assert_eq!(bearer(req), Some(access_token(2).as_str()));
-    }
+    assert_served_after_one_refresh(&rig, &responses, "20 requests with an expired token");
     rig.assert_no_leaks(&[]);
 }
 
@@ -222,26 +231,12 @@ fn two_gateway_processes_share_one_refresh() {
         refresh_delay: Duration::from_millis(800),
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| c);
-    rig.login("shared");
-    let first = rig.gw.start();
+    let (mut rig, _, first) = started_rig(script, |c| c, "shared");
     let mut second = rig.gw.spawn_server(&["--listen", "127.0.0.1:0"]);
     let addrs = [first, second.addr()];
 
     let responses = in_parallel(20, |i| rig.post(addrs[i % 2], MESSAGE_BODY));
-    for (i, resp) in responses.iter().enumerate() {
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
-    assert_eq!(
-        rig.tokens.refreshes().len(),
-        1,
-        "two processes with an expired token: exactly one refresh"
-    );
-    let reqs = rig.up.requests();
-    assert_eq!(reqs.len(), 20);
-    for req in &reqs {
-        assert_eq!(bearer(req), Some(access_token(2).as_str()));
-    }
+    assert_served_after_one_refresh(&rig, &responses, "two processes with an expired token");
     second.kill();
     rig.assert_no_leaks(&[second.stderr()]);
 }
@@ -299,15 +294,10 @@ fn invalid_grant_marks_needs_login_while_api_keys_serve() {
         c.section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
     });
     let id = rig.login("doomed");
-    rig.gw.add_api_key("steady", ACCOUNT_KEY);
-    let addr = rig.gw.start();
+    let addr = rig.start_with_steady_key();
 
-    for i in 0..6 {
-        let resp = rig.post(addr, MESSAGE_BODY);
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
+    rig.assert_steady_serves(addr, 6);
     for req in rig.up.requests() {
-        assert_eq!(req.all("x-api-key"), [ACCOUNT_KEY], "served by the API key");
         assert!(
             req.header("authorization").is_none(),
             "an expired token that could not be refreshed went upstream"
@@ -358,9 +348,7 @@ fn no_usable_account_gives_503() {
         refresh_invalid_grant: true,
         ..Script::default()
     };
-    let mut rig = Rig::new(script, answering_upstream(), |c| c);
-    rig.login("alone");
-    let addr = rig.gw.start();
+    let (mut rig, _, addr) = started_rig(script, |c| c, "alone");
 
     let resp = rig.post(addr, MESSAGE_BODY);
     assert_error(&resp, 503, None);

@@ -241,26 +241,18 @@ fn banned_oauth_account_is_disabled_and_others_serve() {
         });
         let mut rig = Rig::new(Script::default(), up, |c| c);
         let id = rig.login("banned");
-        rig.gw.add_api_key("steady", ACCOUNT_KEY);
-        let addr = rig.gw.start();
+        let addr = rig.start_with_steady_key();
 
-        let oauth_requests = |rig: &Rig| {
-            rig.up
-                .requests()
-                .iter()
-                .filter(|r| bearer(r).is_some() && r.target.starts_with("/v1/messages"))
-                .count()
-        };
         for i in 0..4 {
             let resp = rig.post(addr, MESSAGE_BODY);
             assert_eq!(resp.status, 200, "{status}: request {i}: {}", resp.text());
             assert_eq!(resp.text(), OK_BODY, "{status}: served by the API key");
-            if oauth_requests(&rig) > 0 {
+            if rig.oauth_requests() > 0 {
                 break;
             }
         }
         assert_eq!(
-            oauth_requests(&rig),
+            rig.oauth_requests(),
             1,
             "{status}: the OAuth account was tried"
         );
@@ -283,7 +275,7 @@ fn banned_oauth_account_is_disabled_and_others_serve() {
             assert_eq!(resp.status, 200, "{status}: later request {i}");
         }
         assert_eq!(
-            oauth_requests(&rig),
+            rig.oauth_requests(),
             1,
             "{status}: a banned account is never used again"
         );
@@ -331,8 +323,7 @@ fn human_readable_output_and_debug_logs_leak_nothing() {
     ]);
     assert_exit(&out, 0, "oauth-callback");
     assert_exit(&rig.cli(&["list-accounts"]), 0, "list-accounts");
-    rig.gw.add_api_key("steady", ACCOUNT_KEY);
-    let addr = rig.gw.start();
+    let addr = rig.start_with_steady_key();
     for _ in 0..4 {
         let resp = rig.post(addr, MESSAGE_BODY);
         assert_eq!(resp.status, 200, "{}", resp.text());

@@ -7,15 +7,14 @@
 
 use std::net::SocketAddr;
 use std::process::Output;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
-use std::thread;
 
 use serde_json::Value;
 
 use crate::support::{
-    Config, FakeTokenEndpoint, FakeUpstream, Gateway, Recorded, Response, Script, assert_exit,
-    call, now_unix,
+    ACCOUNT_KEY, Config, FakeTokenEndpoint, FakeUpstream, Gateway, MESSAGE_BODY, Recorded,
+    Response, Script, assert_exit, call, now_unix,
 };
 
 /// The OAuth client id every test account logs in with.
@@ -33,26 +32,6 @@ pub fn stdout_json(out: &Output, what: &str) -> Value {
             "{what}: stdout is not JSON ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
-    })
-}
-
-/// Runs `f(0..n)` on `n` threads released together, and returns the results in order.
-pub fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let barrier = Barrier::new(n);
-    thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let (barrier, f) = (&barrier, &f);
-                s.spawn(move || {
-                    barrier.wait();
-                    f(i)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("request thread"))
-            .collect()
     })
 }
 
@@ -315,6 +294,34 @@ impl Rig {
     /// Makes the pending login of the (only) OAuth account expire, as if 10 minutes had passed.
     pub fn expire_pending_login(&self) {
         self.set_config_ints("login_expires_at", now_unix() - 60);
+    }
+
+    /// Adds the API-key account "steady" (`ACCOUNT_KEY`), there to serve what the OAuth
+    /// accounts cannot, and starts the server: its address.
+    pub fn start_with_steady_key(&mut self) -> SocketAddr {
+        self.gw.add_api_key("steady", ACCOUNT_KEY);
+        self.gw.start()
+    }
+
+    /// Posts `n` messages, each served (200), and checks that every upstream request so far
+    /// went out on the "steady" API key.
+    pub fn assert_steady_serves(&self, addr: SocketAddr, n: usize) {
+        for i in 0..n {
+            let resp = self.post(addr, MESSAGE_BODY);
+            assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        }
+        for req in self.up.requests() {
+            assert_eq!(req.all("x-api-key"), [ACCOUNT_KEY], "served by the API key");
+        }
+    }
+
+    /// How many Messages requests reached the upstream with an OAuth token.
+    pub fn oauth_requests(&self) -> usize {
+        self.up
+            .requests()
+            .iter()
+            .filter(|r| bearer(r).is_some() && r.target.starts_with("/v1/messages"))
+            .count()
     }
 
     /// `POST /v1/messages` with the rig's client key.

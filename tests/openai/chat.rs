@@ -7,7 +7,7 @@ use super::{
     ALIAS_SECTION, CHAT_PATH, anthropic_message, assert_created_now, body_json, post_openai,
     system_text,
 };
-use crate::support::{ACCOUNT_KEY, Config, FakeUpstream, Gateway, Reply, now_unix};
+use crate::support::{ACCOUNT_KEY, Config, FakeUpstream, Gateway, Reply, now_unix, sorted_keys};
 
 /// A tool definition as OpenAI clients send it.
 fn weather_tool() -> Value {
@@ -126,13 +126,7 @@ fn chat_request_is_converted_and_the_answer_is_a_chat_completion() {
         matches!(sent.get("stream"), None | Some(Value::Bool(false))),
         "not a stream: {sent}"
     );
-    let mut keys: Vec<&str> = sent
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    keys.sort_unstable();
+    let mut keys = sorted_keys(&sent);
     keys.retain(|k| *k != "stream");
     assert_eq!(
         keys,

@@ -3,15 +3,14 @@
 //! shape with their status and headers kept, before any 200 goes out; and failover, which
 //! applies to OpenAI requests as to any other.
 
-use std::sync::{Arc, Mutex};
-
 use serde_json::{Value, json};
 
 use super::{
-    CHAT_PATH, anthropic_message, assert_openai_error, bearer, body_json, post_openai, system_text,
+    CHAT_PATH, anthropic_message, assert_openai_error, bearer, body_json, openai_error_object,
+    post_openai, system_text,
 };
-use crate::support::accounts::{KEY_A, KEY_B, each_case, error_body, started};
-use crate::support::{Config, FakeUpstream, Gateway, Reply, call};
+use crate::support::accounts::{each_case, error_body, first_account_apart, started_ab};
+use crate::support::{Config, FakeUpstream, Gateway, Reply, call, ok_upstream_and_gateway};
 
 /// What `param` must say: exactly this field, or a field within this one (the spec names the
 /// offending part but not how deep the name goes).
@@ -178,8 +177,7 @@ fn invalid_requests_are_400_naming_the_field_and_never_reach_the_upstream() {
 
 #[test]
 fn failed_client_auth_is_a_401_in_openai_shape() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let wrong = format!("Bearer {}x", gw.client_key());
     let body = json!({"model": "claude-sonnet-4-5", "messages": [user(json!("hi"))]}).to_string();
     // (what, method, path, authorization header if any)
@@ -209,17 +207,7 @@ fn failed_client_auth_is_a_401_in_openai_shape() {
         let resp = call(gw.addr(), method, path, &headers, payload);
         assert_eq!(resp.status, 401, "{what}: {}", resp.text());
         let v = resp.json();
-        let error = v
-            .get("error")
-            .filter(|e| e.is_object())
-            .unwrap_or_else(|| panic!("{what}: OpenAI's shape: {v}"));
-        assert!(
-            v.get("type").is_none(),
-            "{what}: not Anthropic's shape: {v}"
-        );
-        for field in ["message", "type", "param", "code"] {
-            assert!(error.get(field).is_some(), "{what}: error.{field} in {v}");
-        }
+        let error = openai_error_object(&v, what);
         assert!(
             error["type"].as_str().is_some_and(|t| !t.is_empty()),
             "{what}: {v}"
@@ -301,12 +289,9 @@ fn upstream_429_and_529_keep_their_status_and_headers_stream_or_not() {
 #[test]
 fn failover_moves_an_openai_request_to_the_next_account() {
     // Whichever account is used first answers 529; the other one serves.
-    let first: Arc<Mutex<Option<String>>> = Arc::default();
-    let up = FakeUpstream::start(move |req| {
-        let key = req.api_key().to_string();
-        let mut first = first.lock().expect("first lock");
-        if *first.get_or_insert_with(|| key.clone()) == key {
-            Reply::json(529, &error_body("overloaded_error", "Overloaded", &key))
+    let up = first_account_apart(|key, first| {
+        if first {
+            Reply::json(529, &error_body("overloaded_error", "Overloaded", key))
         } else {
             Reply::json(
                 200,
@@ -319,10 +304,7 @@ fn failover_moves_an_openai_request_to_the_next_account() {
             )
         }
     });
-    let (gw, _) = started(
-        &Config::new(up.base_url()),
-        &[("a", KEY_A, &[]), ("b", KEY_B, &[])],
-    );
+    let (gw, _) = started_ab(&Config::new(up.base_url()));
 
     let resp = post_openai(
         &gw,
@@ -385,8 +367,7 @@ fn upstream_prefill_refusal_is_a_400_invalid_request_error() {
 
 #[test]
 fn wrong_method_on_the_chat_path_is_an_openai_error() {
-    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
-    let gw = Gateway::started(&Config::new(up.base_url()));
+    let (up, gw) = ok_upstream_and_gateway();
     let auth = bearer(&gw);
     let resp = call(
         gw.addr(),

@@ -5,12 +5,12 @@
 use serde_json::{Value, json};
 
 use super::{
-    ALIAS_SECTION, CHAT_PATH, anthropic_message, bearer, body_json, open_stream, rest_of_stream,
+    ALIAS_SECTION, CHAT_PATH, anthropic_message, bearer, body_json, chunks_until_done, open_stream,
     system_text,
 };
 use crate::support::accounts::unix_from_rfc3339;
 use crate::support::{
-    Config, Conn, FakeUpstream, Framing, Gateway, Reply, StreamEnd, call, request_bytes, sse_events,
+    Config, FakeUpstream, Framing, Gateway, Reply, StreamEnd, call, open_sse, sse_events,
 };
 
 #[test]
@@ -71,16 +71,7 @@ fn openai_body_posted_to_messages_is_answered_in_openai_format() {
                 "stream_options": {"include_usage": true},
                 "messages": [{"role": "user", "content": "count"}]}),
     );
-    let chunks = rest_of_stream(&mut sse);
-    assert_eq!(
-        chunks.last().map(String::as_str),
-        Some("[DONE]"),
-        "{chunks:?}"
-    );
-    let parsed: Vec<Value> = chunks[..chunks.len() - 1]
-        .iter()
-        .map(|c| serde_json::from_str(c).expect("chunk JSON"))
-        .collect();
+    let parsed = chunks_until_done(&mut sse);
     assert!(
         parsed
             .iter()
@@ -136,9 +127,8 @@ fn anthropic_body_posted_to_chat_completions_passes_through() {
 
     // tool_result parts are Anthropic's: a stream passes through event for event.
     let stream_body = "{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":64,\"stream\":true,\"tools\":[{\"name\":\"f\",\"input_schema\":{\"type\":\"object\"}}],\"messages\":[{\"role\":\"user\",\"content\":\"q\"},{\"role\":\"assistant\",\"content\":[{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"f\",\"input\":{}}]},{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\",\"tool_use_id\":\"toolu_1\",\"content\":\"42\"}]}]}";
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
+    let mut sse = open_sse(
+        gw.addr(),
         CHAT_PATH,
         &[
             ("authorization", &auth),
@@ -146,10 +136,7 @@ fn anthropic_body_posted_to_chat_completions_passes_through() {
             ("connection", "close"),
         ],
         stream_body.as_bytes(),
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
+    );
     let mut received = String::new();
     while let Some(ev) = sse.next_event() {
         received.push_str(&ev.raw);

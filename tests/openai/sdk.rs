@@ -16,12 +16,13 @@ use super::{
     ALIAS_SECTION, anthropic_message, block_delta, block_start, block_stop, body_json, event,
     message_start, ping,
 };
-use crate::support::{Config, FakeUpstream, Framing, Gateway, Recorded, Reply, assert_exit, run};
+use crate::support::{
+    Config, FakeUpstream, Framing, Gateway, PYTHON, Recorded, Reply, assert_exit, require_python,
+    run,
+};
 
-/// The script, and the Python it needs.
+/// The script (run with `support::PYTHON`).
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
-const PYTHON: &str = "python3";
-const INSTALL: &str = "pip install -r tests/sdk/requirements.txt";
 
 /// The 1×1 PNG the script sends as a data URL.
 const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
@@ -177,21 +178,12 @@ fn answer(req: &Recorded) -> Reply {
 
 /// Fails, saying how to install it, unless `import openai` works.
 fn require_openai_package() {
-    let probe = Command::new(PYTHON)
-        .args(["-c", "import openai; print(openai.__version__)"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{PYTHON} is needed for the openai SDK test ({e}); install Python 3, then run `{INSTALL}`")
-        });
-    assert!(
-        probe.status.success(),
-        "the openai Python package is not installed: run `{INSTALL}` (make test does)\n{}",
-        String::from_utf8_lossy(&probe.stderr)
+    let version = require_python(
+        "import openai; print(openai.__version__)",
+        "openai",
+        "the openai SDK test",
     );
-    eprintln!(
-        "openai SDK {}",
-        String::from_utf8_lossy(&probe.stdout).trim()
-    );
+    eprintln!("openai SDK {}", version.trim());
 }
 
 #[test]

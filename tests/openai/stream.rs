@@ -9,8 +9,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::{
-    ALIAS_SECTION, CHAT_PATH, block_delta, block_start, block_stop, body_json, event,
-    message_start, next_data, open_stream, ping, rest_of_stream,
+    ALIAS_SECTION, CHAT_PATH, block_delta, block_start, block_stop, body_json, chunks_until_done,
+    event, message_start, next_data, open_stream, ping, rest_of_stream,
 };
 use crate::support::accounts::each_case;
 use crate::support::{Config, FakeUpstream, Framing, Gateway, Reply, now_unix};
@@ -599,16 +599,7 @@ fn stream_parsing_tolerates_what_an_upstream_may_send() {
         &json!({"model": "claude-sonnet-4-5", "stream": true,
                 "messages": [{"role": "user", "content": "go"}]}),
     );
-    let data = rest_of_stream(&mut sse);
-    assert_eq!(
-        data.last().map(String::as_str),
-        Some("[DONE]"),
-        "a complete stream ends in [DONE]"
-    );
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk ({e}): {d:.200}")))
-        .collect();
+    let chunks = chunks_until_done(&mut sse);
     let frame = Frame {
         id: "chatcmpl-01Odd".into(),
         created: chunks[0]["created"].as_u64().expect("created"),

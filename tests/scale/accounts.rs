@@ -8,32 +8,20 @@ use serde_json::json;
 
 use super::{start_instances, state_section};
 use crate::support::accounts::{
-    KEY_A, KEY_B, KEY_C, assert_rested, error_body, new_conversation, poll_until, post_body,
-    rests_key_a_once, served_by,
+    KEY_A, KEY_B, KEY_C, assert_rested, error_body, limiting_upstream, new_conversation,
+    poll_until, post_body, rests_key_a_once, served_by,
 };
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, Reply, call};
 
-/// An upstream that names the serving account in each answer, and answers 429
-/// (`retry-after: 60`) for the key in `limited`, if any.
-pub fn limiting_upstream(limited: &Arc<Mutex<Option<String>>>) -> FakeUpstream {
-    let limited = Arc::clone(limited);
-    FakeUpstream::start(move |req| {
-        let key = req.api_key();
-        if key.is_empty() {
-            // An OAuth account (the outage test has one): no key to name.
-            return Reply::json(200, &served_by("oauth"));
-        }
-        if limited.lock().expect("limited lock").as_deref() == Some(key) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "60")],
-                &error_body("rate_limit_error", "rate limited", key),
-            )
-        } else {
-            Reply::json(200, &served_by(key))
-        }
-    })
+/// A gateway (not started) with the accounts "x" (`KEY_A`) and "y" (`KEY_B`) and one client
+/// key.
+fn x_and_y(config: &Config) -> Gateway {
+    let mut gw = Gateway::new(config);
+    gw.add_api_key("x", KEY_A);
+    gw.add_api_key("y", KEY_B);
+    gw.add_client_key("tests");
+    gw
 }
 
 /// Posts new conversations through `gw` until one reached the account with `key` (which
@@ -58,11 +46,8 @@ fn a_429_seen_by_one_instance_benches_the_account_for_all() {
     let redis = RedisServer::start();
     let limited = Arc::new(Mutex::new(Some(KEY_A.to_string())));
     let up = limiting_upstream(&limited);
-    let mut gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("x", KEY_A);
-    gw.add_api_key("y", KEY_B);
-    gw.add_client_key("tests");
-    let gws = start_instances(gw, 3);
+    let config = Config::new(up.base_url()).section(&state_section(&redis));
+    let gws = start_instances(x_and_y(&config), 3);
 
     until_it_meets(&gws[0], &up, KEY_A, "instance A");
     let benched_at = up.keys().len();
@@ -209,11 +194,7 @@ fn a_401_or_an_ejection_seen_by_one_instance_benches_the_account_for_all() {
             "balance:\n  eject_cooldown: 60s\n{}",
             state_section(&redis)
         ));
-        let mut gw = Gateway::new(&config);
-        gw.add_api_key("x", KEY_A);
-        gw.add_api_key("y", KEY_B);
-        gw.add_client_key("tests");
-        let gws = start_instances(gw, 3);
+        let gws = start_instances(x_and_y(&config), 3);
 
         // Instance A meets the failing account until it benches it.
         for i in 0..30 {
@@ -253,11 +234,7 @@ fn a_shared_cooldown_ends_when_its_retry_after_says_on_every_instance() {
         "balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n{}",
         state_section(&redis)
     ));
-    let mut gw = Gateway::new(&config);
-    gw.add_api_key("x", KEY_A);
-    gw.add_api_key("y", KEY_B);
-    gw.add_client_key("tests");
-    let gws = start_instances(gw, 2);
+    let gws = start_instances(x_and_y(&config), 2);
 
     until_it_meets(&gws[0], &up, KEY_A, "instance A");
     let limited_at = up
@@ -300,10 +277,7 @@ fn deployments_with_different_prefixes_do_not_share() {
             &format!("prefix: {}", super::PREFIX),
             &format!("prefix: {prefix}"),
         );
-        let mut gw = Gateway::new(&Config::new(up.base_url()).section(&section));
-        gw.add_api_key("x", KEY_A);
-        gw.add_api_key("y", KEY_B);
-        gw.add_client_key("tests");
+        let mut gw = x_and_y(&Config::new(up.base_url()).section(&section));
         gw.start();
         gw
     };

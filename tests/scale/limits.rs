@@ -5,9 +5,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use super::{SHARED, start_instances, state_section};
+use super::{SHARED, shared_gateway, start_instances};
 use crate::support::redis::RedisServer;
-use crate::support::{Config, FakeUpstream, Gateway, assert_error, wait_until};
+use crate::support::{Config, FakeUpstream, assert_error, in_parallel, wait_until};
 use crate::team::{
     SONNET, Tokens, add_key, answer, anthropic_body, post_anthropic, retry_after, usage,
 };
@@ -29,8 +29,7 @@ fn a_keys_rpm_and_concurrency_hold_across_instances() {
         }
         answer(req)
     });
-    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, rpm_key) = add_key(&gw, "three-a-minute", &["--rpm", "3"]);
     let (_, one_key) = add_key(&gw, "one-at-a-time", &["--max-concurrent", "1"]);
     let gws = start_instances(gw, 3);
@@ -93,8 +92,7 @@ fn a_client_that_waits_for_each_answer_is_never_refused_by_max_concurrent_one() 
     // never refused, whichever instances they reach.
     let redis = RedisServer::start();
     let up = FakeUpstream::start(answer);
-    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, one_key) = add_key(&gw, "one-at-a-time", &["--max-concurrent", "1"]);
     let gws = start_instances(gw, 3);
     // The race this guards against is narrow: enough turns to meet it most runs.
@@ -120,8 +118,7 @@ fn a_keys_daily_token_budget_is_spent_across_instances() {
     // Tokens a key spent through one instance count against its budget on every instance.
     let redis = RedisServer::start();
     let up = FakeUpstream::start(answer);
-    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (daily_id, daily) = add_key(&gw, "daily", &["--daily-tokens", "120"]);
     let gws = start_instances(gw, 3);
 
@@ -165,35 +162,18 @@ fn a_keys_budget_holds_under_parallel_requests_across_instances() {
     // Redis while in flight, so only as many are admitted in all as the budget holds.
     const PARALLEL: usize = 10;
     let redis = RedisServer::start();
-    let meeting = crate::support::Meeting::new(PARALLEL, Duration::from_secs(2));
-    let held = std::sync::Arc::clone(&meeting);
-    let up = FakeUpstream::start(move |_| crate::support::Reply::Held {
-        meeting: std::sync::Arc::clone(&held),
-        then: Box::new(crate::support::Reply::json(
+    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
+        crate::support::Reply::json(
             200,
             r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
-        )),
+        )
     });
-    let gw = Gateway::new(
-        &Config::new(up.base_url())
-            .read_timeout("10s")
-            .section(&state_section(&redis)),
-    );
-    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()).read_timeout("10s"), &redis);
     let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
     let gws = start_instances(gw, 2);
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
-    let statuses: Vec<u16> = thread::scope(|s| {
-        let running: Vec<_> = (0..PARALLEL)
-            .map(|i| {
-                let (gws, key) = (&gws, &key);
-                s.spawn(move || post_anthropic(gws[i % 2].addr(), key, body, &[]).status)
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|h| h.join().expect("request"))
-            .collect()
+    let statuses = in_parallel(PARALLEL, |i| {
+        post_anthropic(gws[i % 2].addr(), &key, body, &[]).status
     });
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(

@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::oauth::rig::Rig;
 use crate::support::redis::RedisServer;
-use crate::support::{Conn, FakeUpstream, Framing, Gateway, Reply, Response, call, request_bytes};
+use crate::support::{
+    Config, Conn, FakeUpstream, Framing, Gateway, Reply, Response, Script, call, request_bytes,
+};
 
 mod accounts;
 mod limits;
@@ -39,6 +42,35 @@ fn state_section(redis: &RedisServer) -> String {
         "state:\n  backend: redis\n  redis_url: {}\n  prefix: {PREFIX}\n  timeout: 250ms\n",
         redis.url()
     )
+}
+
+/// An OAuth rig (`oauth::rig`) whose instances share state through `redis`: `script` drives
+/// its token endpoint, `up` is its upstream, `config` adds settings.
+fn shared_rig(
+    redis: &RedisServer,
+    script: Script,
+    up: FakeUpstream,
+    config: impl FnOnce(Config) -> Config,
+) -> Rig {
+    Rig::new(script, up, |c| config(c.section(&state_section(redis))))
+}
+
+/// A gateway (not started) whose `config` also points it at `redis`, with the one account
+/// "alpha" (`KEY_A`) and no client key yet.
+fn shared_gateway(config: Config, redis: &RedisServer) -> Gateway {
+    let gw = Gateway::new(&config.section(&state_section(redis)));
+    gw.add_api_key("alpha", crate::support::accounts::KEY_A);
+    gw
+}
+
+/// A token endpoint whose logins last `expires_in` seconds and whose refreshes rotate the
+/// refresh token.
+fn rotating(expires_in: u64) -> Script {
+    Script {
+        exchange_expires_in: expires_in,
+        rotate: true,
+        ..Script::default()
+    }
 }
 
 /// Starts `first` and `n - 1` siblings of it (same config.yaml and key, own directories);
@@ -133,6 +165,12 @@ fn dump(redis: &RedisServer) -> String {
         out.push_str(&format!("{key} = {}\n", value.replace('\n', " | ")));
     }
     out
+}
+
+/// Whether a server's log has a warning about Redis.
+fn warned_about_redis(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis"))
 }
 
 /// Polls `done` every 5 ms until it holds; fails after `limit`. For the moments a test must

@@ -6,10 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::accounts::{limiting_upstream, until_it_meets};
-use super::{PREFIX, SHARED, account_state, admin_status, ready, start_instances, state_section};
-use crate::oauth::rig::{Rig, bearer};
-use crate::support::accounts::{KEY_A, KEY_B, new_conversation, post_body, served_by};
+use super::accounts::until_it_meets;
+use super::{
+    PREFIX, SHARED, account_state, admin_status, ready, rotating, shared_rig, start_instances,
+    state_section, warned_about_redis,
+};
+use crate::oauth::rig::bearer;
+use crate::support::accounts::{
+    KEY_A, KEY_B, limiting_upstream, new_conversation, post_body, served_by,
+};
 use crate::support::redis::{RedisServer, tls_dir};
 use crate::support::{Config, FakeUpstream, Gateway, Script, access_token, wait_until};
 
@@ -43,7 +48,7 @@ fn stopping_redis_keeps_requests_flowing() {
         exchange_expires_in: 3600,
         ..Script::default()
     };
-    let rig = Rig::new(script, up, |c| c.section(&state_section(&redis)));
+    let rig = shared_rig(&redis, script, up, |c| c);
     let oauth = rig.login("oauth");
     let admin = rig.gw.add_admin_key("ops");
     rig.gw.add_api_key("x", KEY_A);
@@ -88,8 +93,7 @@ fn stopping_redis_keeps_requests_flowing() {
         for (i, gw) in gws.iter().enumerate() {
             let log = gw.stderr();
             assert!(
-                log.lines()
-                    .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+                warned_about_redis(&log),
                 "instance {i} logged no warning about Redis:\n{log}"
             );
         }
@@ -138,15 +142,12 @@ fn no_refresh_without_the_lease_while_redis_is_down() {
     // With Redis down an expired token is not refreshed (no lease, no refresh): requests fail
     // over to the API key; once Redis is back, one instance refreshes, once.
     let mut redis = RedisServer::start();
-    let script = Script {
-        exchange_expires_in: 0,
-        rotate: true,
-        ..Script::default()
-    };
-    let rig = Rig::new(script, limiting_upstream(&Arc::default()), |c| {
-        c.section(&state_section(&redis))
-            .section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
-    });
+    let rig = shared_rig(
+        &redis,
+        rotating(0),
+        limiting_upstream(&Arc::default()),
+        |c| c.section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n"),
+    );
     rig.login("expired");
     rig.gw.add_api_key("x", KEY_A);
     redis.stop();
@@ -232,14 +233,10 @@ fn a_password_from_the_environment_opens_a_protected_redis() {
     let gws = start_instances(gw, 2);
     assert_sharing(&gws, &redis);
 
-    wrong.start();
-    wait_shared_state(std::slice::from_ref(&wrong), "down", SHARED);
-    let resp = post_body(&wrong, &new_conversation());
-    assert_eq!(resp.status, 200, "wrong password: {}", resp.text());
+    assert_serves_unshared(&mut wrong, "wrong password");
     let log = wrong.stderr();
     assert!(
-        log.lines()
-            .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+        warned_about_redis(&log),
         "no warning about Redis with a wrong password:\n{log}"
     );
     for (what, log) in [
@@ -275,10 +272,16 @@ fn rediss_with_the_configured_ca_is_shared_state_and_an_unknown_ca_is_not() {
     let gws = start_instances(gw, 2);
     assert_sharing(&gws, &redis);
 
-    untrusting.start();
-    wait_shared_state(std::slice::from_ref(&untrusting), "down", SHARED);
-    let resp = post_body(&untrusting, &new_conversation());
-    assert_eq!(resp.status, 200, "unknown CA: {}", resp.text());
+    assert_serves_unshared(&mut untrusting, "unknown CA");
+}
+
+/// Starts `gw`, which cannot use Redis, and checks that it says shared state is down and
+/// serves all the same.
+fn assert_serves_unshared(gw: &mut Gateway, what: &str) {
+    gw.start();
+    wait_shared_state(std::slice::from_ref(gw), "down", SHARED);
+    let resp = post_body(gw, &new_conversation());
+    assert_eq!(resp.status, 200, "{what}: {}", resp.text());
 }
 
 /// The instances say Redis is up, serve, and write their state under the prefix.

@@ -1,19 +1,20 @@
 //! OAuth tokens shared through Redis: one refresh serves every instance, and an instance killed
 //! at any point of a refresh neither loses the token nor leaves the others refreshing in a loop.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
     OK_BODY, PREFIX, SHARED, account_state, admin_status, answering_upstream, dump, promptly,
-    start_instances, state_section, try_post,
+    rotating, shared_rig, start_instances, try_post,
 };
-use crate::oauth::rig::{Rig, bearer, in_parallel, stdout_json};
+use crate::oauth::rig::bearer;
 use crate::support::redis::RedisServer;
 use crate::support::{
-    Conn, FakeUpstream, Gateway, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error,
-    assert_exit, now_unix, refresh_token, request_bytes, wait_until,
+    Conn, FakeUpstream, MESSAGE_BODY, Release, Reply, Script, access_token, assert_error,
+    in_parallel, message_request, now_unix, refresh_token, wait_until,
 };
 
 #[test]
@@ -22,15 +23,11 @@ fn one_refresh_for_thirty_requests_over_three_instances() {
     // no request goes upstream with the dead token.
     let redis = RedisServer::start();
     let script = Script {
-        exchange_expires_in: 0,
-        rotate: true,
         // Long enough that the requests arrive while the refresh is under way.
         refresh_delay: Duration::from_millis(800),
-        ..Script::default()
+        ..rotating(0)
     };
-    let rig = Rig::new(script, answering_upstream(), |c| {
-        c.section(&state_section(&redis))
-    });
+    let rig = shared_rig(&redis, script, answering_upstream(), |c| c);
     let id = rig.login("shared");
     let key = rig.gw.client_key().to_string();
     let gws = start_instances(rig.gw.sibling(), 3);
@@ -79,31 +76,6 @@ fn one_refresh_for_thirty_requests_over_three_instances() {
     assert_eq!(rig.tokens.refreshes().len(), 1, "no refresh afterwards");
 }
 
-/// Logs account `id` in again through `gw`'s config (`oauth-start`, then the callback with
-/// `code#state`), as an operator would on one instance.
-fn login_again(gw: &Gateway, id: &str, code: &str) {
-    let out = gw.run_cli(&["oauth-start", "--account-id", id, "--json"]);
-    assert_exit(&out, 0, "oauth-start");
-    let url = stdout_json(&out, "oauth-start")["authorize_url"]
-        .as_str()
-        .expect("authorize_url")
-        .to_string();
-    let state = url
-        .split(['?', '&'])
-        .find_map(|p| p.strip_prefix("state="))
-        .unwrap_or_else(|| panic!("no state in {url}"));
-    let pasted = format!("{code}#{state}");
-    let out = gw.run_cli(&[
-        "oauth-callback",
-        "--account-id",
-        id,
-        "--code",
-        &pasted,
-        "--json",
-    ]);
-    assert_exit(&out, 0, "oauth-callback");
-}
-
 /// A server's log without its access lines (JSON objects), for failure messages.
 fn log_lines(stderr: &str) -> String {
     stderr
@@ -111,6 +83,34 @@ fn log_lines(stderr: &str) -> String {
         .filter(|l| !l.starts_with('{'))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Posts to `addrs` in turn, `pace` apart, until one answers 200. Past `limit`, gives the
+/// answers it got instead (each once in a row), for the failure message.
+fn serve_within(
+    addrs: &[SocketAddr],
+    key: &str,
+    limit: Duration,
+    pace: Duration,
+) -> Result<(), Vec<String>> {
+    let deadline = Instant::now() + limit;
+    let mut seen: Vec<String> = Vec::new();
+    let mut sent = 0;
+    loop {
+        let resp = try_post(addrs[sent % addrs.len()], key, MESSAGE_BODY);
+        if resp.as_ref().is_some_and(|r| r.status == 200) {
+            return Ok(());
+        }
+        let answer = resp.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
+        if seen.last() != Some(&answer) {
+            seen.push(answer);
+        }
+        if Instant::now() >= deadline {
+            return Err(seen);
+        }
+        std::thread::sleep(pace);
+        sent += 1;
+    }
 }
 
 /// Where the refreshing instance is killed.
@@ -142,14 +142,8 @@ fn kill_mid_refresh(kill: Kill) {
     let redis = RedisServer::start();
     // Expired at login: the first instance refreshes as soon as it starts. It runs alone until
     // it is killed, so the refreshing instance is known; the others start after.
-    let script = Script {
-        exchange_expires_in: 0,
-        rotate: true,
-        ..Script::default()
-    };
-    let rig = Rig::new(script, answering_upstream(), |c| {
-        c.section(&state_section(&redis))
-            .oauth("token_timeout", "1s")
+    let rig = shared_rig(&redis, rotating(0), answering_upstream(), |c| {
+        c.oauth("token_timeout", "1s")
     });
     let id = rig.login("fragile");
     let logged_in_at = now_unix();
@@ -259,7 +253,7 @@ fn kill_mid_refresh(kill: Kill) {
         // A new login on one survivor's config is newer than what Redis holds: it replaces
         // it, and the other survivor, never logged in again, serves with it.
         rig.tokens.script(|s| s.exchange_expires_in = 3600);
-        login_again(&gws[1], &id, "code-again-Zr8q");
+        gws[1].oauth_login(&id, "code-again-Zr8q");
         wait_until(
             "WhileHeld: the other survivor serves after the new login",
             SHARED,
@@ -282,29 +276,17 @@ fn kill_mid_refresh(kill: Kill) {
     // The survivors serve: after a fresh refresh (BeforeCall, once the dead holder's lease is
     // over) or on the token the dead instance stored (AfterStored).
     let served_from = rig.up.requests().len();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    for sent in 0.. {
-        let resp = try_post(survivors[sent % 2], &key, MESSAGE_BODY);
-        if resp.as_ref().is_some_and(|r| r.status == 200) {
-            break;
-        }
-        let answer = resp.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
-        if seen.last() != Some(&answer) {
-            seen.push(answer);
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "{kill:?}: no survivor serves within 20 s; they answered:\n{}\n\
-                 refresh calls: {:?}\nredis:\n{}\nsurvivor logs:\n{}\n---\n{}",
-                seen.join("\n"),
-                rig.tokens.refreshes(),
-                dump(&redis),
-                log_lines(&gws[1].stderr()),
-                log_lines(&gws[2].stderr())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let pace = Duration::from_millis(50);
+    if let Err(seen) = serve_within(&survivors, &key, Duration::from_secs(20), pace) {
+        panic!(
+            "{kill:?}: no survivor serves within 20 s; they answered:\n{}\n\
+             refresh calls: {:?}\nredis:\n{}\nsurvivor logs:\n{}\n---\n{}",
+            seen.join("\n"),
+            rig.tokens.refreshes(),
+            dump(&redis),
+            log_lines(&gws[1].stderr()),
+            log_lines(&gws[2].stderr())
+        );
     }
     for (i, addr) in survivors.iter().enumerate() {
         let resp = rig.post(*addr, MESSAGE_BODY);
@@ -363,10 +345,7 @@ fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
         rotate: true,
         ..Script::default()
     };
-    let rig = Rig::new(script, up, |c| {
-        c.section(&state_section(&redis))
-            .oauth("token_timeout", "1s")
-    });
+    let rig = shared_rig(&redis, script, up, |c| c.oauth("token_timeout", "1s"));
     rig.login("revoked");
     let key = rig.gw.client_key().to_string();
     let mut gws = start_instances(rig.gw.sibling(), 2);
@@ -379,12 +358,10 @@ fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
     let hold = rig.tokens.hold_next_refresh();
     revoked.store(true, Ordering::SeqCst);
     let mut doomed = Conn::open(gws[0].addr());
-    doomed.send(&request_bytes(
-        "POST",
-        "/v1/messages",
-        &[("x-api-key", &key), ("content-type", "application/json")],
-        MESSAGE_BODY.as_bytes(),
-    ));
+    doomed.send(&message_request(&[
+        ("x-api-key", &key),
+        ("content-type", "application/json"),
+    ]));
     promptly(
         "instance 0 calls the token endpoint",
         Duration::from_secs(5),
@@ -395,19 +372,9 @@ fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
     drop(doomed);
 
     // The lease lasts 2 × 1 s + 2 s; the survivor may refuse requests meanwhile, not after.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut seen: Vec<String> = Vec::new();
-    loop {
-        let resp = try_post(gws[1].addr(), &key, MESSAGE_BODY);
-        if resp.as_ref().is_some_and(|r| r.status == 200) {
-            break;
-        }
-        let answer = resp.map_or("no answer".into(), |r| format!("{} {}", r.status, r.text()));
-        if seen.last() != Some(&answer) {
-            seen.push(answer);
-        }
-        assert!(
-            Instant::now() < deadline,
+    let pace = Duration::from_millis(100);
+    if let Err(seen) = serve_within(&[gws[1].addr()], &key, Duration::from_secs(15), pace) {
+        panic!(
             "the survivor does not serve within 15 s of the kill; it answered:\n{}\n\
              refresh calls: {:?}\nredis:\n{}\nits log:\n{}",
             seen.join("\n"),
@@ -415,7 +382,6 @@ fn a_401_while_a_dead_instance_holds_the_lease_does_not_bench_the_account() {
             dump(&redis),
             log_lines(&gws[1].stderr())
         );
-        std::thread::sleep(Duration::from_millis(100));
     }
     let last = rig.up.requests();
     assert_eq!(
@@ -434,15 +400,9 @@ fn a_token_refreshed_ahead_of_expiry_by_one_instance_is_adopted_by_all() {
     // The refreshers of three instances come due together: one refreshes, and every instance
     // then sends the new token, with no second refresh (which, rotated, would be refused).
     let redis = RedisServer::start();
-    let script = Script {
-        // Lead 10m, capped at half of 6 s: due 3 s after the login.
-        exchange_expires_in: 6,
-        rotate: true,
-        ..Script::default()
-    };
-    let rig = Rig::new(script, answering_upstream(), |c| {
-        c.section(&state_section(&redis))
-            .oauth("refresh_lead", "10m")
+    // Lead 10m, capped at half of 6 s: due 3 s after the login.
+    let rig = shared_rig(&redis, rotating(6), answering_upstream(), |c| {
+        c.oauth("refresh_lead", "10m")
     });
     rig.login("due");
     // No request before the refresh: a token under a minute from expiry is refreshed when
@@ -492,30 +452,22 @@ fn an_oauth_ban_seen_by_one_instance_takes_the_account_out_everywhere() {
             Reply::json(200, OK_BODY)
         }
     });
-    let rig = Rig::new(Script::default(), up, |c| {
-        c.section(&state_section(&redis))
-            .section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
+    let rig = shared_rig(&redis, Script::default(), up, |c| {
+        c.section("balance:\n  strategy: round_robin\nsticky:\n  enabled: false\n")
     });
     let id = rig.login("banned");
     rig.gw.add_api_key("steady", crate::support::ACCOUNT_KEY);
     let admin = rig.gw.add_admin_key("ops");
     let gws = start_instances(rig.gw.sibling(), 3);
-    let oauth_requests = || {
-        rig.up
-            .requests()
-            .iter()
-            .filter(|r| bearer(r).is_some() && r.target.starts_with("/v1/messages"))
-            .count()
-    };
     for i in 0..4 {
         let resp = rig.post(gws[0].addr(), &crate::support::accounts::new_conversation());
         assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-        if oauth_requests() > 0 {
+        if rig.oauth_requests() > 0 {
             break;
         }
     }
     assert_eq!(
-        oauth_requests(),
+        rig.oauth_requests(),
         1,
         "instance A tried the OAuth account once"
     );
@@ -527,7 +479,7 @@ fn an_oauth_ban_seen_by_one_instance_takes_the_account_out_everywhere() {
         }
     }
     assert_eq!(
-        oauth_requests(),
+        rig.oauth_requests(),
         1,
         "another instance sent the banned account a request"
     );
@@ -542,14 +494,8 @@ fn a_stalled_holder_does_not_release_the_lease_another_instance_took_after_it() 
     // An instance frozen mid-refresh until its lease ran out, then thawed, leaves the lease the
     // next instance took alone: that refresh completes, and everyone uses its token.
     let redis = RedisServer::start();
-    let script = Script {
-        exchange_expires_in: 0,
-        rotate: true,
-        ..Script::default()
-    };
-    let rig = Rig::new(script, answering_upstream(), |c| {
-        c.section(&state_section(&redis))
-            .oauth("token_timeout", "1s")
+    let rig = shared_rig(&redis, rotating(0), answering_upstream(), |c| {
+        c.oauth("token_timeout", "1s")
     });
     let id = rig.login("contended");
     let mut gws: Vec<_> = (0..3).map(|_| rig.gw.sibling()).collect();

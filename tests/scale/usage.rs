@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{ready, start_instances, state_section};
+use super::{ready, shared_gateway, start_instances, state_section, warned_about_redis};
 use crate::support::accounts::{KEY_A, KEY_B};
 use crate::support::redis::RedisServer;
 use crate::support::{Config, FakeUpstream, Gateway, wait_until};
@@ -152,8 +152,7 @@ fn usage_is_counted_once_when_redis_stalls_mid_flush() {
     // once: the totals still equal what the upstream served.
     let redis = RedisServer::start();
     let up = FakeUpstream::start(answer);
-    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("alpha", KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, key) = add_key(&gw, "alice", &[]);
     let gws = start_instances(gw, 2);
 
@@ -201,8 +200,7 @@ fn usage_is_counted_once_when_redis_stalls_mid_flush() {
     for (i, gw) in gws.iter().enumerate() {
         let log = gw.stderr();
         assert!(
-            log.lines()
-                .any(|l| l.contains("WARN") && l.to_lowercase().contains("redis")),
+            warned_about_redis(&log),
             "instance {i} never noticed the stalls:\n{log}"
         );
     }
@@ -240,8 +238,7 @@ fn usage_journaled_while_redis_stalls_reaches_redis_after_a_restart() {
     // outage): the journal has them, so the shared totals must too.
     let redis = RedisServer::start();
     let up = FakeUpstream::start(answer);
-    let gw = Gateway::new(&Config::new(up.base_url()).section(&state_section(&redis)));
-    gw.add_api_key("alpha", KEY_A);
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, key) = add_key(&gw, "alice", &[]);
     let mut gws = start_instances(gw, 2);
     let post = |gw: &Gateway, tag: &str| {

@@ -3,8 +3,8 @@
 //! polling, cases run side by side, and reading the status views.
 
 use std::process::Output;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +33,15 @@ pub fn error_body(kind: &str, message: &str, key: &str) -> String {
     )
 }
 
+/// A 429 `rate_limit_error` for `key`'s account with `retry-after: {retry_after}`.
+pub fn rate_limited(retry_after: &str, key: &str) -> Reply {
+    Reply::json_with(
+        429,
+        &[("retry-after", retry_after)],
+        &error_body("rate_limit_error", "rate limited", key),
+    )
+}
+
 /// An upstream that answers `KEY_A` with 429 and `retry-after: 2` once each time the returned
 /// switch is set (set from the start when `armed`), and every other request with `served_by`.
 pub fn rests_key_a_once(armed: bool) -> (FakeUpstream, Arc<AtomicBool>) {
@@ -41,16 +50,62 @@ pub fn rests_key_a_once(armed: bool) -> (FakeUpstream, Arc<AtomicBool>) {
     let up = FakeUpstream::start(move |req| {
         let key = req.api_key();
         if key == KEY_A && set.swap(false, Ordering::SeqCst) {
-            Reply::json_with(
-                429,
-                &[("retry-after", "2")],
-                &error_body("rate_limit_error", "rate limited", key),
-            )
+            rate_limited("2", key)
         } else {
             Reply::json(200, &served_by(key))
         }
     });
     (up, switch)
+}
+
+/// An upstream that names the serving account in each answer, and answers 429
+/// (`retry-after: 60`) for the key in `limited`, if any.
+pub fn limiting_upstream(limited: &Arc<Mutex<Option<String>>>) -> FakeUpstream {
+    let limited = Arc::clone(limited);
+    FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        if key.is_empty() {
+            // An OAuth account (the outage test has one): no key to name.
+            return Reply::json(200, &served_by("oauth"));
+        }
+        if limited.lock().expect("limited lock").as_deref() == Some(key) {
+            rate_limited("60", key)
+        } else {
+            Reply::json(200, &served_by(key))
+        }
+    })
+}
+
+/// An upstream that answers its first request 429 (`rate_limit_error`, with `headers`),
+/// whichever account sent it, and every later one with `served_by`.
+pub fn first_request_limited(headers: &[(&str, &str)]) -> FakeUpstream {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let limited_once = AtomicBool::new(true);
+    FakeUpstream::start(move |req| {
+        if limited_once.swap(false, Ordering::SeqCst) {
+            Reply::Json {
+                status: 429,
+                headers: headers.clone(),
+                body: error_body("rate_limit_error", "rate limited", req.api_key()).into(),
+            }
+        } else {
+            Reply::json(200, &served_by(req.api_key()))
+        }
+    })
+}
+
+/// An upstream that tells the account it heard from first from the others: it answers
+/// `reply(key, first)`, where `first` says whether `key` is that account's.
+pub fn first_account_apart(reply: impl Fn(&str, bool) -> Reply + Send + 'static) -> FakeUpstream {
+    let mut first: Option<String> = None;
+    FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        let is_first = *first.get_or_insert_with(|| key.to_string()) == key;
+        reply(key, is_first)
+    })
 }
 
 /// A running gateway with these API-key accounts (name, key, extra flags) and one client key;
@@ -64,6 +119,12 @@ pub fn started(config: &Config, accounts: &[(&str, &str, &[&str])]) -> (Gateway,
     gw.add_client_key("tests");
     gw.start();
     (gw, ids)
+}
+
+/// A running gateway with two plain accounts, "a" (`KEY_A`) and "b" (`KEY_B`), and one
+/// client key; returns it with the two account ids.
+pub fn started_ab(config: &Config) -> (Gateway, Vec<String>) {
+    started(config, &[("a", KEY_A, &[]), ("b", KEY_B, &[])])
 }
 
 /// A Messages body that starts a conversation of its own, so no sticky pin (which, without a

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::STEP_TIMEOUT;
 use super::wire::{header, read_body, read_head, read_line};
+use super::{MESSAGE_BODY, STEP_TIMEOUT};
 
 /// A response as the raw client read it.
 #[derive(Debug)]
@@ -106,6 +106,38 @@ pub fn call(
     let mut conn = Conn::open(addr);
     conn.send(&request_bytes(method, target, &all, body));
     conn.read_response()
+}
+
+/// `POST /v1/messages` with `MESSAGE_BODY` and these headers, on a fresh connection.
+pub fn post_message(addr: SocketAddr, headers: &[(&str, &str)]) -> Response {
+    call(
+        addr,
+        "POST",
+        "/v1/messages",
+        headers,
+        MESSAGE_BODY.as_bytes(),
+    )
+}
+
+/// The bytes of `POST /v1/messages` with `MESSAGE_BODY` and these headers, to send on a
+/// connection of one's own.
+pub fn message_request(headers: &[(&str, &str)]) -> Vec<u8> {
+    request_bytes("POST", "/v1/messages", headers, MESSAGE_BODY.as_bytes())
+}
+
+/// Sends `POST target` on a fresh connection and reads the answer's head, which must be a
+/// 200; the body is then read event by event.
+pub fn open_sse(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> SseStream {
+    let mut conn = Conn::open(addr);
+    conn.send(&request_bytes("POST", target, headers, body));
+    let (status, head) = conn.read_head();
+    assert_eq!(status, 200, "POST {target}: the stream starts");
+    conn.into_sse(&head)
 }
 
 /// A raw client connection with a `STEP_TIMEOUT` read timeout.
@@ -293,6 +325,41 @@ impl SseStream {
 
     pub fn end(&self) -> Option<&StreamEnd> {
         self.end.as_ref()
+    }
+
+    /// Checks that the stream goes on with exactly the events `sent`, then one `event: error`
+    /// in Anthropic's shape, then nothing, and ends properly: how a stream cut short upstream
+    /// reaches the client.
+    pub fn assert_events_then_error(&mut self, sent: &[String]) {
+        for (i, expected) in sent.iter().enumerate() {
+            let ev = self
+                .next_event()
+                .unwrap_or_else(|| panic!("stream ended before event {i}: {:?}", self.end()));
+            assert_eq!(&ev.raw, expected, "event {i} before the error");
+        }
+        let err = self
+            .next_event()
+            .unwrap_or_else(|| panic!("no error event after a truncated stream: {:?}", self.end()));
+        assert_eq!(
+            err.field("event"),
+            Some("error"),
+            "final event: {:?}",
+            err.raw
+        );
+        let data = err
+            .field("data")
+            .unwrap_or_else(|| panic!("error event has no data: {:?}", err.raw));
+        let v: Value = serde_json::from_str(data).expect("error data is JSON");
+        assert_eq!(v["type"], "error", "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+        let extra = self.next_event().map(|e| e.raw);
+        assert_eq!(extra, None, "nothing after the error event");
+        assert_eq!(
+            self.end(),
+            Some(&StreamEnd::Clean),
+            "stream should end properly"
+        );
     }
 
     fn event(&self, raw: Vec<u8>) -> Event {

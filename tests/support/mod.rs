@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,6 +95,83 @@ pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// How long `ordinary` took, the slowest of `runs` runs: a baseline measured in the same run
+/// (on the same machine, under the same load) for a time limit README states no number for.
+pub fn baseline(runs: usize, mut ordinary: impl FnMut()) -> Duration {
+    (0..runs)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            ordinary();
+            started.elapsed()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// The limit for something that should take about as long as an ordinary request: ten times
+/// the `baseline`, plus half a second so a fast baseline does not turn a scheduler's hiccup
+/// into a failure.
+pub fn relative_limit(baseline: Duration) -> Duration {
+    baseline * 10 + Duration::from_millis(500)
+}
+
+/// Runs `f(0..n)` on `n` threads released together, and returns the results in order.
+pub fn in_parallel<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(n);
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (barrier, f) = (&barrier, &f);
+                s.spawn(move || {
+                    barrier.wait();
+                    f(i)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a thread of in_parallel"))
+            .collect()
+    })
+}
+
+/// The Python the SDK and metrics tests run.
+pub const PYTHON: &str = "python3";
+
+/// How to install the Python packages those tests import.
+const PYTHON_INSTALL: &str = "pip install -r tests/sdk/requirements.txt";
+
+/// Runs `code` in `PYTHON` and returns what it printed; fails, saying how to install what is
+/// missing, unless it exits 0. `package` is what `code` imports, `test` the test that needs it.
+pub fn require_python(code: &str, package: &str, test: &str) -> String {
+    let probe = Command::new(PYTHON)
+        .args(["-c", code])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{PYTHON} is needed for {test} ({e}); install Python 3, then run `{PYTHON_INSTALL}`"
+            )
+        });
+    assert!(
+        probe.status.success(),
+        "the {package} Python package is not installed: run `{PYTHON_INSTALL}` (make test does)\n{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    String::from_utf8_lossy(&probe.stdout).into_owned()
+}
+
+/// The keys of a JSON object, sorted.
+pub fn sorted_keys(v: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
 /// Standard base64 with padding, for building `LLM_GATEWAY_SECRET_KEY` values.
 pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
@@ -110,6 +187,15 @@ pub fn assert_exit(out: &Output, code: i32, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
+}
+
+/// What a command printed: its stdout, then its stderr.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs a prepared command to completion, feeding `stdin` if given, and kills it if it outlives `CLI_TIMEOUT`.
@@ -506,6 +592,29 @@ impl Gateway {
             .to_string()
     }
 
+    /// Logs OAuth account `id` in through the CLI, as an operator would: `oauth-start`, then
+    /// `oauth-callback` with `code#state`.
+    pub fn oauth_login(&self, id: &str, code: &str) {
+        let out = self.run_cli(&["oauth-start", "--account-id", id, "--json"]);
+        assert_exit(&out, 0, "oauth-start");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("oauth-start --json prints JSON");
+        let url = v["authorize_url"].as_str().expect("authorize_url");
+        let state = url
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("state="))
+            .unwrap_or_else(|| panic!("no state in {url}"));
+        let pasted = format!("{code}#{state}");
+        let out = self.run_cli(&[
+            "oauth-callback",
+            "--account-id",
+            id,
+            "--code",
+            &pasted,
+            "--json",
+        ]);
+        assert_exit(&out, 0, "oauth-callback");
+    }
+
     pub fn client_key(&self) -> &str {
         self.client_key.as_deref().expect("no client key added")
     }
@@ -678,6 +787,14 @@ impl Gateway {
     pub fn auth(&self) -> (&'static str, &str) {
         ("x-api-key", self.client_key())
     }
+}
+
+/// An upstream that answers every request 200 `{"ok":true}`, and a gateway on it as
+/// `Gateway::started` makes one.
+pub fn ok_upstream_and_gateway() -> (FakeUpstream, Gateway) {
+    let up = FakeUpstream::json(200, r#"{"ok":true}"#);
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    (up, gw)
 }
 
 /// A realistic Anthropic event stream with `deltas` text deltas, ending in `message_stop`.

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -205,6 +205,43 @@ impl FakeUpstream {
             }
         });
         FakeUpstream { addr, shared }
+    }
+
+    /// An upstream that holds every request at a meeting until `expected` are in flight
+    /// together (or `limit` has passed), then answers it with `then`; and the meeting, to
+    /// check how many came.
+    pub fn meeting(
+        expected: usize,
+        limit: Duration,
+        mut then: impl FnMut(&Recorded) -> Reply + Send + 'static,
+    ) -> (FakeUpstream, Arc<Meeting>) {
+        let meeting = Meeting::new(expected, limit);
+        let held = Arc::clone(&meeting);
+        let up = FakeUpstream::start(move |req| Reply::Held {
+            meeting: Arc::clone(&held),
+            then: Box::new(then(req)),
+        });
+        (up, meeting)
+    }
+
+    /// An upstream whose first request gets a chunked stream of `events`, each after the
+    /// first written only when the test sends on the returned gate; every later request gets
+    /// `then`.
+    pub fn gated_first(
+        events: Vec<String>,
+        mut then: impl FnMut(&Recorded) -> Reply + Send + 'static,
+    ) -> (FakeUpstream, Sender<()>) {
+        let (gate, gate_rx) = mpsc::channel::<()>();
+        let mut gate_rx = Some(gate_rx);
+        let up = FakeUpstream::start(move |req| match gate_rx.take() {
+            Some(gate) => Reply::Sse {
+                events: events.clone(),
+                gate: Some(gate),
+                framing: Framing::Chunked,
+            },
+            None => then(req),
+        });
+        (up, gate)
     }
 
     /// An upstream that answers every request with the same JSON.

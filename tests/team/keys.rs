@@ -2,6 +2,8 @@
 //! (JSON and text, never the key), `update-client-key` (including `none`), `revoke-client-key`,
 //! expiry, and a running server that follows each change within about a second.
 
+use std::cell::Cell;
+
 use serde_json::Value;
 
 use super::{
@@ -9,7 +11,7 @@ use super::{
 };
 use crate::support::accounts::{poll_until, stdout_json, unix_from_rfc3339, unix_now};
 use crate::support::{
-    ACCOUNT_KEY, Config, FakeUpstream, Gateway, Response, assert_error, assert_exit,
+    ACCOUNT_KEY, Config, FakeUpstream, Gateway, Response, assert_error, assert_exit, sorted_keys,
 };
 
 /// Every field of a `list-client-keys --json` row, as the contract lists them.
@@ -99,14 +101,7 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
         ],
     );
     let added = stdout_json(&out, "add-client-key --json");
-    let mut fields: Vec<&str> = added
-        .as_object()
-        .expect("add-client-key prints an object")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    fields.sort_unstable();
-    assert_eq!(fields, ["id", "key", "name"], "{added}");
+    assert_eq!(sorted_keys(&added), ["id", "key", "name"], "{added}");
     let full_id = added["id"].as_str().expect("id").to_string();
     let full_key = added["key"].as_str().expect("key").to_string();
     assert_eq!(added["name"], "full");
@@ -135,16 +130,9 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
     let (rows, raw) = list(&gw);
     assert_eq!(rows.len(), 5, "{raw}");
     for r in &rows {
-        let mut names: Vec<&str> = r
-            .as_object()
-            .expect("row object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        names.sort_unstable();
         let mut want = ROW_FIELDS.to_vec();
         want.sort_unstable();
-        assert_eq!(names, want, "fields of {r}");
+        assert_eq!(sorted_keys(r), want, "fields of {r}");
     }
     for key in all_keys {
         assert!(!raw.contains(key.as_str()), "list-client-keys shows a key");
@@ -291,13 +279,20 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
 
     // A running server follows every change.
     gw.start();
-    let mut served = 0;
-    let mut status_of = |key: &str, model: &str| {
+    let served = Cell::new(0);
+    let status_of = |key: &str, model: &str| {
         let resp = send(&gw, key, model);
         if resp.status == 200 {
-            served += 1;
+            served.set(served.get() + 1);
         }
         resp
+    };
+    // A change through the CLI, then the running server's answer to `key` once it follows.
+    let changed = |args: &[&str], what: &str, key: &str, status: u16| {
+        cli_ok(&gw, args);
+        poll_until(RELOAD_LIMIT, what, || {
+            status_of(key, SONNET).status == status
+        });
     };
     assert_eq!(status_of(&plain_key, SONNET).status, 200);
     assert_eq!(status_of(&victim_key, SONNET).status, 200);
@@ -307,13 +302,12 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
         Some("authentication_error"),
     );
 
-    cli_ok(
-        &gw,
+    changed(
         &["revoke-client-key", "--key-id", &victim_id, "--json"],
+        "a revoked key gets 401",
+        &victim_key,
+        401,
     );
-    poll_until(RELOAD_LIMIT, "a revoked key gets 401", || {
-        status_of(&victim_key, SONNET).status == 401
-    });
     assert_error(
         &status_of(&victim_key, SONNET),
         401,
@@ -327,20 +321,18 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
     assert_exit(&out, 2, "updating a revoked key");
     assert_eq!(row(&list(&gw).0, &victim_id)["state"], "revoked");
 
-    cli_ok(
-        &gw,
+    changed(
         &["update-client-key", "--key-id", &plain_id, "--disable"],
+        "a disabled key gets 401",
+        &plain_key,
+        401,
     );
-    poll_until(RELOAD_LIMIT, "a disabled key gets 401", || {
-        status_of(&plain_key, SONNET).status == 401
-    });
-    cli_ok(
-        &gw,
+    changed(
         &["update-client-key", "--key-id", &plain_id, "--enable"],
+        "an enabled key works again",
+        &plain_key,
+        200,
     );
-    poll_until(RELOAD_LIMIT, "an enabled key works again", || {
-        status_of(&plain_key, SONNET).status == 200
-    });
 
     // Expiry set while running, as an RFC 3339 time a minute ago; then removed.
     let past = crate::support::now_unix() - 60;
@@ -351,8 +343,7 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
         past % 3600 / 60,
         past % 60
     );
-    cli_ok(
-        &gw,
+    changed(
         &[
             "update-client-key",
             "--key-id",
@@ -360,13 +351,12 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
             "--expires",
             &past,
         ],
+        "a key expired while running gets 401",
+        &plain_key,
+        401,
     );
-    poll_until(RELOAD_LIMIT, "a key expired while running gets 401", || {
-        status_of(&plain_key, SONNET).status == 401
-    });
     assert_eq!(row(&list(&gw).0, &plain_id)["state"], "expired");
-    cli_ok(
-        &gw,
+    changed(
         &[
             "update-client-key",
             "--key-id",
@@ -374,14 +364,13 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
             "--expires",
             "none",
         ],
+        "expiry removed",
+        &plain_key,
+        200,
     );
-    poll_until(RELOAD_LIMIT, "expiry removed", || {
-        status_of(&plain_key, SONNET).status == 200
-    });
 
     // Limits too: an allow-list set while running refuses other models.
-    cli_ok(
-        &gw,
+    changed(
         &[
             "update-client-key",
             "--key-id",
@@ -389,15 +378,15 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
             "--models",
             HAIKU,
         ],
+        "an allow-list set while running",
+        &plain_key,
+        403,
     );
-    poll_until(RELOAD_LIMIT, "an allow-list set while running", || {
-        status_of(&plain_key, SONNET).status == 403
-    });
     assert_eq!(status_of(&plain_key, HAIKU).status, 200);
 
     assert_eq!(
         up.requests().len(),
-        served,
+        served.get(),
         "every refused request stayed at the gateway"
     );
 }

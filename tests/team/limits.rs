@@ -13,8 +13,8 @@ use super::{
 };
 use crate::support::accounts::poll_until;
 use crate::support::{
-    ACCOUNT_KEY, Config, Conn, FakeUpstream, Framing, Gateway, Reply, Response, STEP_TIMEOUT,
-    assert_error, now_unix, request_bytes,
+    ACCOUNT_KEY, Config, FakeUpstream, Gateway, Response, STEP_TIMEOUT, assert_error, now_unix,
+    open_sse,
 };
 
 /// A gateway with one account and no keys yet; keys are added by each test.
@@ -179,23 +179,13 @@ fn max_concurrent_refuses_a_second_request_while_the_first_is_held() {
 /// only until its response head.
 #[test]
 fn max_concurrent_counts_a_stream_until_it_ends() {
-    let (gate, gate_rx) = mpsc::channel::<()>();
-    let mut gate_rx = Some(gate_rx);
-    let up = FakeUpstream::start(move |req| match gate_rx.take() {
-        Some(gate) => Reply::Sse {
-            events: stream_events(SMALL),
-            gate: Some(gate),
-            framing: Framing::Chunked,
-        },
-        None => answer(req),
-    });
+    let (up, gate) = FakeUpstream::gated_first(stream_events(SMALL), answer);
     let mut gw = gateway(&up);
     let (_, key) = add_key(&gw, "one-stream", &["--max-concurrent", "1"]);
     gw.start();
 
-    let mut conn = Conn::open(gw.addr());
-    conn.send(&request_bytes(
-        "POST",
+    let mut sse = open_sse(
+        gw.addr(),
         "/v1/messages",
         &[
             ("x-api-key", &key),
@@ -203,10 +193,7 @@ fn max_concurrent_counts_a_stream_until_it_ends() {
             ("connection", "close"),
         ],
         anthropic_body(SONNET, SMALL, true, "stream").as_bytes(),
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
+    );
     let first = sse
         .next_event()
         .expect("the first event of the held stream");

@@ -20,13 +20,11 @@ use super::{
 };
 use crate::support::accounts::{KEY_A, KEY_B, poll_until};
 use crate::support::{
-    Config, Conn, FakeUpstream, Framing, Gateway, Reply, Response, assert_error, assert_exit, call,
-    request_bytes, run,
+    Config, FakeUpstream, Framing, Gateway, PYTHON, Reply, Response, assert_error, assert_exit,
+    call, open_sse, require_python, run,
 };
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/check_metrics.py");
-const PYTHON: &str = "python3";
-const INSTALL: &str = "pip install -r tests/sdk/requirements.txt";
 
 const OPUS: &str = "claude-opus-4-1";
 
@@ -36,16 +34,10 @@ const MODELS_SECTION: &str =
 
 /// Fails, saying how to install it, unless `prometheus_client` imports.
 fn require_parser() {
-    let probe = Command::new(PYTHON)
-        .args(["-c", "import prometheus_client.parser"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{PYTHON} is needed for the metrics test ({e}); install Python 3, then run `{INSTALL}`")
-        });
-    assert!(
-        probe.status.success(),
-        "the prometheus_client Python package is not installed: run `{INSTALL}` (make test does)\n{}",
-        String::from_utf8_lossy(&probe.stderr)
+    require_python(
+        "import prometheus_client.parser",
+        "prometheus_client",
+        "the metrics test",
     );
 }
 
@@ -432,16 +424,12 @@ fn metrics_count_requests_and_tokens_by_label_and_parse_as_prometheus_text() {
 
     // In flight: a held stream shows as one more than idle.
     let idle_in_flight = idle.single("llm_gateway_in_flight_requests");
-    let mut conn = Conn::open(addr);
-    conn.send(&request_bytes(
-        "POST",
+    let mut sse = open_sse(
+        addr,
         "/v1/messages",
         &[("x-api-key", &plain), ("connection", "close")],
         anthropic_body(SONNET, small, true, "hold").as_bytes(),
-    ));
-    let (status, headers) = conn.read_head();
-    assert_eq!(status, 200);
-    let mut sse = conn.into_sse(&headers);
+    );
     assert!(sse.next_event().is_some(), "the held stream's first event");
     let held = scrape(&gw).single("llm_gateway_in_flight_requests");
     for _ in 1..stream_events(small).len() {
