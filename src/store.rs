@@ -76,6 +76,14 @@ pub fn update<T, E>(
     path: &Path,
     change: impl FnOnce(&mut Managed) -> Result<T, ChangeError<E>>,
 ) -> Result<T, ChangeError<E>> {
+    // A path with no file is a mistake to report, never a new, empty config to create: a key
+    // written there would be one the real server never accepts (`init` creates a config).
+    if config::read_text(path)?.is_none() {
+        return Err(ConfigError::Missing {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
     let _lock = lock(path)?;
     let text = config::read_text(path)?.unwrap_or_default();
     let raw = config::parse_raw(path, &text)?;

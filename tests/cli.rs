@@ -571,3 +571,138 @@ fn running_server_applies_cli_changes() {
     assert_eq!(post(&first), 200, "the first key still works");
     assert_eq!(up.requests().len(), 2);
 }
+
+#[test]
+fn a_missing_config_is_never_silently_a_new_one_and_init_creates_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let path = dir.path().join("typo").join("config.yaml");
+    let path_text = path.to_str().expect("utf-8 temp path");
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::BIN);
+        cmd.arg("--config")
+            .arg(&path)
+            .args(args)
+            .current_dir(dir.path());
+        run(cmd, None)
+    };
+    // Every command that writes refuses, naming the path and how to create a config; nothing
+    // is created and no key is printed.
+    for args in [
+        &["add-client-key", "--name", "ci"][..],
+        &[
+            "add-api-key",
+            "--name",
+            "a",
+            "--key",
+            "sk-ant-api03-MissingConfigKey-0000",
+        ],
+        &["add-oauth", "--name", "o", "--client-id", "c"],
+        &["enable-account", "--account-id", "acc_1"],
+        &["revoke-client-key", "--key-id", "key_1"],
+        &["oauth-start", "--account-id", "acc_1"],
+    ] {
+        let out = cli(args);
+        assert_exit(&out, 3, args[0]);
+        let text = printed(&out);
+        assert!(
+            text.contains(path_text) && text.contains("init"),
+            "{}: {text}",
+            args[0]
+        );
+        assert!(!text.contains("lgw_"), "{}: printed a key: {text}", args[0]);
+        assert!(!path.exists(), "{} created the config", args[0]);
+    }
+    // Reading commands say there is no config instead of listing nothing.
+    for args in [
+        &["list-accounts"][..],
+        &["list-client-keys"],
+        &["health-check"],
+        &["usage"],
+    ] {
+        let out = cli(args);
+        assert_exit(&out, 3, args[0]);
+        assert!(
+            printed(&out).contains("no config file"),
+            "{}",
+            printed(&out)
+        );
+    }
+    // init writes the commented default config, owner-only, and the key file.
+    let out = cli(&["init", "--json"]);
+    assert_exit(&out, 0, "init");
+    let made = stdout_json(&out, "init --json");
+    assert_eq!(made["secret_key_created"], true, "{made}");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    let key_file = path.parent().expect("dir").join("gateway.key");
+    assert_eq!(mode(&key_file), 0o600);
+    let written = std::fs::read_to_string(&path).expect("read config");
+    assert!(written.contains("# llm-gateway configuration") && written.contains("server:"));
+    let key = std::fs::read(&key_file).expect("key");
+    // An existing config is refused, unless --force (which keeps the key).
+    assert_exit(&cli(&["init"]), 3, "init again");
+    assert_exit(&cli(&["init", "--force"]), 0, "init --force");
+    assert_eq!(
+        std::fs::read(&key_file).expect("key"),
+        key,
+        "the key was replaced"
+    );
+    // Now the writing commands work.
+    let out = cli(&["add-client-key", "--name", "ci", "--json"]);
+    assert_exit(&out, 0, "add-client-key after init");
+    assert_exit(&cli(&["list-client-keys"]), 0, "list-client-keys");
+}
+
+#[test]
+fn a_server_without_a_config_file_says_it_runs_on_defaults() {
+    let dir = TempDir::new();
+    let path = dir.path().join("absent.yaml");
+    let mut cmd = std::process::Command::new(crate::support::BIN);
+    cmd.arg("--config")
+        .arg(&path)
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .env("LLM_GATEWAY_SECRET_KEY", base64(&[7u8; 32]))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap_or(0) > 0 {
+        said.push_str(&line);
+        if line.contains("serving") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        said.contains("no config file at") && said.contains("built-in defaults"),
+        "{said}"
+    );
+}
+
+#[test]
+fn usage_and_list_client_keys_open_no_secret() {
+    let mut gw = Gateway::new(&Config::new(NO_UPSTREAM));
+    gw.add_api_key("sealed", "sk-ant-api03-NeedsTheKeyToOpen-000000");
+    gw.add_client_key("ci");
+    std::fs::remove_file(gw.dir().join("gateway.key")).expect("remove the key file");
+    for args in [
+        &["list-client-keys", "--json"][..],
+        &["usage", "--json"],
+        &["usage", "--by", "account"],
+    ] {
+        assert_exit(&gw.run_cli(args), 0, args[0]);
+    }
+    // What does open secrets still needs the key.
+    assert_exit(
+        &gw.run_cli(&["list-accounts"]),
+        4,
+        "list-accounts without the key",
+    );
+}

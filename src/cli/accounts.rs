@@ -130,7 +130,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
 }
 
 pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
-    let config = config::load(path)?;
+    let config = config::load_existing(path)?;
     let accounts = Accounts::load(&config);
     let entries = accounts.snapshot();
     if as_json {

@@ -218,8 +218,9 @@ fn limits_text(k: &RawClientKey) -> String {
 }
 
 pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
-    // Validated first (a broken file is an error), then listed as stored.
-    config::load(path)?;
+    // Validated first (a broken file is an error), then listed as stored; no secret is
+    // opened, so no key is needed.
+    config::load_public(path)?;
     let text = config::read_text(path)?.unwrap_or_default();
     let keys = config::parse_raw(path, &text)?
         .client_keys

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use argh::FromArgs;
 
 mod accounts;
+mod init;
 mod keys;
 mod oauth;
 mod ops;
@@ -111,6 +112,7 @@ struct Cli {
 #[argh(subcommand)]
 enum Command {
     Server(ServerCmd),
+    Init(init::Init),
     AddApiKey(AddApiKey),
     AddOAuth(AddOAuth),
     OAuthStart(OAuthStart),
@@ -258,6 +260,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 message: e.to_string(),
             })
         }
+        Command::Init(cmd) => init::init(&path, cmd),
         Command::AddApiKey(cmd) => add_api_key(&path, cmd),
         Command::AddOAuth(cmd) => oauth::add_oauth(&path, cmd),
         Command::OAuthStart(cmd) => oauth::oauth_start(&path, cmd),

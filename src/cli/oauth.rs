@@ -150,7 +150,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
 pub fn oauth_start(path: &Path, cmd: OAuthStart) -> Result<(), CliError> {
     let id = cmd.account_id.as_str();
     let _lock = store::account_lock(path, id)?;
-    let config = config::load(path)?;
+    let config = config::load_existing(path)?;
     let (name, oauth) = oauth_account(&config, id)?;
     let login = Login::start();
     let url = oauth::authorize_url(&config.oauth, &oauth.client_id, &login);
@@ -188,7 +188,7 @@ pub fn oauth_callback(path: &Path, cmd: OAuthCallback) -> Result<(), CliError> {
         CliError::usage("--code holds no code: paste CODE#STATE, the code, or the callback URL")
     })?;
     let _lock = store::account_lock(path, id)?;
-    let config = config::load(path)?;
+    let config = config::load_existing(path)?;
     let (name, oauth) = oauth_account(&config, id)?;
     let start_again = format!("run `llm-gateway oauth-start --account-id={id}` again");
     let pending = oauth

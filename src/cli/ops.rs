@@ -50,6 +50,12 @@ pub struct HealthCheck {
 }
 
 pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
+    if config::read_text(path)?.is_none() {
+        eprintln!(
+            "warning: no config file at {}: the admin address and accounts are the defaults",
+            path.display()
+        );
+    }
     let config = config::load(path)?;
     let url = match (&cmd.url, &config.admin_listen) {
         (Some(url), _) => url.trim_end_matches('/').to_string(),
@@ -232,7 +238,7 @@ fn print_status(url: &str, view: &Value) {
 }
 
 pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
-    let config = config::load(path)?;
+    let config = config::load_existing(path)?;
     let accounts = Accounts::load(&config);
     let entries: Vec<_> = accounts
         .snapshot()
@@ -350,7 +356,8 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
     if !matches!(cmd.by.as_str(), "key" | "account" | "model" | "day") {
         return Err(CliError::usage("--by takes key, account, model or day"));
     }
-    let config = config::load(path)?;
+    // Usage needs no secret: it opens none.
+    let config = config::load_public(path)?;
     let from = day_of("since", &cmd.since, 0)?;
     let to = day_of("until", &cmd.until, u64::MAX)?;
     let shared_rows = crate::shared::open(&config).map(|shared| shared.usage_rows(from, to));
@@ -378,16 +385,18 @@ pub fn usage(path: &Path, cmd: Usage) -> Result<(), CliError> {
                 .0
         }
     };
+    let accounts = match cmd.by.as_str() {
+        "account" => config::account_names(path)?,
+        _ => Vec::new(),
+    };
     let names: std::collections::HashMap<&str, &str> = match cmd.by.as_str() {
         "key" => config
             .client_keys
             .iter()
             .map(|k| (k.id.as_str(), k.name.as_str()))
             .collect(),
-        "account" => config
-            .accounts
-            .iter()
-            .map(|a| (a.id.as_str(), a.name.as_str()))
+        "account" => (accounts.iter())
+            .map(|(id, name)| (id.as_str(), name.as_str()))
             .collect(),
         _ => Default::default(),
     };

@@ -357,6 +357,8 @@ pub enum ConfigError {
     },
     /// A secret could not be opened or sealed.
     Secret(SecretError),
+    /// No file at the path a command that needs one was given (writes never create one).
+    Missing { path: PathBuf },
 }
 
 impl fmt::Display for ConfigError {
@@ -371,6 +373,12 @@ impl fmt::Display for ConfigError {
                 path.display()
             ),
             ConfigError::Secret(e) => e.fmt(f),
+            ConfigError::Missing { path } => write!(
+                f,
+                "{}: no config file here; create one with `llm-gateway --config {} init`, or point --config or ${PATH_ENV} at yours",
+                path.display(),
+                path.display()
+            ),
         }
     }
 }
@@ -455,6 +463,41 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
             .starts_with(':')
             .then_some((i + 1, indent + 1))
     })
+}
+
+/// `load`, for a command that needs a real file: a missing one is `ConfigError::Missing`, not
+/// a config of defaults (a wrong path must not look like an empty gateway).
+pub fn load_existing(path: &Path) -> Result<Config, ConfigError> {
+    if read_text(path)?.is_none() {
+        return Err(ConfigError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    load(path)
+}
+
+/// The settings and client keys of the config at `path`, validated without its accounts, so
+/// no secret is opened and no key is needed (`usage`, `list-client-keys`). A missing file is
+/// `ConfigError::Missing`.
+pub fn load_public(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_text(path)?.ok_or_else(|| ConfigError::Missing {
+        path: path.to_path_buf(),
+    })?;
+    let mut raw = parse_raw(path, &text)?;
+    raw.accounts = None;
+    validate(path, raw)
+}
+
+/// The accounts' ids and names as the file holds them, without opening any secret.
+pub fn account_names(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = read_text(path)?.unwrap_or_default();
+    let accounts = parse_raw(path, &text)?.accounts.unwrap_or_default();
+    Ok((accounts.into_iter())
+        .map(|a| {
+            let id = a.id.unwrap_or_else(|| derived_account_id(&a.name));
+            (id, a.name)
+        })
+        .collect())
 }
 
 /// Loads and validates the config at `path`, opening its secrets.
