@@ -26,8 +26,11 @@ pub enum ApiError {
     NoAccount(String),
     /// Every usable account is cooling down; one returns in `retry_after` seconds. 529.
     AllCoolingDown { retry_after: u64 },
-    /// A gateway key's own limit (rate, concurrency, budget). 429.
+    /// A gateway key's rate or concurrency limit: worth retrying after `retry_after`. 429.
     RateLimited { message: String, retry_after: u64 },
+    /// A gateway key's token budget is spent until it resets (`retry_after`): no retry within
+    /// seconds can help, so the answer says not to retry. 429.
+    BudgetSpent { message: String, retry_after: u64 },
     /// The upstream could not be reached or broke before answering. 502.
     UpstreamUnreachable(String),
     /// The upstream did not answer within the configured timeout. 504.
@@ -75,7 +78,10 @@ impl From<crate::limits::Refusal> for ApiError {
             R::Budget {
                 message,
                 retry_after,
-            } => limited(message, retry_after),
+            } => ApiError::BudgetSpent {
+                message,
+                retry_after,
+            },
             R::Rate { rpm, retry_after } => limited(
                 format!("this gateway key is limited to {rpm} requests per minute"),
                 retry_after,
@@ -103,7 +109,7 @@ impl ApiError {
             ApiError::Http { status, .. } => *status,
             ApiError::NoAccount(_) => 503,
             ApiError::AllCoolingDown { .. } => 529,
-            ApiError::RateLimited { .. } => 429,
+            ApiError::RateLimited { .. } | ApiError::BudgetSpent { .. } => 429,
             ApiError::UpstreamUnreachable(_)
             | ApiError::UpstreamGarbled(_)
             | ApiError::UpstreamUntrusted(_) => 502,
@@ -129,9 +135,20 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::AllCoolingDown { retry_after }
-            | ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            | ApiError::RateLimited { retry_after, .. }
+            | ApiError::BudgetSpent { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
+    }
+
+    /// Whether a retry cannot fix it (a wrong, expired or revoked key, a model the key may not
+    /// use, a spent budget): sent as `x-should-retry: false`, which the official SDKs and
+    /// Claude Code obey instead of retrying a 401 or 429 over and over.
+    pub fn hopeless(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Unauthorized(_) | ApiError::Forbidden(_) | ApiError::BudgetSpent { .. }
+        )
     }
 
     /// OpenAI's `{"error":{"message","type","param","code"}}`.
@@ -166,7 +183,8 @@ impl fmt::Display for ApiError {
             | ApiError::NoAccount(m)
             | ApiError::Http { message: m, .. }
             | ApiError::Invalid { message: m, .. }
-            | ApiError::RateLimited { message: m, .. } => f.write_str(m),
+            | ApiError::RateLimited { message: m, .. }
+            | ApiError::BudgetSpent { message: m, .. } => f.write_str(m),
             ApiError::AllCoolingDown { retry_after } => write!(
                 f,
                 "every upstream account is cooling down (rate limited or failing); the first returns in {retry_after}s"

@@ -544,6 +544,9 @@ pub fn send_error(out: Responder<'_>, error: &ApiError, format: Format) -> bool 
     if let Some(secs) = error.retry_after() {
         head.header("retry-after", secs.to_string().as_bytes());
     }
+    if error.hopeless() {
+        head.header("x-should-retry", b"false");
+    }
     let body = match format {
         Format::Anthropic => error.anthropic_body(),
         Format::OpenAI => error.openai_body(),

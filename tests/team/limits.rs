@@ -330,3 +330,91 @@ fn wait_for_tokens(gw: &Gateway, id: &str, total: u64) {
         },
     );
 }
+
+/// One call of the official anthropic SDK (two retries allowed) with `key`: the requests it
+/// sent, the final status and the `x-should-retry` it saw.
+fn sdk_call(gw: &Gateway, key: &str, model: &str) -> serde_json::Value {
+    crate::support::require_python(
+        "import anthropic; print(anthropic.__version__)",
+        "anthropic",
+        "the anthropic SDK retry test",
+    );
+    let mut cmd = std::process::Command::new(crate::support::PYTHON);
+    cmd.arg("tests/sdk/anthropic_retries.py")
+        .arg(format!("http://{}", gw.addr()))
+        .arg(key)
+        .arg(model)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .env("NO_PROXY", "*");
+    let out = crate::support::run(cmd, None);
+    crate::support::assert_exit(&out, 0, "tests/sdk/anthropic_retries.py");
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
+#[test]
+fn the_anthropic_sdk_stops_at_hopeless_refusals_and_retries_the_rest() {
+    let (up, gate) = FakeUpstream::gated_first(stream_events(SMALL), answer);
+    // The held stream outlasts Python's start (seconds), so the upstream may be silent longer.
+    let mut gw = Gateway::new(
+        &Config::new(up.base_url())
+            .section(ALIAS_SECTION)
+            .read_timeout("60s"),
+    );
+    gw.add_api_key("primary", ACCOUNT_KEY);
+    let (budget_id, budget) = add_key(&gw, "tiny-budget", &["--daily-tokens", "1"]);
+    let (_, haiku_only) = add_key(&gw, "haiku-only", &["--models", HAIKU]);
+    let (_, one) = add_key(&gw, "one-at-a-time", &["--max-concurrent", "1"]);
+    gw.start();
+
+    // A key at its concurrency limit invites the retry: the SDK tries three times. (First:
+    // the upstream holds its first answer, a stream, until the gate opens.)
+    let mut held = open_sse(
+        gw.addr(),
+        "/v1/messages",
+        &[
+            ("x-api-key", &one),
+            ("content-type", "application/json"),
+            ("connection", "close"),
+        ],
+        anthropic_body(SONNET, SMALL, true, "held").as_bytes(),
+    );
+    assert!(held.next_event().is_some(), "the held stream starts");
+    let busy = sdk_call(&gw, &one, SONNET);
+    for _ in 1..stream_events(SMALL).len() {
+        let _ = gate.send(());
+    }
+    while held.next_event().is_some() {}
+    assert_eq!(busy["status"], 429, "{busy}");
+    assert!(busy["x-should-retry"].is_null(), "{busy}");
+    assert_eq!(
+        busy["requests"], 3,
+        "the SDK should retry a concurrency 429: {busy}"
+    );
+
+    // A spent budget: one request, no retry (the SDK retries every other 429).
+    assert_eq!(ask(&gw, &budget, SONNET, true, "spend").status, 200);
+    wait_for_tokens(&gw, &budget_id, SMALL.total());
+    let spent = sdk_call(&gw, &budget, SONNET);
+    assert_eq!(spent["status"], 429, "{spent}");
+    assert_eq!(spent["x-should-retry"], "false", "{spent}");
+    assert_eq!(
+        spent["requests"], 1,
+        "the SDK retried a spent budget: {spent}"
+    );
+    // A model the key may not use, and a wrong key: one request each.
+    let forbidden = sdk_call(&gw, &haiku_only, SONNET);
+    assert_eq!(
+        (forbidden["status"].clone(), forbidden["requests"].clone()),
+        (403.into(), 1.into()),
+        "{forbidden}"
+    );
+    assert_eq!(forbidden["x-should-retry"], "false", "{forbidden}");
+    let wrong = sdk_call(&gw, "lgw_not-a-key", SONNET);
+    assert_eq!(
+        (wrong["status"].clone(), wrong["requests"].clone()),
+        (401.into(), 1.into()),
+        "{wrong}"
+    );
+    assert_eq!(wrong["x-should-retry"], "false", "{wrong}");
+}
