@@ -412,3 +412,61 @@ fn an_expiry_with_an_offset_is_the_instant_it_names() {
     let resp = post_anthropic(gw.addr(), &live, &body, &[]);
     assert_eq!(resp.status, 200, "{}", resp.text());
 }
+
+/// Claude Code as `make test` installs it from the npm registry (tests/clients/package.json).
+const CLAUDE: &str = "tests/clients/node_modules/.bin/claude";
+
+#[test]
+fn claude_code_gives_up_on_a_wrong_key_after_one_request() {
+    let claude = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CLAUDE);
+    assert!(
+        claude.exists(),
+        "Claude Code is not installed: run `npm install --prefix tests/clients` (make test does)"
+    );
+    let up = FakeUpstream::start(|_| crate::support::Reply::json(500, "{}"));
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let home = crate::support::TempDir::new();
+    let mut cmd = std::process::Command::new(&claude);
+    cmd.args(["-p", "hello"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("ANTHROPIC_BASE_URL", format!("http://{}", gw.addr()))
+        .env("ANTHROPIC_API_KEY", "lgw_not-a-key-of-this-gateway")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("NO_PROXY", "*");
+    for var in [
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let started = std::time::Instant::now();
+    let out = crate::support::run(cmd, None);
+    let took = started.elapsed();
+    let said = crate::support::printed(&out);
+    assert!(
+        !out.status.success(),
+        "Claude Code succeeded with a wrong key: {said}"
+    );
+    assert!(
+        said.contains("401") && said.contains("invalid gateway key"),
+        "{said}"
+    );
+    // One request, not the seven over 45 s it makes without `x-should-retry: false`.
+    let tried = (gw.stderr().lines())
+        .filter(|l| l.contains("\"path\":\"/v1/messages\"") && l.contains("\"status\":401"))
+        .count();
+    assert_eq!(
+        tried,
+        1,
+        "Claude Code retried a hopeless 401 ({took:?}):\n{}",
+        gw.stderr()
+    );
+    assert!(
+        up.requests().is_empty(),
+        "a refused request reached the upstream"
+    );
+}
