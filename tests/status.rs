@@ -379,3 +379,66 @@ fn ready_follows_account_availability_and_health_is_always_200() {
         assert_eq!(get(gw.addr(), "/health"), 200);
     }
 }
+
+#[test]
+fn health_check_skips_disabled_accounts_and_fails_logins_with_their_reason() {
+    let up = FakeUpstream::start(|_| {
+        Reply::json(
+            200,
+            r#"{"data":[{"id":"claude-sonnet-4-5","type":"model"}]}"#,
+        )
+    });
+    let gw = Gateway::new(&Config::new(up.base_url()));
+    let good = gw.add_api_key("good", "sk-ant-api03-HealthyAccountOne-g1g1");
+    let off = gw.add_api_key("off", "sk-ant-api03-DisabledOnPurpose-d1d1");
+    assert_exit(
+        &gw.run_cli(&["disable-account", "--account-id", &off]),
+        0,
+        "disable-account",
+    );
+    // Disabled on purpose and nothing else: cron stays quiet.
+    let out = gw.run_cli(&["health-check", "--json"]);
+    assert_exit(&out, 0, "health-check with a disabled account");
+    let view = stdout_json(&out, "health-check --json");
+    assert_eq!(
+        (&view["healthy"], &view["total"], &view["disabled"]),
+        (&1.into(), &1.into(), &1.into()),
+        "{view}"
+    );
+    assert_eq!(account(&view, &off)["result"], "disabled", "{view}");
+    assert_eq!(account(&view, &good)["result"], "ok", "{view}");
+    let out = gw.run_cli(&["health-check"]);
+    assert_exit(&out, 0, "health-check (text)");
+    assert!(
+        printed(&out).contains("1 disabled, not checked"),
+        "{}",
+        printed(&out)
+    );
+    assert_eq!(up.requests().len(), 2, "the disabled account was probed");
+
+    // An OAuth account never logged in, and one whose login is needed again: failures, each
+    // with what to do.
+    let out = gw.run_cli(&[
+        "add-oauth",
+        "--name",
+        "fresh",
+        "--client-id",
+        "cid",
+        "--json",
+    ]);
+    assert_exit(&out, 0, "add-oauth");
+    let fresh = stdout_json(&out, "add-oauth")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let out = gw.run_cli(&["health-check", "--json"]);
+    assert_exit(&out, 10, "health-check with an account never logged in");
+    let view = stdout_json(&out, "health-check --json");
+    let f = account(&view, &fresh);
+    assert_eq!(f["result"], "failed", "{view}");
+    let reason = f["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("oauth-start") && reason.contains(&fresh),
+        "{f}"
+    );
+}

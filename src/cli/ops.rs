@@ -10,7 +10,7 @@ use argh::FromArgs;
 use serde_json::{Value, json};
 
 use super::{CliError, Exit, print_json, print_table};
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, State};
 use crate::config;
 use crate::probe;
 use crate::refresh::Refresher;
@@ -263,66 +263,106 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
     let mut results = Vec::new();
     for e in &entries {
         let started = Instant::now();
-        let outcome: Result<(), String> = if !e.usable() {
-            Err(format!("not in service: {}", e.state()))
-        } else {
-            match probe::account(&upstream, &refresher, e, &config.oauth.system_prompt) {
-                Ok(p) if (200..300).contains(&p.status) => Ok(()),
-                Ok(p) => {
-                    let value: Value = crate::json::from_slice(&p.body).unwrap_or_default();
-                    let message = value["error"]["message"].as_str().unwrap_or("");
-                    Err(format!("{} {message}", p.status).trim_end().to_string())
+        let outcome = match e.state() {
+            // Out of service on purpose: reported, never probed, never a failure.
+            State::Disabled => Checked::Disabled(
+                (e.account.disabled_reason.clone()).or_else(|| e.status(Instant::now()).1),
+            ),
+            State::NeedsLogin => Checked::Failed(format!(
+                "needs a new login: run `llm-gateway oauth-start --account-id {}`",
+                e.id()
+            )),
+            State::NotLoggedIn => Checked::Failed(format!(
+                "never logged in: run `llm-gateway oauth-start --account-id {}`",
+                e.id()
+            )),
+            State::Unusable => Checked::Failed(
+                e.status(Instant::now())
+                    .1
+                    .unwrap_or_else(|| "unusable".into()),
+            ),
+            State::Enabled => {
+                match probe::account(&upstream, &refresher, e, &config.oauth.system_prompt) {
+                    Ok(p) if (200..300).contains(&p.status) => Checked::Ok,
+                    Ok(p) => {
+                        let value: Value = crate::json::from_slice(&p.body).unwrap_or_default();
+                        let message = value["error"]["message"].as_str().unwrap_or("");
+                        Checked::Failed(format!("{} {message}", p.status).trim_end().to_string())
+                    }
+                    Err(e) => Checked::Failed(e.to_string()),
                 }
-                Err(e) => Err(e.to_string()),
             }
         };
         let ms = started.elapsed().as_millis() as u64;
         results.push((e, outcome, ms));
     }
-    let healthy = results.iter().filter(|(_, o, _)| o.is_ok()).count();
+    let count = |f: fn(&Checked) -> bool| results.iter().filter(|(_, o, _)| f(o)).count();
+    let healthy = count(|o| matches!(o, Checked::Ok));
+    let disabled = count(|o| matches!(o, Checked::Disabled(_)));
+    let checked = results.len() - disabled;
     if cmd.json {
         let rows: Vec<Value> = results
             .iter()
             .map(|(e, o, ms)| {
+                let (result, reason) = match o {
+                    Checked::Ok => ("ok", None),
+                    Checked::Failed(why) => ("failed", Some(why.clone())),
+                    Checked::Disabled(why) => ("disabled", why.clone()),
+                };
                 json!({
-                    "id": e.id(), "name": e.account.name, "ok": o.is_ok(), "latency_ms": ms,
-                    "reason": o.as_ref().err(),
+                    "id": e.id(), "name": e.account.name, "result": result,
+                    "ok": matches!(o, Checked::Ok), "latency_ms": ms, "reason": reason,
                 })
             })
             .collect();
-        print_json(&json!({"healthy": healthy, "total": results.len(), "accounts": rows}));
+        print_json(&json!({
+            "healthy": healthy, "total": checked, "disabled": disabled, "accounts": rows,
+        }));
     } else {
         let rows: Vec<[String; 4]> = results
             .iter()
             .map(|(e, o, ms)| {
+                let (result, detail) = match o {
+                    Checked::Ok => ("ok", format!("{ms} ms")),
+                    Checked::Failed(why) => ("failed", format!("{ms} ms  {why}")),
+                    Checked::Disabled(why) => ("disabled", why.clone().unwrap_or_default()),
+                };
                 [
                     e.id().to_string(),
                     e.account.name.clone(),
-                    if o.is_ok() { "ok" } else { "failed" }.to_string(),
-                    match o {
-                        Ok(()) => format!("{ms} ms"),
-                        Err(why) => format!("{ms} ms  {why}"),
-                    },
+                    result.to_string(),
+                    detail,
                 ]
             })
             .collect();
         print_table(&["ID", "NAME", "RESULT", "DETAIL"], &rows);
-        println!("{healthy} of {} healthy", results.len());
+        let skipped = match disabled {
+            0 => String::new(),
+            n => format!(" ({n} disabled, not checked)"),
+        };
+        println!("{healthy} of {checked} healthy{skipped}");
     }
     let exit = match healthy {
-        _ if results.is_empty() => Exit::NoneHealthy,
-        h if h == results.len() => return Ok(()),
+        _ if checked == 0 => Exit::NoneHealthy,
+        h if h == checked => return Ok(()),
         0 => Exit::NoneHealthy,
         _ => Exit::SomeUnhealthy,
     };
     Err(CliError {
         exit,
         message: format!(
-            "{} of {} accounts failed the health check",
-            results.len() - healthy,
-            results.len()
+            "{} of {checked} accounts failed the health check",
+            checked - healthy,
         ),
     })
+}
+
+/// What `health-check` found of one account.
+enum Checked {
+    Ok,
+    Failed(String),
+    /// Disabled on purpose (the reason, if one was given): skipped.
+    Disabled(Option<String>),
 }
 
 #[derive(FromArgs)]
