@@ -73,9 +73,23 @@ pub struct Gateway {
     pub(crate) connections: Connections,
     /// The supervised threads and the panics caught.
     pub threads: Arc<Threads>,
+    /// Why the last change of config.yaml could not be applied (and when), until one is.
+    pub reload_error: Mutex<Option<String>>,
 }
 
 impl Gateway {
+    /// Records how the last reload went: `None` once a config applied.
+    pub fn set_reload_error(&self, error: Option<String>) {
+        *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    pub fn reload_error(&self) -> Option<String> {
+        self.reload_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn new(
         config: &Config,
         ledger: Option<Arc<Ledger>>,
@@ -109,6 +123,7 @@ impl Gateway {
             max_workers: s.workers,
             connections: Connections::default(),
             threads: Arc::default(),
+            reload_error: Mutex::default(),
         }
     }
 

@@ -57,15 +57,24 @@ pub(crate) fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receive
                 "config.yaml is gone ({}); keeping the running config",
                 path.display()
             );
+            gw.set_reload_error(Some(format!(
+                "{}: config.yaml is gone; the running config stays",
+                crate::time::rfc3339(crate::time::now_unix())
+            )));
         } else {
             watched.applying = now;
             match config::load(&path) {
                 Ok(fresh) => {
                     apply(gw, &watched.running, &fresh);
                     watched.running = fresh;
+                    gw.set_reload_error(None);
                 }
                 Err(e) => {
-                    error!("config changed but cannot be loaded, keeping the previous one: {e}")
+                    error!("config changed but cannot be loaded, keeping the previous one: {e}");
+                    gw.set_reload_error(Some(format!(
+                        "{}: {e}; the running config stays",
+                        crate::time::rfc3339(crate::time::now_unix())
+                    )));
                 }
             }
         }

@@ -54,6 +54,7 @@ pub fn render(gw: &Gateway) -> Value {
         "workers": {"busy": busy, "alive": alive, "max": gw.max_workers},
         "sticky_pins": gw.accounts.sticky_pins(),
         "state": state,
+        "config": {"path": gw.config_path.display().to_string(), "reload_error": gw.reload_error()},
         "supervised": gw.threads.view(),
         "accounts": accounts,
     })

@@ -442,3 +442,96 @@ fn health_check_skips_disabled_accounts_and_fails_logins_with_their_reason() {
         "{f}"
     );
 }
+
+#[test]
+fn status_tells_a_refused_admin_key_from_a_dead_server() {
+    let up = FakeUpstream::start(|_| Reply::json(200, "{}"));
+    let gw = Gateway::started(&Config::new(up.base_url()));
+    let url = format!("--url=http://{}", gw.addr());
+    // The main listener wants an admin key: without one, 401; with a plain key, 403. Both are
+    // exit 8 and say the server is up, never "no server answered" (exit 5).
+    let out = gw.run_cli(&["status", &url]);
+    assert_exit(&out, 8, "status without an admin key");
+    let said = printed(&out);
+    assert!(
+        said.contains("is up but refused the admin key") && said.contains("401"),
+        "{said}"
+    );
+    assert!(!said.contains("no server answered"), "{said}");
+    let key_file = gw.dir().join("plain.key");
+    std::fs::write(&key_file, gw.client_key()).expect("write key file");
+    let out = gw.run_cli(&[
+        "status",
+        &url,
+        "--admin-key-file",
+        key_file.to_str().expect("utf-8"),
+    ]);
+    assert_exit(&out, 8, "status with a key that is not an admin key");
+    assert!(printed(&out).contains("403"), "{}", printed(&out));
+    // Nothing listening is still exit 5.
+    let out = gw.run_cli(&["status", &format!("--url={}", refused_base_url())]);
+    assert_exit(&out, 5, "status with no server");
+}
+
+#[test]
+fn human_status_shows_a_failing_reload_and_why_each_account_is_out() {
+    let up = FakeUpstream::start(|_| Reply::json(200, "{}"));
+    let mut gw = Gateway::new(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
+    gw.add_api_key("primary", "sk-ant-api03-StatusShowsReasons-s1s1");
+    let out = gw.run_cli(&[
+        "add-oauth",
+        "--name",
+        "fresh",
+        "--client-id",
+        "cid",
+        "--json",
+    ]);
+    assert_exit(&out, 0, "add-oauth");
+    gw.add_client_key("tests");
+    gw.start();
+    let url = format!("--url=http://{}", gw.admin_addr());
+    let view = |gw: &Gateway| {
+        let out = gw.run_cli(&["status", &url, "--json"]);
+        assert_exit(&out, 0, "status --json");
+        stdout_json(&out, "status --json")
+    };
+    let fresh = view(&gw)["accounts"]
+        .as_array()
+        .expect("accounts")
+        .iter()
+        .find(|a| a["name"] == "fresh")
+        .cloned()
+        .expect("the OAuth account");
+    assert_eq!(fresh["state"], "not_logged_in", "{fresh}");
+    assert!(
+        fresh["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("oauth-start"),
+        "{fresh}"
+    );
+    assert!(view(&gw)["config"]["reload_error"].is_null());
+
+    // A broken edit: the running config stays, and status says the reload is failing.
+    let path = gw.config_path();
+    let mut text = std::fs::read_to_string(&path).expect("read config");
+    text.push_str("\nnot_a_setting: 1\n");
+    std::fs::write(&path, text).expect("break config");
+    poll_until(
+        Duration::from_secs(5),
+        "status showing the failed reload",
+        || {
+            view(&gw)["config"]["reload_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not_a_setting"))
+        },
+    );
+    let out = gw.run_cli(&["status", &url]);
+    assert_exit(&out, 0, "status");
+    let said = printed(&out);
+    assert!(
+        said.contains("config reload FAILING") && said.contains("not_a_setting"),
+        "{said}"
+    );
+    assert!(said.contains("never logged in: run oauth-start"), "{said}");
+}

@@ -154,7 +154,17 @@ impl Entry {
                 Credential::Unusable(why) => ("unusable", Some(why.clone())),
                 _ => ("unusable", None),
             },
-            other => (other.as_str(), None),
+            State::NeedsLogin => {
+                let why = match &live.last_refresh_error {
+                    Some(e) => format!("the refresh token was refused ({e}): run oauth-start"),
+                    None => "a new login is needed: run oauth-start".into(),
+                };
+                ("needs_login", Some(why))
+            }
+            State::NotLoggedIn => (
+                "not_logged_in",
+                Some("never logged in: run oauth-start".into()),
+            ),
         }
     }
 

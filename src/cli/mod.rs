@@ -47,6 +47,8 @@ pub enum Exit {
     /// An OAuth login could not be completed (no pending login, expired, state mismatch, the
     /// token endpoint refused).
     Login = 7,
+    /// status: a server answered, but refused the admin key (401 or 403).
+    Refused = 8,
     /// health-check: some accounts failed the probe.
     SomeUnhealthy = 10,
     /// health-check: no account passed (or there is none).

@@ -56,8 +56,18 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
             path.display()
         );
     }
-    let config = config::load(path)?;
-    let url = match (&cmd.url, &config.admin_listen) {
+    // With --url the server is asked whatever the file says: a broken edit is exactly what
+    // an operator runs status to see (the server keeps its running config).
+    let config = match config::load(path) {
+        Ok(config) => Some(config),
+        Err(e) if cmd.url.is_some() => {
+            eprintln!("warning: {e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let admin_listen = config.as_ref().and_then(|c| c.admin_listen.clone());
+    let url = match (&cmd.url, &admin_listen) {
         (Some(url), _) => url.trim_end_matches('/').to_string(),
         (None, Some(addr)) => format!("http://{addr}"),
         (None, None) => {
@@ -76,6 +86,12 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
         None => std::env::var(ADMIN_KEY_ENV).ok().filter(|k| !k.is_empty()),
     };
     match fetch_status(&url, key.as_deref()) {
+        Err(Fetched::Refused(status, message)) => Err(CliError {
+            exit: Exit::Refused,
+            message: format!(
+                "the server at {url} is up but refused the admin key ({status}: {message}); give an admin key with --admin-key-file or ${ADMIN_KEY_ENV} (one made with `add-client-key --admin`)"
+            ),
+        }),
         Ok(view) => {
             if cmd.json {
                 print_json(&view);
@@ -84,16 +100,16 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Err(why) => {
+        Err(Fetched::Unreachable(why)) => {
             // Say so, show what the config alone knows, and exit with the unreachable code.
             if cmd.json {
                 print_json(
-                    &json!({"server": null, "error": why, "accounts": config_only(&config)}),
+                    &json!({"server": null, "error": why, "accounts": config_only(config.as_ref())}),
                 );
             } else {
                 eprintln!("the server is not reachable at {url}: {why}");
                 eprintln!("what the config says:");
-                let rows: Vec<[String; 4]> = config_only(&config)
+                let rows: Vec<[String; 4]> = config_only(config.as_ref())
                     .iter()
                     .map(|a| {
                         [
@@ -114,7 +130,10 @@ pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
     }
 }
 
-fn config_only(config: &config::Config) -> Vec<Value> {
+fn config_only(config: Option<&config::Config>) -> Vec<Value> {
+    let Some(config) = config else {
+        return Vec::new();
+    };
     let accounts = Accounts::load(config);
     accounts
         .snapshot()
@@ -123,7 +142,16 @@ fn config_only(config: &config::Config) -> Vec<Value> {
         .collect()
 }
 
-fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
+/// Why `fetch_status` has no view.
+enum Fetched {
+    /// Nothing (or nothing that speaks our status) answered.
+    Unreachable(String),
+    /// The server answered 401 or 403: it is up, the admin key is missing or wrong.
+    Refused(u16, String),
+}
+
+fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, Fetched> {
+    let unreachable = Fetched::Unreachable;
     // No redirects: the admin key goes to the URL given and nowhere else.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -136,7 +164,7 @@ fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
     if let Some(key) = key {
         request = request.header("x-api-key", key);
     }
-    let response = request.call().map_err(|e| e.to_string())?;
+    let response = request.call().map_err(|e| unreachable(e.to_string()))?;
     let status = response.status().as_u16();
     if response.status().is_redirection() {
         let target = response
@@ -144,19 +172,25 @@ fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, String> {
             .get("location")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("nowhere");
-        return Err(format!(
+        return Err(unreachable(format!(
             "answered {status}, a redirect to {target}; redirects are not followed (the admin key goes only to the URL given): use --url with the server's own address"
-        ));
+        )));
     }
-    let body = response
-        .into_body()
+    let body = (response.into_body().into_with_config())
+        .limit(16 * 1024 * 1024)
         .read_to_string()
-        .map_err(|e| e.to_string())?;
-    let value: Value = crate::json::from_str(&body)
-        .map_err(|_| format!("answered {status} with something that is not a status"))?;
+        .map_err(|e| unreachable(e.to_string()))?;
+    let value: Value = crate::json::from_str(&body).map_err(|_| {
+        unreachable(format!(
+            "answered {status} with something that is not a status"
+        ))
+    })?;
+    let message = value["error"]["message"].as_str().unwrap_or("").to_string();
+    if matches!(status, 401 | 403) {
+        return Err(Fetched::Refused(status, message));
+    }
     if status != 200 {
-        let message = value["error"]["message"].as_str().unwrap_or("");
-        return Err(format!("answered {status}: {message}"));
+        return Err(unreachable(format!("answered {status}: {message}")));
     }
     Ok(value)
 }
@@ -171,6 +205,17 @@ fn print_status(url: &str, view: &Value) {
         workers["max"],
         view["sticky_pins"]
     );
+    match view["state"]["backend"].as_str() {
+        Some("redis") if view["state"]["redis"] == "down" => println!(
+            "shared state: Redis DOWN ({}); each instance counts on its own",
+            view["state"]["error"].as_str().unwrap_or("")
+        ),
+        Some("redis") => println!("shared state: Redis up"),
+        _ => {}
+    }
+    if let Some(e) = view["config"]["reload_error"].as_str() {
+        println!("config reload FAILING: {e}");
+    }
     // Only trouble is worth a line: a thread that panicked, or connections that did.
     if let Some(threads) = view["supervised"]["threads"].as_object() {
         for (name, t) in threads
