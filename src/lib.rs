@@ -17,6 +17,7 @@ extern crate log;
 pub mod access;
 pub mod accounts;
 pub mod anthropic;
+pub mod applied;
 pub mod auth;
 pub mod cli;
 pub mod config;

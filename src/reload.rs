@@ -66,6 +66,7 @@ pub(crate) fn watch_config(gw: &Gateway, watched: &mut Watched, reload: &Receive
             match config::load(&path) {
                 Ok(fresh) => {
                     apply(gw, &watched.running, &fresh);
+                    crate::applied::record(&path, &fresh.digest);
                     watched.running = fresh;
                     gw.set_reload_error(None);
                 }

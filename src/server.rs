@@ -59,6 +59,9 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
     let signals = prepare_process(&config);
     let listener = bind_main(&config, listen)?;
     let (gateway, journal) = assemble(&config)?;
+    if !config.digest.is_empty() {
+        crate::applied::record(&config.path, &config.digest);
+    }
     announce(&listener);
     let (reload_tx, reload_rx) = mpsc::channel();
     start_background(&gateway, &config, journal.as_ref(), reload_rx)?;
@@ -71,6 +74,7 @@ pub fn run(config: Config, listen: Option<String>) -> Result<(), StartError> {
     if let (Some(ledger), Some(journal)) = (&gateway.ledger, &journal) {
         ledger.flush(&mut journal.lock().unwrap_or_else(|p| p.into_inner()));
     }
+    crate::applied::forget(&config.path);
     info!("stopped");
     Ok(())
 }

@@ -183,3 +183,34 @@ pub fn trim_heap() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_heap() {}
+
+/// Whether process `pid` exists (it may belong to another user).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn is_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether process `pid` runs the same executable as this one (so a pid the kernel reused for
+/// another program is never signalled).
+pub fn runs_this_program(pid: u32) -> bool {
+    let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+    exe(&pid.to_string()).is_some_and(|theirs| Some(theirs) == exe("self"))
+}
+
+/// Asks process `pid` to reload (SIGHUP); a failure (another user's process) is ignored.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn hang_up(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill reads nothing of ours; the caller checked the process runs this program.
+        unsafe {
+            libc::kill(pid, libc::SIGHUP);
+        }
+    }
+}

@@ -535,3 +535,59 @@ fn human_status_shows_a_failing_reload_and_why_each_account_is_out() {
     );
     assert!(said.contains("never logged in: run oauth-start"), "{said}");
 }
+
+#[test]
+fn what_the_cli_writes_is_in_force_before_it_returns() {
+    let up = first_request_limited(&[("retry-after", "300")]);
+    let (gw, ids) = started(&Config::new(up.base_url()), &[("only", KEY_A, &[])]);
+    // The one account rests for five minutes after its 429.
+    let limited = post(&gw);
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    let resting = post(&gw);
+    assert_eq!(
+        resting.status,
+        529,
+        "the account should rest: {}",
+        resting.text()
+    );
+
+    // enable-account puts it back now: no poll, the very next request is served.
+    let out = gw.run_cli(&["enable-account", "--account-id", &ids[0]]);
+    assert_exit(&out, 0, "enable-account");
+    assert!(
+        !printed(&out).contains("has not applied"),
+        "{}",
+        printed(&out)
+    );
+    let back = post(&gw);
+    assert_eq!(
+        back.status,
+        200,
+        "served right after enable-account: {}",
+        back.text()
+    );
+
+    // A key the CLI has just added is accepted by its first request.
+    let out = gw.run_cli(&["add-client-key", "--name", "fresh", "--json"]);
+    assert_exit(&out, 0, "add-client-key");
+    let key = stdout_json(&out, "add-client-key")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let first = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", key.as_str()),
+            ("content-type", "application/json"),
+        ],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_eq!(
+        first.status,
+        200,
+        "the new key's first request: {}",
+        first.text()
+    );
+}

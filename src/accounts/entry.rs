@@ -70,6 +70,13 @@ impl Entry {
             if account.enabled {
                 live.disabled_reason = None;
             }
+            // `enable-account` ran since: the account is back now, whatever it rested for.
+            let stamped = previous.is_some_and(|p| p.account.enabled_at != account.enabled_at);
+            if stamped && account.enabled_at.is_some() {
+                live.health = Default::default();
+                live.suspected_ban = None;
+                live.banned_elsewhere = false;
+            }
         }
         Entry {
             account,

@@ -384,6 +384,7 @@ mod tests {
             weight: 1,
             disabled_reason: None,
             created_at: None,
+            enabled_at: None,
         }
     }
 

@@ -238,6 +238,8 @@ pub fn change_account(
                 m.accounts[index].enabled = *on;
                 if *on {
                     m.accounts[index].disabled_reason = None;
+                    // The stamp a running server applies: rests and the invalid mark go.
+                    m.accounts[index].enabled_at = Some(crate::time::now_unix_millis());
                 }
             }
             Change::Set {

@@ -253,7 +253,35 @@ fn run(cli: Cli) -> Result<(), CliError> {
             eprintln!("warning: {warning}");
         }
     }
-    match cli.command {
+    let writes = matches!(
+        cli.command,
+        Command::AddApiKey(_)
+            | Command::AddOAuth(_)
+            | Command::OAuthCallback(_)
+            | Command::RemoveAccount(_)
+            | Command::EnableAccount(_)
+            | Command::DisableAccount(_)
+            | Command::SetAccount(_)
+            | Command::AddClientKey(_)
+            | Command::UpdateClientKey(_)
+            | Command::RevokeClientKey(_)
+    );
+    let result = dispatch(&path, cli.command);
+    if writes && result.is_ok() {
+        // The change is in config.yaml; a running server honours it before we return.
+        for pid in crate::applied::await_servers(&path) {
+            eprintln!(
+                "warning: the server running as pid {pid} has not applied this change yet (it will at its next check of {})",
+                path.display()
+            );
+        }
+    }
+    result
+}
+
+fn dispatch(path: &std::path::Path, command: Command) -> Result<(), CliError> {
+    let path = path.to_path_buf();
+    match command {
         Command::Server(cmd) => {
             crate::memory::tune_allocator();
             let config = config::load(&path)?;

@@ -210,5 +210,6 @@ fn validate_account(
         weight: a.weight.max(1),
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
+        enabled_at: a.enabled_at,
     })
 }

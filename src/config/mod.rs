@@ -51,6 +51,9 @@ pub struct Config {
     pub client_keys: Vec<ClientKey>,
     /// Things worth telling the operator that do not stop the gateway.
     pub warnings: Vec<String>,
+    /// The digest of the text this config was read from (`applied`); empty when not read
+    /// from a file.
+    pub digest: String,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +233,8 @@ pub struct Account {
     pub weight: u32,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
+    /// When `enable-account` last ran (Unix ms); a change clears the account's rests.
+    pub enabled_at: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +520,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let mut config = validate(path, parse_raw(path, text.as_deref().unwrap_or(""))?)?;
+    if let Some(text) = &text {
+        config.digest = crate::applied::digest(text);
+    }
     if text.is_none() {
         config.warnings.push(format!(
             "no config file at {}; using built-in defaults",

@@ -186,6 +186,10 @@ pub struct RawAccount {
     pub disabled_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+    /// When `enable-account` last ran (Unix ms): a running server that sees it change puts
+    /// the account back in service at once, its rests and invalid mark cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled_at: Option<u64>,
     /// OAuth accounts only, from here on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
@@ -236,6 +240,7 @@ impl RawAccount {
             weight: 1,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
+            enabled_at: None,
             client_id: None,
             client_secret: None,
             access_token: None,

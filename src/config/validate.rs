@@ -152,6 +152,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         accounts,
         client_keys,
         warnings,
+        digest: String::new(),
     })
 }
 
