@@ -30,6 +30,28 @@ impl Managed {
     ) -> Result<String, SecretError> {
         self.sealer.seal(owner, field, value)
     }
+
+    /// Whether an account already holds upstream key `key` (sealed values are opened to
+    /// compare, in constant time; one that does not open is not a match).
+    pub fn holds_api_key(&mut self, key: &Secret) -> Result<bool, SecretError> {
+        for a in &self.accounts {
+            let (Some(id), Some(stored)) = (&a.id, &a.api_key) else {
+                continue;
+            };
+            let stored = if secret::is_sealed(stored) {
+                match self.sealer.key()?.open(id, "api_key", stored) {
+                    Ok(opened) => opened,
+                    Err(_) => continue,
+                }
+            } else {
+                Secret::new(stored.trim())
+            };
+            if secret::constant_time_eq(stored.expose().as_bytes(), key.expose().as_bytes()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// Loads (or creates) the secret key the first time something needs sealing.
@@ -39,6 +61,15 @@ struct Sealer {
 }
 
 impl Sealer {
+    fn key(&mut self) -> Result<&SecretKey, SecretError> {
+        if self.key.is_none() {
+            self.key = Some(self.source.load_or_create()?);
+        }
+        self.key.as_ref().ok_or(SecretError::NoKey {
+            file: self.source.file.clone(),
+        })
+    }
+
     fn seal(&mut self, owner: &str, field: &str, value: &Secret) -> Result<String, SecretError> {
         if let Some(key) = &self.key {
             return Ok(key.seal(owner, field, value));

@@ -706,3 +706,142 @@ fn usage_and_list_client_keys_open_no_secret() {
         "list-accounts without the key",
     );
 }
+
+#[test]
+fn names_are_unique_and_hopeless_limits_are_refused() {
+    let mut gw = Gateway::new(&Config::new(NO_UPSTREAM));
+    let key = "sk-ant-api03-OnlyOneAccountMayHoldMe-u1u1";
+    let prod = gw.add_api_key("prod", key);
+    let refused = |gw: &Gateway, args: &[&str], needle: &str| {
+        let out = gw.run_cli(args);
+        assert_exit(&out, 2, &args.join(" "));
+        assert!(
+            printed(&out).contains(needle),
+            "{}: {}",
+            args.join(" "),
+            printed(&out)
+        );
+    };
+    // The same name, the same upstream key, a rename onto a taken name.
+    refused(
+        &gw,
+        &[
+            "add-api-key",
+            "--name",
+            "prod",
+            "--key",
+            "sk-ant-api03-Another-u2u2",
+        ],
+        "already named",
+    );
+    refused(
+        &gw,
+        &["add-api-key", "--name", "other", "--key", key],
+        "already uses the key",
+    );
+    refused(
+        &gw,
+        &["add-oauth", "--name", "prod", "--client-id", "c"],
+        "already named",
+    );
+    let other = gw.add_api_key("other", "sk-ant-api03-Another-u2u2");
+    refused(
+        &gw,
+        &["set-account", "--account-id", &other, "--name", "prod"],
+        "already named",
+    );
+    assert_exit(
+        &gw.run_cli(&["set-account", "--account-id", &prod, "--name", "prod"]),
+        0,
+        "keeping its own name",
+    );
+    gw.add_client_key("alice");
+    refused(&gw, &["add-client-key", "--name", "alice"], "already named");
+    // Limits no request could pass, and an expiry that has passed.
+    for (flag, value) in [
+        ("--rpm", "0"),
+        ("--max-concurrent", "0"),
+        ("--daily-tokens", "0"),
+        ("--monthly-tokens", "0"),
+    ] {
+        refused(
+            &gw,
+            &["add-client-key", "--name", "z", flag, value],
+            "would refuse every request",
+        );
+    }
+    refused(
+        &gw,
+        &["add-client-key", "--name", "z", "--models", ""],
+        "names no model",
+    );
+    refused(
+        &gw,
+        &["add-client-key", "--name", "z", "--models", " , "],
+        "names no model",
+    );
+    refused(
+        &gw,
+        &["add-client-key", "--name", "z", "--expires", "2020-01-01"],
+        "in the past",
+    );
+    let keys = stdout_json(
+        &gw.run_cli(&["list-client-keys", "--json"]),
+        "list-client-keys",
+    );
+    let id = keys[0]["id"].as_str().expect("id").to_string();
+    refused(
+        &gw,
+        &["update-client-key", "--key-id", &id, "--rpm", "0"],
+        "would refuse every request",
+    );
+    refused(
+        &gw,
+        &[
+            "update-client-key",
+            "--key-id",
+            &id,
+            "--expires",
+            "2020-01-01T00:00:00+05:00",
+        ],
+        "in the past",
+    );
+    // A config written by hand with two accounts of one name loads, with a warning naming it;
+    // so does one whose api_key_env is not set.
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, text.replace("name: other", "name: prod")).expect("write");
+    let out = gw.run_cli(&["list-accounts"]);
+    assert_exit(&out, 0, "list-accounts with duplicate names");
+    // A duration without a unit is refused, naming the fix.
+    let bare = Gateway::with_yaml("server:\n  header_timeout: 30\n");
+    let out = bare.run_cli(&["list-accounts"]);
+    assert_exit(&out, 3, "a duration without a unit");
+    assert!(printed(&out).contains("write 30s"), "{}", printed(&out));
+}
+
+#[test]
+fn the_server_warns_about_duplicate_names_and_unset_key_variables() {
+    let mut gw = Gateway::new(&Config::new(NO_UPSTREAM));
+    gw.add_api_key("prod", "sk-ant-api03-FirstOfTwoNamedProd-w1w1");
+    gw.add_api_key("other", "sk-ant-api03-SecondOfTwoNamedProd-w2w2");
+    gw.add_client_key("tests");
+    let path = gw.config_path();
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replace("name: other", "name: prod").replacen(
+        "  - id: acc_",
+        "  - name: from-env\n    kind: api_key\n    api_key_env: LLM_GATEWAY_TEST_UNSET_KEY\n  - id: acc_",
+        1,
+    );
+    std::fs::write(&path, text).expect("write");
+    gw.start();
+    let said = gw.stderr();
+    assert!(
+        said.contains("several accounts share a name (prod)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("from-env") && said.contains("LLM_GATEWAY_TEST_UNSET_KEY, which is not set"),
+        "{said}"
+    );
+}

@@ -72,8 +72,11 @@ fn no_enabled_account_gives_503() {
     assert_error(&resp, 503, None);
 
     let mut disabled = Gateway::new(&Config::new(up.base_url()));
-    for name in ["first", "second"] {
-        let id = disabled.add_api_key(name, ACCOUNT_KEY);
+    for (name, key) in [
+        ("first", ACCOUNT_KEY),
+        ("second", "sk-ant-api03-SecondDisabled-0002"),
+    ] {
+        let id = disabled.add_api_key(name, key);
         let out = disabled.run_cli(&["disable-account", "--account-id", &id]);
         assert_exit(&out, 0, "disable-account");
     }

@@ -109,6 +109,13 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
     }
     let id = store::update(path, |m| {
+        unique_account_name(m, &name, None)?;
+        if m.holds_api_key(&key)? {
+            return Err(ChangeError::Change(CliError::usage(format!(
+                "an account already uses the key {}; see `llm-gateway list-accounts`",
+                key.mask()
+            ))));
+        }
         let id = new_id("acc_", |id| {
             m.accounts.iter().any(|a| a.id.as_deref() == Some(id))
         });
@@ -190,6 +197,25 @@ pub enum Change {
     },
 }
 
+/// Refuses `name` when an account other than `except` has it: metrics and logs label by name.
+pub fn unique_account_name(
+    m: &store::Managed,
+    name: &str,
+    except: Option<&str>,
+) -> Result<(), ChangeError<CliError>> {
+    let taken = m
+        .accounts
+        .iter()
+        .find(|a| a.name == name && (except.is_none() || a.id.as_deref() != except));
+    match taken {
+        Some(a) => Err(ChangeError::Change(CliError::usage(format!(
+            "an account is already named {name:?} ({}); names label metrics and logs, so each must be unique",
+            a.id.as_deref().unwrap_or("no id")
+        )))),
+        None => Ok(()),
+    }
+}
+
 /// A weight of 0 would starve the account silently: refuse it.
 pub fn check_weight(weight: u32) -> Result<u32, CliError> {
     if weight == 0 {
@@ -247,6 +273,10 @@ pub fn change_account(
                 priority,
                 weight,
             } => {
+                if let Some(name) = name {
+                    let own = m.accounts[index].id.clone();
+                    unique_account_name(m, name, own.as_deref())?;
+                }
                 let a = &mut m.accounts[index];
                 if let Some(name) = name {
                     a.name.clone_from(name);

@@ -117,36 +117,90 @@ fn models_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `--expires`: a date (the key ends at 00:00 UTC that day) or an RFC 3339 time with its
+/// offset, in the future.
 fn check_expires(text: &str) -> Result<String, CliError> {
-    config::parse_time(text)
-        .map(|_| text.trim().to_string())
-        .ok_or_else(|| {
-            CliError::usage(format!(
-                "--expires {text:?}: use 2026-12-31 or an RFC 3339 time"
-            ))
-        })
+    let at = config::parse_time(text).ok_or_else(|| {
+        CliError::usage(format!(
+            "--expires {text:?}: use 2026-12-31 (the key ends at 00:00 UTC that day) or an RFC 3339 time such as 2026-12-31T18:00:00+01:00"
+        ))
+    })?;
+    if at <= time::now_unix() {
+        return Err(CliError::usage(format!(
+            "--expires {text:?} is in the past: the key would never work; to end a key now, use revoke-client-key or update-client-key --disable"
+        )));
+    }
+    Ok(text.trim().to_string())
 }
 
-/// `none` → `Some(None)` (remove the limit); a number → `Some(Some(n))`.
-fn limit<T: std::str::FromStr>(
+/// `--models`: a non-empty list (an empty one would mean every model, surely not meant).
+fn check_models(text: &str) -> Result<Vec<String>, CliError> {
+    let models = models_list(text);
+    if models.is_empty() {
+        return Err(CliError::usage(format!(
+            "--models {text:?} names no model: give a comma-separated list (omit --models for every model)"
+        )));
+    }
+    Ok(models)
+}
+
+/// A limit of 0 would refuse every request: that is disabling, said plainly.
+fn check_positive<T: PartialEq + Default + Copy>(
+    flag: &str,
+    value: Option<T>,
+) -> Result<Option<T>, CliError> {
+    if value == Some(T::default()) {
+        return Err(CliError::usage(format!(
+            "--{flag} 0 would refuse every request; to stop a key, use update-client-key --disable"
+        )));
+    }
+    Ok(value)
+}
+
+/// `none` → `Some(None)` (remove the limit); a number above 0 → `Some(Some(n))`.
+fn limit<T: std::str::FromStr + PartialEq + Default + Copy>(
     flag: &str,
     value: &Option<String>,
 ) -> Result<Option<Option<T>>, CliError> {
     match value.as_deref().map(str::trim) {
         None => Ok(None),
         Some("none") => Ok(Some(None)),
-        Some(v) => v
-            .parse()
-            .map(|n| Some(Some(n)))
-            .map_err(|_| CliError::usage(format!("--{flag} {v:?}: a whole number, or none"))),
+        Some(v) => {
+            let n = v
+                .parse()
+                .map_err(|_| CliError::usage(format!("--{flag} {v:?}: a whole number, or none")))?;
+            Ok(Some(check_positive(flag, Some(n))?))
+        }
+    }
+}
+
+/// Refuses `name` when a key other than `except` has it (revoked keys keep theirs, for the
+/// usage history).
+fn unique_key_name(
+    m: &store::Managed,
+    name: &str,
+    except: Option<&str>,
+) -> Result<(), ChangeError<CliError>> {
+    match (m.client_keys.iter()).find(|k| k.name == name && Some(k.id.as_str()) != except) {
+        Some(k) => Err(ChangeError::Change(CliError::usage(format!(
+            "a client key is already named {name:?} ({}); names label logs and usage, so each must be unique",
+            k.id
+        )))),
+        None => Ok(()),
     }
 }
 
 pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
     let name = check_name(&cmd.name)?;
     let expires = cmd.expires.as_deref().map(check_expires).transpose()?;
+    let models = cmd.models.as_deref().map(check_models).transpose()?;
+    let rpm = check_positive("rpm", cmd.rpm)?;
+    let max_concurrent = check_positive("max-concurrent", cmd.max_concurrent)?;
+    let daily_tokens = check_positive("daily-tokens", cmd.daily_tokens)?;
+    let monthly_tokens = check_positive("monthly-tokens", cmd.monthly_tokens)?;
     let key = auth::generate_key();
     let id = store::update(path, |m| {
+        unique_key_name(m, &name, None)?;
         let id = new_id("ck_", |id| m.client_keys.iter().any(|k| k.id == id));
         m.client_keys.push(RawClientKey {
             id: id.clone(),
@@ -155,11 +209,11 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
             prefix: Some(key.expose().chars().take(12).collect()),
             enabled: true,
             admin: cmd.admin,
-            models: cmd.models.as_deref().map(models_list).unwrap_or_default(),
-            rpm: cmd.rpm,
-            max_concurrent: cmd.max_concurrent,
-            daily_tokens: cmd.daily_tokens,
-            monthly_tokens: cmd.monthly_tokens,
+            models: models.clone().unwrap_or_default(),
+            rpm,
+            max_concurrent,
+            daily_tokens,
+            monthly_tokens,
             expires: expires.clone(),
             revoked_at: None,
             created_at: Some(time::rfc3339(time::now_unix())),
@@ -279,6 +333,12 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         return Err(CliError::usage("give --enable or --disable, not both"));
     }
     let name = cmd.name.as_deref().map(check_name).transpose()?;
+    // `none` lifts the allow-list; an empty list is refused as on add-client-key.
+    let models = match cmd.models.as_deref().map(str::trim) {
+        None => None,
+        Some("none") => Some(Vec::new()),
+        Some(text) => Some(check_models(text)?),
+    };
     let rpm = limit::<u32>("rpm", &cmd.rpm)?;
     let concurrent = limit::<u32>("max-concurrent", &cmd.max_concurrent)?;
     let daily = limit::<u64>("daily-tokens", &cmd.daily_tokens)?;
@@ -289,6 +349,9 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         Some(text) => Some(Some(check_expires(text)?)),
     };
     let updated = store::update(path, |m| {
+        if let Some(name) = &name {
+            unique_key_name(m, name, Some(&cmd.key_id))?;
+        }
         let k = find(&mut m.client_keys, &cmd.key_id)?;
         if k.revoked_at.is_some() {
             return Err(ChangeError::Change(CliError::usage(format!(
@@ -299,8 +362,8 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         if let Some(name) = &name {
             k.name.clone_from(name);
         }
-        if let Some(models) = &cmd.models {
-            k.models = models_list(models);
+        if let Some(models) = &models {
+            k.models.clone_from(models);
         }
         if let Some(v) = rpm {
             k.rpm = v;

@@ -125,6 +125,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         )?),
     };
     let id = store::update(path, |m| {
+        super::accounts::unique_account_name(m, &name, None)?;
         let id = new_id("acc_", |id| {
             m.accounts.iter().any(|a| a.id.as_deref() == Some(id))
         });

@@ -154,7 +154,13 @@ fn validate_account(
             }
             (None, Some(var)) => match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Credential::ApiKey(Secret::new(v.trim())),
-                _ => Credential::Unusable(format!("environment variable {var} is not set")),
+                _ => {
+                    warnings.push(format!(
+                        "account {id} ({}): its api_key_env names {var}, which is not set; the account cannot serve until it is",
+                        a.name
+                    ));
+                    Credential::Unusable(format!("environment variable {var} is not set"))
+                }
             },
         },
         AccountKind::Oauth => {

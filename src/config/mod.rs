@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(Dur::parse("30s"), Some(Duration::from_secs(30)));
         assert_eq!(Dur::parse("5m"), Some(Duration::from_secs(300)));
         assert_eq!(Dur::parse("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(Dur::parse("12"), Some(Duration::from_secs(12)));
+        assert_eq!(Dur::parse("12"), None, "a bare number has no unit");
         assert_eq!(Dur::parse("1d"), None);
         assert_eq!(Dur::parse("s"), None);
         assert_eq!(Dur::parse("99999999999999999999h"), None);
@@ -623,6 +623,8 @@ mod tests {
         assert!(parse("server:\n  header_timeout: 1d\n").is_err());
         assert!(parse("server:\n  worker_idle: 0s\n").is_err());
         assert!(parse("server:\n  worker_idle: soon\n").is_err());
+        let bare = parse("server:\n  header_timeout: 30\n").expect_err("no unit");
+        assert!(bare.to_string().contains("write 30s"), "{bare}");
         assert!(parse("upstream:\n  base_url: ftp://x\n").is_err());
         assert!(parse("server:\n  listen: nowhere\n").is_err());
         assert!(parse("log:\n  level: loud\n").is_err());

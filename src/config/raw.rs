@@ -362,7 +362,8 @@ impl Dur {
         let n: u64 = digits.parse().ok()?;
         let millis = match unit.trim() {
             "ms" => n,
-            "" | "s" => n.checked_mul(1000)?,
+            // A bare number is refused: 30 could mean seconds or milliseconds.
+            "s" => n.checked_mul(1000)?,
             "m" => n.checked_mul(60_000)?,
             "h" => n.checked_mul(3_600_000)?,
             _ => return None,
@@ -380,17 +381,19 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration such as 500ms, 30s, 5m or 1h")
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
-                Ok(Dur(Duration::from_secs(v)))
+                Err(E::custom(format!(
+                    "the duration {v} has no unit: write {v}s, or use ms, m or h"
+                )))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
-                u64::try_from(v)
-                    .map(|v| Dur(Duration::from_secs(v)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                Err(E::custom(format!(
+                    "the duration {v} has no unit (and cannot be negative): write it like 30s"
+                )))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
                 Dur::parse(v).map(Dur).ok_or_else(|| {
                     E::custom(format!(
-                        "invalid duration {v:?}: use a number with ms, s, m or h, such as 30s"
+                        "invalid duration {v:?}: use a number with its unit, ms, s, m or h, such as 30s"
                     ))
                 })
             }

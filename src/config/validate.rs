@@ -127,6 +127,14 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         AccountError::Invalid(m) => invalid(m),
     })?;
     let client_keys = client_keys(raw.client_keys.unwrap_or_default()).map_err(invalid)?;
+    warnings.extend(duplicate_names(
+        "accounts",
+        accounts.iter().map(|a| &a.name),
+    ));
+    warnings.extend(duplicate_names(
+        "client keys",
+        client_keys.iter().map(|k| &k.name),
+    ));
     let state = redis_settings(&raw.state, dir, &keys, key).map_err(invalid)?;
     let auth_open = raw.auth.open.unwrap_or(false);
     if auth_open {
@@ -153,6 +161,24 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         client_keys,
         warnings,
         digest: String::new(),
+    })
+}
+
+/// A warning naming the names several `what` share (metrics and logs label by name, so two
+/// with one name cannot be told apart); the CLI refuses new ones.
+fn duplicate_names<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Option<String> {
+    let mut names: Vec<&String> = names.collect();
+    names.sort();
+    let mut repeated: Vec<&str> = (names.windows(2))
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].as_str())
+        .collect();
+    repeated.dedup();
+    (!repeated.is_empty()).then(|| {
+        format!(
+            "several {what} share a name ({}): metrics and logs cannot tell them apart; rename them (set-account --name, update-client-key --name)",
+            repeated.join(", ")
+        )
     })
 }
 

@@ -139,7 +139,8 @@ fn writer(gw: &Gateway, w: usize, seed: u64, stop: &AtomicBool, written: &Mutex<
                 }
             }
             _ => {
-                let key = format!("sk-ant-api03-StateFault{w}x{n}KEY-{:04}", n % 10_000);
+                // Unique like the name: an upstream key is held by one account only.
+                let key = format!("sk-ant-api03-StateFault-{name}");
                 let args = ["add-api-key", "--name", &name, "--key", &key, "--json"];
                 let result = cli(gw, &args, kill);
                 let mut w = written.lock().expect("written");

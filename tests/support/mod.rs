@@ -517,6 +517,29 @@ impl Gateway {
         self.dir.path().join("config.yaml")
     }
 
+    /// Sets client key `id`'s `expires` in config.yaml by hand, as an operator could: the CLI
+    /// refuses an expiry already past, and tests need expired keys.
+    pub fn expire_client_key(&self, id: &str, expires: &str) {
+        let text = self.config_text();
+        let mut out = Vec::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("- id: ") {
+                inside = line.trim_start() == format!("- id: {id}");
+                out.push(line.to_string());
+                if inside {
+                    out.push(format!("    expires: '{expires}'"));
+                }
+                continue;
+            }
+            if inside && line.trim_start().starts_with("expires:") {
+                continue;
+            }
+            out.push(line.to_string());
+        }
+        std::fs::write(self.config_path(), out.join("\n") + "\n").expect("write config.yaml");
+    }
+
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(self.config_path()).expect("read config.yaml")
     }

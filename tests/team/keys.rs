@@ -108,7 +108,8 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
     assert!(full_key.starts_with("lgw_"), "{full_key}");
     let (plain_id, plain_key) = add_key(&gw, "plain", &[]);
     let (rfc_id, _) = add_key(&gw, "until-rfc3339", &["--expires", "2099-06-30T12:30:00Z"]);
-    let (old_id, old_key) = add_key(&gw, "expired", &["--expires", "2020-01-01"]);
+    let (old_id, old_key) = add_key(&gw, "expired", &[]);
+    gw.expire_client_key(&old_id, "2020-01-01");
     let (victim_id, victim_key) = add_key(&gw, "victim", &[]);
     let after = unix_now();
     let all_keys = [&full_key, &plain_key, &old_key, &victim_key];
@@ -334,8 +335,9 @@ fn keys_are_added_listed_updated_and_revoked_and_a_running_server_follows() {
         200,
     );
 
-    // Expiry set while running, as an RFC 3339 time a minute ago; then removed.
-    let past = crate::support::now_unix() - 60;
+    // Expiry set while running, as an RFC 3339 time a second ahead (the CLI refuses one
+    // already past): the key gets 401 once it passes; then the expiry is removed.
+    let past = crate::support::now_unix() + 1;
     let past = format!(
         "{}T{:02}:{:02}:{:02}Z",
         super::utc_date(past),
@@ -400,7 +402,9 @@ fn an_expiry_with_an_offset_is_the_instant_it_names() {
     gw.add_api_key("primary", ACCOUNT_KEY);
     let local = llm_gateway::time::rfc3339(unix_now() as u64 - 3600 + 5 * 3600);
     let expired_at = local.replace('Z', "+05:00");
-    let (_, expired) = add_key(&gw, "expired-east", &["--expires", &expired_at]);
+    let (expired_id, expired) = add_key(&gw, "expired-east", &[]);
+    // Written by hand: the CLI refuses an expiry already past.
+    gw.expire_client_key(&expired_id, &expired_at);
     let soon =
         llm_gateway::time::rfc3339(unix_now() as u64 + 3600 - 5 * 3600).replace('Z', "-05:00");
     let (_, live) = add_key(&gw, "live-west", &["--expires", &soon]);
