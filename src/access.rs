@@ -1,10 +1,13 @@
-//! The access log: one JSON line per request (time, request id, client key name, account,
-//! model, format, status, latency, time to first byte, tokens, attempts) to stderr or to a file
-//! named in the config, what is learned about a request on its way (`Names`), and its id.
-//! Lines carry names and ids only, never a credential.
+//! The access log: one JSON line per request (time, request id, client key name and id, the
+//! client's address and user agent, account, model, format, status, latency, time to first
+//! byte, tokens, attempts, and each failed attempt when there was failover) to stderr or to a
+//! file named in the config, what is learned about a request on its way (`Names`), its id,
+//! and who the client is behind trusted proxies (`client_address`). Lines carry names and ids
+//! only, never a credential.
 
 use std::fs::File;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -62,6 +65,82 @@ pub struct Names {
     /// Errors go out in this format.
     pub format: Format,
     pub error: Option<String>,
+    /// The client's address (`client_address`) and user agent (bounded).
+    pub address: Option<String>,
+    pub user_agent: Option<String>,
+    /// The attempts that failed before the answer, when there was failover.
+    pub tried: Vec<Tried>,
+}
+
+/// One attempt that did not serve the request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tried {
+    pub account: String,
+    /// The upstream's status, when it answered.
+    pub status: Option<u16>,
+    pub ms: f64,
+    pub why: String,
+}
+
+/// A network and its prefix length (`10.0.0.0/8`, `::1/128`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, bits) = match text.trim().split_once('/') {
+            Some((a, b)) => (a, Some(b.parse::<u8>().ok()?)),
+            None => (text.trim(), None),
+        };
+        let net: IpAddr = addr.parse().ok()?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Cidr { net, bits })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (net, ip, width) = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => {
+                (u128::from(n.to_bits()), u128::from(i.to_bits()), 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(i)) => (n.to_bits(), i.to_bits(), 128),
+            _ => return false,
+        };
+        let shift = width - u32::from(self.bits);
+        shift >= width || (net >> shift) == (ip >> shift)
+    }
+}
+
+/// Who the client is: the peer, unless the peer is a trusted proxy; then the rightmost
+/// address of `X-Forwarded-For` that is not one (every address before it could be forged by
+/// the client), or the leftmost when all are.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    forwarded: &[&str],
+    trusted: &[Cidr],
+) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return Some(peer);
+    }
+    let hops: Vec<IpAddr> = (forwarded.iter())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    let client = hops
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(**ip))
+        .or(hops.first());
+    Some(client.copied().unwrap_or(peer))
 }
 
 impl Default for Names {
@@ -75,6 +154,9 @@ impl Default for Names {
             attempts: 0,
             format: Format::Anthropic,
             error: None,
+            address: None,
+            user_agent: None,
+            tried: Vec::new(),
         }
     }
 }
@@ -99,6 +181,9 @@ impl AccessLine<'_> {
             method: Option<&'a str>,
             path: Option<&'a str>,
             client: &'a str,
+            client_id: Option<&'a str>,
+            address: Option<&'a str>,
+            user_agent: Option<&'a str>,
             account: Option<&'a str>,
             model: Option<&'a str>,
             format: &'static str,
@@ -107,6 +192,8 @@ impl AccessLine<'_> {
             ttfb_ms: Option<f64>,
             tokens: Tokens,
             attempts: u32,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            failover: &'a [Tried],
             error: Option<&'a str>,
         }
         #[derive(serde::Serialize)]
@@ -123,6 +210,9 @@ impl AccessLine<'_> {
             method: self.method,
             path: self.path,
             client: &names.client,
+            client_id: names.client_id.as_deref(),
+            address: names.address.as_deref(),
+            user_agent: names.user_agent.as_deref(),
             account: names.account_id.as_deref(),
             model: names.model.as_deref(),
             format: match names.format {
@@ -139,6 +229,7 @@ impl AccessLine<'_> {
                 cache_read: meter.usage.cache_read,
             },
             attempts: names.attempts,
+            failover: &names.tried,
             error: self.error,
         };
         let mut out = Vec::with_capacity(512);
@@ -176,4 +267,63 @@ fn new_request_id() -> String {
     let prefix = PREFIX.get_or_init(|| crate::encoding::hex(&crate::secret::random_bytes::<8>()));
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("req_{prefix}{n:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn cidrs_match_their_networks_only() {
+        let lan = Cidr::parse("10.0.0.0/8").expect("cidr");
+        assert!(lan.contains(ip("10.200.1.2")) && !lan.contains(ip("11.0.0.1")));
+        assert!(
+            lan.contains(ip("::ffff:10.1.2.3")),
+            "an IPv4-mapped IPv6 address"
+        );
+        let host = Cidr::parse("127.0.0.1").expect("a bare address is one host");
+        assert!(host.contains(ip("127.0.0.1")) && !host.contains(ip("127.0.0.2")));
+        let v6 = Cidr::parse("fd00::/8").expect("cidr");
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("all")
+                .contains(ip("8.8.8.8"))
+        );
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", ""] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop() {
+        let trusted = [Cidr::parse("10.0.0.0/8").expect("cidr")];
+        let peer = Some(ip("10.0.0.5"));
+        // The client may forge what it puts first; the proxy appends the real peer.
+        let xff = ["6.6.6.6, 203.0.113.7", "10.0.0.9"];
+        assert_eq!(
+            client_address(peer, &xff, &trusted),
+            Some(ip("203.0.113.7"))
+        );
+        // A peer that is no trusted proxy is the client, whatever it claims.
+        assert_eq!(
+            client_address(Some(ip("198.51.100.1")), &xff, &trusted),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(client_address(peer, &[], &trusted), peer);
+        assert_eq!(client_address(peer, &["garbage"], &trusted), peer);
+        assert_eq!(
+            client_address(peer, &["10.1.1.1"], &trusted),
+            Some(ip("10.1.1.1"))
+        );
+        assert_eq!(
+            client_address(peer, &xff, &[]),
+            peer,
+            "nothing trusted by default"
+        );
+    }
 }

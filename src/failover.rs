@@ -28,6 +28,8 @@ use crate::upstream::{Answer, UpstreamError};
 pub struct Attempts {
     pub count: u32,
     pub last: Option<(String, String)>,
+    /// The attempts that did not serve, in order.
+    pub tried: Vec<crate::access::Tried>,
 }
 
 /// Tries accounts for `req` until one answers; returns the answer and the account it came
@@ -68,7 +70,10 @@ pub fn run(
             pick.entry.id(),
             pick.entry.account.name
         );
-        match attempt(gw, req, &pick.entry)? {
+        let attempt_started = Instant::now();
+        let step = attempt(gw, req, &pick.entry);
+        gw.metrics.attempt(&pick.entry.account.name, outcome(&step));
+        match step? {
             Step::Done(answer) => {
                 debug!("account {} answers {}", pick.entry.id(), answer.status());
                 return Ok((answer, Some(pick)));
@@ -82,10 +87,32 @@ pub fn run(
                     "account {} cannot serve it ({what}); trying the next",
                     pick.entry.id()
                 );
+                gw.metrics.failover(&pick.entry.account.name);
+                attempts.tried.push(crate::access::Tried {
+                    account: pick.entry.id().to_string(),
+                    status: why.as_ref().ok().map(Answer::status),
+                    ms: (attempt_started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+                    why: what,
+                });
                 tried.push(pick.entry.id().to_string());
                 fallback = Some(why);
             }
         }
+    }
+}
+
+/// How an attempt ended, as `llm_gateway_upstream_attempts_total` labels it.
+fn outcome(step: &Result<Step, ApiError>) -> &'static str {
+    match step {
+        Ok(Step::Done(_)) => "answered",
+        Ok(Step::Next(Ok(answer))) => match answer.status() {
+            429 => "rate_limited",
+            401 => "auth_failed",
+            400 | 403 => "banned",
+            _ => "upstream_error",
+        },
+        Ok(Step::Next(Err(_))) => "unreachable",
+        Err(_) => "refused",
     }
 }
 
@@ -114,6 +141,7 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
             gw.metrics.upstream_latency.observe(sent_at.elapsed());
+            (gw.metrics.account_upstream_latency).observe(&entry.account.name, sent_at.elapsed());
             answer
         }
         // The request itself cannot be sent (an invalid header): no account would do better.

@@ -30,6 +30,7 @@ pub struct Settings {
     pub models: ModelSettings,
     pub limits: Limits,
     pub access_log: bool,
+    pub trusted_proxies: Vec<crate::access::Cidr>,
 }
 
 impl Settings {
@@ -47,6 +48,7 @@ impl Settings {
                 body_rate_grace: s.body_rate_grace,
             },
             access_log: config.access_log,
+            trusted_proxies: s.trusted_proxies.clone(),
         }
     }
 }

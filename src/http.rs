@@ -119,6 +119,8 @@ pub enum Framing {
 pub struct Conn {
     /// Shared with the server's connection registry, which may shut an idle one down.
     pub(crate) stream: Arc<TcpStream>,
+    /// The peer's address, read once at accept.
+    pub peer: Option<std::net::IpAddr>,
     buf: Vec<u8>,
     served: u64,
     /// What the current request's head said, once read: for answering and logging a request
@@ -166,6 +168,7 @@ fn is_timeout(e: &io::Error) -> bool {
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
         Conn {
+            peer: stream.peer_addr().ok().map(|a| a.ip()),
             stream: Arc::new(stream),
             buf: Vec::new(),
             served: 0,

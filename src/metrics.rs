@@ -37,15 +37,45 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of one histogram; `labels` (`account="x",`) go before `le`.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, count) in BUCKETS.iter().zip(&self.counts) {
             cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let braces = match labels.trim_end_matches(',') {
+            "" => String::new(),
+            labels => format!("{{{labels}}}"),
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
+        );
+    }
+}
+
+/// One histogram per account name (names come from the config, so the set is bounded).
+#[derive(Default)]
+pub struct PerAccount(Mutex<BTreeMap<String, Histogram>>);
+
+impl PerAccount {
+    pub fn observe(&self, account: &str, d: Duration) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(account.to_string()).or_default().observe(d);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (account, h) in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            h.render_series(out, name, &format!("account=\"{}\",", escape(account)));
+        }
     }
 }
 
@@ -69,6 +99,12 @@ pub struct Metrics {
     in_flight: AtomicI64,
     pub upstream_latency: Histogram,
     pub time_to_first_token: Histogram,
+    pub account_upstream_latency: PerAccount,
+    pub account_time_to_first_token: PerAccount,
+    /// (account, outcome) → upstream attempts.
+    attempts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// account → times a request moved on from it to another account.
+    failovers: Mutex<BTreeMap<String, u64>>,
     started: Option<Instant>,
 }
 
@@ -150,6 +186,19 @@ impl Metrics {
         }
     }
 
+    /// One upstream attempt with `account` and how it ended (`answered`, `rate_limited`,
+    /// `auth_failed`, `banned`, `upstream_error`, `unreachable`).
+    pub fn attempt(&self, account: &str, outcome: &'static str) {
+        let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((account.to_string(), outcome)).or_default() += 1;
+    }
+
+    /// A request moved on from `account` to try another.
+    pub fn failover(&self, account: &str) {
+        let mut map = self.failovers.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(account.to_string()).or_default() += 1;
+    }
+
     /// The text exposition format (version 0.0.4).
     pub fn render(&self, accounts: &Accounts) -> String {
         let mut out = String::with_capacity(4096);
@@ -193,6 +242,42 @@ impl Metrics {
             "llm_gateway_time_to_first_token_seconds",
             "Time from a request's arrival to the first byte of its answer reaching the client.",
         );
+        self.account_upstream_latency.render(
+            &mut out,
+            "llm_gateway_account_upstream_latency_seconds",
+            "Time from sending a request upstream to its response head, by account.",
+        );
+        self.account_time_to_first_token.render(
+            &mut out,
+            "llm_gateway_account_time_to_first_token_seconds",
+            "Time from a request's arrival to the first byte of its answer, by the account that served it.",
+        );
+        out.push_str("# HELP llm_gateway_upstream_attempts_total Upstream attempts, by account and outcome.\n# TYPE llm_gateway_upstream_attempts_total counter\n");
+        for ((account, outcome), n) in self
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "llm_gateway_upstream_attempts_total{{account=\"{}\",outcome=\"{outcome}\"}} {n}",
+                escape(account)
+            );
+        }
+        out.push_str("# HELP llm_gateway_failovers_total Requests that moved on from an account to another, by the account left.\n# TYPE llm_gateway_failovers_total counter\n");
+        for (account, n) in self
+            .failovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "llm_gateway_failovers_total{{account=\"{}\"}} {n}",
+                escape(account)
+            );
+        }
         out.push_str("# HELP llm_gateway_account_state 1 for each account's current state.\n# TYPE llm_gateway_account_state gauge\n");
         let now = Instant::now();
         let entries = accounts.snapshot();

@@ -44,6 +44,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
     let started = Instant::now();
     let request_id = request_id(&req);
     let mut names = Names::default();
+    learn_client(gw, &req, conn.peer, &mut names);
     let _in_flight = gw.metrics.in_flight();
     let mut meter = Meter::default();
     // The head decides first (route, key, limits); only an admitted request's body is read.
@@ -240,6 +241,9 @@ fn account_for(
         });
         if let Some(first) = meter.first_byte {
             gw.metrics.time_to_first_token.observe(first - started);
+            if names.account_id.is_some() {
+                (gw.metrics.account_time_to_first_token).observe(&names.account, first - started);
+            }
         }
     }
     if gw.live().access_log {
@@ -399,6 +403,10 @@ fn serve(
         names.account_id = Some(id);
     }
     names.attempts = attempts.count;
+    // The attempts that failed, when there was failover (one attempt is its own story).
+    if attempts.count > 1 {
+        names.tried = attempts.tried;
+    }
     let (answer, pick) = answered?;
     Ok(Served::Upstream(answer, pick, shape, permit))
 }
@@ -532,6 +540,24 @@ pub fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
         )));
     }
     Ok(format)
+}
+
+/// Who is asking, for the access line: the address (behind `server.trusted_proxies`, the
+/// client they name) and the user agent, cut to 256 bytes at a character boundary.
+fn learn_client(gw: &Gateway, req: &Request, peer: Option<std::net::IpAddr>, names: &mut Names) {
+    let forwarded: Vec<&str> = (req.headers.iter())
+        .filter(|(n, _)| n == "x-forwarded-for")
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .collect();
+    let trusted = &gw.live().trusted_proxies;
+    names.address = crate::access::client_address(peer, &forwarded, trusted).map(|a| a.to_string());
+    names.user_agent = req.header("user-agent").map(|ua| {
+        let mut end = ua.len().min(256);
+        while !ua.is_char_boundary(end) {
+            end -= 1;
+        }
+        ua[..end].to_string()
+    });
 }
 
 /// Sends `error` in the client's format. Returns whether the connection may be reused.

@@ -591,3 +591,85 @@ fn what_the_cli_writes_is_in_force_before_it_returns() {
         first.text()
     );
 }
+
+#[test]
+fn the_access_line_and_metrics_show_who_asked_and_every_failed_attempt() {
+    let up = FakeUpstream::start(|req| {
+        if req.api_key() == KEY_A {
+            Reply::json(
+                500,
+                r#"{"type":"error","error":{"type":"api_error","message":"boom"}}"#,
+            )
+        } else {
+            Reply::json(
+                200,
+                r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#,
+            )
+        }
+    });
+    let config = Config::new(up.base_url())
+        .admin_listen("127.0.0.1:0")
+        .server("trusted_proxies", "[127.0.0.0/8]")
+        .section("balance:\n  strategy: fill_first\n");
+    let (gw, ids) = started(
+        &config,
+        &[("a", KEY_A, &[]), ("b", KEY_B, &["--priority", "1"])],
+    );
+    let resp = call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", gw.client_key()),
+            ("content-type", "application/json"),
+            ("user-agent", "claude-cli/2.1.197 (external, cli)"),
+            // A trusted proxy (the loopback peer) says who its client is; what the client
+            // wrote before it is not believed.
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
+        ],
+        MESSAGE_BODY.as_bytes(),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let access_line = || {
+        (gw.stderr().lines())
+            .find(|l| l.contains("\"path\":\"/v1/messages\""))
+            .map(String::from)
+    };
+    poll_until(Duration::from_secs(2), "the access line", || {
+        access_line().is_some()
+    });
+    let line = access_line().expect("the access line");
+    let line: Value = serde_json::from_str(&line).expect("an access line is JSON");
+    assert_eq!(line["client"], "tests", "{line}");
+    assert!(
+        line["client_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("ck_")),
+        "{line}"
+    );
+    assert_eq!(line["address"], "203.0.113.9", "{line}");
+    assert_eq!(
+        line["user_agent"], "claude-cli/2.1.197 (external, cli)",
+        "{line}"
+    );
+    assert_eq!(line["attempts"], 2, "{line}");
+    let failed = line["failover"].as_array().expect("the failed attempts");
+    assert_eq!(failed.len(), 1, "{line}");
+    assert_eq!(failed[0]["account"], ids[0].as_str(), "{line}");
+    assert_eq!(failed[0]["status"], 500, "{line}");
+    assert!(
+        failed[0]["ms"].is_number() && failed[0]["why"].as_str().is_some_and(|w| w.contains("500")),
+        "{line}"
+    );
+
+    let metrics = call(gw.admin_addr(), "GET", "/metrics", &[], b"").text();
+    for sample in [
+        "llm_gateway_upstream_attempts_total{account=\"a\",outcome=\"upstream_error\"} 1",
+        "llm_gateway_upstream_attempts_total{account=\"b\",outcome=\"answered\"} 1",
+        "llm_gateway_failovers_total{account=\"a\"} 1",
+        "llm_gateway_account_upstream_latency_seconds_count{account=\"b\"} 1",
+        "llm_gateway_account_time_to_first_token_seconds_count{account=\"b\"} 1",
+    ] {
+        assert!(metrics.contains(sample), "no {sample} in:\n{metrics}");
+    }
+}

@@ -81,6 +81,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// How long a worker beyond the few kept waits idle before its thread ends.
     pub worker_idle: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed, for the client address logged.
+    pub trusted_proxies: Vec<crate::access::Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

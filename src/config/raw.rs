@@ -42,6 +42,8 @@ pub struct RawServer {
     pub body_rate_grace: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
     pub worker_idle: Option<Dur>,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` names the client in the access log.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

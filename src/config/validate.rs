@@ -209,6 +209,15 @@ fn server(s: &RawServer) -> Result<ServerSettings, String> {
         reuse_port: s.reuse_port.unwrap_or(false),
         shutdown_grace: dur(s.shutdown_grace, default::SHUTDOWN_GRACE),
         worker_idle: dur(s.worker_idle, default::WORKER_IDLE),
+        trusted_proxies: (s.trusted_proxies.iter().flatten())
+            .map(|c| {
+                crate::access::Cidr::parse(c).ok_or_else(|| {
+                    format!(
+                        "server.trusted_proxies: {c:?} is not an address or CIDR such as 10.0.0.0/8"
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
     };
     if server.shutdown_grace > default::SHUTDOWN_GRACE_MAX {
         return Err(

@@ -17,12 +17,16 @@ use crate::support::{
 };
 
 /// The keys of an access log line, as the contract lists them.
-const LINE_KEYS: [&str; 14] = [
+/// Every key of a line without failover (`failover` joins them when there was).
+const LINE_KEYS: [&str; 17] = [
     "time",
     "request_id",
     "method",
     "path",
     "client",
+    "client_id",
+    "address",
+    "user_agent",
     "account",
     "model",
     "format",
