@@ -845,3 +845,23 @@ fn the_server_warns_about_duplicate_names_and_unset_key_variables() {
         "{said}"
     );
 }
+
+#[test]
+fn the_shipped_config_gives_no_false_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))
+        .expect("the shipped config.yaml");
+    assert!(
+        shipped.contains("enc:v1:"),
+        "the shipped config names the sealed prefix in a comment"
+    );
+    let gw = Gateway::with_yaml(&shipped);
+    std::fs::set_permissions(gw.config_path(), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod 644");
+    for args in [&["list-accounts"][..], &["list-client-keys"]] {
+        let out = gw.run_cli(args);
+        assert_exit(&out, 0, args[0]);
+        let said = printed(&out);
+        assert!(!said.contains("warning"), "{}: {said}", args[0]);
+    }
+}
