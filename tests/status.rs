@@ -416,21 +416,8 @@ fn health_check_skips_disabled_accounts_and_fails_logins_with_their_reason() {
     );
     assert_eq!(up.requests().len(), 2, "the disabled account was probed");
 
-    // An OAuth account never logged in, and one whose login is needed again: failures, each
-    // with what to do.
-    let out = gw.run_cli(&[
-        "add-oauth",
-        "--name",
-        "fresh",
-        "--client-id",
-        "cid",
-        "--json",
-    ]);
-    assert_exit(&out, 0, "add-oauth");
-    let fresh = stdout_json(&out, "add-oauth")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    // An OAuth account never logged in: a failure, saying what to do.
+    let fresh = add_oauth_never_logged_in(&gw, "fresh");
     let out = gw.run_cli(&["health-check", "--json"]);
     assert_exit(&out, 10, "health-check with an account never logged in");
     let view = stdout_json(&out, "health-check --json");
@@ -478,15 +465,7 @@ fn human_status_shows_a_failing_reload_and_why_each_account_is_out() {
     let up = FakeUpstream::start(|_| Reply::json(200, "{}"));
     let mut gw = Gateway::new(&Config::new(up.base_url()).admin_listen("127.0.0.1:0"));
     gw.add_api_key("primary", "sk-ant-api03-StatusShowsReasons-s1s1");
-    let out = gw.run_cli(&[
-        "add-oauth",
-        "--name",
-        "fresh",
-        "--client-id",
-        "cid",
-        "--json",
-    ]);
-    assert_exit(&out, 0, "add-oauth");
+    add_oauth_never_logged_in(&gw, "fresh");
     gw.add_client_key("tests");
     gw.start();
     let url = format!("--url=http://{}", gw.admin_addr());
@@ -672,4 +651,14 @@ fn the_access_line_and_metrics_show_who_asked_and_every_failed_attempt() {
     ] {
         assert!(metrics.contains(sample), "no {sample} in:\n{metrics}");
     }
+}
+
+/// Adds an OAuth account that never logged in; returns its id.
+fn add_oauth_never_logged_in(gw: &Gateway, name: &str) -> String {
+    let out = gw.run_cli(&["add-oauth", "--name", name, "--client-id", "cid", "--json"]);
+    assert_exit(&out, 0, "add-oauth");
+    stdout_json(&out, "add-oauth")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
 }
