@@ -37,14 +37,36 @@ fn own_file(config: &Path) -> PathBuf {
     dir.join(format!("{prefix}{}", std::process::id()))
 }
 
+/// Who wrote an acknowledgement: the boot it ran in and its start time, so a file left by a
+/// server that died (its pid reused since) or by another host sharing the directory is never
+/// taken for a live server.
+fn identity(pid: &str) -> Option<(String, String)> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state …`: the command may hold spaces and parentheses; field 22 is the
+    // start time, the 20th after the closing parenthesis.
+    let started = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
+    Some((boot.trim().to_string(), started.to_string()))
+}
+
 /// The server: records that this process now runs on the config whose text had `digest`.
 pub fn record(config: &Path, digest: &str) {
-    if let Err(e) = crate::store::write_atomically(&own_file(config), digest.as_bytes()) {
+    let Some((boot, started)) = identity("self") else {
+        return;
+    };
+    let text = format!("{digest}\n{boot}\n{started}\n");
+    if let Err(e) = crate::store::write_atomically(&own_file(config), text.as_bytes()) {
         debug!(
             "cannot record the applied config beside {}: {e}",
             config.display()
         );
     }
+}
+
+/// The digest an acknowledgement file holds.
+fn acknowledged(file: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().next().map(String::from)
 }
 
 /// The server, at exit.
@@ -66,7 +88,7 @@ pub fn await_servers(config: &Path) -> Vec<u32> {
     loop {
         let want = std::fs::read_to_string(config).map(|t| digest(&t)).ok();
         let behind: Vec<u32> = (servers.iter())
-            .filter(|(_, file)| std::fs::read_to_string(file).ok() != want)
+            .filter(|(_, file)| acknowledged(file) != want)
             .filter(|(pid, _)| crate::sys::is_alive(*pid))
             .map(|(pid, _)| *pid)
             .collect();
@@ -78,10 +100,14 @@ pub fn await_servers(config: &Path) -> Vec<u32> {
 }
 
 /// The servers with an acknowledgement file for `config` that are still running this very
-/// program; a file left by a process that died is removed.
+/// program: written in this boot (another host's files are left alone) by the process that
+/// holds the pid now (same start time). A file whose writer is gone is removed.
 fn live_servers(config: &Path) -> Vec<(u32, PathBuf)> {
     let (dir, prefix) = prefix(config);
     let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let Some((our_boot, _)) = identity("self") else {
         return Vec::new();
     };
     let mut servers = Vec::new();
@@ -96,7 +122,15 @@ fn live_servers(config: &Path) -> Vec<(u32, PathBuf)> {
         if pid == std::process::id() {
             continue;
         }
-        if !crate::sys::is_alive(pid) {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let mut lines = text.lines().skip(1);
+        let (boot, started) = (lines.next(), lines.next());
+        if boot != Some(our_boot.as_str()) {
+            continue;
+        }
+        let holder = identity(&pid.to_string());
+        if holder.as_ref().map(|(_, s)| s.as_str()) != started {
+            // The writer is gone (its pid free, or reused by another process since).
             let _ = std::fs::remove_file(entry.path());
             continue;
         }

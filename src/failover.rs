@@ -62,6 +62,10 @@ pub fn run(
             (Err(_), Some(Err(error))) => return Err(error),
             (Err(none), None) => return Err(none.into()),
         };
+        if let Some((_, left)) = &attempts.last {
+            // Another account takes over from the one that could not serve.
+            gw.metrics.failover(left);
+        }
         attempts.last = Some((pick.entry.id().to_string(), pick.entry.account.name.clone()));
         attempts.count += 1;
         debug!(
@@ -87,7 +91,6 @@ pub fn run(
                     "account {} cannot serve it ({what}); trying the next",
                     pick.entry.id()
                 );
-                gw.metrics.failover(&pick.entry.account.name);
                 attempts.tried.push(crate::access::Tried {
                     account: pick.entry.id().to_string(),
                     status: why.as_ref().ok().map(Answer::status),

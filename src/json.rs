@@ -34,6 +34,14 @@ pub fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result
     }
 }
 
+/// Whether `bytes` is well-formed JSON, at any depth: serde_json skips values without
+/// recursion, so no limit is needed (an upstream answer that nests deeply is still an
+/// answer, not garbage).
+#[allow(clippy::disallowed_methods)]
+pub fn well_formed(bytes: &[u8]) -> serde_json::Result<()> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map(|_| ())
+}
+
 /// Walks the JSON array `text` with `visitor` (one element at a time, nothing kept), under
 /// the same limit.
 #[allow(clippy::disallowed_methods)]

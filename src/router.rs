@@ -175,7 +175,12 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
     let head = conn.last_head().cloned();
     let request_id = request_id_from(head.as_ref().and_then(|h| h.request_id.as_deref()));
     // The head was read, so its path says which API's error shape the client understands.
-    let mut names = Names::default();
+    // Only the peer is known here: the headers were not kept.
+    let address = crate::access::client_address(conn.peer, &[], &gw.live().trusted_proxies);
+    let mut names = Names {
+        address: address.map(|a| a.to_string()),
+        ..Names::default()
+    };
     if head.as_ref().is_some_and(|h| is_chat_path(&h.path)) {
         names.format = Format::OpenAI;
     }

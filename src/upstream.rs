@@ -423,7 +423,7 @@ pub fn garbled_success(content_type: Option<&str>, body: Option<&[u8]>) -> Optio
         // JSON, or no content-type at all: a whole body must parse.
         _ => {
             let body = body?;
-            let error = crate::json::from_slice::<serde::de::IgnoredAny>(body).err()?;
+            let error = crate::json::well_formed(body).err()?;
             Some(format!("a success whose body is not JSON ({error})"))
         }
     }
@@ -505,6 +505,14 @@ mod tests {
                 "{content_type:?} {body:?}: {verdict:?}"
             );
         }
+        // An answer nested past the client-input limit (a tool input a client asked for) is
+        // still an answer: not garbage, not the account's failure.
+        let deep = format!(
+            r#"{{"content":[{{"type":"tool_use","input":{}1{}}}]}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert_eq!(garbled_success(json, Some(deep.as_bytes())), None);
     }
 
     #[test]

@@ -197,16 +197,15 @@ pub enum Change {
     },
 }
 
-/// Refuses `name` when an account other than `except` has it: metrics and logs label by name.
+/// Refuses `name` when an account other than the one at `except` has it: metrics and logs label by name.
 pub fn unique_account_name(
     m: &store::Managed,
     name: &str,
-    except: Option<&str>,
+    except: Option<usize>,
 ) -> Result<(), ChangeError<CliError>> {
-    let taken = m
-        .accounts
-        .iter()
-        .find(|a| a.name == name && (except.is_none() || a.id.as_deref() != except));
+    let taken = (m.accounts.iter().enumerate())
+        .find(|(i, a)| a.name == name && Some(*i) != except)
+        .map(|(_, a)| a);
     match taken {
         Some(a) => Err(ChangeError::Change(CliError::usage(format!(
             "an account is already named {name:?} ({}); names label metrics and logs, so each must be unique",
@@ -244,6 +243,16 @@ pub fn change_account(
     as_json: bool,
     change: Change,
 ) -> Result<(), CliError> {
+    // Redis first: a server that applies the stamp below and then syncs must find no shared
+    // ban or cooldown left to adopt again.
+    if matches!(change, Change::Enable(true))
+        && config::shares_state(path)
+        && let Ok(config) = config::load(path)
+        && let Some(shared) = crate::shared::open(&config)
+        && let Err(e) = shared.clear(id)
+    {
+        warn!("the account is enabled here, but its shared ban or cooldown stays: {e}");
+    }
     let name = store::update(path, |m| {
         let index = m
             .accounts
@@ -274,10 +283,14 @@ pub fn change_account(
                 weight,
             } => {
                 if let Some(name) = name {
-                    let own = m.accounts[index].id.clone();
-                    unique_account_name(m, name, own.as_deref())?;
+                    unique_account_name(m, name, Some(index))?;
                 }
                 let a = &mut m.accounts[index];
+                // A hand-written account without an id is known by the one derived from its
+                // name: pin it before a rename, so its id (ledger, locks, Redis) stays.
+                if a.id.is_none() {
+                    a.id = Some(config::derived_account_id(&a.name));
+                }
                 if let Some(name) = name {
                     a.name.clone_from(name);
                 }
@@ -287,14 +300,6 @@ pub fn change_account(
         }
         Ok(m.accounts[index].name.clone())
     })?;
-    if matches!(change, Change::Enable(true))
-        && config::shares_state(path)
-        && let Ok(config) = config::load(path)
-        && let Some(shared) = crate::shared::open(&config)
-        && let Err(e) = shared.clear(id)
-    {
-        warn!("the account is enabled here, but its shared ban or cooldown stays: {e}");
-    }
     let (verb, enabled) = match change {
         Change::Remove => ("removed", None),
         Change::Enable(true) => ("enabled", Some(true)),

@@ -349,6 +349,7 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         Some(text) => Some(Some(check_expires(text)?)),
     };
     let updated = store::update(path, |m| {
+        find(&mut m.client_keys, &cmd.key_id)?;
         if let Some(name) = &name {
             unique_key_name(m, name, Some(&cmd.key_id))?;
         }

@@ -50,7 +50,7 @@ pub struct HealthCheck {
 }
 
 pub fn status(path: &Path, cmd: Status) -> Result<(), CliError> {
-    if config::read_text(path)?.is_none() {
+    if matches!(config::read_text(path), Ok(None)) {
         eprintln!(
             "warning: no config file at {}: the admin address and accounts are the defaults",
             path.display()
@@ -180,15 +180,20 @@ fn fetch_status(url: &str, key: Option<&str>) -> Result<Value, Fetched> {
         .limit(16 * 1024 * 1024)
         .read_to_string()
         .map_err(|e| unreachable(e.to_string()))?;
-    let value: Value = crate::json::from_str(&body).map_err(|_| {
+    let value: Option<Value> = crate::json::from_str(&body).ok();
+    let message = (value.as_ref())
+        .and_then(|v| v["error"]["message"].as_str())
+        .unwrap_or("")
+        .to_string();
+    // Up, whatever shape its refusal takes (a proxy's own page included).
+    if matches!(status, 401 | 403) {
+        return Err(Fetched::Refused(status, message));
+    }
+    let value = value.ok_or_else(|| {
         unreachable(format!(
             "answered {status} with something that is not a status"
         ))
     })?;
-    let message = value["error"]["message"].as_str().unwrap_or("").to_string();
-    if matches!(status, 401 | 403) {
-        return Err(Fetched::Refused(status, message));
-    }
     if status != 200 {
         return Err(unreachable(format!("answered {status}: {message}")));
     }
@@ -387,8 +392,16 @@ pub fn health_check(path: &Path, cmd: HealthCheck) -> Result<(), CliError> {
         };
         println!("{healthy} of {checked} healthy{skipped}");
     }
+    if checked == 0 {
+        return Err(CliError {
+            exit: Exit::NoneHealthy,
+            message: match disabled {
+                0 => "no account to check: add one with `llm-gateway add-api-key`".into(),
+                n => format!("no account to check: all {n} are disabled"),
+            },
+        });
+    }
     let exit = match healthy {
-        _ if checked == 0 => Exit::NoneHealthy,
         h if h == checked => return Ok(()),
         0 => Exit::NoneHealthy,
         _ => Exit::SomeUnhealthy,
