@@ -143,6 +143,11 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
     let sent_at = Instant::now();
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
+            // Every answer says how much of the account's quota is used, 429s included.
+            let now = crate::time::now_unix();
+            if let Some(reading) = crate::quota::Reading::from_headers(|n| answer.header(n), now) {
+                entry.observe_quota(reading);
+            }
             gw.metrics.upstream_latency.observe(sent_at.elapsed());
             (gw.metrics.account_upstream_latency).observe(&entry.account.name, sent_at.elapsed());
             answer

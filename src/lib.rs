@@ -37,6 +37,7 @@ pub mod oauth;
 pub mod openai;
 pub mod probe;
 pub mod processor;
+pub mod quota;
 pub mod refresh;
 pub mod relay;
 pub mod reload;

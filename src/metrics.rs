@@ -289,6 +289,21 @@ impl Metrics {
                 escape(&e.account.name)
             );
         }
+        out.push_str("# HELP llm_gateway_account_quota_utilization The latest share of each quota window used, as the account's answers report it (1 is the limit).\n# TYPE llm_gateway_account_quota_utilization gauge\n");
+        for e in entries.iter() {
+            let Some(quota) = e.view().quota else {
+                continue;
+            };
+            for (window, w) in quota.windows() {
+                if let Some(used) = w.and_then(|w| w.utilization) {
+                    let _ = writeln!(
+                        out,
+                        "llm_gateway_account_quota_utilization{{account=\"{}\",window=\"{window}\"}} {used}",
+                        escape(&e.account.name)
+                    );
+                }
+            }
+        }
         out.push_str("# HELP llm_gateway_oauth_refreshes_total OAuth token refreshes, by account and result.\n# TYPE llm_gateway_oauth_refreshes_total counter\n");
         for e in entries.iter().filter(|e| e.account.oauth().is_some()) {
             let live = e.view();

@@ -37,6 +37,7 @@ pub fn render(gw: &Gateway) -> Value {
                 "token_expires_at": live.tokens.as_ref().map(|t| t.expires_at),
                 "refresh_error": live.last_refresh_error,
                 "persist_error": live.persist_error,
+                "quota": live.quota,
             })
         })
         .collect();

@@ -662,3 +662,43 @@ fn add_oauth_never_logged_in(gw: &Gateway, name: &str) -> String {
         .expect("id")
         .to_string()
 }
+
+#[test]
+fn each_answers_quota_reading_shows_in_status_and_metrics() {
+    let up = FakeUpstream::start(|_| {
+        Reply::Json {
+        status: 200,
+        headers: vec![
+            ("anthropic-ratelimit-unified-status".into(), "allowed_warning".into()),
+            ("anthropic-ratelimit-unified-5h-status".into(), "allowed".into()),
+            ("anthropic-ratelimit-unified-5h-utilization".into(), "0.42".into()),
+            ("anthropic-ratelimit-unified-5h-reset".into(), "4102444800".into()),
+            ("anthropic-ratelimit-unified-7d-status".into(), "allowed_warning".into()),
+            ("anthropic-ratelimit-unified-7d-utilization".into(), "0.93".into()),
+            ("anthropic-ratelimit-unified-7d-reset".into(), "4102444800".into()),
+            ("anthropic-ratelimit-unified-representative-claim".into(), "seven_day".into()),
+        ],
+        body: r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#.into(),
+    }
+    });
+    let (gw, ids) = started(
+        &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
+        &[("quota", KEY_A, &[])],
+    );
+    assert_eq!(post(&gw).status, 200);
+    let status = admin_status(&gw);
+    let account = account(&status, &ids[0]);
+    let quota = &account["quota"];
+    assert_eq!(quota["status"], "allowed_warning", "{account}");
+    assert_eq!(quota["five_hour"]["utilization"], 0.42, "{account}");
+    assert_eq!(quota["seven_day"]["utilization"], 0.93, "{account}");
+    assert_eq!(quota["seven_day"]["reset"], 4_102_444_800u64, "{account}");
+    assert_eq!(quota["representative_claim"], "seven_day", "{account}");
+    let metrics = call(gw.admin_addr(), "GET", "/metrics", &[], b"").text();
+    for sample in [
+        "llm_gateway_account_quota_utilization{account=\"quota\",window=\"5h\"} 0.42",
+        "llm_gateway_account_quota_utilization{account=\"quota\",window=\"7d\"} 0.93",
+    ] {
+        assert!(metrics.contains(sample), "no {sample} in:\n{metrics}");
+    }
+}

@@ -40,6 +40,8 @@ pub(super) struct Live {
     /// `disabled_reason` came from another instance's ban (through Redis), and goes when the
     /// ban is lifted there.
     pub(super) banned_elsewhere: bool,
+    /// The latest quota reading its answers carried.
+    pub(super) quota: Option<crate::quota::Reading>,
 }
 
 /// What other rooms read of an account's live state, copied out under one lock.
@@ -60,6 +62,8 @@ pub struct View {
     /// Rotated tokens in use that are not saved yet, and why.
     pub persist_error: Option<String>,
     pub cooldown: Option<Cooldown>,
+    /// The latest quota reading that still counts (`quota::Reading::current`).
+    pub quota: Option<crate::quota::Reading>,
 }
 
 /// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
@@ -87,7 +91,13 @@ impl Entry {
             refreshes_failed: live.refreshes_failed,
             persist_error: live.persist_error.clone(),
             cooldown: live.health.cooldown.clone(),
+            quota: (live.quota.as_ref()).and_then(|q| q.current(crate::time::now_unix())),
         }
+    }
+
+    /// Keeps what the latest answer said of the account's quota.
+    pub fn observe_quota(&self, reading: crate::quota::Reading) {
+        self.live().quota = Some(reading);
     }
 
     /// Takes `tokens` (read from config.yaml) unless the ones in use are newer; returns the
