@@ -340,13 +340,16 @@ fn sdk_call(gw: &Gateway, key: &str, model: &str) -> serde_json::Value {
         "the anthropic SDK retry test",
     );
     let mut cmd = std::process::Command::new(crate::support::PYTHON);
-    cmd.arg("tests/sdk/anthropic_retries.py")
-        .arg(format!("http://{}", gw.addr()))
-        .arg(key)
-        .arg(model)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .env("NO_PROXY", "*");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/anthropic_retries.py"
+    ))
+    .arg(format!("http://{}", gw.addr()))
+    .arg(key)
+    .arg(model)
+    .env_remove("ANTHROPIC_API_KEY")
+    .env_remove("ANTHROPIC_BASE_URL")
+    .env("NO_PROXY", "*");
     let out = crate::support::run(cmd, None);
     crate::support::assert_exit(&out, 0, "tests/sdk/anthropic_retries.py");
     serde_json::from_slice(&out.stdout).expect("the script prints JSON")
