@@ -30,6 +30,8 @@ pub struct Attempts {
     pub last: Option<(String, String)>,
     /// The attempts that did not serve, in order.
     pub tried: Vec<crate::access::Tried>,
+    /// The model asked for, which a model-scoped quota window belongs to.
+    pub model: Option<String>,
 }
 
 /// Tries accounts for `req` until one answers; returns the answer and the account it came
@@ -75,7 +77,7 @@ pub fn run(
             pick.entry.account.name
         );
         let attempt_started = Instant::now();
-        let step = attempt(gw, req, &pick.entry);
+        let step = attempt(gw, req, &pick.entry, attempts.model.as_deref());
         gw.metrics.attempt(&pick.entry.account.name, outcome(&step));
         match step? {
             Step::Done(answer) => {
@@ -127,7 +129,12 @@ enum Step {
     Next(Result<Answer, ApiError>),
 }
 
-fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError> {
+fn attempt(
+    gw: &Gateway,
+    req: &Request,
+    entry: &Entry,
+    model: Option<&str>,
+) -> Result<Step, ApiError> {
     // A ban left unsettled is settled before the account serves again.
     let suspected = entry.view().suspected_ban;
     if let Some(ban) = suspected
@@ -146,7 +153,7 @@ fn attempt(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Step, ApiError>
             // Every answer says how much of the account's quota is used, 429s included.
             let now = crate::time::now_unix();
             if let Some(reading) = crate::quota::Reading::from_headers(|n| answer.header(n), now) {
-                entry.observe_quota(reading);
+                entry.observe_quota(reading, model);
             }
             gw.metrics.upstream_latency.observe(sent_at.elapsed());
             (gw.metrics.account_upstream_latency).observe(&entry.account.name, sent_at.elapsed());

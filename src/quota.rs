@@ -91,6 +91,15 @@ fn unix(text: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// The model family a model-scoped window (`7d_oi`) belongs to, from the model's name.
+pub fn family(model: &str) -> &'static str {
+    let model = model.to_ascii_lowercase();
+    ["opus", "sonnet", "haiku"]
+        .into_iter()
+        .find(|f| model.contains(f))
+        .unwrap_or("other")
+}
+
 impl Reading {
     /// Reads the headers of one answer (`header(name)` gives a header's value); `None` when it
     /// carried no rate-limit header at all.
@@ -265,6 +274,14 @@ mod tests {
         assert!(r.five_hour.is_none() && r.seven_day.is_none() && r.requests.is_none());
         assert_eq!(r.seven_day_oi.and_then(|w| w.utilization), Some(100.0));
         assert_eq!(r.representative_claim, None);
+    }
+
+    #[test]
+    fn models_fall_into_their_family() {
+        assert_eq!(family("claude-opus-4-6"), "opus");
+        assert_eq!(family("claude-sonnet-4-5-20250929"), "sonnet");
+        assert_eq!(family("Claude-Haiku-4-5"), "haiku");
+        assert_eq!(family("gpt-4o"), "other");
     }
 
     #[test]

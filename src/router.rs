@@ -401,7 +401,10 @@ fn serve(
     gw.limiter
         .reserve(&mut permit, &client, estimate, gw.ledger.as_deref())?;
 
-    let mut attempts = failover::Attempts::default();
+    let mut attempts = failover::Attempts {
+        model: names.model.clone(),
+        ..Default::default()
+    };
     let answered = failover::run(gw, req, sticky_key, &mut attempts);
     if let Some((id, name)) = attempts.last {
         names.account = name;

@@ -38,6 +38,7 @@ pub fn render(gw: &Gateway) -> Value {
                 "refresh_error": live.last_refresh_error,
                 "persist_error": live.persist_error,
                 "quota": live.quota,
+                "quota_by_family": live.quota_scoped,
             })
         })
         .collect();

@@ -677,6 +677,8 @@ fn each_answers_quota_reading_shows_in_status_and_metrics() {
             ("anthropic-ratelimit-unified-7d-utilization".into(), "0.93".into()),
             ("anthropic-ratelimit-unified-7d-reset".into(), "4102444800".into()),
             ("anthropic-ratelimit-unified-representative-claim".into(), "seven_day".into()),
+            ("anthropic-ratelimit-unified-7d_oi-status".into(), "rejected".into()),
+            ("anthropic-ratelimit-unified-7d_oi-utilization".into(), "1.0".into()),
         ],
         body: r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#.into(),
     }
@@ -694,6 +696,12 @@ fn each_answers_quota_reading_shows_in_status_and_metrics() {
     assert_eq!(quota["seven_day"]["utilization"], 0.93, "{account}");
     assert_eq!(quota["seven_day"]["reset"], 4_102_444_800u64, "{account}");
     assert_eq!(quota["representative_claim"], "seven_day", "{account}");
+    // The model-scoped window belongs to the family of the model asked for.
+    assert_eq!(
+        account["quota_by_family"]["sonnet"]["status"], "rejected",
+        "{account}"
+    );
+    assert!(account["quota_by_family"]["opus"].is_null(), "{account}");
     let metrics = call(gw.admin_addr(), "GET", "/metrics", &[], b"").text();
     for sample in [
         "llm_gateway_account_quota_utilization{account=\"quota\",window=\"5h\"} 0.42",

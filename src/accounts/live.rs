@@ -42,6 +42,9 @@ pub(super) struct Live {
     pub(super) banned_elsewhere: bool,
     /// The latest quota reading its answers carried.
     pub(super) quota: Option<crate::quota::Reading>,
+    /// The model-scoped weekly window (`7d_oi`) per model family, as last read for a request
+    /// of that family (Unix seconds of the reading, the window).
+    pub(super) quota_scoped: std::collections::BTreeMap<&'static str, (u64, crate::quota::Window)>,
 }
 
 /// What other rooms read of an account's live state, copied out under one lock.
@@ -64,6 +67,8 @@ pub struct View {
     pub cooldown: Option<Cooldown>,
     /// The latest quota reading that still counts (`quota::Reading::current`).
     pub quota: Option<crate::quota::Reading>,
+    /// The model-scoped window per model family, while it still counts.
+    pub quota_scoped: std::collections::BTreeMap<&'static str, crate::quota::Window>,
 }
 
 /// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
@@ -77,6 +82,7 @@ impl Drop for Probing<'_> {
 
 impl Entry {
     pub fn view(&self) -> View {
+        let now = crate::time::now_unix();
         let live = self.live();
         View {
             tokens: live.tokens.clone(),
@@ -91,13 +97,26 @@ impl Entry {
             refreshes_failed: live.refreshes_failed,
             persist_error: live.persist_error.clone(),
             cooldown: live.health.cooldown.clone(),
-            quota: (live.quota.as_ref()).and_then(|q| q.current(crate::time::now_unix())),
+            quota: (live.quota.as_ref()).and_then(|q| q.current(now)),
+            quota_scoped: (live.quota_scoped.iter())
+                .filter(|(_, (seen, w))| {
+                    now <= seen.saturating_add(crate::quota::STALE_AFTER_SECS)
+                        && w.reset.is_none_or(|r| r > now)
+                })
+                .map(|(family, (_, w))| (*family, *w))
+                .collect(),
         }
     }
 
-    /// Keeps what the latest answer said of the account's quota.
-    pub fn observe_quota(&self, reading: crate::quota::Reading) {
-        self.live().quota = Some(reading);
+    /// Keeps what the latest answer (to a request for `model`) said of the account's quota;
+    /// its model-scoped window is the model family's.
+    pub fn observe_quota(&self, reading: crate::quota::Reading, model: Option<&str>) {
+        let mut live = self.live();
+        if let (Some(window), Some(model)) = (reading.seven_day_oi, model) {
+            let family = crate::quota::family(model);
+            live.quota_scoped.insert(family, (reading.seen_at, window));
+        }
+        live.quota = Some(reading);
     }
 
     /// Takes `tokens` (read from config.yaml) unless the ones in use are newer; returns the
