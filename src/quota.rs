@@ -104,39 +104,56 @@ impl Reading {
     /// Reads the headers of one answer (`header(name)` gives a header's value); `None` when it
     /// carried no rate-limit header at all.
     pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a str>, now: u64) -> Option<Reading> {
-        let unified = |suffix: &str| header(&format!("anthropic-ratelimit-unified-{suffix}"));
-        let window = |name: &str| {
-            let w = Window {
-                status: unified(&format!("{name}-status")).and_then(Status::parse),
-                utilization: unified(&format!("{name}-utilization")).and_then(fraction),
-                reset: unified(&format!("{name}-reset")).and_then(unix),
+        // Static names: this runs on every answer, so no name is built at run time.
+        macro_rules! unified {
+            ($suffix:literal) => {
+                header(concat!("anthropic-ratelimit-unified-", $suffix))
             };
-            (w.status.is_some() || w.utilization.is_some() || w.reset.is_some()).then_some(w)
-        };
-        let limit = |name: &str| {
-            let classic = |field: &str| header(&format!("anthropic-ratelimit-{name}-{field}"));
-            let l = Limit {
-                limit: classic("limit").and_then(unix),
-                remaining: classic("remaining").and_then(unix),
-                reset: classic("reset").and_then(crate::time::parse_rfc3339),
-            };
-            (l.limit.is_some() || l.remaining.is_some() || l.reset.is_some()).then_some(l)
-        };
+        }
+        macro_rules! window {
+            ($name:literal) => {{
+                let w = Window {
+                    status: header(concat!("anthropic-ratelimit-unified-", $name, "-status"))
+                        .and_then(Status::parse),
+                    utilization: header(concat!(
+                        "anthropic-ratelimit-unified-",
+                        $name,
+                        "-utilization"
+                    ))
+                    .and_then(fraction),
+                    reset: header(concat!("anthropic-ratelimit-unified-", $name, "-reset"))
+                        .and_then(unix),
+                };
+                (w.status.is_some() || w.utilization.is_some() || w.reset.is_some()).then_some(w)
+            }};
+        }
+        macro_rules! limit {
+            ($name:literal) => {{
+                let l = Limit {
+                    limit: header(concat!("anthropic-ratelimit-", $name, "-limit")).and_then(unix),
+                    remaining: header(concat!("anthropic-ratelimit-", $name, "-remaining"))
+                        .and_then(unix),
+                    reset: header(concat!("anthropic-ratelimit-", $name, "-reset"))
+                        .and_then(crate::time::parse_rfc3339),
+                };
+                (l.limit.is_some() || l.remaining.is_some() || l.reset.is_some()).then_some(l)
+            }};
+        }
         let reading = Reading {
             seen_at: now,
-            status: unified("status").and_then(Status::parse),
-            five_hour: window("5h"),
-            seven_day: window("7d"),
-            seven_day_oi: window("7d_oi"),
-            overage: window("overage"),
-            overage_disabled_reason: unified("overage-disabled-reason").and_then(word),
-            representative_claim: unified("representative-claim").and_then(word),
-            fallback: unified("fallback").and_then(word),
-            fallback_percentage: unified("fallback-percentage").and_then(fraction),
-            requests: limit("requests"),
-            tokens: limit("tokens"),
-            input_tokens: limit("input-tokens"),
-            output_tokens: limit("output-tokens"),
+            status: unified!("status").and_then(Status::parse),
+            five_hour: window!("5h"),
+            seven_day: window!("7d"),
+            seven_day_oi: window!("7d_oi"),
+            overage: window!("overage"),
+            overage_disabled_reason: unified!("overage-disabled-reason").and_then(word),
+            representative_claim: unified!("representative-claim").and_then(word),
+            fallback: unified!("fallback").and_then(word),
+            fallback_percentage: unified!("fallback-percentage").and_then(fraction),
+            requests: limit!("requests"),
+            tokens: limit!("tokens"),
+            input_tokens: limit!("input-tokens"),
+            output_tokens: limit!("output-tokens"),
         };
         (reading
             != Reading {

@@ -553,12 +553,17 @@ pub fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
 /// Who is asking, for the access line: the address (behind `server.trusted_proxies`, the
 /// client they name) and the user agent, cut to 256 bytes at a character boundary.
 fn learn_client(gw: &Gateway, req: &Request, peer: Option<std::net::IpAddr>, names: &mut Names) {
+    let live = gw.live();
+    // Only the access line reads them: no work on the request path when it is off.
+    if !live.access_log {
+        return;
+    }
     let forwarded: Vec<&str> = (req.headers.iter())
         .filter(|(n, _)| n == "x-forwarded-for")
         .filter_map(|(_, v)| std::str::from_utf8(v).ok())
         .collect();
-    let trusted = &gw.live().trusted_proxies;
-    names.address = crate::access::client_address(peer, &forwarded, trusted).map(|a| a.to_string());
+    names.address = crate::access::client_address(peer, &forwarded, &live.trusted_proxies)
+        .map(|a| a.to_string());
     names.user_agent = req.header("user-agent").map(|ua| {
         let mut end = ua.len().min(256);
         while !ua.is_char_boundary(end) {

@@ -109,14 +109,15 @@ pub fn update<T, E>(
 ) -> Result<T, ChangeError<E>> {
     // A path with no file is a mistake to report, never a new, empty config to create: a key
     // written there would be one the real server never accepts (`init` creates a config).
-    if config::read_text(path)?.is_none() {
-        return Err(ConfigError::Missing {
-            path: path.to_path_buf(),
-        }
-        .into());
+    // (Checked before the lock too, so no lock file is left beside a path that was a typo.)
+    let missing = || ConfigError::Missing {
+        path: path.to_path_buf(),
+    };
+    if !path.exists() {
+        return Err(missing().into());
     }
     let _lock = lock(path)?;
-    let text = config::read_text(path)?.unwrap_or_default();
+    let text = config::read_text(path)?.ok_or_else(missing)?;
     let raw = config::parse_raw(path, &text)?;
     let sealer = Sealer {
         source: config::key_source(path, &raw),

@@ -12,9 +12,12 @@ use crate::support::accounts::{
     poll_until, post, rate_limited, served_by, started, stdout_json, unix_from_rfc3339, unix_now,
 };
 use crate::support::{
-    Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error, assert_exit, call, printed,
-    refused_base_url,
+    Config, FakeUpstream, Gateway, MESSAGE_BODY, Reply, assert_error, assert_exit, call,
+    post_message, printed, refused_base_url,
 };
+
+/// A whole Messages answer, for upstreams that answer as Anthropic does.
+const ANSWER: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#;
 
 /// Every status field of one account, as `status --json` and `GET /admin/status` give it.
 const ACCOUNT_FIELDS: [&str; 14] = [
@@ -553,15 +556,12 @@ fn what_the_cli_writes_is_in_force_before_it_returns() {
         .as_str()
         .expect("key")
         .to_string();
-    let first = call(
+    let first = post_message(
         gw.addr(),
-        "POST",
-        "/v1/messages",
         &[
             ("x-api-key", key.as_str()),
             ("content-type", "application/json"),
         ],
-        MESSAGE_BODY.as_bytes(),
     );
     assert_eq!(
         first.status,
@@ -580,10 +580,7 @@ fn the_access_line_and_metrics_show_who_asked_and_every_failed_attempt() {
                 r#"{"type":"error","error":{"type":"api_error","message":"boom"}}"#,
             )
         } else {
-            Reply::json(
-                200,
-                r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#,
-            )
+            Reply::json(200, ANSWER)
         }
     });
     let config = Config::new(up.base_url())
@@ -594,10 +591,8 @@ fn the_access_line_and_metrics_show_who_asked_and_every_failed_attempt() {
         &config,
         &[("a", KEY_A, &[]), ("b", KEY_B, &["--priority", "1"])],
     );
-    let resp = call(
+    let resp = post_message(
         gw.addr(),
-        "POST",
-        "/v1/messages",
         &[
             ("x-api-key", gw.client_key()),
             ("content-type", "application/json"),
@@ -606,7 +601,6 @@ fn the_access_line_and_metrics_show_who_asked_and_every_failed_attempt() {
             // wrote before it is not believed.
             ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
         ],
-        MESSAGE_BODY.as_bytes(),
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let access_line = || {
@@ -666,22 +660,25 @@ fn add_oauth_never_logged_in(gw: &Gateway, name: &str) -> String {
 #[test]
 fn each_answers_quota_reading_shows_in_status_and_metrics() {
     let up = FakeUpstream::start(|_| {
-        Reply::Json {
-        status: 200,
-        headers: vec![
-            ("anthropic-ratelimit-unified-status".into(), "allowed_warning".into()),
-            ("anthropic-ratelimit-unified-5h-status".into(), "allowed".into()),
-            ("anthropic-ratelimit-unified-5h-utilization".into(), "0.42".into()),
-            ("anthropic-ratelimit-unified-5h-reset".into(), "4102444800".into()),
-            ("anthropic-ratelimit-unified-7d-status".into(), "allowed_warning".into()),
-            ("anthropic-ratelimit-unified-7d-utilization".into(), "0.93".into()),
-            ("anthropic-ratelimit-unified-7d-reset".into(), "4102444800".into()),
-            ("anthropic-ratelimit-unified-representative-claim".into(), "seven_day".into()),
-            ("anthropic-ratelimit-unified-7d_oi-status".into(), "rejected".into()),
-            ("anthropic-ratelimit-unified-7d_oi-utilization".into(), "1.0".into()),
-        ],
-        body: r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":1}}"#.into(),
-    }
+        Reply::json_with(
+            200,
+            &[
+                ("anthropic-ratelimit-unified-status", "allowed_warning"),
+                ("anthropic-ratelimit-unified-5h-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-utilization", "0.42"),
+                ("anthropic-ratelimit-unified-5h-reset", "4102444800"),
+                ("anthropic-ratelimit-unified-7d-status", "allowed_warning"),
+                ("anthropic-ratelimit-unified-7d-utilization", "0.93"),
+                ("anthropic-ratelimit-unified-7d-reset", "4102444800"),
+                (
+                    "anthropic-ratelimit-unified-representative-claim",
+                    "seven_day",
+                ),
+                ("anthropic-ratelimit-unified-7d_oi-status", "rejected"),
+                ("anthropic-ratelimit-unified-7d_oi-utilization", "1.0"),
+            ],
+            ANSWER,
+        )
     });
     let (gw, ids) = started(
         &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),

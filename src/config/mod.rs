@@ -475,12 +475,12 @@ fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
 /// `load`, for a command that needs a real file: a missing one is `ConfigError::Missing`, not
 /// a config of defaults (a wrong path must not look like an empty gateway).
 pub fn load_existing(path: &Path) -> Result<Config, ConfigError> {
-    if read_text(path)?.is_none() {
-        return Err(ConfigError::Missing {
+    match read_text(path)? {
+        None => Err(ConfigError::Missing {
             path: path.to_path_buf(),
-        });
+        }),
+        text => load_text(path, text),
     }
-    load(path)
 }
 
 /// The settings and client keys of the config at `path`, validated without its accounts, so
@@ -509,7 +509,11 @@ pub fn account_names(path: &Path) -> Result<Vec<(String, String)>, ConfigError> 
 
 /// Loads and validates the config at `path`, opening its secrets.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = read_text(path)?;
+    load_text(path, read_text(path)?)
+}
+
+/// `load`, of the text already read from `path` (`None`: no file there).
+fn load_text(path: &Path, text: Option<String>) -> Result<Config, ConfigError> {
     if let (Some(_), Some(mode)) = (&text, secret::writable_by_others(path)) {
         // Whoever can write it can point the gateway at their own upstream, or add a key. (A
         // group may write it on purpose: an operators' group, umask 002.)
@@ -522,14 +526,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let mut config = validate(path, parse_raw(path, text.as_deref().unwrap_or(""))?)?;
-    if let Some(text) = &text {
-        config.digest = crate::applied::digest(text);
-    }
-    if text.is_none() {
-        config.warnings.push(format!(
+    match &text {
+        Some(text) => config.digest = crate::applied::digest(text),
+        None => config.warnings.push(format!(
             "no config file at {}; using built-in defaults",
             path.display()
-        ));
+        )),
     }
     config
         .warnings
