@@ -269,6 +269,59 @@ pub fn ban(status: u16, body: &[u8], oauth: bool) -> Option<Ban> {
         })
 }
 
+/// A refusal that means the account's plan is used up, not that the request is wrong: the
+/// account's limit, never the client's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanLimit {
+    /// 429 "Extra usage is required for long context requests": requests as long as this one
+    /// need extra usage the account lacks; shorter ones still pass.
+    LongContext,
+    /// 400 "You're out of extra usage…": the plan and its extra usage are spent.
+    OutOfExtraUsage,
+    /// 429 naming a spend cap or limit: the month's extra usage is capped.
+    SpendCap,
+    /// 429 naming one model family's weekly limit: that family rests, others go on.
+    FamilyWeekly(crate::quota::Family),
+}
+
+/// The upstream's own words in an error answer: `error.message`, trimmed.
+fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Error,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        message: String,
+    }
+    let answer: Answer = crate::json::from_slice(body).ok()?;
+    Some(answer.error.message.trim().to_string())
+}
+
+/// Recognises a plan-limit refusal of a request for `family`. Only where the sentence is
+/// the upstream's own: at the start of the message of a 400 (whose text can otherwise quote
+/// the request), anywhere in a 429's (a rate limiter echoes nothing of the request).
+pub fn plan_limit(status: u16, body: &[u8], family: crate::quota::Family) -> Option<PlanLimit> {
+    let message = error_message(body)?;
+    let lower = message.to_ascii_lowercase();
+    match status {
+        400 if message.starts_with("You're out of extra usage") => Some(PlanLimit::OutOfExtraUsage),
+        429 if lower.starts_with("extra usage is required for long context") => {
+            Some(PlanLimit::LongContext)
+        }
+        429 if lower.contains("spend") && (lower.contains("cap") || lower.contains("limit")) => {
+            Some(PlanLimit::SpendCap)
+        }
+        429 if family != crate::quota::Family::Other
+            && lower.contains("weekly")
+            && lower.contains(family.as_str()) =>
+        {
+            Some(PlanLimit::FamilyWeekly(family))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,5 +450,41 @@ mod tests {
             br#"{"error":{"message":"bad"},"note":"This organization has been disabled."}"#;
         assert!(ban(400, elsewhere, true).is_none());
         assert!(ban(400, b"This organization has been disabled.", true).is_none());
+    }
+
+    #[test]
+    fn plan_limits_are_the_upstreams_own_sentences() {
+        use crate::quota::Family;
+        let body =
+            |m: &str| format!(r#"{{"type":"error","error":{{"type":"x","message":"{m}"}}}}"#);
+        let extra =
+            body("You're out of extra usage. Add more at claude.ai/settings/usage and keep going.");
+        assert_eq!(
+            plan_limit(400, extra.as_bytes(), Family::Opus),
+            Some(PlanLimit::OutOfExtraUsage)
+        );
+        let quoted = body("messages.0.content: unexpected `You're out of extra usage`");
+        assert_eq!(plan_limit(400, quoted.as_bytes(), Family::Opus), None);
+        let long = body("Extra usage is required for long context requests.");
+        assert_eq!(
+            plan_limit(429, long.as_bytes(), Family::Sonnet),
+            Some(PlanLimit::LongContext)
+        );
+        assert_eq!(plan_limit(400, long.as_bytes(), Family::Sonnet), None);
+        let cap = body("You have reached your monthly spend limit.");
+        assert_eq!(
+            plan_limit(429, cap.as_bytes(), Family::Other),
+            Some(PlanLimit::SpendCap)
+        );
+        let weekly = body("You've reached your Opus weekly limit.");
+        assert_eq!(
+            plan_limit(429, weekly.as_bytes(), Family::Opus),
+            Some(PlanLimit::FamilyWeekly(Family::Opus))
+        );
+        assert_eq!(plan_limit(429, weekly.as_bytes(), Family::Sonnet), None);
+        assert_eq!(
+            plan_limit(429, body("Rate limited").as_bytes(), Family::Opus),
+            None
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounts::cooldown::Signal;
 use crate::accounts::sticky;
-use crate::accounts::{Entry, Pick, Unavailable};
+use crate::accounts::{Ask, Entry, Pick, Unavailable};
 use crate::anthropic;
 use crate::config::Credential;
 use crate::error::ApiError;
@@ -16,6 +16,7 @@ use crate::gateway::{Gateway, Settings};
 use crate::http::Request;
 use crate::probe::{self, Verdict};
 use crate::processor::{ApiKey, OAuth};
+use crate::quota::{Family, Overage, Reading};
 use crate::refresh::Need;
 use crate::scrub::Scrub;
 use crate::secret::Secret;
@@ -55,7 +56,12 @@ pub fn run(
         let picked = if out_of_budget {
             Err(Unavailable::None("attempts exhausted".into()))
         } else {
-            gw.accounts.pick(&tried, sticky_key)
+            gw.accounts.pick(&Ask {
+                tried: &tried,
+                sticky: sticky_key,
+                model: attempts.model.as_deref(),
+                body_len: req.body.len(),
+            })
         };
         let pick = match (picked, fallback.take()) {
             (Ok(pick), _) => pick,
@@ -148,12 +154,14 @@ fn attempt(
         )))));
     }
     let sent_at = Instant::now();
+    let reading;
     let answer = match send(gw, req, entry) {
         Ok(answer) => {
             // Every answer says how much of the account's quota is used, 429s included.
             let now = crate::time::now_unix();
-            if let Some(reading) = crate::quota::Reading::from_headers(|n| answer.header(n), now) {
-                entry.observe_quota(reading, model);
+            reading = Reading::from_headers(|n| answer.header(n), now);
+            if let Some(reading) = &reading {
+                gw.accounts.observe_quota(entry, reading.clone(), model);
             }
             gw.metrics.upstream_latency.observe(sent_at.elapsed());
             (gw.metrics.account_upstream_latency).observe(&entry.account.name, sent_at.elapsed());
@@ -174,6 +182,7 @@ fn attempt(
         return Ok(match answer.settle() {
             Ok(answer) => {
                 gw.accounts.record(entry, Signal::Success);
+                overage(gw, entry, reading.as_ref());
                 Step::Done(answer)
             }
             Err(error) => {
@@ -192,6 +201,20 @@ fn attempt(
             return Ok(Step::Next(Err(error.into())));
         }
     };
+    let family = model.map_or(Family::Other, Family::of);
+    if let Some(limit) = anthropic::plan_limit(status, answer.body(), family) {
+        plan_limit(gw, entry, limit, reading.as_ref(), req.body.len());
+        return Ok(Step::Next(Ok(answer)));
+    }
+    if status == 429 && reading.as_ref().is_some_and(Reading::only_scoped_rejected) {
+        // Its readings (kept above) rest the account for this model family alone.
+        info!(
+            "account {}: its {} weekly limit is reached; other models go on using it",
+            entry.id(),
+            family.as_str()
+        );
+        return Ok(Step::Next(Ok(answer)));
+    }
     let signal = match status {
         429 => Signal::RateLimited {
             retry_after: answer.header("retry-after").and_then(parse_retry_after),
@@ -216,6 +239,61 @@ fn attempt(
     };
     gw.accounts.record(entry, signal);
     Ok(Step::Next(Ok(answer)))
+}
+
+/// With `overage: plan_only`, an answer served from extra usage rests the account until the
+/// window it went past resets: traffic goes elsewhere, and no surprise bill follows.
+fn overage(gw: &Gateway, entry: &Entry, reading: Option<&Reading>) {
+    let settings = gw.accounts.settings();
+    if settings.policy(&entry.account).overage != Overage::PlanOnly {
+        return;
+    }
+    if let Some(until) = reading.and_then(Reading::in_overage) {
+        let why = "served from extra usage, and its overage is plan_only".to_string();
+        gw.accounts.record(entry, Signal::PlanLimit { until, why });
+    }
+}
+
+/// A plan-limit refusal: the account's limit, with the cooldown it calls for.
+fn plan_limit(
+    gw: &Gateway,
+    entry: &Entry,
+    limit: anthropic::PlanLimit,
+    reading: Option<&Reading>,
+    body_len: usize,
+) {
+    let now = crate::time::now_unix();
+    let until = reading.and_then(Reading::limit_reset).filter(|u| *u > now);
+    let why = match limit {
+        anthropic::PlanLimit::LongContext => {
+            let until = until.unwrap_or(now + gw.accounts.settings().plan_limit_cooldown.as_secs());
+            info!(
+                "account {}: long context needs extra usage it lacks; requests of {body_len} bytes or more go elsewhere until {}",
+                entry.id(),
+                crate::time::rfc3339(until)
+            );
+            entry.rest_long_context(body_len, until);
+            return;
+        }
+        anthropic::PlanLimit::FamilyWeekly(family) => {
+            info!(
+                "account {}: its {} weekly limit is reached; other models go on using it",
+                entry.id(),
+                family.as_str()
+            );
+            entry.rest_family(family, now, until);
+            return;
+        }
+        anthropic::PlanLimit::OutOfExtraUsage => "out of extra usage (400)",
+        anthropic::PlanLimit::SpendCap => "the monthly spend cap is reached (429)",
+    };
+    gw.accounts.record(
+        entry,
+        Signal::PlanLimit {
+            until,
+            why: format!("plan limit: {why}"),
+        },
+    );
 }
 
 /// Probes an account that announced `ban` (or was left suspected of one) and acts on the

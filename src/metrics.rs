@@ -289,20 +289,41 @@ impl Metrics {
                 escape(&e.account.name)
             );
         }
+        let quotas: Vec<_> = (entries.iter())
+            .filter_map(|e| Some((escape(&e.account.name), e.view().quota?)))
+            .collect();
         out.push_str("# HELP llm_gateway_account_quota_utilization The latest share of each quota window used, as the account's answers report it (1 is the limit).\n# TYPE llm_gateway_account_quota_utilization gauge\n");
-        for e in entries.iter() {
-            let Some(quota) = e.view().quota else {
-                continue;
-            };
+        for (account, quota) in &quotas {
             for (window, w) in quota.windows() {
                 if let Some(used) = w.and_then(|w| w.utilization) {
                     let _ = writeln!(
                         out,
-                        "llm_gateway_account_quota_utilization{{account=\"{}\",window=\"{window}\"}} {used}",
-                        escape(&e.account.name)
+                        "llm_gateway_account_quota_utilization{{account=\"{account}\",window=\"{window}\"}} {used}"
                     );
                 }
             }
+        }
+        out.push_str("# HELP llm_gateway_account_quota_reset_timestamp_seconds When each quota window resets (Unix seconds).\n# TYPE llm_gateway_account_quota_reset_timestamp_seconds gauge\n");
+        for (account, quota) in &quotas {
+            for (window, w) in quota.windows() {
+                if let Some(reset) = w.and_then(|w| w.reset) {
+                    let _ = writeln!(
+                        out,
+                        "llm_gateway_account_quota_reset_timestamp_seconds{{account=\"{account}\",window=\"{window}\"}} {reset}"
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP llm_gateway_account_quota_over_threshold 1 while the account is passed over for being at its quota threshold.\n# TYPE llm_gateway_account_quota_over_threshold gauge\n");
+        let settings = accounts.settings();
+        for e in entries.iter() {
+            let standing = e.quota_standing(&settings.policy(&e.account));
+            let _ = writeln!(
+                out,
+                "llm_gateway_account_quota_over_threshold{{account=\"{}\"}} {}",
+                escape(&e.account.name),
+                u8::from(standing.over)
+            );
         }
         out.push_str("# HELP llm_gateway_oauth_refreshes_total OAuth token refreshes, by account and result.\n# TYPE llm_gateway_oauth_refreshes_total counter\n");
         for e in entries.iter().filter(|e| e.account.oauth().is_some()) {

@@ -19,6 +19,8 @@ pub fn render(gw: &Gateway) -> Value {
             let (state, reason) = e.status(now);
             let (requests, failures) = e.counts();
             let live = e.view();
+            let policy = gw.accounts.settings().policy(&e.account);
+            let standing = e.quota_standing(&policy);
             let cooldown_until = (live.cooldown.as_ref())
                 .filter(|c| now < c.until && state == "cooling")
                 .map(|c| time::rfc3339(c.until_unix_ms.div_ceil(1000)));
@@ -39,6 +41,14 @@ pub fn render(gw: &Gateway) -> Value {
                 "persist_error": live.persist_error,
                 "quota": live.quota,
                 "quota_by_family": live.quota_scoped,
+                "quota_standing": {
+                    "used": standing.used,
+                    "threshold": policy.threshold,
+                    "over_threshold": standing.over,
+                    "reset": standing.reset,
+                    "hard_stop": policy.hard_stop,
+                    "overage": policy.overage,
+                },
             })
         })
         .collect();

@@ -865,3 +865,60 @@ fn the_shipped_config_gives_no_false_warning() {
         assert!(!said.contains("warning"), "{}: {said}", args[0]);
     }
 }
+
+#[test]
+fn quota_steering_is_set_per_account_and_checked_like_the_file() {
+    let gw = Gateway::with_yaml("balance:\n  quota_threshold: 0.8\n  quota_hard_stop: true\n");
+    let id = gw.add_api_key_with(
+        "steered",
+        "sk-ant-api03-SteeredAccountKey-s1s1",
+        &["--quota-threshold", "0.7", "--overage", "allow"],
+    );
+    let plain = gw.add_api_key("plain", "sk-ant-api03-PlainAccountKey-p1p1");
+    let accounts = list_accounts(&gw);
+    let quota = |id: &str| find(&accounts, id).expect("listed")["quota"].clone();
+    assert_eq!(
+        quota(&id),
+        serde_json::json!({"threshold": 0.7, "hysteresis": 0.05, "hard_stop": true, "overage": "allow"})
+    );
+    assert_eq!(quota(&plain)["threshold"], 0.8, "balance's");
+    assert_eq!(quota(&plain)["overage"], "plan_only", "the default");
+    let set = gw.run_cli(&[
+        "set-account",
+        "--account-id",
+        &plain,
+        "--quota-hard-stop",
+        "false",
+    ]);
+    assert_exit(&set, 0, "set-account --quota-hard-stop");
+    let accounts = list_accounts(&gw);
+    assert_eq!(
+        find(&accounts, &plain).expect("listed")["quota"]["hard_stop"],
+        false
+    );
+    for (flag, value) in [
+        ("--quota-threshold", "1.5"),
+        ("--quota-threshold", "0"),
+        ("--quota-hysteresis", "-0.1"),
+    ] {
+        let out = gw.run_cli(&["set-account", "--account-id", &plain, flag, value]);
+        assert_exit(&out, 2, flag);
+        assert!(printed(&out).contains(flag), "{}", printed(&out));
+    }
+    let out = gw.run_cli(&[
+        "set-account",
+        "--account-id",
+        &plain,
+        "--overage",
+        "sometimes",
+    ]);
+    assert_exit(&out, 2, "--overage sometimes");
+    let bad = Gateway::with_yaml("balance:\n  quota_threshold: 2\n");
+    let out = bad.run_cli(&["list-accounts"]);
+    assert_exit(&out, 3, "a threshold above 1");
+    assert!(
+        printed(&out).contains("balance.quota_threshold"),
+        "{}",
+        printed(&out)
+    );
+}

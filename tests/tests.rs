@@ -15,6 +15,7 @@ mod limits;
 mod oauth;
 mod openai;
 mod proxy;
+mod quota;
 mod scale;
 mod status;
 mod support;

@@ -1,5 +1,5 @@
 //! Choosing an account within a priority tier: least busy (weighted), weighted round robin,
-//! or fill first. Pure: loads in, an index out.
+//! fill first, or most headroom. Pure: loads in, an index out.
 
 use crate::config::Strategy;
 
@@ -8,6 +8,8 @@ use crate::config::Strategy;
 pub struct Load {
     pub in_flight: u32,
     pub weight: u32,
+    /// The share of its quota left (1 with no reading).
+    pub headroom: f64,
 }
 
 /// The index in `loads` to use. `turn` is a counter that advances with every pick: it rotates
@@ -31,22 +33,36 @@ pub fn choose(strategy: Strategy, loads: &[Load], turn: u64) -> usize {
             }
             0
         }
-        Strategy::LeastBusy => {
-            // Fewest in flight per unit of weight: compare a/wa < b/wb as a*wb < b*wa.
-            let start = (turn % n as u64) as usize;
-            let mut best = start;
-            for k in 1..n {
-                let i = (start + k) % n;
-                let (a, b) = (loads[i], loads[best]);
-                let lhs = u64::from(a.in_flight) * u64::from(b.weight.max(1));
-                let rhs = u64::from(b.in_flight) * u64::from(a.weight.max(1));
-                if lhs < rhs {
-                    best = i;
-                }
-            }
-            best
+        Strategy::LeastBusy => best(loads, turn, |a, b| {
+            busyness(a, b).then_with(|| b.headroom.total_cmp(&a.headroom))
+        }),
+        Strategy::MostHeadroom => best(loads, turn, |a, b| {
+            b.headroom
+                .total_cmp(&a.headroom)
+                .then_with(|| busyness(a, b))
+        }),
+    }
+}
+
+/// Fewest in flight per unit of weight: compares a/wa with b/wb as a*wb with b*wa.
+fn busyness(a: &Load, b: &Load) -> std::cmp::Ordering {
+    let lhs = u64::from(a.in_flight) * u64::from(b.weight.max(1));
+    let rhs = u64::from(b.in_flight) * u64::from(a.weight.max(1));
+    lhs.cmp(&rhs)
+}
+
+/// The first index `better` ranks lowest, starting at `turn` so that ties rotate.
+fn best(loads: &[Load], turn: u64, better: impl Fn(&Load, &Load) -> std::cmp::Ordering) -> usize {
+    let n = loads.len();
+    let start = (turn % n as u64) as usize;
+    let mut best = start;
+    for k in 1..n {
+        let i = (start + k) % n;
+        if better(&loads[i], &loads[best]).is_lt() {
+            best = i;
         }
     }
+    best
 }
 
 #[cfg(test)]
@@ -56,7 +72,11 @@ mod tests {
     fn loads(pairs: &[(u32, u32)]) -> Vec<Load> {
         pairs
             .iter()
-            .map(|&(in_flight, weight)| Load { in_flight, weight })
+            .map(|&(in_flight, weight)| Load {
+                in_flight,
+                weight,
+                headroom: 1.0,
+            })
             .collect()
     }
 
@@ -99,5 +119,31 @@ mod tests {
     fn fill_first_takes_the_first() {
         assert_eq!(choose(Strategy::FillFirst, &loads(&[(9, 1), (0, 1)]), 7), 0);
         assert_eq!(choose(Strategy::LeastBusy, &loads(&[]), 7), 0);
+    }
+
+    #[test]
+    fn headroom_sorts_most_headroom_and_breaks_least_busy_ties() {
+        let mut l = loads(&[(0, 1), (0, 1), (3, 1)]);
+        l[0].headroom = 0.2;
+        l[1].headroom = 0.6;
+        l[2].headroom = 0.9;
+        assert_eq!(choose(Strategy::MostHeadroom, &l, 0), 2);
+        assert_eq!(
+            choose(Strategy::LeastBusy, &l, 0),
+            1,
+            "idle first, then headroom"
+        );
+        l[2].headroom = 0.6;
+        let picks: Vec<usize> = (0..4)
+            .map(|t| choose(Strategy::MostHeadroom, &l, t))
+            .collect();
+        assert!(
+            picks.contains(&1) && picks.iter().all(|&i| i != 0),
+            "{picks:?}"
+        );
+        assert!(
+            picks.iter().all(|&i| i == 1),
+            "equal headroom: the less busy"
+        );
     }
 }

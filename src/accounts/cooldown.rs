@@ -21,6 +21,13 @@ pub enum Signal {
     Failure(String),
     /// An API key was refused (401).
     AuthFailed,
+    /// The plan is used up (`anthropic::PlanLimit`), or, with `overage: plan_only`, an answer
+    /// came from extra usage: the account rests until `until` (Unix seconds) when known, else
+    /// `plan_limit_cooldown`.
+    PlanLimit {
+        until: Option<u64>,
+        why: String,
+    },
     /// The upstream announced a ban that a probe of the account could neither confirm nor
     /// refute: the account rests like an ejection, and is probed again before it serves.
     SuspectedBan(String),
@@ -117,6 +124,13 @@ impl Health {
                     );
                     cool(self, d + jitter, reason);
                 }
+            }
+            Signal::PlanLimit { until, why } => {
+                let wait = until
+                    .map(|u| Duration::from_millis((u * 1000).saturating_sub(now.unix_ms)))
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(s.plan_limit_cooldown);
+                cool(self, wait + jitter, why);
             }
             Signal::SuspectedBan(what) => {
                 let d = doubling(s.eject_cooldown, self.ejections, s.eject_cooldown_max);

@@ -3,6 +3,24 @@
 
 use super::*;
 
+/// What other instances found about one account, as `shared::View` holds it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Found<'a> {
+    pub(super) cool: Option<&'a (u64, String)>,
+    pub(super) ban: Option<&'a String>,
+    pub(super) quota: Option<&'a crate::quota::Readings>,
+}
+
+impl<'a> Found<'a> {
+    pub(super) fn at(view: &'a crate::shared::View, i: usize) -> Found<'a> {
+        Found {
+            cool: view.cools.get(i).and_then(Option::as_ref),
+            ban: view.bans.get(i).and_then(Option::as_ref),
+            quota: view.quotas.get(i).and_then(Option::as_ref),
+        }
+    }
+}
+
 /// One account and what the gateway has learned about it since loading it.
 #[derive(Debug)]
 pub struct Entry {
@@ -74,6 +92,7 @@ impl Entry {
             let stamped = previous.is_some_and(|p| p.account.enabled_at != account.enabled_at);
             if stamped && account.enabled_at.is_some() {
                 live.health = Default::default();
+                live.long_context = None;
                 live.suspected_ban = None;
                 live.banned_elsewhere = false;
             }
@@ -241,14 +260,12 @@ impl Entry {
     }
 
     /// Takes what other instances found (through Redis): a longer cooldown, a ban, a lifted
-    /// ban.
-    pub(super) fn adopt(
-        &self,
-        live: &mut Live,
-        cool: Option<&(u64, String)>,
-        ban: Option<&String>,
-        now: Now,
-    ) {
+    /// ban, newer quota readings.
+    pub(super) fn adopt(&self, live: &mut Live, found: Found<'_>, now: Now) {
+        let Found { cool, ban, quota } = found;
+        if let Some(quota) = quota {
+            live.quota.merge(quota.clone());
+        }
         if let Some((until_ms, reason)) = cool
             && *until_ms > now.unix_ms
             && live

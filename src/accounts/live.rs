@@ -6,10 +6,17 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::Entry;
 use super::cooldown::{Cooldown, Health};
 use crate::anthropic::Ban;
 use crate::config::Tokens;
+use crate::quota::{Family, Reading, Readings, Window};
+
+/// Readings unchanged in substance are told to other instances this often, so theirs stay
+/// fresh.
+const TELL_EVERY_SECS: u64 = 60;
 
 #[derive(Debug, Clone, Default)]
 pub(super) struct Live {
@@ -40,11 +47,15 @@ pub(super) struct Live {
     /// `disabled_reason` came from another instance's ban (through Redis), and goes when the
     /// ban is lifted there.
     pub(super) banned_elsewhere: bool,
-    /// The latest quota reading its answers carried.
-    pub(super) quota: Option<crate::quota::Reading>,
-    /// The model-scoped weekly window (`7d_oi`) per model family, as last read for a request
-    /// of that family (Unix seconds of the reading, the window).
-    pub(super) quota_scoped: std::collections::BTreeMap<&'static str, (u64, crate::quota::Window)>,
+    /// What its answers (here or, through Redis, elsewhere) said of its quota.
+    pub(super) quota: Readings,
+    /// The families it was passed over for at its last pick, for the hysteresis.
+    pub(super) quota_over: BTreeSet<Family>,
+    /// What other instances were last told of its quota, and when (Unix seconds).
+    pub(super) quota_told: Option<(Readings, u64)>,
+    /// A long-context request of this many body bytes was refused for want of extra usage:
+    /// requests as large skip the account until then (Unix seconds).
+    pub(super) long_context: Option<(usize, u64)>,
 }
 
 /// What other rooms read of an account's live state, copied out under one lock.
@@ -66,9 +77,9 @@ pub struct View {
     pub persist_error: Option<String>,
     pub cooldown: Option<Cooldown>,
     /// The latest quota reading that still counts (`quota::Reading::current`).
-    pub quota: Option<crate::quota::Reading>,
+    pub quota: Option<Reading>,
     /// The model-scoped window per model family, while it still counts.
-    pub quota_scoped: std::collections::BTreeMap<&'static str, crate::quota::Window>,
+    pub quota_scoped: BTreeMap<Family, Window>,
 }
 
 /// The one probe of an account in flight; dropping it (however the probe ended) lets the next.
@@ -84,6 +95,7 @@ impl Entry {
     pub fn view(&self) -> View {
         let now = crate::time::now_unix();
         let live = self.live();
+        let (quota, quota_scoped) = live.quota.current(now);
         View {
             tokens: live.tokens.clone(),
             needs_login: live.needs_login,
@@ -97,26 +109,55 @@ impl Entry {
             refreshes_failed: live.refreshes_failed,
             persist_error: live.persist_error.clone(),
             cooldown: live.health.cooldown.clone(),
-            quota: (live.quota.as_ref()).and_then(|q| q.current(now)),
-            quota_scoped: (live.quota_scoped.iter())
-                .filter(|(_, (seen, w))| {
-                    now <= seen.saturating_add(crate::quota::STALE_AFTER_SECS)
-                        && w.reset.is_none_or(|r| r > now)
-                })
-                .map(|(family, (_, w))| (*family, *w))
-                .collect(),
+            quota,
+            quota_scoped,
         }
     }
 
-    /// Keeps what the latest answer (to a request for `model`) said of the account's quota;
-    /// its model-scoped window is the model family's.
-    pub fn observe_quota(&self, reading: crate::quota::Reading, model: Option<&str>) {
+    /// Where the account stands against its threshold by its latest reading (the model-scoped
+    /// windows aside: they are per family), for status and metrics.
+    pub fn quota_standing(&self, policy: &crate::quota::Policy) -> crate::quota::Standing {
+        let now = crate::time::now_unix();
+        let live = self.live();
+        let latest = live.quota.latest.as_ref().and_then(|r| r.current(now));
+        policy.standing(latest.as_ref(), None, !live.quota_over.is_empty())
+    }
+
+    /// Keeps what the latest answer (to a request of `family`) said of the account's quota.
+    /// Returns the readings to tell other instances when they hold news for them (or have
+    /// not been told for a while).
+    pub fn observe_quota(&self, reading: Reading, family: Family) -> Option<Readings> {
+        let now = reading.seen_at;
         let mut live = self.live();
-        if let (Some(window), Some(model)) = (reading.seven_day_oi, model) {
-            let family = crate::quota::family(model);
-            live.quota_scoped.insert(family, (reading.seen_at, window));
-        }
-        live.quota = Some(reading);
+        live.quota.observe(reading, family);
+        let due = live.quota_told.as_ref().is_none_or(|(told, at)| {
+            live.quota.news_since(told) || now >= at.saturating_add(TELL_EVERY_SECS)
+        });
+        due.then(|| {
+            live.quota_told = Some((live.quota.clone(), now));
+            live.quota.clone()
+        })
+    }
+
+    /// A 429 named `family`'s own weekly limit without a window to say until when: the
+    /// family rests as if its window were rejected, until `until` (Unix seconds).
+    pub fn rest_family(&self, family: Family, now: u64, until: Option<u64>) {
+        let window = Window {
+            status: Some(crate::quota::Status::Rejected),
+            utilization: None,
+            reset: until,
+        };
+        self.live().quota.scoped.insert(family, (now, window));
+    }
+
+    /// A long-context request of `body_len` bytes was refused for want of extra usage:
+    /// requests as large go elsewhere until `until` (Unix seconds).
+    pub fn rest_long_context(&self, body_len: usize, until: u64) {
+        let now = crate::time::now_unix();
+        let mut live = self.live();
+        let held = live.long_context.filter(|(_, until)| *until > now);
+        let smallest = held.map_or(body_len, |(n, _)| n.min(body_len));
+        live.long_context = Some((smallest, until));
     }
 
     /// Takes `tokens` (read from config.yaml) unless the ones in use are newer; returns the

@@ -10,6 +10,7 @@ mod entry;
 mod live;
 pub mod sticky;
 
+use entry::Found;
 pub use entry::{Entry, State};
 use live::Live;
 pub use live::{Probing, View};
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens};
+use crate::quota::Family;
 use crate::shared::{Down, Shared, Stored};
 use balance::Load;
 use cooldown::{Cooldown, Now, Signal};
@@ -37,6 +39,26 @@ pub struct Accounts {
     turn: AtomicU64,
     /// Makes reading the loads and taking a slot one step, so a burst spreads evenly.
     picking: Mutex<()>,
+}
+
+/// What one request asks of selection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ask<'a> {
+    /// Accounts that already failed this request.
+    pub tried: &'a [String],
+    pub sticky: Option<Key<'a>>,
+    /// The model asked for: a model-scoped window or rest is its family's.
+    pub model: Option<&'a str>,
+    /// The request body's size: an account refused a long-context request skips those at
+    /// least as large.
+    pub body_len: usize,
+}
+
+/// An account that may serve a request, with where it stands against its quota.
+struct Candidate<'a> {
+    entry: &'a Arc<Entry>,
+    standing: crate::quota::Standing,
+    sticky_limit: f64,
 }
 
 /// A chosen account, counted as in flight until dropped.
@@ -131,14 +153,20 @@ impl Accounts {
             .any(|e| e.usable() && e.live().health.available(now))
     }
 
-    /// Chooses an account not in `tried`: the best priority tier among those available now,
-    /// the sticky pin if it is in that tier, else the strategy. When all usable accounts are
-    /// cooling down: 529 with the soonest return as `retry-after`; when none is usable: 503
-    /// saying why.
-    pub fn pick(&self, tried: &[String], sticky_key: Option<Key<'_>>) -> Result<Pick, Unavailable> {
+    /// Chooses an account for `ask`: among those that may serve it now (not tried, in
+    /// service, not resting, not resting for its model family or its size), the best
+    /// priority tier; within it, accounts under their quota threshold before those over it;
+    /// the sticky pin while its account is under `quota_sticky_limit`; else the strategy.
+    /// When all that could serve are resting: 529 with the soonest return as `retry-after`;
+    /// when none can: 503 saying why.
+    pub fn pick(&self, ask: &Ask<'_>) -> Result<Pick, Unavailable> {
         let all = self.snapshot();
+        let settings = self.settings();
         let now = Instant::now();
+        let now_unix = crate::time::now_unix();
+        let family = ask.model.map_or(Family::Other, Family::of);
         // The key's hash with its pins' TTL, when sticky sessions are on.
+        let sticky_key = ask.sticky;
         let sticky = (sticky_key.map(|k| k.hash)).zip(self.sticky.as_ref().map(Sticky::ttl));
         let sticky_hash = sticky.map(|(hash, _)| hash);
         // One round trip: what other instances found about these accounts, and the pin.
@@ -146,20 +174,24 @@ impl Accounts {
             let ids: Vec<&str> = all.iter().map(|e| e.id()).collect();
             shared.view(&ids, sticky).ok()
         });
-        let clock = view.as_ref().map(|_| Now {
+        let clock = Now {
             instant: now,
             unix_ms: crate::time::now_unix_millis(),
-        });
+        };
         let mut soonest: Option<Instant> = None;
-        let mut candidates: Vec<&Arc<Entry>> = Vec::with_capacity(all.len());
+        let mut rest_until = |at: Instant| {
+            if soonest.is_none_or(|s| at < s) {
+                soonest = Some(at);
+            }
+        };
+        let at_unix = |until: u64| now + Duration::from_secs(until.saturating_sub(now_unix));
+        let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(all.len());
         for (i, e) in all.iter().enumerate() {
             let mut live = e.live();
-            if let (Some(view), Some(clock)) = (&view, clock) {
-                let cool = view.cools.get(i).and_then(Option::as_ref);
-                let ban = view.bans.get(i).and_then(Option::as_ref);
-                e.adopt(&mut live, cool, ban, clock);
+            if let Some(view) = &view {
+                e.adopt(&mut live, Found::at(view, i), clock);
             }
-            if tried.iter().any(|t| t == e.id()) {
+            if ask.tried.iter().any(|t| t == e.id()) {
                 debug!(
                     "account {}: skipped, already tried for this request",
                     e.id()
@@ -174,32 +206,78 @@ impl Accounts {
                 );
                 continue;
             }
-            if live.health.available(now) {
-                candidates.push(e);
-            } else if let Some(c) = &live.health.cooldown {
-                debug!(
-                    "account {}: skipped, resting {} ms more ({})",
-                    e.id(),
-                    c.until.saturating_duration_since(now).as_millis(),
-                    c.reason
-                );
-                if !live.health.invalid && soonest.is_none_or(|at| c.until < at) {
-                    soonest = Some(c.until);
+            if !live.health.available(now) {
+                if let Some(c) = &live.health.cooldown {
+                    debug!(
+                        "account {}: skipped, resting {} ms more ({})",
+                        e.id(),
+                        c.until.saturating_duration_since(now).as_millis(),
+                        c.reason
+                    );
+                    if !live.health.invalid {
+                        rest_until(c.until);
+                    }
                 }
+                continue;
             }
+            if let Some(until) = live.quota.family_rest(family, now_unix) {
+                debug!(
+                    "account {}: skipped, its {} limit is reached",
+                    e.id(),
+                    family.as_str()
+                );
+                rest_until(at_unix(until));
+                continue;
+            }
+            if let Some((_, until)) = live
+                .long_context
+                .filter(|(len, until)| ask.body_len >= *len && *until > now_unix)
+            {
+                debug!(
+                    "account {}: skipped, long context needs extra usage",
+                    e.id()
+                );
+                rest_until(at_unix(until));
+                continue;
+            }
+            let policy = settings.policy(&e.account);
+            let was_over = live.quota_over.contains(&family);
+            let standing = live.quota.standing(&policy, family, was_over, now_unix);
+            if standing.over {
+                live.quota_over.insert(family);
+            } else {
+                live.quota_over.remove(&family);
+            }
+            if standing.over && policy.hard_stop {
+                debug!(
+                    "account {}: skipped, {:.0} % of its quota used (hard stop)",
+                    e.id(),
+                    standing.used * 100.0
+                );
+                let until = standing
+                    .reset
+                    .unwrap_or(now_unix + crate::quota::STALE_AFTER_SECS);
+                rest_until(at_unix(until));
+                continue;
+            }
+            candidates.push(Candidate {
+                entry: e,
+                standing,
+                sticky_limit: policy.sticky_limit,
+            });
         }
-        let Some(best) = candidates.iter().map(|e| e.account.priority).min() else {
+        let Some(best) = candidates.iter().map(|c| c.entry.account.priority).min() else {
             return Err(match soonest {
                 Some(at) => Unavailable::Resting {
                     retry_after: ceil_secs(at.saturating_duration_since(now)).max(1),
                 },
-                None => Unavailable::None(why_none(&all, tried)),
+                None => Unavailable::None(why_none(&all, ask.tried)),
             });
         };
-        candidates.retain(|e| e.account.priority == best);
+        candidates.retain(|c| c.entry.account.priority == best);
 
         let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
-        let position = |id: &str| candidates.iter().position(|e| e.id() == id);
+        let position = |id: &str| candidates.iter().position(|c| c.entry.id() == id);
         let pinned = match &view {
             // Redis answered: its pin is the one every instance follows.
             Some(view) => view.pin.as_deref().and_then(position),
@@ -207,22 +285,45 @@ impl Accounts {
                 .zip(self.sticky.as_ref())
                 .and_then(|(key, sticky)| sticky.find(key, now, position)),
         };
+        // A pin holds until its account nears the wall while another has headroom.
+        let room_elsewhere =
+            |p: usize| (candidates.iter().enumerate()).any(|(i, c)| i != p && !c.standing.over);
+        let pinned = pinned.filter(|&p| {
+            let c = &candidates[p];
+            let holds = c.standing.used < c.sticky_limit || !room_elsewhere(p);
+            if !holds {
+                debug!(
+                    "account {}: {:.0} % of its quota used; its sticky conversation moves",
+                    c.entry.id(),
+                    c.standing.used * 100.0
+                );
+            }
+            holds
+        });
         let index = pinned.unwrap_or_else(|| {
-            let loads: Vec<Load> = candidates
-                .iter()
-                .map(|e| Load {
-                    in_flight: e.in_flight(),
-                    weight: e.account.weight,
+            // Over their threshold, accounts serve only when none has headroom.
+            let any_room = candidates.iter().any(|c| !c.standing.over);
+            let pool: Vec<usize> = (0..candidates.len())
+                .filter(|&i| !any_room || !candidates[i].standing.over)
+                .collect();
+            let loads: Vec<Load> = (pool.iter())
+                .map(|&i| Load {
+                    in_flight: candidates[i].entry.in_flight(),
+                    weight: candidates[i].entry.account.weight,
+                    headroom: candidates[i].standing.headroom(),
                 })
                 .collect();
             let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-            balance::choose(self.settings().strategy, &loads, turn)
+            pool[balance::choose(settings.strategy, &loads, turn)]
         });
-        let entry = Arc::clone(candidates[index]);
+        let chosen = &candidates[index];
+        let entry = Arc::clone(chosen.entry);
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.requests.fetch_add(1, Ordering::Relaxed);
-        if let (Some(key), Some(ttl), Some(pins)) =
-            (sticky_key, sticky.map(|(_, t)| t), &self.sticky)
+        // New conversations are not pinned to an account over its threshold.
+        let pin_it = pinned.is_some() || !chosen.standing.over;
+        if let (Some(key), Some(ttl), Some(pins), true) =
+            (sticky_key, sticky.map(|(_, t)| t), &self.sticky, pin_it)
         {
             pins.pin(key, entry.id(), now);
             drop(picking);
@@ -235,6 +336,21 @@ impl Accounts {
             }
         }
         Ok(Pick { entry })
+    }
+
+    /// Keeps what an answer to a request for `model` said of `entry`'s quota, and tells the
+    /// other instances when it is news to them.
+    pub fn observe_quota(
+        &self,
+        entry: &Entry,
+        reading: crate::quota::Reading,
+        model: Option<&str>,
+    ) {
+        let family = model.map_or(Family::Other, Family::of);
+        let news = entry.observe_quota(reading, family);
+        if let (Some(readings), Some(shared)) = (news, &self.shared) {
+            let _ = shared.quota(entry.id(), &readings);
+        }
     }
 
     /// How many accounts there are.
@@ -280,9 +396,7 @@ impl Accounts {
             unix_ms: crate::time::now_unix_millis(),
         };
         for (i, e) in all.iter().enumerate() {
-            let cool = view.cools.get(i).and_then(Option::as_ref);
-            let ban = view.bans.get(i).and_then(Option::as_ref);
-            e.adopt(&mut e.live(), cool, ban, now);
+            e.adopt(&mut e.live(), Found::at(&view, i), now);
         }
         Ok(())
     }
@@ -382,6 +496,7 @@ mod tests {
             enabled,
             priority: 0,
             weight: 1,
+            quota: Default::default(),
             disabled_reason: None,
             created_at: None,
             enabled_at: None,
@@ -437,7 +552,11 @@ mod tests {
         (0..n)
             .map(|_| {
                 accounts
-                    .pick(tried, key.map(|k| Key::new(k, Some("ck_test"))))
+                    .pick(&Ask {
+                        tried,
+                        sticky: key.map(|k| Key::new(k, Some("ck_test"))),
+                        ..Ask::default()
+                    })
                     .expect("usable")
                     .entry
                     .id()
@@ -485,8 +604,9 @@ mod tests {
         );
         cool(&accounts, "a");
         cool(&accounts, "b");
-        let err =
-            crate::error::ApiError::from(accounts.pick(&[], None).err().expect("all cooling"));
+        let err = crate::error::ApiError::from(
+            accounts.pick(&Ask::default()).err().expect("all cooling"),
+        );
         assert_eq!(err.status(), 529);
         assert_eq!(err.error_type(), "overloaded_error");
         let retry = err.retry_after().expect("retry-after");
@@ -523,7 +643,7 @@ mod tests {
             Strategy::LeastBusy,
         );
         let held: Vec<Pick> = (0..10)
-            .map(|_| accounts.pick(&[], None).expect("ok"))
+            .map(|_| accounts.pick(&Ask::default()).expect("ok"))
             .collect();
         let on_a = held.iter().filter(|p| p.entry.id() == "a").count();
         assert_eq!(on_a, 5);
@@ -547,7 +667,10 @@ mod tests {
             let started = Instant::now();
             for i in 0..rounds {
                 let pick = accounts
-                    .pick(&[], Some(Key::new(i % 1000, Some("ck_test"))))
+                    .pick(&Ask {
+                        sticky: Some(Key::new(i % 1000, Some("ck_test"))),
+                        ..Ask::default()
+                    })
                     .expect("usable");
                 std::hint::black_box(&pick);
             }
@@ -559,21 +682,21 @@ mod tests {
     #[test]
     fn none_usable_says_why() {
         let none = pool(vec![], Strategy::LeastBusy);
-        let err = crate::error::ApiError::from(none.pick(&[], None).err().expect("none"));
+        let err = crate::error::ApiError::from(none.pick(&Ask::default()).err().expect("none"));
         assert!(err.to_string().contains("add-api-key"));
         let off = pool(vec![account("a", false)], Strategy::LeastBusy);
-        let err = crate::error::ApiError::from(off.pick(&[], None).err().expect("disabled"));
+        let err = crate::error::ApiError::from(off.pick(&Ask::default()).err().expect("disabled"));
         assert_eq!(err.status(), 503);
         assert!(err.to_string().contains("enable-account"));
         let mut unset = account("u", true);
         unset.credential = Credential::Unusable("environment variable K is not set".into());
         let err = pool(vec![unset], Strategy::LeastBusy)
-            .pick(&[], None)
+            .pick(&Ask::default())
             .err()
             .expect("unusable");
         assert!(matches!(&err, Unavailable::None(why) if why.contains("K is not set")));
         let login = pool(vec![oauth("o", None)], Strategy::LeastBusy);
-        let err = crate::error::ApiError::from(login.pick(&[], None).err().expect("login"));
+        let err = crate::error::ApiError::from(login.pick(&Ask::default()).err().expect("login"));
         assert!(err.to_string().contains("oauth-start"));
     }
 
@@ -640,23 +763,30 @@ mod tests {
             unix_ms: 1_000_000,
         };
         let cool = (1_060_000, "rate limited elsewhere".to_string());
-        e.adopt(&mut e.live(), Some(&cool), None, now);
+        let found = |cool, ban| Found {
+            cool,
+            ban,
+            quota: None,
+        };
+        e.adopt(&mut e.live(), found(Some(&cool), None), now);
         let c = e.live().health.cooldown.clone().expect("adopted");
         assert_eq!(c.until_unix_ms, 1_060_000);
         assert_eq!(c.until, now.instant + Duration::from_secs(60));
         assert!(!e.live().health.available(now.instant));
         // A shorter or past one changes nothing.
-        e.adopt(&mut e.live(), Some(&(1_010_000, "short".into())), None, now);
-        e.adopt(&mut e.live(), Some(&(999_000, "past".into())), None, now);
+        let (short, past) = ((1_010_000, "short".into()), (999_000, "past".into()));
+        e.adopt(&mut e.live(), found(Some(&short), None), now);
+        e.adopt(&mut e.live(), found(Some(&past), None), now);
         assert_eq!(e.live().health.cooldown.as_ref(), Some(&c));
         // A ban from elsewhere disables; its lifting enables again.
-        e.adopt(&mut e.live(), None, Some(&"banned".to_string()), now);
+        let banned = "banned".to_string();
+        e.adopt(&mut e.live(), found(None, Some(&banned)), now);
         assert!(!e.usable());
-        e.adopt(&mut e.live(), None, None, now);
+        e.adopt(&mut e.live(), found(None, None), now);
         assert!(e.usable());
         // A ban seen here is not lifted by Redis having none.
         e.live().disabled_reason = Some("seen here".into());
-        e.adopt(&mut e.live(), None, None, now);
+        e.adopt(&mut e.live(), found(None, None), now);
         assert!(!e.usable());
     }
 
@@ -666,16 +796,28 @@ mod tests {
             vec![oauth("o", Some(tokens("file-1")))],
             Strategy::LeastBusy,
         );
-        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
+        let entry = accounts
+            .pick(&Ask::default())
+            .expect("usable")
+            .entry
+            .clone();
         entry.live().tokens = Some(tokens("memory-2"));
         entry.live().persist_error = Some("disk full".into());
         accounts.replace(vec![oauth("o", Some(tokens("file-1")))]);
-        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
+        let entry = accounts
+            .pick(&Ask::default())
+            .expect("usable")
+            .entry
+            .clone();
         let access = |e: &Entry| e.live().tokens.as_ref().map(|t| t.access.clone());
         assert_eq!(access(&entry), Some(Secret::new("memory-2")));
         entry.live().persist_error = None;
         accounts.replace(vec![oauth("o", Some(tokens("file-3")))]);
-        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
+        let entry = accounts
+            .pick(&Ask::default())
+            .expect("usable")
+            .entry
+            .clone();
         assert_eq!(access(&entry), Some(Secret::new("file-3")));
     }
 
@@ -685,7 +827,11 @@ mod tests {
             vec![oauth("o", Some(tokens("file-1")))],
             Strategy::LeastBusy,
         );
-        let entry = accounts.pick(&[], None).expect("usable").entry.clone();
+        let entry = accounts
+            .pick(&Ask::default())
+            .expect("usable")
+            .entry
+            .clone();
         let newer = Tokens {
             issued_at: 20,
             ..tokens("refreshed-2")

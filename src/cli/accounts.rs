@@ -30,6 +30,18 @@ pub struct AddApiKey {
     /// share of traffic within its tier (default 1)
     #[argh(option, default = "1")]
     pub weight: u32,
+    /// share of quota used (0–1] past which the account is passed over (default: balance's)
+    #[argh(option)]
+    pub quota_threshold: Option<f64>,
+    /// how far under its threshold a passed-over account must fall to serve again
+    #[argh(option)]
+    pub quota_hysteresis: Option<f64>,
+    /// true: over its threshold, the account never serves, even when nothing else can
+    #[argh(option)]
+    pub quota_hard_stop: Option<bool>,
+    /// plan_only (rest when an answer comes from extra usage) or allow
+    #[argh(option)]
+    pub overage: Option<crate::quota::Overage>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -45,7 +57,7 @@ pub struct ListAccounts {
 }
 
 #[derive(FromArgs)]
-/// Change an account's name, priority or weight.
+/// Change an account's name, priority, weight or quota steering.
 #[argh(subcommand, name = "set-account")]
 pub struct SetAccount {
     /// the account id (see list-accounts)
@@ -60,6 +72,18 @@ pub struct SetAccount {
     /// a new weight within its tier
     #[argh(option)]
     pub weight: Option<u32>,
+    /// share of quota used (0–1] past which the account is passed over (default: balance's)
+    #[argh(option)]
+    pub quota_threshold: Option<f64>,
+    /// how far under its threshold a passed-over account must fall to serve again
+    #[argh(option)]
+    pub quota_hysteresis: Option<f64>,
+    /// true: over its threshold, the account never serves, even when nothing else can
+    #[argh(option)]
+    pub quota_hard_stop: Option<bool>,
+    /// plan_only (rest when an answer comes from extra usage) or allow
+    #[argh(option)]
+    pub overage: Option<crate::quota::Overage>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -104,6 +128,12 @@ pub struct DisableAccount {
 pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
     let name = check_name(&cmd.name)?;
     let weight = check_weight(cmd.weight)?;
+    let steering = Steering::checked(
+        cmd.quota_threshold,
+        cmd.quota_hysteresis,
+        cmd.quota_hard_stop,
+        cmd.overage,
+    )?;
     let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
     if !key.expose().starts_with("sk-ant-") {
         eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
@@ -123,6 +153,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         account.api_key = Some(m.seal(&id, "api_key", &key)?);
         account.priority = cmd.priority;
         account.weight = weight;
+        steering.apply(&mut account);
         m.accounts.push(account);
         Ok::<_, ChangeError<CliError>>(id)
     })?;
@@ -149,6 +180,7 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
                 json!({
                     "id": a.id, "name": a.name, "kind": a.kind.as_str(), "enabled": a.enabled,
                     "priority": a.priority, "weight": a.weight,
+                    "quota": steering(&config.balance.policy(a)),
                     "state": e.state(), "key": a.key_display(),
                     "disabled_reason": a.disabled_reason,
                     "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
@@ -187,6 +219,14 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// An account's quota steering as it applies (its own settings over `balance`'s).
+fn steering(p: &crate::quota::Policy) -> serde_json::Value {
+    json!({
+        "threshold": p.threshold, "hysteresis": p.hysteresis, "hard_stop": p.hard_stop,
+        "overage": p.overage,
+    })
+}
+
 pub enum Change {
     Remove,
     Enable(bool),
@@ -194,7 +234,59 @@ pub enum Change {
         name: Option<String>,
         priority: Option<u32>,
         weight: Option<u32>,
+        steering: Steering,
     },
+}
+
+/// An account's quota steering as flags give it (`None`: unchanged, or `balance`'s).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Steering {
+    threshold: Option<f64>,
+    hysteresis: Option<f64>,
+    hard_stop: Option<bool>,
+    overage: Option<crate::quota::Overage>,
+}
+
+impl Steering {
+    /// The flags, refused when the config would refuse them.
+    pub fn checked(
+        threshold: Option<f64>,
+        hysteresis: Option<f64>,
+        hard_stop: Option<bool>,
+        overage: Option<crate::quota::Overage>,
+    ) -> Result<Steering, CliError> {
+        if let Some(t) = threshold
+            && !(t > 0.0 && t <= 1.0)
+        {
+            return Err(CliError::usage(format!(
+                "--quota-threshold is {t}: give a share above 0 and at most 1 (0.9 is 90 %)"
+            )));
+        }
+        if let Some(h) = hysteresis
+            && !(h >= 0.0 && h < threshold.unwrap_or(1.0))
+        {
+            return Err(CliError::usage(format!(
+                "--quota-hysteresis is {h}: give at least 0 and less than the threshold"
+            )));
+        }
+        Ok(Steering {
+            threshold,
+            hysteresis,
+            hard_stop,
+            overage,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Steering::default()
+    }
+
+    pub fn apply(&self, a: &mut RawAccount) {
+        a.quota_threshold = self.threshold.or(a.quota_threshold);
+        a.quota_hysteresis = self.hysteresis.or(a.quota_hysteresis);
+        a.quota_hard_stop = self.hard_stop.or(a.quota_hard_stop);
+        a.overage = self.overage.or(a.overage);
+    }
 }
 
 /// Refuses `name` when an account other than the one at `except` has it: metrics and logs label by name.
@@ -224,15 +316,22 @@ pub fn check_weight(weight: u32) -> Result<u32, CliError> {
 }
 
 pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
-    if cmd.name.is_none() && cmd.priority.is_none() && cmd.weight.is_none() {
+    let steering = Steering::checked(
+        cmd.quota_threshold,
+        cmd.quota_hysteresis,
+        cmd.quota_hard_stop,
+        cmd.overage,
+    )?;
+    if cmd.name.is_none() && cmd.priority.is_none() && cmd.weight.is_none() && steering.is_empty() {
         return Err(CliError::usage(
-            "nothing to change: give --name, --priority or --weight",
+            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop or --overage",
         ));
     }
     let change = Change::Set {
         name: cmd.name.as_deref().map(check_name).transpose()?,
         priority: cmd.priority,
         weight: cmd.weight.map(check_weight).transpose()?,
+        steering,
     };
     change_account(path, &cmd.account_id, cmd.json, change)
 }
@@ -281,6 +380,7 @@ pub fn change_account(
                 name,
                 priority,
                 weight,
+                steering,
             } => {
                 if let Some(name) = name {
                     unique_account_name(m, name, Some(index))?;
@@ -296,6 +396,7 @@ pub fn change_account(
                 }
                 a.priority = priority.unwrap_or(a.priority);
                 a.weight = weight.unwrap_or(a.weight);
+                steering.apply(a);
             }
         }
         Ok(m.accounts[index].name.clone())

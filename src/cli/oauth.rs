@@ -36,6 +36,18 @@ pub struct AddOAuth {
     /// share of traffic within its tier (default 1)
     #[argh(option, default = "1")]
     pub weight: u32,
+    /// share of quota used (0–1] past which the account is passed over (default: balance's)
+    #[argh(option)]
+    pub quota_threshold: Option<f64>,
+    /// how far under its threshold a passed-over account must fall to serve again
+    #[argh(option)]
+    pub quota_hysteresis: Option<f64>,
+    /// true: over its threshold, the account never serves, even when nothing else can
+    #[argh(option)]
+    pub quota_hard_stop: Option<bool>,
+    /// plan_only (rest when an answer comes from extra usage) or allow
+    #[argh(option)]
+    pub overage: Option<crate::quota::Overage>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -109,6 +121,12 @@ fn oauth_account<'a>(config: &'a Config, id: &str) -> Result<(&'a str, &'a OAuth
 pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
     let name = check_name(&cmd.name)?;
     let weight = super::accounts::check_weight(cmd.weight)?;
+    let steering = super::accounts::Steering::checked(
+        cmd.quota_threshold,
+        cmd.quota_hysteresis,
+        cmd.quota_hard_stop,
+        cmd.overage,
+    )?;
     let client_id = cmd.client_id.trim().to_string();
     if client_id.is_empty() || !client_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(CliError::usage(
@@ -133,6 +151,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         account.client_id = Some(client_id.clone());
         account.priority = cmd.priority;
         account.weight = weight;
+        steering.apply(&mut account);
         if let Some(s) = &secret {
             account.client_secret = Some(m.seal(&id, "client_secret", s)?);
         }

@@ -206,6 +206,7 @@ fn validate_account(
             }))
         }
     };
+    let quota = super::validate::account_quota(&id, &a).map_err(AccountError::Invalid)?;
     Ok(Account {
         id,
         name: a.name,
@@ -214,6 +215,7 @@ fn validate_account(
         enabled: a.enabled,
         priority: a.priority,
         weight: a.weight.max(1),
+        quota,
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
         enabled_at: a.enabled_at,

@@ -138,6 +138,10 @@ pub struct BalanceSettings {
     /// An API key is `invalid` after this many 401s in a row spanning at least `invalid_window`.
     pub invalid_after: u32,
     pub invalid_window: Duration,
+    /// Quota steering for accounts that do not set their own.
+    pub quota: crate::quota::Policy,
+    /// A plan-limit refusal without a reset rests the account this long.
+    pub plan_limit_cooldown: Duration,
 }
 
 /// Model names for OpenAI-format clients.
@@ -205,12 +209,34 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-#[cfg(test)]
 impl BalanceSettings {
     /// The defaults, for unit tests that build settings without a file.
+    #[cfg(test)]
     pub fn test() -> BalanceSettings {
-        validate::balance(&RawBalance::default())
+        validate::balance(&RawBalance::default()).unwrap_or_else(|e| unreachable!("{e}"))
     }
+
+    /// How `account` is steered by its quota: its own settings over these.
+    pub fn policy(&self, account: &Account) -> crate::quota::Policy {
+        let q = &account.quota;
+        let threshold = q.threshold.unwrap_or(self.quota.threshold);
+        crate::quota::Policy {
+            threshold,
+            hysteresis: q.hysteresis.unwrap_or(self.quota.hysteresis).min(threshold),
+            hard_stop: q.hard_stop.unwrap_or(self.quota.hard_stop),
+            sticky_limit: self.quota.sticky_limit.max(threshold),
+            overage: q.overage.unwrap_or(self.quota.overage),
+        }
+    }
+}
+
+/// An account's own quota settings (`None`: `balance`'s).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QuotaSettings {
+    pub threshold: Option<f64>,
+    pub hysteresis: Option<f64>,
+    pub hard_stop: Option<bool>,
+    pub overage: Option<crate::quota::Overage>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -233,6 +259,7 @@ pub struct Account {
     pub enabled: bool,
     pub priority: u32,
     pub weight: u32,
+    pub quota: QuotaSettings,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
     /// When `enable-account` last ran (Unix ms); a change clears the account's rests.

@@ -89,6 +89,12 @@ pub struct RawBalance {
     pub auth_cooldown: Option<Dur>,
     pub invalid_after: Option<u32>,
     pub invalid_window: Option<Dur>,
+    pub quota_threshold: Option<f64>,
+    pub quota_hysteresis: Option<f64>,
+    pub quota_hard_stop: Option<bool>,
+    pub quota_sticky_limit: Option<f64>,
+    pub overage: Option<crate::quota::Overage>,
+    pub plan_limit_cooldown: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +155,8 @@ pub enum Strategy {
     RoundRobin,
     /// The first available account until it is limited.
     FillFirst,
+    /// The account with the most quota left (by its latest reading).
+    MostHeadroom,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +191,15 @@ pub struct RawAccount {
     /// Share of traffic within a tier.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub weight: u32,
+    /// Quota steering for this account, over `balance`'s (`None`: the global setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_hysteresis: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_hard_stop: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage: Option<crate::quota::Overage>,
     /// Why the gateway disabled the account (a ban it recognised), for people to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -240,6 +257,10 @@ impl RawAccount {
             enabled: true,
             priority: 0,
             weight: 1,
+            quota_threshold: None,
+            quota_hysteresis: None,
+            quota_hard_stop: None,
+            overage: None,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
             enabled_at: None,

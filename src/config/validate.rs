@@ -62,6 +62,13 @@ pub(super) mod default {
     pub const AUTH_COOLDOWN: Duration = secs(600);
     pub const INVALID_AFTER: u32 = 3;
     pub const INVALID_WINDOW: Duration = secs(1800);
+    pub const QUOTA_THRESHOLD: f64 = 0.9;
+    pub const QUOTA_HYSTERESIS: f64 = 0.05;
+    /// A pinned conversation moves only this close to the wall: losing its prompt cache once
+    /// costs less than a 429 in the middle of a turn.
+    pub const QUOTA_STICKY_LIMIT: f64 = 0.98;
+    /// A plan-limit refusal that names no reset: the windows are hours long.
+    pub const PLAN_LIMIT_COOLDOWN: Duration = secs(3600);
 
     pub const STICKY_TTL: Duration = secs(3600);
     pub const STICKY_MAX_ENTRIES: usize = 10_000;
@@ -97,7 +104,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let server = server(&raw.server).map_err(invalid)?;
     let upstream = upstream(&raw.upstream).map_err(invalid)?;
     let oauth = oauth(&raw.oauth).map_err(invalid)?;
-    let balance = balance(&raw.balance);
+    let balance = balance(&raw.balance).map_err(invalid)?;
     let sticky = sticky(&raw.sticky);
     let admin_listen = admin_listen(&raw.admin).map_err(invalid)?;
     let models = models(&raw.models).map_err(invalid)?;
@@ -295,8 +302,25 @@ fn oauth(o: &RawOAuth) -> Result<OAuthSettings, String> {
     })
 }
 
-pub(super) fn balance(b: &RawBalance) -> BalanceSettings {
-    BalanceSettings {
+pub(super) fn balance(b: &RawBalance) -> Result<BalanceSettings, String> {
+    let threshold = share(
+        "balance.quota_threshold",
+        b.quota_threshold,
+        default::QUOTA_THRESHOLD,
+    )?;
+    let quota = crate::quota::Policy {
+        threshold,
+        hysteresis: hysteresis("balance", b.quota_hysteresis, threshold)?
+            .unwrap_or(default::QUOTA_HYSTERESIS.min(threshold)),
+        hard_stop: b.quota_hard_stop.unwrap_or(false),
+        sticky_limit: share(
+            "balance.quota_sticky_limit",
+            b.quota_sticky_limit,
+            default::QUOTA_STICKY_LIMIT,
+        )?,
+        overage: b.overage.unwrap_or_default(),
+    };
+    Ok(BalanceSettings {
         strategy: b.strategy.unwrap_or_default(),
         max_attempts: b.max_attempts.unwrap_or(default::MAX_ATTEMPTS).max(1),
         failover_timeout: dur(b.failover_timeout, default::FAILOVER_TIMEOUT),
@@ -308,7 +332,47 @@ pub(super) fn balance(b: &RawBalance) -> BalanceSettings {
         auth_cooldown: dur(b.auth_cooldown, default::AUTH_COOLDOWN),
         invalid_after: b.invalid_after.unwrap_or(default::INVALID_AFTER).max(1),
         invalid_window: dur(b.invalid_window, default::INVALID_WINDOW),
+        quota,
+        plan_limit_cooldown: dur(b.plan_limit_cooldown, default::PLAN_LIMIT_COOLDOWN),
+    })
+}
+
+/// A share of a quota (`quota_threshold`, `quota_sticky_limit`): above 0, at most 1.
+fn share(name: &str, value: Option<f64>, default: f64) -> Result<f64, String> {
+    match value {
+        None => Ok(default),
+        Some(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        Some(v) => Err(format!(
+            "{name} is {v}: give a share of the quota above 0 and at most 1 (0.9 is 90 %)"
+        )),
     }
+}
+
+/// `quota_hysteresis`: at least 0 and below the threshold it applies to.
+fn hysteresis(scope: &str, value: Option<f64>, threshold: f64) -> Result<Option<f64>, String> {
+    match value {
+        Some(v) if v.is_nan() || v < 0.0 || v >= threshold => Err(format!(
+            "{scope}.quota_hysteresis is {v}: give at least 0 and less than the threshold ({threshold})"
+        )),
+        v => Ok(v),
+    }
+}
+
+/// An account's own quota settings, checked like `balance`'s.
+pub(super) fn account_quota(id: &str, a: &RawAccount) -> Result<QuotaSettings, String> {
+    let scope = format!("account {id}");
+    let threshold = match a.quota_threshold {
+        Some(t) => Some(share(&format!("{scope}: quota_threshold"), Some(t), t)?),
+        None => None,
+    };
+    // Without a threshold of its own, the account's is `balance`'s: checked against it there.
+    let hysteresis = hysteresis(&scope, a.quota_hysteresis, threshold.unwrap_or(1.0))?;
+    Ok(QuotaSettings {
+        threshold,
+        hysteresis,
+        hard_stop: a.quota_hard_stop,
+        overage: a.overage,
+    })
 }
 
 fn sticky(s: &RawSticky) -> StickySettings {

@@ -5,7 +5,8 @@
 //! at once until a background probe finds it back, and callers fall back to local state.
 //!
 //! Keys, all under `prefix:`: `tok:<account>` (hash), `lease:<account>` and
-//! `fence:<account>`, `cool:<account>` and `ban:<account>`, `pin:<sticky key>`,
+//! `fence:<account>`, `cool:<account>`, `ban:<account>` and `quota:<account>` (its
+//! readings, JSON), `pin:<sticky key>`,
 //! `usage:<day>` and `keytok:<day>` (hashes), `batch:<instance>:<n>`, `rpm:<client key>`
 //! and `conc:<client key>` (sorted sets). One Redis node; Redis Cluster is not supported.
 
@@ -62,11 +63,12 @@ pub struct Stored {
 }
 
 /// What a pick needs to know from Redis: per account (in the order asked) its cooldown
-/// (`until` in Unix ms, and why) and ban; and the sticky key's pinned account.
+/// (`until` in Unix ms, and why), ban and quota readings; and the sticky key's pinned account.
 #[derive(Debug, Default)]
 pub struct View {
     pub cools: Vec<Option<(u64, String)>>,
     pub bans: Vec<Option<String>>,
+    pub quotas: Vec<Option<crate::quota::Readings>>,
     pub pin: Option<String>,
 }
 
@@ -81,11 +83,11 @@ pub struct Lease<'a> {
 const VIEW: &str = r"
 local n = tonumber(ARGV[1])
 local out = {}
-if n > 0 then out = redis.call('MGET', unpack(KEYS, 1, 2 * n)) end
-if #KEYS > 2 * n then
+if n > 0 then out = redis.call('MGET', unpack(KEYS, 1, 3 * n)) end
+if #KEYS > 3 * n then
   local pin = redis.call('GET', KEYS[#KEYS])
   if pin then redis.call('PEXPIRE', KEYS[#KEYS], ARGV[2]) end
-  out[2 * n + 1] = pin
+  out[3 * n + 1] = pin
 end
 return out";
 
@@ -378,6 +380,7 @@ impl Shared {
     pub fn view(&self, ids: &[&str], pin: Option<(u64, Duration)>) -> Result<View, Down> {
         let mut keys: Vec<String> = ids.iter().map(|id| self.name("cool", id)).collect();
         keys.extend(ids.iter().map(|id| self.name("ban", id)));
+        keys.extend(ids.iter().map(|id| self.name("quota", id)));
         if let Some((pin, _)) = pin {
             keys.push(self.name("pin", &format!("{pin:016x}")));
         }
@@ -386,12 +389,16 @@ impl Shared {
         let ttl = pin.map_or(0, |(_, ttl)| ttl.as_millis() as u64);
         cmd.arg(ids.len()).arg(ttl);
         let mut out: Vec<Option<String>> = self.call(|c| cmd.query(c))?;
-        let pin = if out.len() > 2 * ids.len() {
+        let pin = if out.len() > 3 * ids.len() {
             out.pop().flatten()
         } else {
             None
         };
-        out.resize(2 * ids.len(), None);
+        out.resize(3 * ids.len(), None);
+        // Another instance's readings, checked like any JSON that crossed a boundary.
+        let quotas = (out.split_off(2 * ids.len()).into_iter())
+            .map(|v| crate::json::from_str(&v?).ok())
+            .collect();
         let bans = out.split_off(ids.len());
         let cools = out
             .into_iter()
@@ -401,7 +408,27 @@ impl Shared {
                 Some((until.parse().ok()?, reason.to_string()))
             })
             .collect();
-        Ok(View { cools, bans, pin })
+        Ok(View {
+            cools,
+            bans,
+            quotas,
+            pin,
+        })
+    }
+
+    /// Tells every instance what `id`'s answers said of its quota (kept as long as a reading
+    /// counts).
+    pub fn quota(&self, id: &str, readings: &crate::quota::Readings) -> Result<(), Down> {
+        let key = self.name("quota", id);
+        let text = serde_json::to_string(readings).map_err(|e| Down(e.to_string()))?;
+        self.call(|c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&text)
+                .arg("EX")
+                .arg(crate::quota::STALE_AFTER_SECS)
+                .query::<()>(c)
+        })
     }
 
     /// Tells every instance that `id` cools down until `until_unix_ms` (never shortening a
@@ -425,7 +452,8 @@ impl Shared {
         self.call(|c| redis::cmd("SET").arg(&key).arg(reason).query::<()>(c))
     }
 
-    /// Puts `id` back in service everywhere: no ban, no cooldown (`enable-account`).
+    /// Puts `id` back in service everywhere: no ban, no cooldown (`enable-account`). Its
+    /// quota readings stay: they are the upstream's word, not a rest.
     pub fn clear(&self, id: &str) -> Result<(), Down> {
         let (ban, cool) = (self.name("ban", id), self.name("cool", id));
         self.call(|c| redis::cmd("DEL").arg(&ban).arg(&cool).query::<()>(c))

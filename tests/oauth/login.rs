@@ -223,6 +223,7 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
                 "enabled",
                 "priority",
                 "weight",
+                "quota",
                 "state",
                 "key",
                 "disabled_reason",

@@ -296,3 +296,48 @@ fn deployments_with_different_prefixes_do_not_share() {
     );
     until_it_meets(&second, &up, KEY_A, "the second deployment");
 }
+
+#[test]
+fn one_instances_quota_reading_steers_the_others() {
+    // X's answers say it has used 95 % of its 5-hour window; Y's, 30 %. Once one instance has
+    // heard that from X, no instance sends X a new conversation: the others never asked X.
+    let reset = (crate::support::now_unix() + 3600).to_string();
+    let up = FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        let used = if key == KEY_A { "0.95" } else { "0.30" };
+        Reply::json_with(
+            200,
+            &[
+                ("anthropic-ratelimit-unified-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-utilization", used),
+                ("anthropic-ratelimit-unified-5h-reset", reset.as_str()),
+            ],
+            &served_by(key),
+        )
+    });
+    let redis = RedisServer::start();
+    let config = Config::new(up.base_url()).section(&state_section(&redis));
+    let gws = start_instances(x_and_y(&config), 3);
+
+    let met_x = (0..6).any(|_| {
+        let resp = post_body(&gws[0], &new_conversation());
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.text() == served_by(KEY_A)
+    });
+    assert!(met_x, "instance A never picked X");
+    let heard = up.keys().len();
+    for round in 0..8 {
+        for (i, gw) in gws.iter().enumerate() {
+            let resp = post_body(gw, &new_conversation());
+            assert_eq!(resp.text(), served_by(KEY_B), "round {round}, instance {i}");
+        }
+    }
+    assert!(up.keys()[heard..].iter().all(|k| k == KEY_B));
+    // What the instances share: X's readings, as JSON, under its quota key.
+    let keys = redis.command(&["KEYS", &format!("{}:quota:*", super::PREFIX)]);
+    let x = keys
+        .lines()
+        .find(|k| redis.command(&["GET", k]).contains("0.95"));
+    assert!(x.is_some(), "no shared reading of X among {keys:?}");
+}
