@@ -269,6 +269,67 @@ pub fn ban(status: u16, body: &[u8], oauth: bool) -> Option<Ban> {
         })
 }
 
+/// Whether a 400 is the upstream refusing a thinking block's signature (`messages.N.content.M:
+/// Invalid `signature` in `thinking` block`, with or without the backticks): what a
+/// conversation moved from the account that signed its thinking gets. The block's path comes
+/// first, so no text of the request quoted later in a message can pass for it.
+pub fn invalid_signature(status: u16, body: &[u8]) -> bool {
+    let Some(message) = (status == 400).then(|| error_message(body)).flatten() else {
+        return false;
+    };
+    let Some((path, rest)) = message.split_once(": ") else {
+        return false;
+    };
+    let path_ok = path.starts_with("messages.")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
+    let rest = rest.replace('`', "");
+    path_ok
+        && (rest.starts_with("Invalid signature in thinking block")
+            || rest.starts_with("Invalid signature in redacted_thinking block"))
+}
+
+/// The request with the thinking blocks of its assistant turns removed (their signatures are
+/// another account's), for one retry; `None` when it has none. When the final assistant
+/// turn is a tool call in progress, the API requires it to start with a thinking block while
+/// thinking is on: thinking is then turned off for this request. An assistant turn left with
+/// nothing is dropped (consecutive user turns are merged by the API).
+pub fn without_thinking(body: &[u8]) -> Option<Vec<u8>> {
+    use serde_json::Value;
+    let is_thinking =
+        |b: &Value| matches!(b["type"].as_str(), Some("thinking" | "redacted_thinking"));
+    let mut request: Value = crate::json::from_slice(body).ok()?;
+    let messages = request.get_mut("messages")?.as_array_mut()?;
+    let last = messages.iter().rposition(|m| m["role"] == "assistant");
+    let (mut stripped, mut last_lost) = (false, false);
+    for (i, m) in messages.iter_mut().enumerate() {
+        let Some(content) = (m["role"] == "assistant")
+            .then(|| m.get_mut("content").and_then(Value::as_array_mut))
+            .flatten()
+        else {
+            continue;
+        };
+        let before = content.len();
+        content.retain(|b| !is_thinking(b));
+        if content.len() != before {
+            stripped = true;
+            let in_tool_call = content.iter().any(|b| b["type"] == "tool_use");
+            last_lost |= Some(i) == last && in_tool_call;
+        }
+    }
+    if !stripped {
+        return None;
+    }
+    messages.retain(|m| {
+        !(m["role"] == "assistant" && m["content"].as_array().is_some_and(Vec::is_empty))
+    });
+    if last_lost && let Some(fields) = request.as_object_mut() {
+        fields.remove("thinking");
+    }
+    serde_json::to_vec(&request).ok()
+}
+
 /// A refusal that means the account's plan is used up, not that the request is wrong: the
 /// account's limit, never the client's error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,6 +545,57 @@ mod tests {
         assert_eq!(plan_limit(429, weekly.as_bytes(), Family::Sonnet), None);
         assert_eq!(
             plan_limit(429, body("Rate limited").as_bytes(), Family::Opus),
+            None
+        );
+    }
+
+    #[test]
+    fn a_refused_signature_is_recognised_by_its_path() {
+        let body = |m: &str| {
+            format!(
+                r#"{{"type":"error","error":{{"type":"invalid_request_error","message":"{m}"}}}}"#
+            )
+        };
+        for m in [
+            "messages.1.content.0: Invalid `signature` in `thinking` block",
+            "messages.3.content.13: Invalid signature in thinking block",
+        ] {
+            assert!(invalid_signature(400, body(m).as_bytes()), "{m}");
+        }
+        assert!(!invalid_signature(
+            429,
+            body("messages.1.content.0: Invalid signature in thinking block").as_bytes()
+        ));
+        let quoted = body("system.0.text: unexpected Invalid signature in thinking block: x");
+        assert!(!invalid_signature(400, quoted.as_bytes()));
+    }
+
+    #[test]
+    fn thinking_is_stripped_and_turned_off_only_when_a_tool_call_needs_it() {
+        let history = br#"{"model":"m","thinking":{"type":"enabled","budget_tokens":1024},"messages":[
+            {"role":"user","content":"q"},
+            {"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"s"},{"type":"text","text":"a"}]},
+            {"role":"user","content":"next"}]}"#;
+        let out: serde_json::Value =
+            serde_json::from_slice(&without_thinking(history).expect("stripped")).expect("json");
+        assert_eq!(
+            out["messages"][1]["content"],
+            serde_json::json!([{"type":"text","text":"a"}])
+        );
+        assert_eq!(
+            out["thinking"]["type"], "enabled",
+            "a new user turn needs no block"
+        );
+        let tool_loop = br#"{"model":"m","thinking":{"type":"enabled","budget_tokens":1024},"messages":[
+            {"role":"user","content":"q"},
+            {"role":"assistant","content":[{"type":"redacted_thinking","data":"x"},{"type":"tool_use","id":"t1","name":"f","input":{}}]},
+            {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"ok"}]}]}"#;
+        let out: serde_json::Value =
+            serde_json::from_slice(&without_thinking(tool_loop).expect("stripped")).expect("json");
+        assert!(out.get("thinking").is_none(), "{out}");
+        assert_eq!(out["messages"][1]["content"][0]["type"], "tool_use");
+        assert_eq!(
+            without_thinking(br#"{"messages":[{"role":"user","content":"q"}]}"#),
             None
         );
     }

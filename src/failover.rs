@@ -50,18 +50,25 @@ pub fn run(
     let started = Instant::now();
     let mut tried: Vec<String> = Vec::new();
     let mut fallback: Option<Result<Answer, ApiError>> = None;
+    // A refused thinking signature is retried once (`resign`): on this pick, with `request`
+    // changed.
+    let mut changed: Option<Request> = None;
+    let mut again: Option<Pick> = None;
+    let mut resigned = false;
     loop {
+        let request = changed.as_ref().unwrap_or(req);
         let out_of_budget = tried.len() as u32 >= settings.max_attempts
             || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
-        let picked = if out_of_budget {
-            Err(Unavailable::None("attempts exhausted".into()))
-        } else {
-            gw.accounts.pick(&Ask {
+        let picked = match again.take() {
+            Some(pick) => Ok(pick),
+            None if out_of_budget => Err(Unavailable::None("attempts exhausted".into())),
+            None => gw.accounts.pick(&Ask {
                 tried: &tried,
                 sticky: sticky_key,
                 model: attempts.model.as_deref(),
-                body_len: req.body.len(),
-            })
+                body_len: request.body.len(),
+                only: None,
+            }),
         };
         let pick = match (picked, fallback.take()) {
             (Ok(pick), _) => pick,
@@ -70,7 +77,9 @@ pub fn run(
             (Err(_), Some(Err(error))) => return Err(error),
             (Err(none), None) => return Err(none.into()),
         };
-        if let Some((_, left)) = &attempts.last {
+        if let Some((id, left)) = &attempts.last
+            && id != pick.entry.id()
+        {
             // Another account takes over from the one that could not serve.
             gw.metrics.failover(left);
         }
@@ -83,13 +92,34 @@ pub fn run(
             pick.entry.account.name
         );
         let attempt_started = Instant::now();
-        let step = attempt(gw, req, &pick.entry, attempts.model.as_deref());
+        let step = attempt(gw, request, &pick.entry, attempts.model.as_deref());
         gw.metrics.attempt(&pick.entry.account.name, outcome(&step));
+        let tried_now = |why: String, status: Option<u16>| crate::access::Tried {
+            account: pick.entry.id().to_string(),
+            status,
+            ms: (attempt_started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            why,
+        };
         match step? {
             Step::Done(answer) => {
                 debug!("account {} answers {}", pick.entry.id(), answer.status());
                 return Ok((answer, Some(pick)));
             }
+            Step::Resign(answer) if !resigned => {
+                resigned = true;
+                attempts
+                    .tried
+                    .push(tried_now("a thinking signature refused".into(), Some(400)));
+                match resign(gw, request, sticky_key, &pick, attempts.model.as_deref()) {
+                    Resign::Home(home) => again = Some(home),
+                    Resign::Stripped(body) => {
+                        changed = Some(req.with_body(body));
+                        again = Some(pick);
+                    }
+                    Resign::Cannot => return Ok((answer, Some(pick))),
+                }
+            }
+            Step::Resign(answer) => return Ok((answer, Some(pick))),
             Step::Next(why) => {
                 let what = match &why {
                     Ok(answer) => format!("its {}", answer.status()),
@@ -99,12 +129,8 @@ pub fn run(
                     "account {} cannot serve it ({what}); trying the next",
                     pick.entry.id()
                 );
-                attempts.tried.push(crate::access::Tried {
-                    account: pick.entry.id().to_string(),
-                    status: why.as_ref().ok().map(Answer::status),
-                    ms: (attempt_started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
-                    why: what,
-                });
+                let status = why.as_ref().ok().map(Answer::status);
+                attempts.tried.push(tried_now(what, status));
                 tried.push(pick.entry.id().to_string());
                 fallback = Some(why);
             }
@@ -112,10 +138,64 @@ pub fn run(
     }
 }
 
+/// Where a request whose thinking signature was refused goes once more.
+enum Resign {
+    /// To the account its conversation was pinned to before it moved, which signed it.
+    Home(Pick),
+    /// To the same account, with this body: the thinking blocks of its history removed.
+    Stripped(Vec<u8>),
+    /// Nowhere: the refusal stands.
+    Cannot,
+}
+
+/// A conversation that moved to another account carries thinking blocks the new account's
+/// upstream cannot verify (400 "Invalid signature in thinking block"). It goes back to the
+/// account it was pinned to before, when that one can serve it; else its history's thinking
+/// blocks are removed (`anthropic::without_thinking`) and it is sent again where it is.
+fn resign(
+    gw: &Gateway,
+    req: &Request,
+    sticky_key: Option<sticky::Key<'_>>,
+    pick: &Pick,
+    model: Option<&str>,
+) -> Resign {
+    let home = sticky_key
+        .and_then(|key| gw.accounts.previous_pin(key))
+        .filter(|home| home != pick.entry.id());
+    if let Some(home) = &home {
+        let asked = gw.accounts.pick(&Ask {
+            sticky: sticky_key,
+            model,
+            body_len: req.body.len(),
+            only: Some(home),
+            ..Ask::default()
+        });
+        if let Ok(home) = asked {
+            info!(
+                "account {}: a thinking signature refused; the conversation goes back to account {}, which signed it",
+                pick.entry.id(),
+                home.entry.id()
+            );
+            return Resign::Home(home);
+        }
+    }
+    match crate::anthropic::without_thinking(&req.body) {
+        Some(body) => {
+            info!(
+                "account {}: a thinking signature refused; sent again without the history's thinking blocks",
+                pick.entry.id()
+            );
+            Resign::Stripped(body)
+        }
+        None => Resign::Cannot,
+    }
+}
+
 /// How an attempt ended, as `llm_gateway_upstream_attempts_total` labels it.
 fn outcome(step: &Result<Step, ApiError>) -> &'static str {
     match step {
         Ok(Step::Done(_)) => "answered",
+        Ok(Step::Resign(_)) => "signature_refused",
         Ok(Step::Next(Ok(answer))) => match answer.status() {
             429 => "rate_limited",
             401 => "auth_failed",
@@ -131,6 +211,9 @@ fn outcome(step: &Result<Step, ApiError>) -> &'static str {
 enum Step {
     /// An answer to relay.
     Done(Answer),
+    /// The upstream refused a thinking block's signature: the request is retried once
+    /// (`resign`), else this answer is relayed.
+    Resign(Answer),
     /// This account cannot serve it; try another. Carries what the client gets if none can.
     Next(Result<Answer, ApiError>),
 }
@@ -222,6 +305,9 @@ fn attempt(
         },
         401 => Signal::AuthFailed,
         500 | 502 | 503 | 504 | 529 => Signal::Failure(format!("{status} from upstream")),
+        400 if anthropic::invalid_signature(status, answer.body()) => {
+            return Ok(Step::Resign(answer));
+        }
         400 | 403 => {
             return Ok(
                 match anthropic::ban(status, answer.body(), entry.is_oauth()) {

@@ -481,3 +481,176 @@ fn a_pinned_conversation_stays_past_the_threshold_and_moves_near_the_wall() {
     }
     assert_eq!(quotas.refused(), 0);
 }
+
+/// How the signing upstream treats one account.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Fine,
+    /// Its answers report 98.5 % of its 5-hour window used.
+    NearTheWall,
+    /// 429 with `retry-after: 60`.
+    Limited,
+}
+
+/// An upstream that signs the thinking of each answer with the account that gave it
+/// (`sig-<key's tail>`) and, like Anthropic, refuses a request whose history carries a
+/// thinking block another account signed.
+fn signing_upstream(modes: &Arc<Mutex<HashMap<String, Mode>>>) -> FakeUpstream {
+    let modes = Arc::clone(modes);
+    FakeUpstream::start(move |req| {
+        let key = req.api_key();
+        let me = format!("sig-{}", tail(key));
+        let body: serde_json::Value = serde_json::from_slice(&req.body).expect("JSON");
+        let foreign = (body["messages"].as_array().into_iter().flatten())
+            .flat_map(|m| m["content"].as_array().into_iter().flatten())
+            .filter_map(|b| b["signature"].as_str())
+            .position(|s| s != me);
+        if let Some(at) = foreign {
+            let message =
+                format!("messages.1.content.{at}: Invalid `signature` in `thinking` block");
+            return Reply::json(
+                400,
+                &serde_json::json!({"type":"error","error":{"type":"invalid_request_error","message":message}})
+                    .to_string(),
+            );
+        }
+        let mode = modes
+            .lock()
+            .expect("modes")
+            .get(key)
+            .copied()
+            .unwrap_or(Mode::Fine);
+        if mode == Mode::Limited {
+            return crate::support::accounts::rate_limited("60", key);
+        }
+        let used = if mode == Mode::NearTheWall {
+            "0.985"
+        } else {
+            "0.2"
+        };
+        let reset = (now_unix() + 3600).to_string();
+        let answer = serde_json::json!({
+            "id": "msg_signed", "type": "message", "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": me},
+                {"type": "text", "text": "done"},
+            ],
+            "served_by": tail(key),
+        });
+        Reply::json_with(
+            200,
+            &five_hour("allowed", used, &reset),
+            &answer.to_string(),
+        )
+    })
+}
+
+/// Turn `history` of a conversation with thinking on, sticky by its session.
+fn thinking_turn(gw: &Gateway, history: &[serde_json::Value]) -> Response {
+    let body = serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": history,
+    });
+    call(
+        gw.addr(),
+        "POST",
+        "/v1/messages",
+        &[
+            gw.auth(),
+            ("content-type", "application/json"),
+            ("x-session-id", "thinker"),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// A started conversation: its first turn served, and its history with that answer.
+fn first_turn(gw: &Gateway) -> (String, Vec<serde_json::Value>) {
+    let mut history = vec![serde_json::json!({"role": "user", "content": "start"})];
+    let resp = thinking_turn(gw, &history);
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
+    let first = server(&resp);
+    history.push(serde_json::json!({"role": "assistant", "content": v["content"]}));
+    (first, history)
+}
+
+fn key_of(tail_: &str) -> &'static str {
+    [KEY_A, KEY_B]
+        .into_iter()
+        .find(|k| tail(k) == tail_)
+        .expect("a key")
+}
+
+#[test]
+fn a_moved_conversation_with_thinking_goes_back_to_the_account_that_signed_it() {
+    let modes = Arc::new(Mutex::new(HashMap::new()));
+    let up = signing_upstream(&modes);
+    let (gw, _) = started_ab(&Config::new(up.base_url()));
+    let (home, mut history) = first_turn(&gw);
+    // Its account reaches 98.5 %: the next turn is moved, the other account refuses the
+    // signature, and the turn is served where it was signed.
+    modes
+        .lock()
+        .expect("modes")
+        .insert(key_of(&home).to_string(), Mode::NearTheWall);
+    history.push(serde_json::json!({"role": "user", "content": "more"}));
+    assert_eq!(
+        server(&thinking_turn(&gw, &history)),
+        home,
+        "the pin holds below 98 %"
+    );
+    let before = up.requests().len();
+    let resp = thinking_turn(&gw, &history);
+    assert_eq!(server(&resp), home, "served by the account that signed it");
+    let seen = &up.requests()[before..];
+    assert_eq!(seen.len(), 2, "moved once, sent back once");
+    assert_ne!(tail(seen[0].api_key()), home, "the move");
+    assert_eq!(tail(seen[1].api_key()), home, "the return");
+    assert_eq!(
+        seen[1].body, seen[0].body,
+        "the same request, thinking kept"
+    );
+}
+
+#[test]
+fn a_moved_tool_call_with_thinking_continues_without_the_foreign_blocks() {
+    let modes = Arc::new(Mutex::new(HashMap::new()));
+    let up = signing_upstream(&modes);
+    let (gw, _) = started_ab(&Config::new(up.base_url()));
+    let (home, mut history) = first_turn(&gw);
+    // The turn was a tool call; its account is limited when the result comes back.
+    history[1]["content"][1] =
+        serde_json::json!({"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}});
+    history.push(serde_json::json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"}
+    ]}));
+    modes
+        .lock()
+        .expect("modes")
+        .insert(key_of(&home).to_string(), Mode::Limited);
+    let before = up.requests().len();
+    let resp = thinking_turn(&gw, &history);
+    let other = server(&resp);
+    assert_ne!(other, home, "served by the other account");
+    let seen = &up.requests()[before..];
+    assert_eq!(seen.len(), 3, "limited, refused the signature, served");
+    let last: serde_json::Value = serde_json::from_slice(&seen[2].body).expect("JSON");
+    assert!(
+        last.get("thinking").is_none(),
+        "thinking off for the tool call: {last}"
+    );
+    assert_eq!(
+        last["messages"][1]["content"],
+        serde_json::json!([{"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}])
+    );
+    // The conversation goes on where it is now, its new blocks signed there.
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
+    let mut history = last["messages"].as_array().expect("messages").clone();
+    history.push(serde_json::json!({"role": "assistant", "content": v["content"]}));
+    history.push(serde_json::json!({"role": "user", "content": "thanks"}));
+    let before = up.requests().len();
+    assert_eq!(server(&thinking_turn(&gw, &history)), other);
+    assert_eq!(up.requests().len() - before, 1, "no refusal now");
+}

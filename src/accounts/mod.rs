@@ -52,6 +52,8 @@ pub struct Ask<'a> {
     /// The request body's size: an account refused a long-context request skips those at
     /// least as large.
     pub body_len: usize,
+    /// This account or none (a conversation sent back to where its signatures are from).
+    pub only: Option<&'a str>,
 }
 
 /// An account that may serve a request, with where it stands against its quota.
@@ -190,6 +192,9 @@ impl Accounts {
             let mut live = e.live();
             if let Some(view) = &view {
                 e.adopt(&mut live, Found::at(view, i), clock);
+            }
+            if ask.only.is_some_and(|only| only != e.id()) {
+                continue;
             }
             if ask.tried.iter().any(|t| t == e.id()) {
                 debug!(
@@ -332,10 +337,17 @@ impl Accounts {
             if let (Some(view), Some(shared)) = (&view, &self.shared)
                 && view.pin.as_deref() != Some(entry.id())
             {
-                let _ = shared.pin(key.hash, entry.id(), ttl);
+                let _ = shared.pin(key.hash, entry.id(), view.pin.as_deref(), ttl);
             }
         }
         Ok(Pick { entry })
+    }
+
+    /// The account a conversation was pinned to before its pin last moved (the one whose
+    /// thinking signatures it may carry).
+    pub fn previous_pin(&self, key: Key<'_>) -> Option<String> {
+        let shared = (self.shared.as_ref()).and_then(|s| s.previous_pin(key.hash).ok().flatten());
+        shared.or_else(|| self.sticky.as_ref()?.previous(key.hash, Instant::now()))
     }
 
     /// Keeps what an answer to a request for `model` said of `entry`'s quota, and tells the

@@ -161,6 +161,9 @@ fn hash(parts: &[&[u8]]) -> u64 {
 
 struct Pin {
     account: String,
+    /// The account it was pinned to before it last moved: the one whose thinking signatures
+    /// the conversation may carry.
+    previous: Option<String>,
     expires: Instant,
     /// The client key whose pin it is, if its share is bounded.
     owner: Option<String>,
@@ -246,6 +249,13 @@ impl Sticky {
             .and_then(|p| lookup(&p.account))
     }
 
+    /// The account `key` was pinned to before its pin last moved, while the pin lives.
+    pub fn previous(&self, key: u64, now: Instant) -> Option<String> {
+        let table = self.lock();
+        let pin = table.pins.get(&key).filter(|p| now < p.expires)?;
+        pin.previous.clone()
+    }
+
     /// Pins `key` to `account` for the TTL from now (a use renews the pin).
     pub fn pin(&self, key: Key<'_>, account: &str, now: Instant) {
         let expires = now + self.ttl;
@@ -254,7 +264,7 @@ impl Sticky {
         if let Some(p) = table.pins.get_mut(&key.hash) {
             let before = std::mem::replace(&mut p.expires, expires);
             if p.account != account {
-                p.account = account.to_string();
+                p.previous = Some(std::mem::replace(&mut p.account, account.to_string()));
             }
             let owner = p.owner.clone();
             if let Some(set) = table.owned(&owner) {
@@ -292,6 +302,7 @@ impl Sticky {
             key.hash,
             Pin {
                 account: account.to_string(),
+                previous: None,
                 expires,
                 owner: key.owner.map(String::from),
             },

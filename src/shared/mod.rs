@@ -6,7 +6,7 @@
 //!
 //! Keys, all under `prefix:`: `tok:<account>` (hash), `lease:<account>` and
 //! `fence:<account>`, `cool:<account>`, `ban:<account>` and `quota:<account>` (its
-//! readings, JSON), `pin:<sticky key>`,
+//! readings, JSON), `pin:<sticky key>` and `was:<sticky key>` (where it was before it moved),
 //! `usage:<day>` and `keytok:<day>` (hashes), `batch:<instance>:<n>`, `rpm:<client key>`
 //! and `conc:<client key>` (sorted sets). One Redis node; Redis Cluster is not supported.
 
@@ -459,18 +459,37 @@ impl Shared {
         self.call(|c| redis::cmd("DEL").arg(&ban).arg(&cool).query::<()>(c))
     }
 
-    /// Pins sticky key `pin` to account `id` for `ttl`.
-    pub fn pin(&self, pin: u64, id: &str, ttl: Duration) -> Result<(), Down> {
+    /// Pins sticky key `pin` to account `id` for `ttl`; a pin that moves from `previous`
+    /// remembers it as long (`was:<sticky key>`), for a conversation's thinking signatures.
+    pub fn pin(
+        &self,
+        pin: u64,
+        id: &str,
+        previous: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), Down> {
         let key = self.name("pin", &format!("{pin:016x}"));
+        let was = self.name("was", &format!("{pin:016x}"));
         let ms = ttl.as_millis().max(1) as u64;
         self.call(|c| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(id)
-                .arg("PX")
-                .arg(ms)
-                .query::<()>(c)
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET").arg(&key).arg(id).arg("PX").arg(ms).ignore();
+            if let Some(previous) = previous {
+                pipe.cmd("SET")
+                    .arg(&was)
+                    .arg(previous)
+                    .arg("PX")
+                    .arg(ms)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
         })
+    }
+
+    /// The account sticky key `pin` was pinned to before it last moved.
+    pub fn previous_pin(&self, pin: u64) -> Result<Option<String>, Down> {
+        let was = self.name("was", &format!("{pin:016x}"));
+        self.call(|c| redis::cmd("GET").arg(&was).query::<Option<String>>(c))
     }
 }
 
