@@ -63,6 +63,14 @@ impl From<crate::accounts::Unavailable> for ApiError {
                 ApiError::AllCoolingDown { retry_after }
             }
             crate::accounts::Unavailable::None(why) => ApiError::NoAccount(why),
+            crate::accounts::Unavailable::Full(entry) => ApiError::RateLimited {
+                message: format!(
+                    "account {} ({}) is serving as many requests as it may at once, and its queue is full",
+                    entry.id(),
+                    entry.account.name
+                ),
+                retry_after: 1,
+            },
         }
     }
 }

@@ -55,6 +55,8 @@ pub fn run(
     let mut changed: Option<Request> = None;
     let mut again: Option<Pick> = None;
     let mut resigned = false;
+    // A place in an account's queue while every account's slots are taken.
+    let mut queued: Option<Queued> = None;
     loop {
         let request = changed.as_ref().unwrap_or(req);
         let out_of_budget = tried.len() as u32 >= settings.max_attempts
@@ -68,9 +70,15 @@ pub fn run(
                 model: attempts.model.as_deref(),
                 body_len: request.body.len(),
                 only: None,
+                ticket: queued.as_ref().map(|q| q.ticket.number),
             }),
         };
         let pick = match (picked, fallback.take()) {
+            (Err(Unavailable::Full(entry)), fallback_) => {
+                fallback = fallback_;
+                wait_for_slot(gw, &entry, &mut queued)?;
+                continue;
+            }
             (Ok(pick), _) => pick,
             (Err(resting @ Unavailable::Resting { .. }), _) => return Err(resting.into()),
             (Err(_), Some(Ok(answer))) => return Ok((answer, None)),
@@ -138,6 +146,59 @@ pub fn run(
     }
 }
 
+/// A request's place in a queue, and until when it may wait.
+struct Queued {
+    ticket: crate::accounts::Ticket,
+    until: Instant,
+}
+
+/// Waits in `entry`'s queue (joined on the first call) until a slot may be free, for at
+/// most `balance.queue_timeout` in all; a full queue, the timeout and a client that left end
+/// the wait with the 429 (`retry-after`) the client gets.
+fn wait_for_slot(
+    gw: &Gateway,
+    entry: &std::sync::Arc<Entry>,
+    queued: &mut Option<Queued>,
+) -> Result<(), ApiError> {
+    let accounts = &gw.accounts;
+    let seen = accounts.ended();
+    let full = |why: &str| ApiError::RateLimited {
+        message: format!(
+            "account {} ({}) serves as many requests at once as it may, and {why}",
+            entry.id(),
+            entry.account.name
+        ),
+        retry_after: 1,
+    };
+    if queued.is_none() {
+        let ticket = accounts
+            .join_queue(entry)
+            .ok_or_else(|| full("its queue is full"))?;
+        let until = Instant::now() + accounts.settings().queue_timeout;
+        debug!("account {}: request queued ({})", entry.id(), ticket.number);
+        *queued = Some(Queued { ticket, until });
+    }
+    let until = queued.as_ref().map_or_else(Instant::now, |q| q.until);
+    loop {
+        if crate::watch::client_left() {
+            *queued = None;
+            return Err(ApiError::Http {
+                status: 499,
+                message: "the client left while its request waited for a slot".into(),
+            });
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            *queued = None;
+            return Err(full("the request waited its queue_timeout for a slot"));
+        }
+        accounts.wait_freed(seen, left.min(Duration::from_millis(250)));
+        if accounts.ended() != seen {
+            return Ok(());
+        }
+    }
+}
+
 /// Where a request whose thinking signature was refused goes once more.
 enum Resign {
     /// To the account its conversation was pinned to before it moved, which signed it.
@@ -168,6 +229,7 @@ fn resign(
             model,
             body_len: req.body.len(),
             only: Some(home),
+            ticket: None,
             ..Ask::default()
         });
         if let Ok(home) = asked {

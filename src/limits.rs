@@ -6,6 +6,7 @@
 //! instance enforces them on its own requests.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ struct KeyState {
     /// Start times of the requests of the last minute, oldest first.
     recent: VecDeque<Instant>,
     in_flight: u32,
+    /// Tickets of its requests waiting for a slot (its `queue`), oldest first.
+    waiting: VecDeque<u64>,
     /// Tokens the key's requests in flight may still cost (`Limiter::reserve`).
     reserved: u64,
 }
@@ -110,7 +113,14 @@ pub struct Limiter {
     slots: Mutex<HashMap<String, String>>,
     /// This instance's budget reservations in Redis (member → key), renewed while held.
     reservations: Mutex<HashMap<String, String>>,
+    /// Told when a key's request ends: what requests in its queue wait on.
+    freed: std::sync::Condvar,
+    /// Numbers the requests that join a queue.
+    tickets: std::sync::atomic::AtomicU64,
 }
+
+/// How long a queued request waits between looks at its client.
+const QUEUE_SLICE: Duration = Duration::from_millis(250);
 
 /// A key at its concurrency limit waits this long for a slot before the 429, in steps: the
 /// client that just got its answer may be a moment ahead of the slot's release.
@@ -157,6 +167,9 @@ impl Drop for Permit {
             if let Some(state) = keys.get_mut(key) {
                 state.in_flight = state.in_flight.saturating_sub(1);
                 state.reserved = state.reserved.saturating_sub(held.reserved);
+                if !state.waiting.is_empty() {
+                    self.limiter.freed.notify_all();
+                }
             }
         }
     }
@@ -187,6 +200,8 @@ impl Limiter {
             shared,
             slots: Mutex::default(),
             reservations: Mutex::default(),
+            freed: std::sync::Condvar::new(),
+            tickets: Default::default(),
         }
     }
 
@@ -205,13 +220,16 @@ impl Limiter {
         })
     }
 
-    /// Admits `client` now under its budgets, rate and concurrency, or says which limit
-    /// refuses it: all of it from the head, before the body is read.
+    /// Admits `client` under its budgets, rate and concurrency, or says which limit refuses
+    /// it: all of it from the head, before the body is read. A key with a `queue` waits for a
+    /// slot, in arrival order, up to `queue_timeout`.
     pub fn admit(
         self: &Arc<Self>,
         client: &Client,
         ledger: Option<&Ledger>,
+        queue_timeout: Duration,
     ) -> Result<Permit, Refusal> {
+        let deadline = Instant::now() + queue_timeout;
         let Some(limits) = &client.limits else {
             return Ok(Permit {
                 limiter: Arc::clone(self),
@@ -222,8 +240,8 @@ impl Limiter {
             let reserved = self.reserved(&client.id);
             Spent::read(limits, &client.id, ledger).check(limits, reserved)?;
         }
-        let slot = self.take_shared(client, limits)?;
-        if let Err(refusal) = self.take_local(client, limits, slot.is_some()) {
+        let slot = self.take_shared(client, limits, deadline)?;
+        if let Err(refusal) = self.take_local(client, limits, slot.is_some(), deadline) {
             if let (Some(slot), Some(shared)) = (&slot, &self.shared) {
                 shared.release(&client.id, slot);
             }
@@ -246,7 +264,12 @@ impl Limiter {
     /// With shared state, the counts of every instance: a concurrency slot (waiting the short
     /// grace for one) and the minute window. While Redis is down, nothing is taken here and
     /// the local count decides.
-    fn take_shared(&self, client: &Client, limits: &KeyLimits) -> Result<Option<String>, Refusal> {
+    fn take_shared(
+        &self,
+        client: &Client,
+        limits: &KeyLimits,
+        deadline: Instant,
+    ) -> Result<Option<String>, Refusal> {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
@@ -258,6 +281,14 @@ impl Limiter {
                     Ok(None) if waited < SLOT_GRACE_STEPS => {
                         std::thread::sleep(SLOT_GRACE_STEP);
                         waited += 1;
+                    }
+                    // A key with a queue waits on: slots other instances hold free in time.
+                    Ok(None)
+                        if limits.queue.is_some()
+                            && Instant::now() < deadline
+                            && !crate::watch::client_left() =>
+                    {
+                        std::thread::sleep(SLOT_GRACE_STEP * 10);
                     }
                     Ok(None) => return Err(Refusal::Concurrency { max }),
                     Ok(taken) => break slot = taken,
@@ -286,12 +317,14 @@ impl Limiter {
         client: &Client,
         limits: &KeyLimits,
         has_slot: bool,
+        deadline: Instant,
     ) -> Result<(), Refusal> {
         let shared_up = self.shared_up();
         let mut waited = 0;
+        let mut ticket: Option<u64> = None;
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let now = Instant::now();
-            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             let state = keys.entry(client.id.clone()).or_default();
             if let Some(rpm) = limits.rpm.filter(|_| !shared_up) {
                 let minute = Duration::from_secs(60);
@@ -299,6 +332,10 @@ impl Limiter {
                     state.recent.pop_front();
                 }
                 if state.recent.len() >= rpm as usize {
+                    if let Some(t) = ticket {
+                        state.waiting.retain(|n| *n != t);
+                        self.freed.notify_all();
+                    }
                     let oldest = state.recent.front().copied().unwrap_or(now);
                     let wait = minute.saturating_sub(now.duration_since(oldest));
                     return Err(Refusal::Rate {
@@ -307,17 +344,50 @@ impl Limiter {
                     });
                 }
             }
+            let ahead = state.waiting.front().is_some_and(|t| Some(*t) != ticket);
             if let Some(max) = limits.max_concurrent
                 && !has_slot
-                && state.in_flight >= max
+                && (state.in_flight >= max || ahead)
             {
+                if let Some(size) = limits.queue {
+                    // In line: the first waiting takes the next slot; the others wait on.
+                    let left = deadline.saturating_duration_since(now);
+                    let joined = match ticket {
+                        Some(_) => true,
+                        None if state.waiting.len() < size as usize => {
+                            let n = self.tickets.fetch_add(1, Ordering::Relaxed);
+                            state.waiting.push_back(n);
+                            ticket = Some(n);
+                            true
+                        }
+                        None => false,
+                    };
+                    if joined && !left.is_zero() && !crate::watch::client_left() {
+                        keys = match self.freed.wait_timeout(keys, left.min(QUEUE_SLICE)) {
+                            Ok((guard, _)) => guard,
+                            Err(p) => p.into_inner().0,
+                        };
+                        continue;
+                    }
+                    if let Some(t) = ticket {
+                        state.waiting.retain(|n| *n != t);
+                        self.freed.notify_all();
+                    }
+                    return Err(Refusal::Concurrency { max });
+                }
                 drop(keys);
                 if waited < SLOT_GRACE_STEPS {
                     std::thread::sleep(SLOT_GRACE_STEP);
                     waited += 1;
+                    keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
                 return Err(Refusal::Concurrency { max });
+            }
+            if let Some(t) = ticket {
+                state.waiting.retain(|n| *n != t);
+                // The next in line may take a slot still free.
+                self.freed.notify_all();
             }
             if limits.rpm.is_some() {
                 state.recent.push_back(now);
@@ -472,10 +542,13 @@ mod tests {
             rpm: Some(2),
             ..KeyLimits::default()
         });
-        let a = limiter.admit(&c, None).expect("first");
-        let b = limiter.admit(&c, None).expect("second");
+        let a = limiter.admit(&c, None, Duration::ZERO).expect("first");
+        let b = limiter.admit(&c, None, Duration::ZERO).expect("second");
         drop((a, b));
-        let err = limiter.admit(&c, None).err().expect("third in the minute");
+        let err = limiter
+            .admit(&c, None, Duration::ZERO)
+            .err()
+            .expect("third in the minute");
         assert!(
             matches!(
                 err,
@@ -500,13 +573,13 @@ mod tests {
             max_concurrent: Some(1),
             ..KeyLimits::default()
         });
-        let held = limiter.admit(&c, None).expect("first");
+        let held = limiter.admit(&c, None, Duration::ZERO).expect("first");
         assert_eq!(
-            limiter.admit(&c, None).err(),
+            limiter.admit(&c, None, Duration::ZERO).err(),
             Some(Refusal::Concurrency { max: 1 })
         );
         drop(held);
-        assert!(limiter.admit(&c, None).is_ok());
+        assert!(limiter.admit(&c, None, Duration::ZERO).is_ok());
     }
 
     #[test]
@@ -529,5 +602,56 @@ mod tests {
         assert_eq!(crate::time::rfc3339(first * 86_400), "2026-11-01T00:00:00Z");
         assert_eq!(crate::time::rfc3339(next * 86_400), "2026-12-01T00:00:00Z");
         assert_eq!(until_next_day(86_400 * 5 + 3600), 82_800);
+    }
+
+    #[test]
+    fn a_key_with_a_queue_waits_for_its_slot_in_arrival_order() {
+        let limiter = Arc::new(Limiter::default());
+        let c = client(KeyLimits {
+            max_concurrent: Some(1),
+            queue: Some(2),
+            ..KeyLimits::default()
+        });
+        let held = limiter.admit(&c, None, Duration::ZERO).expect("the slot");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|s| {
+            let waiters: Vec<_> = (1..=2)
+                .map(|n| {
+                    let (limiter, c, order) = (&limiter, &c, &order);
+                    let w = s.spawn(move || {
+                        let permit = limiter.admit(c, None, Duration::from_secs(10));
+                        order.lock().expect("order").push(n);
+                        permit.map(drop)
+                    });
+                    // The next arrives once this one waits.
+                    while limiter.keys.lock().expect("keys")["ck_1"].waiting.len() < n {
+                        std::thread::yield_now();
+                    }
+                    w
+                })
+                .collect();
+            let full = limiter.admit(&c, None, Duration::from_secs(10));
+            assert_eq!(
+                full.err(),
+                Some(Refusal::Concurrency { max: 1 }),
+                "the queue is full"
+            );
+            drop(held);
+            for w in waiters {
+                assert!(w.join().expect("waiter").is_ok());
+            }
+        });
+        assert_eq!(*order.lock().expect("order"), [1, 2]);
+        let late = limiter
+            .admit(&c, None, Duration::from_millis(50))
+            .expect("free again");
+        let timed_out = limiter.admit(&c, None, Duration::from_millis(50));
+        assert_eq!(timed_out.err(), Some(Refusal::Concurrency { max: 1 }));
+        drop(late);
+        assert!(
+            limiter.keys.lock().expect("keys")["ck_1"]
+                .waiting
+                .is_empty()
+        );
     }
 }

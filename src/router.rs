@@ -45,6 +45,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
     let request_id = request_id(&req);
     let mut names = Names::default();
     learn_client(gw, &req, conn.peer, &mut names);
+    // A wait for a slot (a key's or an account's queue) notices a client that leaves.
+    let socket = conn.socket();
+    let _serving = crate::watch::serving(&socket);
     let _in_flight = gw.metrics.in_flight();
     let mut meter = Meter::default();
     // The head decides first (route, key, limits); only an admitted request's body is read.
@@ -357,7 +360,10 @@ fn admit(
     let client = gw.clients.authenticate(req)?;
     names.client.clone_from(&client.name);
     names.client_id = Some(client.id.clone());
-    let permit = gw.limiter.admit(&client, gw.ledger.as_deref())?;
+    let queue_timeout = gw.accounts.settings().queue_timeout;
+    let permit = gw
+        .limiter
+        .admit(&client, gw.ledger.as_deref(), queue_timeout)?;
     Ok(Admitted::Forward(Forward {
         route,
         client,

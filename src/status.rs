@@ -34,6 +34,8 @@ pub fn render(gw: &Gateway) -> Value {
                 "reason": reason,
                 "cooldown_until": cooldown_until,
                 "in_flight": e.in_flight(),
+                "queued": e.queued(),
+                "max_concurrent": e.account.max_concurrent,
                 "requests": requests,
                 "failures": failures,
                 "token_expires_at": live.tokens.as_ref().map(|t| t.expires_at),

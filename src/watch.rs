@@ -30,6 +30,29 @@ thread_local! {
     static CLIENT: Cell<Option<RawFd>> = const { Cell::new(None) };
     /// Set when a sliced wait found the client gone.
     static GONE: Cell<bool> = const { Cell::new(false) };
+    /// The socket of the client whose request this thread serves, before any answer.
+    static WAITER: Cell<Option<RawFd>> = const { Cell::new(None) };
+}
+
+/// Names the client of the request this thread serves until dropped, for waits that come
+/// before the upstream is asked (a queue for a slot).
+pub struct Serving(());
+
+/// Names `client` for `client_left`; the guard must not outlive the stream.
+pub fn serving(client: &TcpStream) -> Serving {
+    WAITER.set(Some(client.as_raw_fd()));
+    Serving(())
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        WAITER.set(None);
+    }
+}
+
+/// Whether the client named by `serving` has closed or reset its connection.
+pub fn client_left() -> bool {
+    WAITER.get().is_some_and(client_gone)
 }
 
 /// Watches a client for as long as it lives; on drop the thread watches nothing.

@@ -603,3 +603,82 @@ fn repeated_server_errors_eject_an_account_after_eject_after() {
         "the reason should name the 500: {a}"
     );
 }
+
+/// The number in a `new_conversation` body ("conversation N"), or in `body` generally.
+fn waiter(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let at = text.find("waiter ").map_or(0, |i| i + 7);
+    text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect()
+}
+
+#[test]
+fn with_one_slot_twenty_clients_wait_in_arrival_order_and_none_is_refused() {
+    let events = sse_events(2);
+    let held = events.len();
+    let (up, gate) =
+        FakeUpstream::gated_first(events, |req| Reply::json(200, &served_by(req.api_key())));
+    let (gw, ids) = started(
+        &Config::new(up.base_url()).admin_listen("127.0.0.1:0"),
+        &[("one", KEY_A, &["--max-concurrent", "1"])],
+    );
+    let queued = |gw: &crate::support::Gateway| {
+        account(&admin_status(gw), &ids[0])["queued"]
+            .as_u64()
+            .expect("queued")
+    };
+    let body = |n: usize| {
+        format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"stream":{},"messages":[{{"role":"user","content":"waiter {n}"}}]}}"#,
+            n == 0
+        )
+    };
+    // The one slot is held by a stream.
+    let mut holder = open_sse(
+        gw.addr(),
+        "/v1/messages",
+        &[gw.auth(), ("content-type", "application/json")],
+        body(0).as_bytes(),
+    );
+    assert!(holder.next_event().is_some(), "the held stream starts");
+    // A client that leaves while waiting frees its place.
+    let mut leaver = crate::support::Conn::open(gw.addr());
+    leaver.send(&crate::support::request_bytes(
+        "POST",
+        "/v1/messages",
+        &[gw.auth(), ("content-type", "application/json")],
+        body(99).as_bytes(),
+    ));
+    poll_until(Duration::from_secs(5), "the leaver waits", || {
+        queued(&gw) == 1
+    });
+    drop(leaver);
+    poll_until(Duration::from_secs(5), "its place is freed", || {
+        queued(&gw) == 0
+    });
+    // Nineteen more arrive one after another and wait.
+    std::thread::scope(|s| {
+        let mut answers = Vec::new();
+        for n in 1..20 {
+            let gw = &gw;
+            answers.push(s.spawn(move || post_body(gw, &body(n))));
+            poll_until(Duration::from_secs(5), "the next one waits", || {
+                queued(gw) == n as u64
+            });
+        }
+        for _ in 1..held {
+            let _ = gate.send(());
+        }
+        while holder.next_event().is_some() {}
+        for (n, answer) in answers.into_iter().enumerate() {
+            let resp = answer.join().expect("client thread");
+            assert_eq!(resp.status, 200, "client {}: {}", n + 1, resp.text());
+        }
+    });
+    let order: Vec<String> = up.requests().iter().map(|r| waiter(&r.body)).collect();
+    let expected: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+    assert_eq!(order, expected, "served in arrival order, the leaver never");
+    assert_eq!(queued(&gw), 0);
+}

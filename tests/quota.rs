@@ -53,32 +53,35 @@ impl Quotas {
     /// The upstream: serves from each key's window and reports it.
     fn upstream(&self) -> FakeUpstream {
         let quotas = self.clone();
-        FakeUpstream::start(move |req| {
-            let key = req.api_key().to_string();
-            let now = now_unix();
-            let mut windows = quotas.lock();
-            let w = windows.entry(key.clone()).or_insert(Window {
-                used: 0.0,
-                step: 0.0,
-                reset: now + 3600,
-            });
-            if now >= w.reset {
-                w.used = 0.0;
-                w.reset = now + 3600;
-            }
-            let reset = w.reset.to_string();
-            if w.used >= 1.0 - 1e-9 {
-                quotas.refused.fetch_add(1, Ordering::SeqCst);
-                return Reply::json_with(
-                    429,
-                    &five_hour("rejected", "1.0", &reset),
-                    &error_body("rate_limit_error", "rate limited", &key),
-                );
-            }
-            w.used += w.step;
-            let used = format!("{:.4}", w.used);
-            Reply::json_with(200, &five_hour("allowed", &used, &reset), &served_by(&key))
-        })
+        FakeUpstream::start(move |req| quotas.reply(req))
+    }
+
+    /// One answer from `req`'s account's window.
+    fn reply(&self, req: &crate::support::Recorded) -> Reply {
+        let key = req.api_key().to_string();
+        let now = now_unix();
+        let mut windows = self.lock();
+        let w = windows.entry(key.clone()).or_insert(Window {
+            used: 0.0,
+            step: 0.0,
+            reset: now + 3600,
+        });
+        if now >= w.reset {
+            w.used = 0.0;
+            w.reset = now + 3600;
+        }
+        let reset = w.reset.to_string();
+        if w.used >= 1.0 - 1e-9 {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Reply::json_with(
+                429,
+                &five_hour("rejected", "1.0", &reset),
+                &error_body("rate_limit_error", "rate limited", &key),
+            );
+        }
+        w.used += w.step;
+        let used = format!("{:.4}", w.used);
+        Reply::json_with(200, &five_hour("allowed", &used, &reset), &served_by(&key))
     }
 }
 
@@ -653,4 +656,79 @@ fn a_moved_tool_call_with_thinking_continues_without_the_foreign_blocks() {
     let before = up.requests().len();
     assert_eq!(server(&thinking_turn(&gw, &history)), other);
     assert_eq!(up.requests().len() - before, 1, "no refusal now");
+}
+
+/// Not a check: the closing note's measurement of what quota steering is for. Three accounts
+/// of different sizes serve thirty sticky conversations of five turns, 150 requests, in one
+/// 5-hour window (time compressed: the window never resets here). Run once with the answers
+/// reporting their quota, as Anthropic's do, and once without (what a gateway that does not
+/// read the headers sees, until a 429): prints the requests that met a 429, the failovers,
+/// and the conversations moved off their account.
+/// `cargo test --test tests measure_a_five_hour_window -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_a_five_hour_window() {
+    for report in [false, true] {
+        let quotas = Quotas::default();
+        // 83, 50 and 40 requests' worth: 173 in all.
+        quotas.set(KEY_A, 0.0, 0.012, 5 * 3600);
+        quotas.set(KEY_B, 0.0, 0.02, 5 * 3600);
+        quotas.set(KEY_C, 0.0, 0.025, 5 * 3600);
+        let served = quotas.clone();
+        let plain = FakeUpstream::start(move |req| {
+            let reply = served.reply(req);
+            match reply {
+                // Without reports, a 200 carries no quota header; a 429 still says why.
+                Reply::Json {
+                    status: 200, body, ..
+                } if !report => Reply::Json {
+                    status: 200,
+                    headers: vec![],
+                    body,
+                },
+                other => other,
+            }
+        });
+        let (gw, _) = started(
+            &Config::new(plain.base_url()).admin_listen("127.0.0.1:0"),
+            &[("a", KEY_A, &[]), ("b", KEY_B, &[]), ("c", KEY_C, &[])],
+        );
+        let mut home: HashMap<usize, String> = HashMap::new();
+        let (mut moved, mut failed) = (0, 0);
+        for _turn in 0..5 {
+            for conversation in 0..30 {
+                let resp = call(
+                    gw.addr(),
+                    "POST",
+                    "/v1/messages",
+                    &[
+                        gw.auth(),
+                        ("content-type", "application/json"),
+                        ("x-session-id", &format!("conversation-{conversation}")),
+                    ],
+                    new_conversation().as_bytes(),
+                );
+                if resp.status != 200 {
+                    failed += 1;
+                    continue;
+                }
+                let by = server(&resp);
+                if home
+                    .insert(conversation, by.clone())
+                    .is_some_and(|was| was != by)
+                {
+                    moved += 1;
+                }
+            }
+        }
+        let metrics = call(gw.admin_addr(), "GET", "/metrics", &[], b"").text();
+        let failovers: f64 = (metrics.lines())
+            .filter(|l| l.starts_with("llm_gateway_failovers_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        eprintln!(
+            "quota reported: {report}: 150 requests, {} met a 429, {failovers} failovers, {moved} conversations moved, {failed} failed",
+            quotas.refused()
+        );
+    }
 }

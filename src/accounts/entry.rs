@@ -30,6 +30,10 @@ pub struct Entry {
     pub(super) live: Arc<Mutex<Live>>,
     /// Requests using this account now; read by least_busy without the live lock.
     pub(super) in_flight: Arc<AtomicU32>,
+    /// Tickets of the requests waiting for one of its `max_concurrent` slots, oldest first.
+    pub(super) queue: Arc<Mutex<std::collections::VecDeque<u64>>>,
+    /// Told when one of its slots or queue places frees (shared by all accounts).
+    pub(super) freed: Arc<Freed>,
     /// Since start: requests sent and failures seen, for status.
     pub(super) requests: Arc<AtomicU64>,
     pub(super) failures: Arc<AtomicU64>,
@@ -68,7 +72,7 @@ impl std::fmt::Display for State {
 }
 
 impl Entry {
-    pub(super) fn new(account: Account, previous: Option<&Entry>) -> Entry {
+    pub(super) fn new(account: Account, previous: Option<&Entry>, freed: &Arc<Freed>) -> Entry {
         let previous = previous.filter(|p| p.account.kind == account.kind);
         let shared = previous.map(|p| Arc::clone(&p.live)).unwrap_or_default();
         {
@@ -103,6 +107,8 @@ impl Entry {
             in_flight: previous
                 .map(|p| Arc::clone(&p.in_flight))
                 .unwrap_or_default(),
+            queue: previous.map(|p| Arc::clone(&p.queue)).unwrap_or_default(),
+            freed: Arc::clone(freed),
             requests: previous
                 .map(|p| Arc::clone(&p.requests))
                 .unwrap_or_default(),
@@ -114,6 +120,26 @@ impl Entry {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for one of its slots.
+    pub fn queued(&self) -> usize {
+        self.lock_queue().len()
+    }
+
+    pub(super) fn lock_queue(&self) -> MutexGuard<'_, std::collections::VecDeque<u64>> {
+        // A queue of numbers, whole after every change.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a request holding `ticket` (if any) may take a slot now: one is free, and no
+    /// request that came earlier waits for it.
+    pub(super) fn has_slot_for(&self, ticket: Option<u64>) -> bool {
+        let free = (self.account.max_concurrent).is_none_or(|max| self.in_flight() < max);
+        free && self
+            .lock_queue()
+            .front()
+            .is_none_or(|first| Some(*first) == ticket)
     }
 
     pub fn counts(&self) -> (u64, u64) {

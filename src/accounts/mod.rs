@@ -37,8 +37,27 @@ pub struct Accounts {
     shared: Option<Arc<Shared>>,
     /// Advances with every pick: rotates round robin and breaks ties.
     turn: AtomicU64,
-    /// Makes reading the loads and taking a slot one step, so a burst spreads evenly.
+    /// Makes reading the loads and taking a slot one step, so a burst spreads evenly and no
+    /// account takes more than its `max_concurrent`.
     picking: Mutex<()>,
+    /// Told whenever a pick ends (a slot freed): what requests in a queue wait on.
+    freed: Arc<Freed>,
+    /// Numbers the requests that join a queue, in arrival order.
+    tickets: AtomicU64,
+}
+
+/// A count of slots freed, and the condition that wakes those waiting for one.
+#[derive(Debug, Default)]
+pub(super) struct Freed {
+    ended: Mutex<u64>,
+    wake: std::sync::Condvar,
+}
+
+impl Freed {
+    fn tell(&self) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.wake.notify_all();
+    }
 }
 
 /// What one request asks of selection.
@@ -54,6 +73,8 @@ pub struct Ask<'a> {
     pub body_len: usize,
     /// This account or none (a conversation sent back to where its signatures are from).
     pub only: Option<&'a str>,
+    /// The request's place in a queue, when it waits for a slot.
+    pub ticket: Option<u64>,
 }
 
 /// An account that may serve a request, with where it stands against its quota.
@@ -71,6 +92,24 @@ pub struct Pick {
 impl Drop for Pick {
     fn drop(&mut self) {
         self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.entry.account.max_concurrent.is_some() {
+            self.entry.freed.tell();
+        }
+    }
+}
+
+/// A request's place in an account's queue; leaving it (served elsewhere, timed out, the
+/// client gone) frees the place.
+pub struct Ticket {
+    entry: Arc<Entry>,
+    pub number: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.entry.lock_queue().retain(|n| *n != self.number);
+        // The next in line may now take a slot that was free.
+        self.entry.freed.tell();
     }
 }
 
@@ -81,9 +120,10 @@ impl Accounts {
         sticky: &StickySettings,
         shared: Option<Arc<Shared>>,
     ) -> Accounts {
+        let freed = Arc::<Freed>::default();
         let list = accounts
             .into_iter()
-            .map(|a| Arc::new(Entry::new(a, None)))
+            .map(|a| Arc::new(Entry::new(a, None, &freed)))
             .collect();
         Accounts {
             list: RwLock::new(Arc::new(list)),
@@ -94,6 +134,8 @@ impl Accounts {
             shared,
             turn: AtomicU64::new(0),
             picking: Mutex::new(()),
+            freed,
+            tickets: AtomicU64::new(0),
         }
     }
 
@@ -130,7 +172,7 @@ impl Accounts {
             .into_iter()
             .map(|a| {
                 let previous = by_id.get(a.id.as_str()).map(|e| e.as_ref());
-                Arc::new(Entry::new(a, previous))
+                Arc::new(Entry::new(a, previous, &self.freed))
             })
             .collect();
         let fresh = Arc::new(fresh);
@@ -187,6 +229,9 @@ impl Accounts {
             }
         };
         let at_unix = |until: u64| now + Duration::from_secs(until.saturating_sub(now_unix));
+        // From here to the slot taken, one pick at a time: no account passes max_concurrent.
+        let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
+        let mut full: Vec<&Arc<Entry>> = Vec::new();
         let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(all.len());
         for (i, e) in all.iter().enumerate() {
             let mut live = e.live();
@@ -265,6 +310,12 @@ impl Accounts {
                 rest_until(at_unix(until));
                 continue;
             }
+            drop(live);
+            if !e.has_slot_for(ask.ticket) {
+                debug!("account {}: skipped, its slots are taken", e.id());
+                full.push(e);
+                continue;
+            }
             candidates.push(Candidate {
                 entry: e,
                 standing,
@@ -272,6 +323,9 @@ impl Accounts {
             });
         }
         let Some(best) = candidates.iter().map(|c| c.entry.account.priority).min() else {
+            if let Some(queue) = self.queue_for(&full, sticky_hash, view.as_ref(), now) {
+                return Err(Unavailable::Full(queue));
+            }
             return Err(match soonest {
                 Some(at) => Unavailable::Resting {
                     retry_after: ceil_secs(at.saturating_duration_since(now)).max(1),
@@ -280,8 +334,6 @@ impl Accounts {
             });
         };
         candidates.retain(|c| c.entry.account.priority == best);
-
-        let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let position = |id: &str| candidates.iter().position(|c| c.entry.id() == id);
         let pinned = match &view {
             // Redis answered: its pin is the one every instance follows.
@@ -341,6 +393,59 @@ impl Accounts {
             }
         }
         Ok(Pick { entry })
+    }
+
+    /// The account whose queue a request waits in when every account that could serve it
+    /// has its slots taken: its sticky pin's, else the best tier's shortest queue.
+    fn queue_for(
+        &self,
+        full: &[&Arc<Entry>],
+        sticky: Option<u64>,
+        view: Option<&crate::shared::View>,
+        now: Instant,
+    ) -> Option<Arc<Entry>> {
+        let pinned = match view {
+            Some(view) => view.pin.clone(),
+            None => sticky
+                .zip(self.sticky.as_ref())
+                .and_then(|(key, pins)| pins.find(key, now, |id| Some(id.to_string()))),
+        };
+        if let Some(e) = full.iter().find(|e| pinned.as_deref() == Some(e.id())) {
+            return Some(Arc::clone(e));
+        }
+        let best = full.iter().map(|e| e.account.priority).min()?;
+        (full.iter())
+            .filter(|e| e.account.priority == best)
+            .min_by_key(|e| e.queued())
+            .map(|e| Arc::clone(e))
+    }
+
+    /// Joins `entry`'s queue, unless `queue_size` requests wait there already.
+    pub fn join_queue(&self, entry: &Arc<Entry>) -> Option<Ticket> {
+        let mut queue = entry.lock_queue();
+        if queue.len() >= self.settings().queue_size {
+            return None;
+        }
+        let number = self.tickets.fetch_add(1, Ordering::Relaxed);
+        queue.push_back(number);
+        Some(Ticket {
+            entry: Arc::clone(entry),
+            number,
+        })
+    }
+
+    /// How many picks have ended so far: what `wait_freed` waits to change.
+    pub fn ended(&self) -> u64 {
+        *self.freed.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until a pick ends after `seen` (`ended`), or `slice` passes.
+    pub fn wait_freed(&self, seen: u64, slice: Duration) {
+        let ended = self.freed.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .freed
+            .wake
+            .wait_timeout_while(ended, slice, |n| *n == seen);
     }
 
     /// The account a conversation was pinned to before its pin last moved (the one whose
@@ -447,12 +552,15 @@ fn adopt_stored(live: &mut Live, stored: Option<&Stored>) -> Option<Tokens> {
 
 /// Why no account can be picked: the selection boundary's error. `ApiError::from` makes the
 /// first a 529 with its retry and the second a 503.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Unavailable {
     /// Every account that could serve is resting; the first returns in `retry_after` seconds.
     Resting { retry_after: u64 },
     /// None can serve, and none will recover by itself: why.
     None(String),
+    /// Every account that could serve has its `max_concurrent` slots taken: the request may
+    /// wait in this account's queue.
+    Full(Arc<Entry>),
 }
 
 /// Rounded-up seconds until `d` has passed, for `retry-after`.
@@ -509,6 +617,7 @@ mod tests {
             priority: 0,
             weight: 1,
             quota: Default::default(),
+            max_concurrent: None,
             disabled_reason: None,
             created_at: None,
             enabled_at: None,

@@ -42,6 +42,9 @@ pub struct AddApiKey {
     /// plan_only (rest when an answer comes from extra usage) or allow
     #[argh(option)]
     pub overage: Option<crate::quota::Overage>,
+    /// requests sent with the account at once, at most; more wait in its queue
+    #[argh(option)]
+    pub max_concurrent: Option<u32>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -84,6 +87,9 @@ pub struct SetAccount {
     /// plan_only (rest when an answer comes from extra usage) or allow
     #[argh(option)]
     pub overage: Option<crate::quota::Overage>,
+    /// requests sent with the account at once, at most; more wait in its queue
+    #[argh(option)]
+    pub max_concurrent: Option<u32>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -133,6 +139,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         cmd.quota_hysteresis,
         cmd.quota_hard_stop,
         cmd.overage,
+        cmd.max_concurrent,
     )?;
     let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
     if !key.expose().starts_with("sk-ant-") {
@@ -181,6 +188,7 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
                     "id": a.id, "name": a.name, "kind": a.kind.as_str(), "enabled": a.enabled,
                     "priority": a.priority, "weight": a.weight,
                     "quota": steering(&config.balance.policy(a)),
+                    "max_concurrent": a.max_concurrent,
                     "state": e.state(), "key": a.key_display(),
                     "disabled_reason": a.disabled_reason,
                     "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
@@ -238,13 +246,14 @@ pub enum Change {
     },
 }
 
-/// An account's quota steering as flags give it (`None`: unchanged, or `balance`'s).
+/// An account's quota steering and concurrency as flags give it (`None`: unchanged, or `balance`'s).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Steering {
     threshold: Option<f64>,
     hysteresis: Option<f64>,
     hard_stop: Option<bool>,
     overage: Option<crate::quota::Overage>,
+    max_concurrent: Option<u32>,
 }
 
 impl Steering {
@@ -254,7 +263,13 @@ impl Steering {
         hysteresis: Option<f64>,
         hard_stop: Option<bool>,
         overage: Option<crate::quota::Overage>,
+        max_concurrent: Option<u32>,
     ) -> Result<Steering, CliError> {
+        if max_concurrent == Some(0) {
+            return Err(CliError::usage(
+                "--max-concurrent 0 would refuse every request: give 1 or more",
+            ));
+        }
         if let Some(t) = threshold
             && !(t > 0.0 && t <= 1.0)
         {
@@ -274,6 +289,7 @@ impl Steering {
             hysteresis,
             hard_stop,
             overage,
+            max_concurrent,
         })
     }
 
@@ -286,6 +302,7 @@ impl Steering {
         a.quota_hysteresis = self.hysteresis.or(a.quota_hysteresis);
         a.quota_hard_stop = self.hard_stop.or(a.quota_hard_stop);
         a.overage = self.overage.or(a.overage);
+        a.max_concurrent = self.max_concurrent.or(a.max_concurrent);
     }
 }
 
@@ -321,10 +338,11 @@ pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
         cmd.quota_hysteresis,
         cmd.quota_hard_stop,
         cmd.overage,
+        cmd.max_concurrent,
     )?;
     if cmd.name.is_none() && cmd.priority.is_none() && cmd.weight.is_none() && steering.is_empty() {
         return Err(CliError::usage(
-            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop or --overage",
+            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop, --overage or --max-concurrent",
         ));
     }
     let change = Change::Set {

@@ -32,6 +32,9 @@ pub struct AddClientKey {
     /// requests at once
     #[argh(option)]
     pub max_concurrent: Option<u32>,
+    /// requests that may wait, in arrival order, for one of those (default: none, a 429)
+    #[argh(option)]
+    pub queue: Option<u32>,
     /// tokens per UTC day (input, output and cache together)
     #[argh(option)]
     pub daily_tokens: Option<u64>,
@@ -74,6 +77,9 @@ pub struct UpdateClientKey {
     /// requests at once, or none
     #[argh(option)]
     pub max_concurrent: Option<String>,
+    /// requests that may wait for one of those, or none
+    #[argh(option)]
+    pub queue: Option<String>,
     /// tokens per UTC day, or none
     #[argh(option)]
     pub daily_tokens: Option<String>,
@@ -196,6 +202,7 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
     let models = cmd.models.as_deref().map(check_models).transpose()?;
     let rpm = check_positive("rpm", cmd.rpm)?;
     let max_concurrent = check_positive("max-concurrent", cmd.max_concurrent)?;
+    let queue = check_positive("queue", cmd.queue)?;
     let daily_tokens = check_positive("daily-tokens", cmd.daily_tokens)?;
     let monthly_tokens = check_positive("monthly-tokens", cmd.monthly_tokens)?;
     let key = auth::generate_key();
@@ -212,6 +219,7 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
             models: models.clone().unwrap_or_default(),
             rpm,
             max_concurrent,
+            queue,
             daily_tokens,
             monthly_tokens,
             expires: expires.clone(),
@@ -254,6 +262,7 @@ fn limits_text(k: &RawClientKey) -> String {
     for (label, value) in [
         ("rpm", k.rpm.map(u64::from)),
         ("concurrent", k.max_concurrent.map(u64::from)),
+        ("queue", k.queue.map(u64::from)),
         ("daily", k.daily_tokens),
         ("monthly", k.monthly_tokens),
     ] {
@@ -286,7 +295,8 @@ pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
                 json!({
                     "id": k.id, "name": k.name, "prefix": k.prefix, "enabled": k.enabled,
                     "state": state(k), "admin": k.admin, "models": k.models, "rpm": k.rpm,
-                    "max_concurrent": k.max_concurrent, "daily_tokens": k.daily_tokens,
+                    "max_concurrent": k.max_concurrent, "queue": k.queue,
+                    "daily_tokens": k.daily_tokens,
                     "monthly_tokens": k.monthly_tokens, "expires": k.expires,
                     "revoked_at": k.revoked_at, "created_at": k.created_at,
                 })
@@ -341,6 +351,7 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
     };
     let rpm = limit::<u32>("rpm", &cmd.rpm)?;
     let concurrent = limit::<u32>("max-concurrent", &cmd.max_concurrent)?;
+    let queue = limit::<u32>("queue", &cmd.queue)?;
     let daily = limit::<u64>("daily-tokens", &cmd.daily_tokens)?;
     let monthly = limit::<u64>("monthly-tokens", &cmd.monthly_tokens)?;
     let expires = match cmd.expires.as_deref().map(str::trim) {
@@ -371,6 +382,9 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         }
         if let Some(v) = concurrent {
             k.max_concurrent = v;
+        }
+        if let Some(v) = queue {
+            k.queue = v;
         }
         if let Some(v) = daily {
             k.daily_tokens = v;

@@ -48,6 +48,9 @@ pub struct AddOAuth {
     /// plan_only (rest when an answer comes from extra usage) or allow
     #[argh(option)]
     pub overage: Option<crate::quota::Overage>,
+    /// requests sent with the account at once, at most; more wait in its queue
+    #[argh(option)]
+    pub max_concurrent: Option<u32>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -126,6 +129,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         cmd.quota_hysteresis,
         cmd.quota_hard_stop,
         cmd.overage,
+        cmd.max_concurrent,
     )?;
     let client_id = cmd.client_id.trim().to_string();
     if client_id.is_empty() || !client_id.bytes().all(|b| b.is_ascii_graphic()) {

@@ -71,6 +71,7 @@ fn client_key(k: RawClientKey) -> Result<ClientKey, String> {
             models: k.models,
             rpm: k.rpm,
             max_concurrent: k.max_concurrent,
+            queue: k.queue,
             daily_tokens: k.daily_tokens,
             monthly_tokens: k.monthly_tokens,
         },
@@ -207,6 +208,14 @@ fn validate_account(
         }
     };
     let quota = super::validate::account_quota(&id, &a).map_err(AccountError::Invalid)?;
+    let max_concurrent = match a.max_concurrent {
+        Some(0) => {
+            return Err(AccountError::Invalid(format!(
+                "account {id}: max_concurrent 0 would refuse every request; give 1 or more, or leave it out"
+            )));
+        }
+        n => n,
+    };
     Ok(Account {
         id,
         name: a.name,
@@ -216,6 +225,7 @@ fn validate_account(
         priority: a.priority,
         weight: a.weight.max(1),
         quota,
+        max_concurrent,
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
         enabled_at: a.enabled_at,

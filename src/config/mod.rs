@@ -142,6 +142,10 @@ pub struct BalanceSettings {
     pub quota: crate::quota::Policy,
     /// A plan-limit refusal without a reset rests the account this long.
     pub plan_limit_cooldown: Duration,
+    /// Requests waiting for a slot of one account (its `max_concurrent`), at most, and how long
+    /// each may wait.
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
 }
 
 /// Model names for OpenAI-format clients.
@@ -260,6 +264,8 @@ pub struct Account {
     pub priority: u32,
     pub weight: u32,
     pub quota: QuotaSettings,
+    /// Requests sent with it at once, at most (`None`: no limit).
+    pub max_concurrent: Option<u32>,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
     /// When `enable-account` last ran (Unix ms); a change clears the account's rests.
@@ -360,6 +366,8 @@ pub struct KeyLimits {
     pub models: Vec<String>,
     pub rpm: Option<u32>,
     pub max_concurrent: Option<u32>,
+    /// Requests that may wait for a `max_concurrent` slot, in arrival order.
+    pub queue: Option<u32>,
     pub daily_tokens: Option<u64>,
     pub monthly_tokens: Option<u64>,
 }

@@ -95,6 +95,8 @@ pub struct RawBalance {
     pub quota_sticky_limit: Option<f64>,
     pub overage: Option<crate::quota::Overage>,
     pub plan_limit_cooldown: Option<Dur>,
+    pub queue_size: Option<usize>,
+    pub queue_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +202,9 @@ pub struct RawAccount {
     pub quota_hard_stop: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overage: Option<crate::quota::Overage>,
+    /// Requests sent with this account at once, at most; more wait in its queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
     /// Why the gateway disabled the account (a ban it recognised), for people to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -261,6 +266,7 @@ impl RawAccount {
             quota_hysteresis: None,
             quota_hard_stop: None,
             overage: None,
+            max_concurrent: None,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
             enabled_at: None,
@@ -352,6 +358,10 @@ pub struct RawClientKey {
     pub rpm: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Requests that may wait for one of its `max_concurrent` slots (FIFO, up to
+    /// `balance.queue_timeout`) instead of a 429 at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
     /// Tokens (input, output and cache, all counted) per UTC day and per UTC month.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_tokens: Option<u64>,

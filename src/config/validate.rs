@@ -69,6 +69,9 @@ pub(super) mod default {
     pub const QUOTA_STICKY_LIMIT: f64 = 0.98;
     /// A plan-limit refusal that names no reset: the windows are hours long.
     pub const PLAN_LIMIT_COOLDOWN: Duration = secs(3600);
+    /// A burst of sub-agents waits rather than failing; the wait is bounded twice.
+    pub const QUEUE_SIZE: usize = 100;
+    pub const QUEUE_TIMEOUT: Duration = secs(60);
 
     pub const STICKY_TTL: Duration = secs(3600);
     pub const STICKY_MAX_ENTRIES: usize = 10_000;
@@ -334,6 +337,8 @@ pub(super) fn balance(b: &RawBalance) -> Result<BalanceSettings, String> {
         invalid_window: dur(b.invalid_window, default::INVALID_WINDOW),
         quota,
         plan_limit_cooldown: dur(b.plan_limit_cooldown, default::PLAN_LIMIT_COOLDOWN),
+        queue_size: b.queue_size.unwrap_or(default::QUEUE_SIZE),
+        queue_timeout: dur(b.queue_timeout, default::QUEUE_TIMEOUT),
     })
 }
 

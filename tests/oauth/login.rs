@@ -224,6 +224,7 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
                 "priority",
                 "weight",
                 "quota",
+                "max_concurrent",
                 "state",
                 "key",
                 "disabled_reason",

@@ -15,7 +15,7 @@ use crate::support::{
 };
 
 /// Every field of a `list-client-keys --json` row, as the contract lists them.
-const ROW_FIELDS: [&str; 14] = [
+const ROW_FIELDS: [&str; 15] = [
     "id",
     "name",
     "prefix",
@@ -25,6 +25,7 @@ const ROW_FIELDS: [&str; 14] = [
     "models",
     "rpm",
     "max_concurrent",
+    "queue",
     "daily_tokens",
     "monthly_tokens",
     "expires",

@@ -220,6 +220,39 @@ fn max_concurrent_counts_a_stream_until_it_ends() {
     );
 }
 
+/// With `--queue`, a key at its `max_concurrent` waits for its slot instead of the 429:
+/// Claude Code's parallel sub-agents wait a moment rather than fail.
+#[test]
+fn a_key_with_a_queue_waits_for_its_slot_instead_of_a_429() {
+    let (up, gate) = FakeUpstream::gated_first(stream_events(SMALL), answer);
+    let mut gw = gateway(&up);
+    let (_, key) = add_key(&gw, "queued", &["--max-concurrent", "1", "--queue", "4"]);
+    gw.start();
+    let mut sse = open_sse(
+        gw.addr(),
+        "/v1/messages",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        anthropic_body(SONNET, SMALL, true, "stream").as_bytes(),
+    );
+    assert!(sse.next_event().is_some(), "the held stream starts");
+    let waiting = thread::scope(|s| {
+        let second = s.spawn(|| ask(&gw, &key, SONNET, false, "2nd"));
+        // The second request waits (nothing reaches the upstream) until the stream ends.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(300) {
+            assert_eq!(up.requests().len(), 1, "the second waits for the slot");
+            thread::yield_now();
+        }
+        for _ in 1..stream_events(SMALL).len() {
+            let _ = gate.send(());
+        }
+        while sse.next_event().is_some() {}
+        second.join().expect("second")
+    });
+    assert_eq!(waiting.status, 200, "{}", waiting.text());
+    assert_eq!(up.requests().len(), 2);
+}
+
 #[test]
 fn token_budgets_refuse_with_429_until_the_period_ends_and_survive_a_restart() {
     let up = FakeUpstream::start(answer);
