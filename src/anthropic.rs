@@ -247,25 +247,15 @@ const BANS: [(u16, &str, bool); 2] = [
 /// quote the request back (an unknown beta header, a bad tag), so a sentence merely contained
 /// in the message, or anywhere else in the body, is the client's words and never a ban.
 pub fn ban(status: u16, body: &[u8], oauth: bool) -> Option<Ban> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        error: Error,
-    }
-    #[derive(serde::Deserialize)]
-    struct Error {
-        message: String,
-        #[serde(rename = "type", default)]
-        kind: Option<String>,
-    }
-    let answer: Answer = crate::json::from_slice(body).ok()?;
-    let message = answer.error.message.trim();
+    let (message, kind) = error_of(body)?;
+    let message = message.trim();
     BANS.iter()
         .find(|(s, sentence, oauth_only)| {
             *s == status && *sentence == message && (oauth || !oauth_only)
         })
         .map(|(_, sentence, _)| Ban {
             reason: sentence,
-            error_type: answer.error.kind,
+            error_type: kind,
         })
 }
 
@@ -345,8 +335,8 @@ pub enum PlanLimit {
     FamilyWeekly(crate::quota::Family),
 }
 
-/// The upstream's own words in an error answer: `error.message`, trimmed.
-fn error_message(body: &[u8]) -> Option<String> {
+/// An error answer's `error.message` and `error.type`.
+fn error_of(body: &[u8]) -> Option<(String, Option<String>)> {
     #[derive(serde::Deserialize)]
     struct Answer {
         error: Error,
@@ -354,9 +344,16 @@ fn error_message(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Error {
         message: String,
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
     }
     let answer: Answer = crate::json::from_slice(body).ok()?;
-    Some(answer.error.message.trim().to_string())
+    Some((answer.error.message, answer.error.kind))
+}
+
+/// The upstream's own words in an error answer: `error.message`, trimmed.
+fn error_message(body: &[u8]) -> Option<String> {
+    error_of(body).map(|(message, _)| message.trim().to_string())
 }
 
 /// Recognises a plan-limit refusal of a request for `family`. Only where the sentence is

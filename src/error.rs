@@ -56,6 +56,28 @@ impl From<crate::upstream::UpstreamError> for ApiError {
     }
 }
 
+impl From<crate::accounts::QueueEnd> for ApiError {
+    fn from(end: crate::accounts::QueueEnd) -> ApiError {
+        use crate::accounts::QueueEnd as Q;
+        let busy = |account: String, why: &str| ApiError::RateLimited {
+            message: format!(
+                "account {account} serves as many requests at once as it may, and {why}"
+            ),
+            retry_after: 1,
+        };
+        match end {
+            Q::Full(account) => busy(account, "its queue is full"),
+            Q::TimedOut(account) => {
+                busy(account, "the request waited its queue_timeout for a slot")
+            }
+            Q::ClientLeft => ApiError::Http {
+                status: 499,
+                message: "the client left while its request waited for a slot".into(),
+            },
+        }
+    }
+}
+
 impl From<crate::accounts::Unavailable> for ApiError {
     fn from(e: crate::accounts::Unavailable) -> ApiError {
         match e {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounts::cooldown::Signal;
 use crate::accounts::sticky;
-use crate::accounts::{Ask, Entry, Pick, Unavailable};
+use crate::accounts::{Ask, Entry, Pick, Queued, Unavailable};
 use crate::anthropic;
 use crate::config::Credential;
 use crate::error::ApiError;
@@ -70,13 +70,14 @@ pub fn run(
                 model: attempts.model.as_deref(),
                 body_len: request.body.len(),
                 only: None,
-                ticket: queued.as_ref().map(|q| q.ticket.number),
+                ticket: queued.as_ref().map(Queued::number),
             }),
         };
         let pick = match (picked, fallback.take()) {
             (Err(Unavailable::Full(entry)), fallback_) => {
                 fallback = fallback_;
-                wait_for_slot(gw, &entry, &mut queued)?;
+                gw.accounts
+                    .wait(&entry, &mut queued, crate::watch::client_left)?;
                 continue;
             }
             (Ok(pick), _) => pick,
@@ -121,7 +122,7 @@ pub fn run(
                 match resign(gw, request, sticky_key, &pick, attempts.model.as_deref()) {
                     Resign::Home(home) => again = Some(home),
                     Resign::Stripped(body) => {
-                        changed = Some(req.with_body(body));
+                        changed = Some(with_body(req, body));
                         again = Some(pick);
                     }
                     Resign::Cannot => return Ok((answer, Some(pick))),
@@ -146,56 +147,15 @@ pub fn run(
     }
 }
 
-/// A request's place in a queue, and until when it may wait.
-struct Queued {
-    ticket: crate::accounts::Ticket,
-    until: Instant,
-}
-
-/// Waits in `entry`'s queue (joined on the first call) until a slot may be free, for at
-/// most `balance.queue_timeout` in all; a full queue, the timeout and a client that left end
-/// the wait with the 429 (`retry-after`) the client gets.
-fn wait_for_slot(
-    gw: &Gateway,
-    entry: &std::sync::Arc<Entry>,
-    queued: &mut Option<Queued>,
-) -> Result<(), ApiError> {
-    let accounts = &gw.accounts;
-    let seen = accounts.ended();
-    let full = |why: &str| ApiError::RateLimited {
-        message: format!(
-            "account {} ({}) serves as many requests at once as it may, and {why}",
-            entry.id(),
-            entry.account.name
-        ),
-        retry_after: 1,
-    };
-    if queued.is_none() {
-        let ticket = accounts
-            .join_queue(entry)
-            .ok_or_else(|| full("its queue is full"))?;
-        let until = Instant::now() + accounts.settings().queue_timeout;
-        debug!("account {}: request queued ({})", entry.id(), ticket.number);
-        *queued = Some(Queued { ticket, until });
-    }
-    let until = queued.as_ref().map_or_else(Instant::now, |q| q.until);
-    loop {
-        if crate::watch::client_left() {
-            *queued = None;
-            return Err(ApiError::Http {
-                status: 499,
-                message: "the client left while its request waited for a slot".into(),
-            });
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            *queued = None;
-            return Err(full("the request waited its queue_timeout for a slot"));
-        }
-        accounts.wait_freed(seen, left.min(Duration::from_millis(250)));
-        if accounts.ended() != seen {
-            return Ok(());
-        }
+/// `req` with another body (method, target, headers and framing kept).
+fn with_body(req: &Request, body: Vec<u8>) -> Request {
+    Request {
+        method: req.method.clone(),
+        target: req.target.clone(),
+        minor_version: req.minor_version,
+        headers: req.headers.clone(),
+        body,
+        keep_alive: req.keep_alive,
     }
 }
 

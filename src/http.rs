@@ -43,18 +43,6 @@ pub struct Request {
 }
 
 impl Request {
-    /// This request with another body (method, target, headers and framing kept).
-    pub fn with_body(&self, body: Vec<u8>) -> Request {
-        Request {
-            method: self.method.clone(),
-            target: self.target.clone(),
-            minor_version: self.minor_version,
-            headers: self.headers.clone(),
-            body,
-            keep_alive: self.keep_alive,
-        }
-    }
-
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")
     }

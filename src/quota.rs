@@ -405,6 +405,21 @@ pub struct Policy {
     pub overage: Overage,
 }
 
+impl crate::config::BalanceSettings {
+    /// How `account` is steered by its quota: its own settings over these.
+    pub fn policy(&self, account: &crate::config::Account) -> crate::quota::Policy {
+        let q = &account.quota;
+        let threshold = q.threshold.unwrap_or(self.quota.threshold);
+        crate::quota::Policy {
+            threshold,
+            hysteresis: q.hysteresis.unwrap_or(self.quota.hysteresis).min(threshold),
+            hard_stop: q.hard_stop.unwrap_or(self.quota.hard_stop),
+            sticky_limit: self.quota.sticky_limit.max(threshold),
+            overage: q.overage.unwrap_or(self.quota.overage),
+        }
+    }
+}
+
 /// Where an account stands for one request, by its latest reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Standing {

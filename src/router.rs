@@ -46,8 +46,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
     let mut names = Names::default();
     learn_client(gw, &req, conn.peer, &mut names);
     // A wait for a slot (a key's or an account's queue) notices a client that leaves.
-    let socket = conn.socket();
-    let _serving = crate::watch::serving(&socket);
+    let _serving = crate::watch::serving(&conn.socket());
     let _in_flight = gw.metrics.in_flight();
     let mut meter = Meter::default();
     // The head decides first (route, key, limits); only an admitted request's body is read.

@@ -201,6 +201,7 @@ fn start_background(
                     let _ = syncing.accounts.sync();
                     if renewed.elapsed() >= crate::shared::SLOT_HOLD / 6 {
                         syncing.limiter.renew_slots();
+                        syncing.accounts.renew_leases();
                         renewed = Instant::now();
                     }
                     std::thread::sleep(SHARED_SYNC);

@@ -32,8 +32,11 @@ pub struct Entry {
     pub(super) in_flight: Arc<AtomicU32>,
     /// Tickets of the requests waiting for one of its `max_concurrent` slots, oldest first.
     pub(super) queue: Arc<Mutex<std::collections::VecDeque<u64>>>,
-    /// Told when one of its slots or queue places frees (shared by all accounts).
-    pub(super) freed: Arc<Freed>,
+    /// What every account of the list shares: the wake-up for queues, the shared state.
+    pub(super) common: Arc<Common>,
+    /// The slots this instance holds in Redis (`max_concurrent` across instances), renewed
+    /// while held.
+    pub(super) leases: Arc<Mutex<Vec<String>>>,
     /// Since start: requests sent and failures seen, for status.
     pub(super) requests: Arc<AtomicU64>,
     pub(super) failures: Arc<AtomicU64>,
@@ -72,7 +75,7 @@ impl std::fmt::Display for State {
 }
 
 impl Entry {
-    pub(super) fn new(account: Account, previous: Option<&Entry>, freed: &Arc<Freed>) -> Entry {
+    pub(super) fn new(account: Account, previous: Option<&Entry>, common: &Arc<Common>) -> Entry {
         let previous = previous.filter(|p| p.account.kind == account.kind);
         let shared = previous.map(|p| Arc::clone(&p.live)).unwrap_or_default();
         {
@@ -108,7 +111,8 @@ impl Entry {
                 .map(|p| Arc::clone(&p.in_flight))
                 .unwrap_or_default(),
             queue: previous.map(|p| Arc::clone(&p.queue)).unwrap_or_default(),
-            freed: Arc::clone(freed),
+            common: Arc::clone(common),
+            leases: previous.map(|p| Arc::clone(&p.leases)).unwrap_or_default(),
             requests: previous
                 .map(|p| Arc::clone(&p.requests))
                 .unwrap_or_default(),
@@ -125,6 +129,32 @@ impl Entry {
     /// Requests waiting for one of its slots.
     pub fn queued(&self) -> usize {
         self.lock_queue().len()
+    }
+
+    pub(super) fn lock_leases(&self) -> MutexGuard<'_, Vec<String>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The name of its slots in Redis.
+    pub(super) fn lease_key(&self) -> String {
+        format!("acct:{}", self.id())
+    }
+
+    /// With shared state and a `max_concurrent`, takes one of its slots across instances
+    /// (a lease that frees itself if this instance dies); `false` when other instances hold
+    /// them all. Without Redis (or while it is away) the local count alone decides.
+    pub(super) fn lease_slot(&self) -> bool {
+        let (Some(max), Some(shared)) = (self.account.max_concurrent, &self.common.shared) else {
+            return true;
+        };
+        match shared.acquire(&self.lease_key(), max) {
+            Ok(Some(lease)) => {
+                self.lock_leases().push(lease);
+                true
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     pub(super) fn lock_queue(&self) -> MutexGuard<'_, std::collections::VecDeque<u64>> {

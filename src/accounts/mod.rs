@@ -8,12 +8,15 @@ pub mod balance;
 pub mod cooldown;
 mod entry;
 mod live;
+mod queue;
 pub mod sticky;
 
 use entry::Found;
 pub use entry::{Entry, State};
 use live::Live;
 pub use live::{Probing, View};
+use queue::{Common, Freed};
+pub use queue::{QueueEnd, Queued, Ticket};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -40,24 +43,11 @@ pub struct Accounts {
     /// Makes reading the loads and taking a slot one step, so a burst spreads evenly and no
     /// account takes more than its `max_concurrent`.
     picking: Mutex<()>,
-    /// Told whenever a pick ends (a slot freed): what requests in a queue wait on.
-    freed: Arc<Freed>,
+    /// What the entries share: the wake-up for queues (told whenever a slot frees), the
+    /// shared state.
+    common: Arc<Common>,
     /// Numbers the requests that join a queue, in arrival order.
     tickets: AtomicU64,
-}
-
-/// A count of slots freed, and the condition that wakes those waiting for one.
-#[derive(Debug, Default)]
-pub(super) struct Freed {
-    ended: Mutex<u64>,
-    wake: std::sync::Condvar,
-}
-
-impl Freed {
-    fn tell(&self) {
-        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.wake.notify_all();
-    }
 }
 
 /// What one request asks of selection.
@@ -93,23 +83,12 @@ impl Drop for Pick {
     fn drop(&mut self) {
         self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.entry.account.max_concurrent.is_some() {
-            self.entry.freed.tell();
+            let lease = self.entry.lock_leases().pop();
+            if let (Some(lease), Some(shared)) = (lease, &self.entry.common.shared) {
+                shared.release(&self.entry.lease_key(), &lease);
+            }
+            self.entry.common.freed.tell();
         }
-    }
-}
-
-/// A request's place in an account's queue; leaving it (served elsewhere, timed out, the
-/// client gone) frees the place.
-pub struct Ticket {
-    entry: Arc<Entry>,
-    pub number: u64,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.entry.lock_queue().retain(|n| *n != self.number);
-        // The next in line may now take a slot that was free.
-        self.entry.freed.tell();
     }
 }
 
@@ -120,10 +99,13 @@ impl Accounts {
         sticky: &StickySettings,
         shared: Option<Arc<Shared>>,
     ) -> Accounts {
-        let freed = Arc::<Freed>::default();
+        let common = Arc::new(Common {
+            freed: Freed::default(),
+            shared: shared.clone(),
+        });
         let list = accounts
             .into_iter()
-            .map(|a| Arc::new(Entry::new(a, None, &freed)))
+            .map(|a| Arc::new(Entry::new(a, None, &common)))
             .collect();
         Accounts {
             list: RwLock::new(Arc::new(list)),
@@ -134,7 +116,7 @@ impl Accounts {
             shared,
             turn: AtomicU64::new(0),
             picking: Mutex::new(()),
-            freed,
+            common,
             tickets: AtomicU64::new(0),
         }
     }
@@ -172,7 +154,7 @@ impl Accounts {
             .into_iter()
             .map(|a| {
                 let previous = by_id.get(a.id.as_str()).map(|e| e.as_ref());
-                Arc::new(Entry::new(a, previous, &self.freed))
+                Arc::new(Entry::new(a, previous, &self.common))
             })
             .collect();
         let fresh = Arc::new(fresh);
@@ -204,6 +186,22 @@ impl Accounts {
     /// When all that could serve are resting: 529 with the soonest return as `retry-after`;
     /// when none can: 503 saying why.
     pub fn pick(&self, ask: &Ask<'_>) -> Result<Pick, Unavailable> {
+        // Accounts whose slots other instances hold: passed over, one more each round.
+        let mut elsewhere = Vec::new();
+        loop {
+            if let Some(picked) = self.pick_once(ask, &mut elsewhere) {
+                return picked;
+            }
+        }
+    }
+
+    /// One round of `pick`; `None` when the account chosen had no slot left across instances
+    /// (it joins `elsewhere`, and the next round passes it over).
+    fn pick_once(
+        &self,
+        ask: &Ask<'_>,
+        elsewhere: &mut Vec<String>,
+    ) -> Option<Result<Pick, Unavailable>> {
         let all = self.snapshot();
         let settings = self.settings();
         let now = Instant::now();
@@ -311,7 +309,7 @@ impl Accounts {
                 continue;
             }
             drop(live);
-            if !e.has_slot_for(ask.ticket) {
+            if !e.has_slot_for(ask.ticket) || elsewhere.iter().any(|id| id == e.id()) {
                 debug!("account {}: skipped, its slots are taken", e.id());
                 full.push(e);
                 continue;
@@ -324,14 +322,14 @@ impl Accounts {
         }
         let Some(best) = candidates.iter().map(|c| c.entry.account.priority).min() else {
             if let Some(queue) = self.queue_for(&full, sticky_hash, view.as_ref(), now) {
-                return Err(Unavailable::Full(queue));
+                return Some(Err(Unavailable::Full(queue)));
             }
-            return Err(match soonest {
+            return Some(Err(match soonest {
                 Some(at) => Unavailable::Resting {
                     retry_after: ceil_secs(at.saturating_duration_since(now)).max(1),
                 },
                 None => Unavailable::None(why_none(&all, ask.tried)),
-            });
+            }));
         };
         candidates.retain(|c| c.entry.account.priority == best);
         let position = |id: &str| candidates.iter().position(|c| c.entry.id() == id);
@@ -375,6 +373,10 @@ impl Accounts {
         });
         let chosen = &candidates[index];
         let entry = Arc::clone(chosen.entry);
+        if !entry.lease_slot() {
+            elsewhere.push(entry.id().to_string());
+            return None;
+        }
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.requests.fetch_add(1, Ordering::Relaxed);
         // New conversations are not pinned to an account over its threshold.
@@ -392,82 +394,7 @@ impl Accounts {
                 let _ = shared.pin(key.hash, entry.id(), view.pin.as_deref(), ttl);
             }
         }
-        Ok(Pick { entry })
-    }
-
-    /// The account whose queue a request waits in when every account that could serve it
-    /// has its slots taken: its sticky pin's, else the best tier's shortest queue.
-    fn queue_for(
-        &self,
-        full: &[&Arc<Entry>],
-        sticky: Option<u64>,
-        view: Option<&crate::shared::View>,
-        now: Instant,
-    ) -> Option<Arc<Entry>> {
-        let pinned = match view {
-            Some(view) => view.pin.clone(),
-            None => sticky
-                .zip(self.sticky.as_ref())
-                .and_then(|(key, pins)| pins.find(key, now, |id| Some(id.to_string()))),
-        };
-        if let Some(e) = full.iter().find(|e| pinned.as_deref() == Some(e.id())) {
-            return Some(Arc::clone(e));
-        }
-        let best = full.iter().map(|e| e.account.priority).min()?;
-        (full.iter())
-            .filter(|e| e.account.priority == best)
-            .min_by_key(|e| e.queued())
-            .map(|e| Arc::clone(e))
-    }
-
-    /// Joins `entry`'s queue, unless `queue_size` requests wait there already.
-    pub fn join_queue(&self, entry: &Arc<Entry>) -> Option<Ticket> {
-        let mut queue = entry.lock_queue();
-        if queue.len() >= self.settings().queue_size {
-            return None;
-        }
-        let number = self.tickets.fetch_add(1, Ordering::Relaxed);
-        queue.push_back(number);
-        Some(Ticket {
-            entry: Arc::clone(entry),
-            number,
-        })
-    }
-
-    /// How many picks have ended so far: what `wait_freed` waits to change.
-    pub fn ended(&self) -> u64 {
-        *self.freed.ended.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits until a pick ends after `seen` (`ended`), or `slice` passes.
-    pub fn wait_freed(&self, seen: u64, slice: Duration) {
-        let ended = self.freed.ended.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self
-            .freed
-            .wake
-            .wait_timeout_while(ended, slice, |n| *n == seen);
-    }
-
-    /// The account a conversation was pinned to before its pin last moved (the one whose
-    /// thinking signatures it may carry).
-    pub fn previous_pin(&self, key: Key<'_>) -> Option<String> {
-        let shared = (self.shared.as_ref()).and_then(|s| s.previous_pin(key.hash).ok().flatten());
-        shared.or_else(|| self.sticky.as_ref()?.previous(key.hash, Instant::now()))
-    }
-
-    /// Keeps what an answer to a request for `model` said of `entry`'s quota, and tells the
-    /// other instances when it is news to them.
-    pub fn observe_quota(
-        &self,
-        entry: &Entry,
-        reading: crate::quota::Reading,
-        model: Option<&str>,
-    ) {
-        let family = model.map_or(Family::Other, Family::of);
-        let news = entry.observe_quota(reading, family);
-        if let (Some(readings), Some(shared)) = (news, &self.shared) {
-            let _ = shared.quota(entry.id(), &readings);
-        }
+        Some(Ok(Pick { entry }))
     }
 
     /// How many accounts there are.

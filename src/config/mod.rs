@@ -219,19 +219,6 @@ impl BalanceSettings {
     pub fn test() -> BalanceSettings {
         validate::balance(&RawBalance::default()).unwrap_or_else(|e| unreachable!("{e}"))
     }
-
-    /// How `account` is steered by its quota: its own settings over these.
-    pub fn policy(&self, account: &Account) -> crate::quota::Policy {
-        let q = &account.quota;
-        let threshold = q.threshold.unwrap_or(self.quota.threshold);
-        crate::quota::Policy {
-            threshold,
-            hysteresis: q.hysteresis.unwrap_or(self.quota.hysteresis).min(threshold),
-            hard_stop: q.hard_stop.unwrap_or(self.quota.hard_stop),
-            sticky_limit: self.quota.sticky_limit.max(threshold),
-            overage: q.overage.unwrap_or(self.quota.overage),
-        }
-    }
 }
 
 /// An account's own quota settings (`None`: `balance`'s).

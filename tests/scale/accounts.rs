@@ -341,3 +341,50 @@ fn one_instances_quota_reading_steers_the_others() {
         .find(|k| redis.command(&["GET", k]).contains("0.95"));
     assert!(x.is_some(), "no shared reading of X among {keys:?}");
 }
+
+#[test]
+fn an_accounts_slots_are_leases_every_instance_counts() {
+    // X may serve one request at once. While one instance streams through it, another
+    // instance's request waits in its own queue, and is served once the stream ends.
+    let events = crate::support::sse_events(2);
+    let held = events.len();
+    let (up, gate) =
+        FakeUpstream::gated_first(events, |req| Reply::json(200, &served_by(req.api_key())));
+    let redis = RedisServer::start();
+    let config = Config::new(up.base_url()).section(&state_section(&redis));
+    let mut first = Gateway::new(&config);
+    first.add_api_key_with("x", KEY_A, &["--max-concurrent", "1"]);
+    first.add_client_key("tests");
+    let gws = start_instances(first, 2);
+    let body = |stream: bool| {
+        format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":16,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    let mut sse = crate::support::open_sse(
+        gws[0].addr(),
+        "/v1/messages",
+        &[gws[0].auth(), ("content-type", "application/json")],
+        body(true).as_bytes(),
+    );
+    assert!(sse.next_event().is_some(), "the stream holds X's one slot");
+    let waited = std::thread::scope(|s| {
+        let other = s.spawn(|| post_body(&gws[1], &body(false)));
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(600) {
+            assert_eq!(
+                up.requests().len(),
+                1,
+                "the other instance waits for the slot"
+            );
+            std::thread::yield_now();
+        }
+        for _ in 1..held {
+            let _ = gate.send(());
+        }
+        while sse.next_event().is_some() {}
+        other.join().expect("the other request")
+    });
+    assert_eq!(waited.status, 200, "{}", waited.text());
+    assert_eq!(up.requests().len(), 2);
+}
