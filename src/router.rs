@@ -359,10 +359,8 @@ fn admit(
     let client = gw.clients.authenticate(req)?;
     names.client.clone_from(&client.name);
     names.client_id = Some(client.id.clone());
-    let queue_timeout = gw.accounts.settings().queue_timeout;
-    let permit = gw
-        .limiter
-        .admit(&client, gw.ledger.as_deref(), queue_timeout)?;
+    let wait = gw.accounts.settings().queue_timeout;
+    let permit = gw.limiter.admit(&client, gw.ledger.as_deref(), wait)?;
     Ok(Admitted::Forward(Forward {
         route,
         client,

@@ -613,6 +613,11 @@ mod tests {
             .collect()
     }
 
+    /// The account a plain request gets.
+    fn picked(accounts: &Accounts) -> Arc<Entry> {
+        Arc::clone(&accounts.pick(&Ask::default()).expect("usable").entry)
+    }
+
     fn cool(accounts: &Accounts, id: &str) {
         let all = accounts.snapshot();
         let e = all.iter().find(|e| e.id() == id).expect("account");
@@ -844,28 +849,16 @@ mod tests {
             vec![oauth("o", Some(tokens("file-1")))],
             Strategy::LeastBusy,
         );
-        let entry = accounts
-            .pick(&Ask::default())
-            .expect("usable")
-            .entry
-            .clone();
+        let entry = picked(&accounts);
         entry.live().tokens = Some(tokens("memory-2"));
         entry.live().persist_error = Some("disk full".into());
         accounts.replace(vec![oauth("o", Some(tokens("file-1")))]);
-        let entry = accounts
-            .pick(&Ask::default())
-            .expect("usable")
-            .entry
-            .clone();
+        let entry = picked(&accounts);
         let access = |e: &Entry| e.live().tokens.as_ref().map(|t| t.access.clone());
         assert_eq!(access(&entry), Some(Secret::new("memory-2")));
         entry.live().persist_error = None;
         accounts.replace(vec![oauth("o", Some(tokens("file-3")))]);
-        let entry = accounts
-            .pick(&Ask::default())
-            .expect("usable")
-            .entry
-            .clone();
+        let entry = picked(&accounts);
         assert_eq!(access(&entry), Some(Secret::new("file-3")));
     }
 
@@ -875,11 +868,7 @@ mod tests {
             vec![oauth("o", Some(tokens("file-1")))],
             Strategy::LeastBusy,
         );
-        let entry = accounts
-            .pick(&Ask::default())
-            .expect("usable")
-            .entry
-            .clone();
+        let entry = picked(&accounts);
         let newer = Tokens {
             issued_at: 20,
             ..tokens("refreshed-2")
