@@ -124,12 +124,15 @@ impl Entry {
     }
 
     /// Keeps what the latest answer (to a request of `family`) said of the account's quota.
-    /// Returns the readings to tell other instances when they hold news for them (or have
-    /// not been told for a while).
-    pub fn observe_quota(&self, reading: Reading, family: Family) -> Option<Readings> {
+    /// When other instances `share` it, returns the readings to tell them if they hold news
+    /// for them (or they have not been told for a while).
+    pub fn observe_quota(&self, reading: Reading, family: Family, share: bool) -> Option<Readings> {
         let now = reading.seen_at;
         let mut live = self.live();
         live.quota.observe(reading, family);
+        if !share {
+            return None;
+        }
         let due = live.quota_told.as_ref().is_none_or(|(told, at)| {
             live.quota.news_since(told) || now >= at.saturating_add(TELL_EVERY_SECS)
         });

@@ -397,6 +397,28 @@ impl Accounts {
         Some(Ok(Pick { entry }))
     }
 
+    /// The account a conversation was pinned to before its pin last moved (the one whose
+    /// thinking signatures it may carry).
+    pub fn previous_pin(&self, key: Key<'_>) -> Option<String> {
+        let shared = (self.shared.as_ref()).and_then(|s| s.previous_pin(key.hash).ok().flatten());
+        shared.or_else(|| self.sticky.as_ref()?.previous(key.hash, Instant::now()))
+    }
+
+    /// Keeps what an answer to a request for `model` said of `entry`'s quota, and tells the
+    /// other instances when it is news to them.
+    pub fn observe_quota(
+        &self,
+        entry: &Entry,
+        reading: crate::quota::Reading,
+        model: Option<&str>,
+    ) {
+        let family = model.map_or(Family::Other, Family::of);
+        let news = entry.observe_quota(reading, family, self.shared.is_some());
+        if let (Some(readings), Some(shared)) = (news, &self.shared) {
+            let _ = shared.quota(entry.id(), &readings);
+        }
+    }
+
     /// How many accounts there are.
     pub fn count(&self) -> usize {
         self.snapshot().len()

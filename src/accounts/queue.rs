@@ -153,28 +153,6 @@ impl Accounts {
         let _ = (self.common.freed.wake).wait_timeout_while(ended, slice, |n| *n == seen);
     }
 
-    /// The account a conversation was pinned to before its pin last moved (the one whose
-    /// thinking signatures it may carry).
-    pub fn previous_pin(&self, key: Key<'_>) -> Option<String> {
-        let shared = (self.shared.as_ref()).and_then(|s| s.previous_pin(key.hash).ok().flatten());
-        shared.or_else(|| self.sticky.as_ref()?.previous(key.hash, Instant::now()))
-    }
-
-    /// Keeps what an answer to a request for `model` said of `entry`'s quota, and tells the
-    /// other instances when it is news to them.
-    pub fn observe_quota(
-        &self,
-        entry: &Entry,
-        reading: crate::quota::Reading,
-        model: Option<&str>,
-    ) {
-        let family = model.map_or(Family::Other, Family::of);
-        let news = entry.observe_quota(reading, family);
-        if let (Some(readings), Some(shared)) = (news, &self.shared) {
-            let _ = shared.quota(entry.id(), &readings);
-        }
-    }
-
     /// Waits in `entry`'s queue (joined on the first call) until a slot may be free: one freed
     /// here, or (with Redis, where other instances tell no one) a quarter second passed. The
     /// whole wait is bounded by `balance.queue_timeout`; `client_left` is asked each slice.
