@@ -191,6 +191,8 @@ impl TokenError {
 pub struct Client<'a> {
     pub id: &'a str,
     pub secret: Option<&'a Secret>,
+    /// The account's egress: its logins and refreshes leave from where it serves.
+    pub proxy: Option<&'a ureq::Proxy>,
 }
 
 /// Calls the token endpoint. Holds its own small agent: these calls are rare and must not
@@ -238,7 +240,7 @@ impl TokenEndpoint {
         }
         let secret = client.secret.map(Secret::expose);
         let sent = [code, verifier.expose(), state.expose()];
-        self.call(&body, Scrub::new(sent.into_iter().chain(secret)))
+        self.call(client, &body, Scrub::new(sent.into_iter().chain(secret)))
     }
 
     /// Refreshes with `refresh_token`.
@@ -257,6 +259,7 @@ impl TokenEndpoint {
         }
         let secret = client.secret.map(Secret::expose);
         self.call(
+            client,
             &body,
             Scrub::new(std::iter::once(refresh_token.expose()).chain(secret)),
         )
@@ -264,10 +267,18 @@ impl TokenEndpoint {
 
     /// Posts `body`; what the endpoint answers is checked, and what an error quotes of it is
     /// scrubbed of what `body` carried (`sent`) before a log or the CLI shows it.
-    fn call(&self, body: &serde_json::Value, sent: Scrub) -> Result<Grant, TokenError> {
+    fn call(
+        &self,
+        client: &Client<'_>,
+        body: &serde_json::Value,
+        sent: Scrub,
+    ) -> Result<Grant, TokenError> {
         let response = self
             .agent
             .post(&self.url)
+            .config()
+            .proxy(client.proxy.cloned())
+            .build()
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .send(body.to_string().as_bytes())

@@ -64,8 +64,9 @@ pub fn account(
     };
     // The body is shown by health-check: nothing of the credential it was sent with stays.
     let send = |processor: &dyn Processor, secret: &Secret| {
-        let response = (upstream.forward_within(&request, processor, Some(PROBE_TIMEOUT)))
-            .map_err(ProbeError::Upstream)?;
+        let response =
+            (upstream.forward_within(&request, processor, entry.proxy(), Some(PROBE_TIMEOUT)))
+                .map_err(ProbeError::Upstream)?;
         let status = response.status().as_u16();
         let mut body = (response.into_body().into_with_config())
             .limit(MAX_BODY)

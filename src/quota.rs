@@ -390,6 +390,15 @@ impl std::str::FromStr for Overage {
     }
 }
 
+/// An account's own quota settings (`None`: `balance`'s).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QuotaSettings {
+    pub threshold: Option<f64>,
+    pub hysteresis: Option<f64>,
+    pub hard_stop: Option<bool>,
+    pub overage: Option<Overage>,
+}
+
 /// How one account is steered by its quota: `balance`'s settings, overridden per account.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {

@@ -6,7 +6,9 @@ use std::io::Read;
 
 use ureq::http::{self, HeaderMap};
 use ureq::unversioned::resolver::DefaultResolver;
-use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
+use ureq::unversioned::transport::{
+    ConnectProxyConnector, Connector, RustlsConnector, SocksConnector, TcpConnector,
+};
 use ureq::{Agent, Body, SendBody};
 
 use crate::config::UpstreamSettings;
@@ -102,10 +104,14 @@ impl Upstream {
                 .max_response_header_size(10 * 1024)
                 .output_buffer_size(output_buffer)
                 .build();
-            // TCP, then the client watch (under TLS, so TLS never sees its slices), then TLS
-            // for https. No proxy connectors: the agent uses no proxy.
+            // An account's proxy (SOCKS, or an HTTP CONNECT tunnel), else TCP; then the
+            // client watch (under TLS, so TLS never sees its slices), then TLS for https. The
+            // agent itself has no proxy (nor one from the environment): a request sets its
+            // account's.
             let connector =
-                ().chain(TcpConnector::default())
+                ().chain(SocksConnector::default())
+                    .chain(ConnectProxyConnector::default())
+                    .chain(TcpConnector::default())
                     .chain(ClientWatch)
                     .chain(RustlsConnector::default());
             Agent::with_parts(config, connector, DefaultResolver::default())
@@ -129,8 +135,9 @@ impl Upstream {
         &self,
         req: &Request,
         processor: &dyn Processor,
+        proxy: Option<&ureq::Proxy>,
     ) -> Result<http::Response<Body>, UpstreamError> {
-        self.forward_within(req, processor, None)
+        self.forward_within(req, processor, proxy, None)
     }
 
     /// `forward`, with the whole exchange up to the response head bounded by `within` (a
@@ -139,8 +146,10 @@ impl Upstream {
         &self,
         req: &Request,
         processor: &dyn Processor,
+        proxy: Option<&ureq::Proxy>,
         within: Option<std::time::Duration>,
     ) -> Result<http::Response<Body>, UpstreamError> {
+        let via = Via { proxy, within };
         // Names listed in `Connection:` are hop-by-hop too.
         let tokens = crate::http::list_values(&req.headers, "connection");
         let mut out = Outgoing {
@@ -184,8 +193,8 @@ impl Upstream {
         let invalid =
             |e: http::Error| UpstreamError::Unsendable(format!("invalid request header: {e}"));
         let result = match (&out.splice, req.method.as_str()) {
-            (_, "GET") => run(agent, builder.body(()).map_err(invalid)?, within),
-            (None, _) => run(agent, builder.body(out.body).map_err(invalid)?, within),
+            (_, "GET") => run(agent, builder.body(()).map_err(invalid)?, via),
+            (None, _) => run(agent, builder.body(out.body).map_err(invalid)?, via),
             (Some(splice), _) => {
                 // The edited body in its three pieces, with its length declared so ureq
                 // sends it length-delimited, as it would a slice.
@@ -193,29 +202,38 @@ impl Upstream {
                 let mut pieces = before.chain(with).chain(after);
                 let builder = builder.header("content-length", splice.len(out.body));
                 let body = SendBody::from_reader(&mut pieces);
-                run(agent, builder.body(body).map_err(invalid)?, within)
+                run(agent, builder.body(body).map_err(invalid)?, via)
             }
         };
         result.map_err(|e| upstream_error(&e))
     }
 }
 
-/// Runs `request` on `agent`, within `within` in all when given (else under the agent's
+/// How one request goes out: through the account's proxy, if it has one (ureq pools
+/// connections per proxy), and within a bound in all, if given (else under the agent's
 /// per-read timeouts only).
+#[derive(Clone, Copy)]
+struct Via<'a> {
+    proxy: Option<&'a ureq::Proxy>,
+    within: Option<std::time::Duration>,
+}
+
 fn run<S: ureq::AsSendBody>(
     agent: &Agent,
     request: http::Request<S>,
-    within: Option<std::time::Duration>,
+    via: Via<'_>,
 ) -> Result<http::Response<Body>, ureq::Error> {
-    match within {
-        Some(limit) => agent.run(
-            agent
-                .configure_request(request)
-                .timeout_global(Some(limit))
-                .build(),
-        ),
-        None => agent.run(request),
+    if via.proxy.is_none() && via.within.is_none() {
+        return agent.run(request);
     }
+    let mut config = agent.configure_request(request);
+    if let Some(proxy) = via.proxy {
+        config = config.proxy(Some(proxy.clone()));
+    }
+    if let Some(limit) = via.within {
+        config = config.timeout_global(Some(limit));
+    }
+    agent.run(config.build())
 }
 
 /// An upstream answer, and the secrets its request carried, which nothing of it may echo.

@@ -9,6 +9,7 @@
 
 mod balance;
 mod cli;
+mod egress;
 mod faults;
 mod fuzz;
 mod limits;

@@ -188,6 +188,11 @@ impl Entry {
         &self.account.id
     }
 
+    /// The proxy everything done for the account goes through (`None`: direct).
+    pub fn proxy(&self) -> Option<&ureq::Proxy> {
+        self.account.proxy.as_ref().map(|e| &e.proxy)
+    }
+
     pub fn is_oauth(&self) -> bool {
         self.account.oauth().is_some()
     }

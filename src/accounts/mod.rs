@@ -567,6 +567,7 @@ mod tests {
             weight: 1,
             quota: Default::default(),
             max_concurrent: None,
+            proxy: None,
             disabled_reason: None,
             created_at: None,
             enabled_at: None,

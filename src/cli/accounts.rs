@@ -45,6 +45,9 @@ pub struct AddApiKey {
     /// requests sent with the account at once, at most; more wait in its queue
     #[argh(option)]
     pub max_concurrent: Option<u32>,
+    /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
+    #[argh(option)]
+    pub proxy: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -90,6 +93,9 @@ pub struct SetAccount {
     /// requests sent with the account at once, at most; more wait in its queue
     #[argh(option)]
     pub max_concurrent: Option<u32>,
+    /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
+    #[argh(option)]
+    pub proxy: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -141,6 +147,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         cmd.overage,
         cmd.max_concurrent,
     )?;
+    let proxy = check_proxy(cmd.proxy.as_deref())?;
     let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
     if !key.expose().starts_with("sk-ant-") {
         eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
@@ -161,6 +168,9 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         account.priority = cmd.priority;
         account.weight = weight;
         steering.apply(&mut account);
+        if let Some(proxy) = &proxy {
+            account.proxy = Some(m.seal(&id, "proxy", proxy)?);
+        }
         m.accounts.push(account);
         Ok::<_, ChangeError<CliError>>(id)
     })?;
@@ -189,6 +199,7 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
                     "priority": a.priority, "weight": a.weight,
                     "quota": steering(&config.balance.policy(a)),
                     "max_concurrent": a.max_concurrent,
+                    "proxy": a.proxy.as_ref().map(|e| e.url.mask()),
                     "state": e.state(), "key": a.key_display(),
                     "disabled_reason": a.disabled_reason,
                     "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
@@ -243,6 +254,7 @@ pub enum Change {
         priority: Option<u32>,
         weight: Option<u32>,
         steering: Steering,
+        proxy: Option<crate::secret::Secret>,
     },
 }
 
@@ -324,6 +336,16 @@ pub fn unique_account_name(
     }
 }
 
+/// A `--proxy` as the config would take it (its text never shown but masked).
+pub fn check_proxy(proxy: Option<&str>) -> Result<Option<crate::secret::Secret>, CliError> {
+    let Some(proxy) = proxy else {
+        return Ok(None);
+    };
+    let proxy = crate::secret::Secret::new(proxy.trim());
+    config::Egress::parse(&proxy).map_err(|e| CliError::usage(format!("--{e}")))?;
+    Ok(Some(proxy))
+}
+
 /// A weight of 0 would starve the account silently: refuse it.
 pub fn check_weight(weight: u32) -> Result<u32, CliError> {
     if weight == 0 {
@@ -340,9 +362,15 @@ pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
         cmd.overage,
         cmd.max_concurrent,
     )?;
-    if cmd.name.is_none() && cmd.priority.is_none() && cmd.weight.is_none() && steering.is_empty() {
+    let proxy = check_proxy(cmd.proxy.as_deref())?;
+    if cmd.name.is_none()
+        && cmd.priority.is_none()
+        && cmd.weight.is_none()
+        && steering.is_empty()
+        && proxy.is_none()
+    {
         return Err(CliError::usage(
-            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop, --overage or --max-concurrent",
+            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop, --overage, --max-concurrent or --proxy",
         ));
     }
     let change = Change::Set {
@@ -350,6 +378,7 @@ pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
         priority: cmd.priority,
         weight: cmd.weight.map(check_weight).transpose()?,
         steering,
+        proxy,
     };
     change_account(path, &cmd.account_id, cmd.json, change)
 }
@@ -399,6 +428,7 @@ pub fn change_account(
                 priority,
                 weight,
                 steering,
+                proxy,
             } => {
                 if let Some(name) = name {
                     unique_account_name(m, name, Some(index))?;
@@ -415,6 +445,11 @@ pub fn change_account(
                 a.priority = priority.unwrap_or(a.priority);
                 a.weight = weight.unwrap_or(a.weight);
                 steering.apply(a);
+                if let Some(proxy) = proxy {
+                    let id = a.id.clone().unwrap_or_default();
+                    let sealed = m.seal(&id, "proxy", proxy)?;
+                    m.accounts[index].proxy = Some(sealed);
+                }
             }
         }
         Ok(m.accounts[index].name.clone())

@@ -51,6 +51,9 @@ pub struct AddOAuth {
     /// requests sent with the account at once, at most; more wait in its queue
     #[argh(option)]
     pub max_concurrent: Option<u32>,
+    /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
+    #[argh(option)]
+    pub proxy: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -131,6 +134,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         cmd.overage,
         cmd.max_concurrent,
     )?;
+    let proxy = super::accounts::check_proxy(cmd.proxy.as_deref())?;
     let client_id = cmd.client_id.trim().to_string();
     if client_id.is_empty() || !client_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(CliError::usage(
@@ -156,6 +160,9 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         account.priority = cmd.priority;
         account.weight = weight;
         steering.apply(&mut account);
+        if let Some(proxy) = &proxy {
+            account.proxy = Some(m.seal(&id, "proxy", proxy)?);
+        }
         if let Some(s) = &secret {
             account.client_secret = Some(m.seal(&id, "client_secret", s)?);
         }
@@ -233,9 +240,13 @@ pub fn oauth_callback(path: &Path, cmd: OAuthCallback) -> Result<(), CliError> {
             "state mismatch: this code belongs to a different login attempt than the one pending for account {id}; {start_again} and use the newest URL"
         )));
     }
+    let proxy = (config.accounts.iter())
+        .find(|a| a.id == id)
+        .and_then(|a| a.proxy.as_ref());
     let client = Client {
         id: &oauth.client_id,
         secret: oauth.client_secret.as_ref(),
+        proxy: proxy.map(|e| &e.proxy),
     };
     let grant = TokenEndpoint::new(&config.oauth)
         .exchange(&client, &code, &pending.verifier, &pending.state)

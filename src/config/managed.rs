@@ -27,10 +27,11 @@ pub(super) fn secret_key(
 pub(super) fn accounts(
     raw: Vec<RawAccount>,
     key: Option<&SecretKey>,
+    egress: Option<&Egress>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Account>, AccountError> {
     let accounts = (raw.into_iter())
-        .map(|a| validate_account(a, key, warnings))
+        .map(|a| validate_account(a, key, egress, warnings))
         .collect::<Result<Vec<_>, _>>()?;
     let mut ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
     ids.sort_unstable();
@@ -126,6 +127,7 @@ fn is_env_name(name: &str) -> bool {
 fn validate_account(
     mut a: RawAccount,
     key: Option<&SecretKey>,
+    egress: Option<&Egress>,
     warnings: &mut Vec<String>,
 ) -> Result<Account, AccountError> {
     if a.name.trim().is_empty() {
@@ -134,6 +136,12 @@ fn validate_account(
     let id = a.id.clone().unwrap_or_else(|| derived_account_id(&a.name));
     let mut open =
         |field: &str, value: &Option<String>| open_field(&id, field, value.as_ref(), key, warnings);
+    let proxy = match open("proxy", &a.proxy)? {
+        None => egress.cloned(),
+        Some(url) => {
+            Egress::parse(&url).map_err(|e| AccountError::Invalid(format!("account {id}: {e}")))?
+        }
+    };
     let credential = match a.kind {
         AccountKind::ApiKey => match (open("api_key", &a.api_key)?, &a.api_key_env) {
             (Some(_), Some(_)) => {
@@ -226,6 +234,7 @@ fn validate_account(
         weight: a.weight.max(1),
         quota,
         max_concurrent,
+        proxy,
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
         enabled_at: a.enabled_at,

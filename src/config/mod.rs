@@ -5,10 +5,13 @@
 //! Operator-owned settings and machine-managed lists (`accounts`, `client_keys`) share one file;
 //! `store` rewrites only the managed sections so operator comments elsewhere survive.
 
+mod egress;
 mod managed;
 mod raw;
 mod validate;
 
+pub use crate::quota::QuotaSettings;
+pub use egress::Egress;
 pub use raw::*;
 pub use validate::validate;
 
@@ -97,6 +100,8 @@ pub struct UpstreamSettings {
     /// The largest SSE event relayed: a stream whose event grows past it gets an error event
     /// and is closed, so an upstream that never ends an event cannot fill our memory.
     pub max_event_bytes: usize,
+    /// The egress of accounts that set none.
+    pub proxy: Option<Egress>,
 }
 
 /// The OAuth protocol constants; defaults are Anthropic's (see shared/spec), all overridable
@@ -221,15 +226,6 @@ impl BalanceSettings {
     }
 }
 
-/// An account's own quota settings (`None`: `balance`'s).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct QuotaSettings {
-    pub threshold: Option<f64>,
-    pub hysteresis: Option<f64>,
-    pub hard_stop: Option<bool>,
-    pub overage: Option<crate::quota::Overage>,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct StickySettings {
     pub enabled: bool,
@@ -253,6 +249,8 @@ pub struct Account {
     pub quota: QuotaSettings,
     /// Requests sent with it at once, at most (`None`: no limit).
     pub max_concurrent: Option<u32>,
+    /// Its egress (its own, else `upstream.proxy`); `None`: direct.
+    pub proxy: Option<Egress>,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
     /// When `enable-account` last ran (Unix ms); a change clears the account's rests.

@@ -54,6 +54,8 @@ pub struct RawUpstream {
     pub read_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
     pub max_event_bytes: Option<u64>,
+    /// Every account's egress unless it sets its own (`http://user:pass@host:port`, …).
+    pub proxy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +207,10 @@ pub struct RawAccount {
     /// Requests sent with this account at once, at most; more wait in its queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Where everything done for this account goes out (`enc:v1:…`, sealed: the URL may hold
+    /// a password): `http://`, `https://`, `socks5h://` or `direct`; unset, `upstream.proxy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
     /// Why the gateway disabled the account (a ban it recognised), for people to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -267,6 +273,7 @@ impl RawAccount {
             quota_hard_stop: None,
             overage: None,
             max_concurrent: None,
+            proxy: None,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
             enabled_at: None,
@@ -289,9 +296,10 @@ impl RawAccount {
     }
 
     /// The fields that hold secrets, by name, for sealing and opening.
-    pub fn secret_fields(&mut self) -> [(&'static str, &mut Option<String>); 6] {
+    pub fn secret_fields(&mut self) -> [(&'static str, &mut Option<String>); 7] {
         [
             ("api_key", &mut self.api_key),
+            ("proxy", &mut self.proxy),
             ("client_secret", &mut self.client_secret),
             ("access_token", &mut self.access_token),
             ("refresh_token", &mut self.refresh_token),

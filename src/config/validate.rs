@@ -130,6 +130,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let accounts = accounts(
         raw.accounts.unwrap_or_default(),
         key.as_ref(),
+        upstream.proxy.as_ref(),
         &mut warnings,
     )
     .map_err(|e| match e {
@@ -265,6 +266,12 @@ fn upstream(u: &RawUpstream) -> Result<UpstreamSettings, String> {
             ));
         }
     }
+    let proxy = match &u.proxy {
+        None => None,
+        Some(url) => {
+            Egress::parse(&Secret::new(url.as_str())).map_err(|e| format!("upstream.{e}"))?
+        }
+    };
     let max_event_bytes = u.max_event_bytes.unwrap_or(default::MAX_EVENT_BYTES);
     if !default::MAX_EVENT_RANGE.contains(&max_event_bytes) {
         return Err(format!(
@@ -279,6 +286,7 @@ fn upstream(u: &RawUpstream) -> Result<UpstreamSettings, String> {
         read_timeout: dur(u.read_timeout, default::READ_TIMEOUT),
         write_timeout: dur(u.write_timeout, default::WRITE_TIMEOUT),
         max_event_bytes: max_event_bytes as usize,
+        proxy,
     })
 }
 

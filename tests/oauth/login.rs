@@ -225,6 +225,7 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
                 "weight",
                 "quota",
                 "max_concurrent",
+                "proxy",
                 "state",
                 "key",
                 "disabled_reason",

@@ -25,6 +25,7 @@ use serde_json::Value;
 
 pub mod accounts;
 mod client;
+pub mod egress;
 mod raw;
 pub mod redis;
 mod token;
@@ -293,6 +294,8 @@ pub struct Config {
     /// More `server:` settings, values as YAML scalars.
     server: Vec<(String, String)>,
     admin_listen: String,
+    /// Further `upstream:` keys.
+    upstream: Vec<(String, String)>,
     sections: String,
 }
 
@@ -308,6 +311,7 @@ impl Config {
             body_timeout: "2s".to_string(),
             server: Vec::new(),
             admin_listen: "off".to_string(),
+            upstream: Vec::new(),
             sections: String::new(),
         }
     }
@@ -336,6 +340,12 @@ impl Config {
 
     /// One more `server:` setting the harness does not write itself (`accept_queue`,
     /// `worker_idle`, …); `value` goes into the YAML as written.
+    /// One more `upstream:` setting.
+    pub fn upstream(mut self, key: &str, value: &str) -> Config {
+        self.upstream.push((key.to_string(), value.to_string()));
+        self
+    }
+
     pub fn server(mut self, key: &str, value: &str) -> Config {
         self.server.push((key.to_string(), value.to_string()));
         self
@@ -388,10 +398,13 @@ impl Config {
             yaml.push_str(&format!("  {key}: {value}\n"));
         }
         yaml.push_str(&format!(
-            "upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n\
-             admin:\n  listen: {}\n",
-            self.base_url, self.read_timeout, self.admin_listen
+            "upstream:\n  base_url: {}\n  connect_timeout: 2s\n  read_timeout: {}\n",
+            self.base_url, self.read_timeout
         ));
+        for (key, value) in &self.upstream {
+            yaml.push_str(&format!("  {key}: {value}\n"));
+        }
+        yaml.push_str(&format!("admin:\n  listen: {}\n", self.admin_listen));
         if let Some(level) = &self.log_level {
             yaml.push_str(&format!("log:\n  level: {level}\n"));
         }
