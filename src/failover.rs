@@ -466,7 +466,7 @@ fn send(gw: &Gateway, req: &Request, entry: &Entry) -> Result<Answer, Failed> {
     let upstream = gw.upstream();
     let forward = |processor: &dyn crate::processor::Processor, scrub: Scrub| {
         upstream
-            .forward(req, processor, entry.proxy())
+            .forward(req, processor, entry.egress())
             .map(|response| Answer::new(response, scrub))
             .map_err(|e| match e {
                 UpstreamError::Unreachable(_)

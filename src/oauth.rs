@@ -192,7 +192,7 @@ pub struct Client<'a> {
     pub id: &'a str,
     pub secret: Option<&'a Secret>,
     /// The account's egress: its logins and refreshes leave from where it serves.
-    pub proxy: Option<&'a ureq::Proxy>,
+    pub via: crate::upstream::Via<'a>,
 }
 
 /// Calls the token endpoint. Holds its own small agent: these calls are rare and must not
@@ -277,7 +277,8 @@ impl TokenEndpoint {
             .agent
             .post(&self.url)
             .config()
-            .proxy(client.proxy.cloned())
+            .proxy(client.via.proxy.cloned())
+            .tls_config(client.via.tls.cloned().unwrap_or_default())
             .build()
             .header("content-type", "application/json")
             .header("accept", "application/json")

@@ -12,7 +12,7 @@ use crate::processor::{ApiKey, OAuth, Processor};
 use crate::refresh::{Need, Refresher};
 use crate::scrub::Scrub;
 use crate::secret::Secret;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Upstream, UpstreamError, Via};
 
 /// What of a probe's answer is kept: its status and (a bounded start of) its body.
 #[derive(Debug)]
@@ -64,9 +64,15 @@ pub fn account(
     };
     // The body is shown by health-check: nothing of the credential it was sent with stays.
     let send = |processor: &dyn Processor, secret: &Secret| {
-        let response =
-            (upstream.forward_within(&request, processor, entry.proxy(), Some(PROBE_TIMEOUT)))
-                .map_err(ProbeError::Upstream)?;
+        let response = (upstream.forward(
+            &request,
+            processor,
+            Via {
+                within: Some(PROBE_TIMEOUT),
+                ..entry.egress()
+            },
+        ))
+        .map_err(ProbeError::Upstream)?;
         let status = response.status().as_u16();
         let mut body = (response.into_body().into_with_config())
             .limit(MAX_BODY)

@@ -133,7 +133,7 @@ impl Refresher {
         let client = Client {
             id: &oauth.client_id,
             secret: oauth.client_secret.as_ref(),
-            proxy: entry.proxy(),
+            via: entry.egress(),
         };
         match self.endpoint.refresh(&client, &current.refresh) {
             Ok(grant) => Ok(self.refreshed(entry, grant, current, lease)),

@@ -129,27 +129,16 @@ impl Upstream {
         self.max_event
     }
 
-    /// Sends `req` upstream, shaped by the account's processor. Errors here happened before
-    /// any byte of a response: the caller may answer or try another account.
+    /// Sends `req` upstream, shaped by the account's processor, the way `via` says (a probe
+    /// bounds the whole exchange up to the response head: it must not wait out the read
+    /// timeout meant for long generations). Errors here happened before any byte of a
+    /// response: the caller may answer or try another account.
     pub fn forward(
         &self,
         req: &Request,
         processor: &dyn Processor,
-        proxy: Option<&ureq::Proxy>,
+        via: Via<'_>,
     ) -> Result<http::Response<Body>, UpstreamError> {
-        self.forward_within(req, processor, proxy, None)
-    }
-
-    /// `forward`, with the whole exchange up to the response head bounded by `within` (a
-    /// probe must not wait out the read timeout meant for long generations).
-    pub fn forward_within(
-        &self,
-        req: &Request,
-        processor: &dyn Processor,
-        proxy: Option<&ureq::Proxy>,
-        within: Option<std::time::Duration>,
-    ) -> Result<http::Response<Body>, UpstreamError> {
-        let via = Via { proxy, within };
         // Names listed in `Connection:` are hop-by-hop too.
         let tokens = crate::http::list_values(&req.headers, "connection");
         let mut out = Outgoing {
@@ -210,12 +199,13 @@ impl Upstream {
 }
 
 /// How one request goes out: through the account's proxy, if it has one (ureq pools
-/// connections per proxy), and within a bound in all, if given (else under the agent's
-/// per-read timeouts only).
-#[derive(Clone, Copy)]
-struct Via<'a> {
-    proxy: Option<&'a ureq::Proxy>,
-    within: Option<std::time::Duration>,
+/// connections per proxy), trusting its CA, if it has one, and within a bound in all, if
+/// given (else under the agent's per-read timeouts only).
+#[derive(Clone, Copy, Default)]
+pub struct Via<'a> {
+    pub proxy: Option<&'a ureq::Proxy>,
+    pub tls: Option<&'a ureq::tls::TlsConfig>,
+    pub within: Option<std::time::Duration>,
 }
 
 fn run<S: ureq::AsSendBody>(
@@ -223,12 +213,15 @@ fn run<S: ureq::AsSendBody>(
     request: http::Request<S>,
     via: Via<'_>,
 ) -> Result<http::Response<Body>, ureq::Error> {
-    if via.proxy.is_none() && via.within.is_none() {
+    if via.proxy.is_none() && via.tls.is_none() && via.within.is_none() {
         return agent.run(request);
     }
     let mut config = agent.configure_request(request);
     if let Some(proxy) = via.proxy {
         config = config.proxy(Some(proxy.clone()));
+    }
+    if let Some(tls) = via.tls {
+        config = config.tls_config(tls.clone());
     }
     if let Some(limit) = via.within {
         config = config.timeout_global(Some(limit));

@@ -128,3 +128,112 @@ fn an_oauth_accounts_login_and_refreshes_leave_through_its_proxy() {
     );
     assert!(!rig.gw.stderr().contains("oauth-proxy-pass"));
 }
+
+/// An HTTPS upstream whose certificate (for 127.0.0.1) only the test CA vouches for, as a
+/// TLS-intercepting proxy's would be; answers every request with `served_by`. Returns its
+/// base URL and the CA's path.
+fn privately_signed_upstream() -> (String, String) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::Arc;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls/redis");
+    let cert = CertificateDer::from_pem_file(format!("{dir}/server.pem")).expect("cert");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server-key.pem")).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("server config"),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tls = Arc::clone(&tls);
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(tls) else {
+                    return;
+                };
+                let mut tls_stream = BufReader::new(rustls::StreamOwned::new(conn, stream));
+                loop {
+                    let (mut length, mut key) = (0usize, String::new());
+                    loop {
+                        let mut line = String::new();
+                        if tls_stream.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(v) = lower.strip_prefix("x-api-key:") {
+                            key = line[line.len() - v.len()..].trim().to_string();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if tls_stream.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = served_by(&key);
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    let out = tls_stream.get_mut();
+                    if out.write_all(head.as_bytes()).is_err()
+                        || out.write_all(answer.as_bytes()).is_err()
+                        || out.flush().is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("https://{addr}"), format!("{dir}/ca.pem"))
+}
+
+#[test]
+fn a_ca_file_lets_tls_through_a_proxy_that_intercepts_it() {
+    let (base_url, ca) = privately_signed_upstream();
+    // Globally: every account trusts the CA.
+    let (gw, _) = started(
+        &Config::new(base_url.as_str()).upstream("ca_file", &ca),
+        &[("trusting", KEY_A, &[])],
+    );
+    let resp = post(&gw);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), served_by(KEY_A));
+    // Per account: only the account that names the CA gets through.
+    let (gw, ids) = started(
+        &Config::new(base_url.as_str()),
+        &[
+            ("own-ca", KEY_A, &["--ca-file", ca.as_str()]),
+            ("public-roots", KEY_B, &["--priority", "1"]),
+        ],
+    );
+    let resp = post(&gw);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), served_by(KEY_A));
+    let out = gw.run_cli(&["health-check", "--account-id", &ids[1], "--json"]);
+    assert!(
+        printed(&out).contains("certificate"),
+        "the other account's TLS trusts the public roots only: {}",
+        printed(&out)
+    );
+    let bad = gw.run_cli(&[
+        "set-account",
+        "--account-id",
+        &ids[1],
+        "--ca-file",
+        "/nonexistent.pem",
+    ]);
+    assert_exit(&bad, 2, "a CA file that cannot be read");
+}

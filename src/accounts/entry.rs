@@ -188,9 +188,14 @@ impl Entry {
         &self.account.id
     }
 
-    /// The proxy everything done for the account goes through (`None`: direct).
-    pub fn proxy(&self) -> Option<&ureq::Proxy> {
-        self.account.proxy.as_ref().map(|e| &e.proxy)
+    /// How everything done for the account goes out: its proxy (`None`: direct) and the CA
+    /// its TLS trusts (`None`: the public roots).
+    pub fn egress(&self) -> crate::upstream::Via<'_> {
+        crate::upstream::Via {
+            proxy: self.account.proxy.as_ref().map(|e| &e.proxy),
+            tls: self.account.ca.as_ref().map(|t| &t.tls),
+            within: None,
+        }
     }
 
     pub fn is_oauth(&self) -> bool {

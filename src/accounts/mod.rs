@@ -568,6 +568,7 @@ mod tests {
             quota: Default::default(),
             max_concurrent: None,
             proxy: None,
+            ca: None,
             disabled_reason: None,
             created_at: None,
             enabled_at: None,

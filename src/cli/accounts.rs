@@ -48,6 +48,9 @@ pub struct AddApiKey {
     /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
     #[argh(option)]
     pub proxy: Option<String>,
+    /// a PEM CA bundle its TLS trusts instead of the public roots (a TLS-intercepting proxy's)
+    #[argh(option)]
+    pub ca_file: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -96,6 +99,9 @@ pub struct SetAccount {
     /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
     #[argh(option)]
     pub proxy: Option<String>,
+    /// a PEM CA bundle its TLS trusts instead of the public roots (a TLS-intercepting proxy's)
+    #[argh(option)]
+    pub ca_file: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -148,6 +154,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         cmd.max_concurrent,
     )?;
     let proxy = check_proxy(cmd.proxy.as_deref())?;
+    let ca_file = check_ca_file(cmd.ca_file.as_deref())?;
     let key = read_secret("API key", cmd.key.as_deref(), cmd.key_file.as_deref(), true)?;
     if !key.expose().starts_with("sk-ant-") {
         eprintln!("warning: the key does not start with sk-ant-; adding it anyway");
@@ -171,6 +178,7 @@ pub fn add_api_key(path: &Path, cmd: AddApiKey) -> Result<(), CliError> {
         if let Some(proxy) = &proxy {
             account.proxy = Some(m.seal(&id, "proxy", proxy)?);
         }
+        account.ca_file.clone_from(&ca_file);
         m.accounts.push(account);
         Ok::<_, ChangeError<CliError>>(id)
     })?;
@@ -200,6 +208,7 @@ pub fn list_accounts(path: &Path, as_json: bool) -> Result<(), CliError> {
                     "quota": steering(&config.balance.policy(a)),
                     "max_concurrent": a.max_concurrent,
                     "proxy": a.proxy.as_ref().map(|e| e.url.mask()),
+                    "ca_file": a.ca.as_ref().map(|t| t.path.display().to_string()),
                     "state": e.state(), "key": a.key_display(),
                     "disabled_reason": a.disabled_reason,
                     "expires_at": oauth.and_then(|o| o.tokens.as_ref()).map(|t| t.expires_at),
@@ -255,6 +264,7 @@ pub enum Change {
         weight: Option<u32>,
         steering: Steering,
         proxy: Option<crate::secret::Secret>,
+        ca_file: Option<String>,
     },
 }
 
@@ -346,6 +356,19 @@ pub fn check_proxy(proxy: Option<&str>) -> Result<Option<crate::secret::Secret>,
     Ok(Some(proxy))
 }
 
+/// A `--ca-file` as an absolute path to a readable PEM bundle with a certificate in it.
+pub fn check_ca_file(file: Option<&str>) -> Result<Option<String>, CliError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let path =
+        std::path::absolute(file).map_err(|e| CliError::usage(format!("--ca-file {file}: {e}")))?;
+    let text = path.display().to_string();
+    config::Trust::load(std::path::Path::new(""), &text)
+        .map_err(|e| CliError::usage(format!("--ca-file {e}")))?;
+    Ok(Some(text))
+}
+
 /// A weight of 0 would starve the account silently: refuse it.
 pub fn check_weight(weight: u32) -> Result<u32, CliError> {
     if weight == 0 {
@@ -363,14 +386,16 @@ pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
         cmd.max_concurrent,
     )?;
     let proxy = check_proxy(cmd.proxy.as_deref())?;
+    let ca_file = check_ca_file(cmd.ca_file.as_deref())?;
     if cmd.name.is_none()
         && cmd.priority.is_none()
         && cmd.weight.is_none()
         && steering.is_empty()
         && proxy.is_none()
+        && ca_file.is_none()
     {
         return Err(CliError::usage(
-            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop, --overage, --max-concurrent or --proxy",
+            "nothing to change: give --name, --priority, --weight, --quota-threshold, --quota-hysteresis, --quota-hard-stop, --overage, --max-concurrent, --proxy or --ca-file",
         ));
     }
     let change = Change::Set {
@@ -379,6 +404,7 @@ pub fn set_account(path: &Path, cmd: SetAccount) -> Result<(), CliError> {
         weight: cmd.weight.map(check_weight).transpose()?,
         steering,
         proxy,
+        ca_file,
     };
     change_account(path, &cmd.account_id, cmd.json, change)
 }
@@ -429,6 +455,7 @@ pub fn change_account(
                 weight,
                 steering,
                 proxy,
+                ca_file,
             } => {
                 if let Some(name) = name {
                     unique_account_name(m, name, Some(index))?;
@@ -445,6 +472,9 @@ pub fn change_account(
                 a.priority = priority.unwrap_or(a.priority);
                 a.weight = weight.unwrap_or(a.weight);
                 steering.apply(a);
+                if ca_file.is_some() {
+                    a.ca_file.clone_from(ca_file);
+                }
                 if let Some(proxy) = proxy {
                     let id = a.id.clone().unwrap_or_default();
                     let sealed = m.seal(&id, "proxy", proxy)?;

@@ -54,6 +54,9 @@ pub struct AddOAuth {
     /// its egress: http://user:pass@host:port, https://…, socks5h://… or direct (stored sealed)
     #[argh(option)]
     pub proxy: Option<String>,
+    /// a PEM CA bundle its TLS trusts instead of the public roots (a TLS-intercepting proxy's)
+    #[argh(option)]
+    pub ca_file: Option<String>,
     /// print JSON
     #[argh(switch)]
     pub json: bool,
@@ -135,6 +138,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         cmd.max_concurrent,
     )?;
     let proxy = super::accounts::check_proxy(cmd.proxy.as_deref())?;
+    let ca_file = super::accounts::check_ca_file(cmd.ca_file.as_deref())?;
     let client_id = cmd.client_id.trim().to_string();
     if client_id.is_empty() || !client_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(CliError::usage(
@@ -163,6 +167,7 @@ pub fn add_oauth(path: &Path, cmd: AddOAuth) -> Result<(), CliError> {
         if let Some(proxy) = &proxy {
             account.proxy = Some(m.seal(&id, "proxy", proxy)?);
         }
+        account.ca_file.clone_from(&ca_file);
         if let Some(s) = &secret {
             account.client_secret = Some(m.seal(&id, "client_secret", s)?);
         }
@@ -240,13 +245,15 @@ pub fn oauth_callback(path: &Path, cmd: OAuthCallback) -> Result<(), CliError> {
             "state mismatch: this code belongs to a different login attempt than the one pending for account {id}; {start_again} and use the newest URL"
         )));
     }
-    let proxy = (config.accounts.iter())
-        .find(|a| a.id == id)
-        .and_then(|a| a.proxy.as_ref());
+    let account = config.accounts.iter().find(|a| a.id == id);
     let client = Client {
         id: &oauth.client_id,
         secret: oauth.client_secret.as_ref(),
-        proxy: proxy.map(|e| &e.proxy),
+        via: crate::upstream::Via {
+            proxy: account.and_then(|a| a.proxy.as_ref()).map(|e| &e.proxy),
+            tls: account.and_then(|a| a.ca.as_ref()).map(|t| &t.tls),
+            within: None,
+        },
     };
     let grant = TokenEndpoint::new(&config.oauth)
         .exchange(&client, &code, &pending.verifier, &pending.state)

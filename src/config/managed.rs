@@ -24,14 +24,21 @@ pub(super) fn secret_key(
     Ok(Some(key))
 }
 
+/// What an account that sets none takes from `upstream`, and where its files are found.
+pub(super) struct Defaults<'a> {
+    pub(super) egress: Option<&'a Egress>,
+    pub(super) ca: Option<&'a Trust>,
+    pub(super) dir: &'a std::path::Path,
+}
+
 pub(super) fn accounts(
     raw: Vec<RawAccount>,
     key: Option<&SecretKey>,
-    egress: Option<&Egress>,
+    defaults: &Defaults<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Account>, AccountError> {
     let accounts = (raw.into_iter())
-        .map(|a| validate_account(a, key, egress, warnings))
+        .map(|a| validate_account(a, key, defaults, warnings))
         .collect::<Result<Vec<_>, _>>()?;
     let mut ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
     ids.sort_unstable();
@@ -127,7 +134,7 @@ fn is_env_name(name: &str) -> bool {
 fn validate_account(
     mut a: RawAccount,
     key: Option<&SecretKey>,
-    egress: Option<&Egress>,
+    defaults: &Defaults<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Account, AccountError> {
     if a.name.trim().is_empty() {
@@ -137,10 +144,17 @@ fn validate_account(
     let mut open =
         |field: &str, value: &Option<String>| open_field(&id, field, value.as_ref(), key, warnings);
     let proxy = match open("proxy", &a.proxy)? {
-        None => egress.cloned(),
+        None => defaults.egress.cloned(),
         Some(url) => {
             Egress::parse(&url).map_err(|e| AccountError::Invalid(format!("account {id}: {e}")))?
         }
+    };
+    let ca = match &a.ca_file {
+        None => defaults.ca.cloned(),
+        Some(file) => Some(
+            Trust::load(defaults.dir, file)
+                .map_err(|e| AccountError::Invalid(format!("account {id}: ca_file {e}")))?,
+        ),
     };
     let credential = match a.kind {
         AccountKind::ApiKey => match (open("api_key", &a.api_key)?, &a.api_key_env) {
@@ -235,6 +249,7 @@ fn validate_account(
         quota,
         max_concurrent,
         proxy,
+        ca,
         disabled_reason: a.disabled_reason,
         created_at: a.created_at,
         enabled_at: a.enabled_at,

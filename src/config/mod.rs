@@ -11,7 +11,7 @@ mod raw;
 mod validate;
 
 pub use crate::quota::QuotaSettings;
-pub use egress::Egress;
+pub use egress::{Egress, Trust};
 pub use raw::*;
 pub use validate::validate;
 
@@ -100,8 +100,9 @@ pub struct UpstreamSettings {
     /// The largest SSE event relayed: a stream whose event grows past it gets an error event
     /// and is closed, so an upstream that never ends an event cannot fill our memory.
     pub max_event_bytes: usize,
-    /// The egress of accounts that set none.
+    /// The egress of accounts that set none, and the CA their TLS trusts.
     pub proxy: Option<Egress>,
+    pub ca: Option<Trust>,
 }
 
 /// The OAuth protocol constants; defaults are Anthropic's (see shared/spec), all overridable
@@ -251,6 +252,9 @@ pub struct Account {
     pub max_concurrent: Option<u32>,
     /// Its egress (its own, else `upstream.proxy`); `None`: direct.
     pub proxy: Option<Egress>,
+    /// The CA its TLS trusts (its own `ca_file`, else `upstream.ca_file`); `None`: the
+    /// public roots.
+    pub ca: Option<Trust>,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
     /// When `enable-account` last ran (Unix ms); a change clears the account's rests.

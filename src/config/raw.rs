@@ -56,6 +56,8 @@ pub struct RawUpstream {
     pub max_event_bytes: Option<u64>,
     /// Every account's egress unless it sets its own (`http://user:pass@host:port`, …).
     pub proxy: Option<String>,
+    /// A PEM CA bundle TLS trusts instead of the public roots, relative to the config.
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +213,10 @@ pub struct RawAccount {
     /// a password): `http://`, `https://`, `socks5h://` or `direct`; unset, `upstream.proxy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+    /// A PEM CA bundle its TLS trusts (a TLS-intercepting proxy's), relative to the config;
+    /// unset, `upstream.ca_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// Why the gateway disabled the account (a ban it recognised), for people to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -274,6 +280,7 @@ impl RawAccount {
             overage: None,
             max_concurrent: None,
             proxy: None,
+            ca_file: None,
             disabled_reason: None,
             created_at: Some(crate::time::rfc3339(crate::time::now_unix())),
             enabled_at: None,

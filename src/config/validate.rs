@@ -105,7 +105,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut warnings = Vec::new();
     let server = server(&raw.server).map_err(invalid)?;
-    let upstream = upstream(&raw.upstream).map_err(invalid)?;
+    let upstream = upstream(&raw.upstream, dir).map_err(invalid)?;
     let oauth = oauth(&raw.oauth).map_err(invalid)?;
     let balance = balance(&raw.balance).map_err(invalid)?;
     let sticky = sticky(&raw.sticky);
@@ -130,7 +130,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let accounts = accounts(
         raw.accounts.unwrap_or_default(),
         key.as_ref(),
-        upstream.proxy.as_ref(),
+        &super::managed::Defaults {
+            egress: upstream.proxy.as_ref(),
+            ca: upstream.ca.as_ref(),
+            dir,
+        },
         &mut warnings,
     )
     .map_err(|e| match e {
@@ -248,7 +252,7 @@ fn server(s: &RawServer) -> Result<ServerSettings, String> {
     Ok(server)
 }
 
-fn upstream(u: &RawUpstream) -> Result<UpstreamSettings, String> {
+fn upstream(u: &RawUpstream, dir: &Path) -> Result<UpstreamSettings, String> {
     let base_url = u
         .base_url
         .as_deref()
@@ -287,6 +291,12 @@ fn upstream(u: &RawUpstream) -> Result<UpstreamSettings, String> {
         write_timeout: dur(u.write_timeout, default::WRITE_TIMEOUT),
         max_event_bytes: max_event_bytes as usize,
         proxy,
+        ca: match &u.ca_file {
+            None => None,
+            Some(file) => {
+                Some(Trust::load(dir, file).map_err(|e| format!("upstream.ca_file {e}"))?)
+            }
+        },
     })
 }
 

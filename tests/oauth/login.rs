@@ -226,6 +226,7 @@ fn callback_accepts_code_and_state_a_bare_code_and_the_callback_url() {
                 "quota",
                 "max_concurrent",
                 "proxy",
+                "ca_file",
                 "state",
                 "key",
                 "disabled_reason",
