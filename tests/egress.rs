@@ -133,21 +133,12 @@ fn an_oauth_accounts_login_and_refreshes_leave_through_its_proxy() {
 /// TLS-intercepting proxy's would be; answers every request with `served_by`. Returns its
 /// base URL and the CA's path.
 fn privately_signed_upstream() -> (String, String) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::Arc;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls/redis");
-    let cert = CertificateDer::from_pem_file(format!("{dir}/server.pem")).expect("cert");
-    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server-key.pem")).expect("key");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("server config"),
+    let tls = crate::support::tls_server(
+        &format!("{dir}/server.pem"),
+        &format!("{dir}/server-key.pem"),
     );
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");

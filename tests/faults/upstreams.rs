@@ -407,22 +407,10 @@ fn an_untrusted_tls_certificate_is_a_precise_502_without_a_retry_storm() {
     // An upstream whose certificate no root vouches for gets a 502 saying the certificate is
     // not trusted, after one handshake per request (every account shares the address, so
     // failing over could only repeat it), and no account is blamed.
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls");
-    let cert = CertificateDer::from_pem_file(format!("{dir}/cert.pem")).expect("test cert");
-    let key = PrivateKeyDer::from_pem_file(format!("{dir}/key.pem")).expect("test key");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("server config"),
-    );
+    let tls = crate::support::tls_server(&format!("{dir}/cert.pem"), &format!("{dir}/key.pem"));
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind TLS upstream");
     let addr = listener.local_addr().expect("addr");
     let handshakes = Arc::new(AtomicUsize::new(0));

@@ -81,6 +81,23 @@ pub fn now_unix() -> u64 {
         .as_secs()
 }
 
+/// A rustls server configuration with the PEM certificate and key at these paths.
+pub fn tls_server(cert: &str, key: &str) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = CertificateDer::from_pem_file(cert).expect("test certificate");
+    let key = PrivateKeyDer::from_pem_file(key).expect("test key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("server config"),
+    )
+}
+
 /// Waits until `done` holds, checking every 50 ms, and fails the test after `limit`.
 ///
 /// Only for things the server does on its own timer (the token refresher, the config
