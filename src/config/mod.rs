@@ -252,8 +252,7 @@ pub struct Account {
     pub max_concurrent: Option<u32>,
     /// Its egress (its own, else `upstream.proxy`); `None`: direct.
     pub proxy: Option<Egress>,
-    /// The CA its TLS trusts (its own `ca_file`, else `upstream.ca_file`); `None`: the
-    /// public roots.
+    /// Its TLS's CA (its own `ca_file`, else `upstream.ca_file`); `None`: public roots.
     pub ca: Option<Trust>,
     pub disabled_reason: Option<String>,
     pub created_at: Option<String>,
