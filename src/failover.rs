@@ -80,7 +80,11 @@ pub fn run(
                     .wait(&entry, &mut queued, crate::watch::client_left)?;
                 continue;
             }
-            (Ok(pick), _) => pick,
+            (Ok(pick), _) => {
+                // Served: its place in a queue goes at once, not when the answer comes.
+                queued = None;
+                pick
+            }
             (Err(resting @ Unavailable::Resting { .. }), _) => return Err(resting.into()),
             (Err(_), Some(Ok(answer))) => return Ok((answer, None)),
             (Err(_), Some(Err(error))) => return Err(error),
