@@ -16,7 +16,7 @@ use crate::gateway::{Gateway, Settings};
 use crate::http::Request;
 use crate::probe::{self, Verdict};
 use crate::processor::{ApiKey, OAuth};
-use crate::quota::{Family, Overage, Reading};
+use crate::quota::{self, Family, Overage, Reading};
 use crate::refresh::Need;
 use crate::scrub::Scrub;
 use crate::secret::Secret;
@@ -61,6 +61,8 @@ pub fn run(
         let request = changed.as_ref().unwrap_or(req);
         let out_of_budget = tried.len() as u32 >= settings.max_attempts
             || (!tried.is_empty() && started.elapsed() >= settings.failover_timeout);
+        // Read before the pick: a slot freed after it wakes the wait below.
+        let seen = gw.accounts.ended();
         let picked = match again.take() {
             Some(pick) => Ok(pick),
             None if out_of_budget => Err(Unavailable::None("attempts exhausted".into())),
@@ -77,7 +79,7 @@ pub fn run(
             (Err(Unavailable::Full(entry)), fallback_) => {
                 fallback = fallback_;
                 gw.accounts
-                    .wait(&entry, &mut queued, crate::watch::client_left)?;
+                    .wait(&entry, &mut queued, seen, crate::watch::client_left)?;
                 continue;
             }
             (Ok(pick), _) => {
@@ -555,6 +557,7 @@ fn unified_reset(answer: &Answer) -> Option<u64> {
         .then(|| answer.header("anthropic-ratelimit-unified-reset"))
         .flatten()
         .and_then(|v| v.trim().parse().ok())
+        .map(|reset| quota::reset_at(reset, crate::time::now_unix()))
 }
 
 fn oauth_processor<'a>(live: &'a Settings, token: &'a Secret) -> OAuth<'a> {

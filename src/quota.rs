@@ -93,6 +93,15 @@ fn unix(text: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// No window Anthropic reports lasts longer than a week; a reset further than this is a lie
+/// and is held to it, so that no clock arithmetic downstream can overflow.
+pub const MAX_RESET_AHEAD: u64 = 31 * 86_400;
+
+/// A reset in Unix seconds, held to [`MAX_RESET_AHEAD`] past `now`.
+pub fn reset_at(unix_secs: u64, now: u64) -> u64 {
+    unix_secs.min(now.saturating_add(MAX_RESET_AHEAD))
+}
+
 /// The model family a model-scoped window (`7d_oi`) and a model-scoped rest belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +140,7 @@ impl Reading {
     /// Reads the headers of one answer (`header(name)` gives a header's value); `None` when it
     /// carried no rate-limit header at all.
     pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a str>, now: u64) -> Option<Reading> {
+        let held = |reset| reset_at(reset, now);
         // Static names: this runs on every answer, so no name is built at run time.
         macro_rules! unified {
             ($suffix:literal) => {
@@ -149,7 +159,8 @@ impl Reading {
                     ))
                     .and_then(fraction),
                     reset: header(concat!("anthropic-ratelimit-unified-", $name, "-reset"))
-                        .and_then(unix),
+                        .and_then(unix)
+                        .map(held),
                 };
                 (w.status.is_some() || w.utilization.is_some() || w.reset.is_some()).then_some(w)
             }};
@@ -161,7 +172,8 @@ impl Reading {
                     remaining: header(concat!("anthropic-ratelimit-", $name, "-remaining"))
                         .and_then(unix),
                     reset: header(concat!("anthropic-ratelimit-", $name, "-reset"))
-                        .and_then(crate::time::parse_rfc3339),
+                        .and_then(crate::time::parse_rfc3339)
+                        .map(held),
                 };
                 (l.limit.is_some() || l.remaining.is_some() || l.reset.is_some()).then_some(l)
             }};
@@ -169,7 +181,7 @@ impl Reading {
         let reading = Reading {
             seen_at: now,
             status: unified!("status").and_then(Status::parse),
-            reset: unified!("reset").and_then(unix),
+            reset: unified!("reset").and_then(unix).map(held),
             five_hour: window!("5h"),
             seven_day: window!("7d"),
             seven_day_oi: window!("7d_oi"),
@@ -567,10 +579,14 @@ mod tests {
                 ),
                 ("anthropic-ratelimit-requests-limit", "4000"),
                 ("anthropic-ratelimit-requests-remaining", "3999"),
-                ("anthropic-ratelimit-requests-reset", "2026-12-02T18:00:00Z"),
+                ("anthropic-ratelimit-requests-reset", "2026-07-14T18:00:00Z"),
                 ("anthropic-ratelimit-tokens-remaining", "78000"),
+                (
+                    "anthropic-ratelimit-input-tokens-reset",
+                    "9999-12-31T00:00:00Z",
+                ),
             ],
-            1_000,
+            1_784_000_000,
         )
         .expect("a reading");
         assert_eq!(r.status, Some(Status::AllowedWarning));
@@ -597,10 +613,14 @@ mod tests {
         );
         assert_eq!(
             requests.reset,
-            crate::time::parse_rfc3339("2026-12-02T18:00:00Z")
+            crate::time::parse_rfc3339("2026-07-14T18:00:00Z")
+        );
+        assert_eq!(
+            r.input_tokens.and_then(|l| l.reset),
+            Some(1_784_000_000 + MAX_RESET_AHEAD),
+            "a reset past any window is held to a month"
         );
         assert_eq!(r.tokens.and_then(|t| t.remaining), Some(78_000));
-        assert!(r.input_tokens.is_none());
     }
 
     #[test]

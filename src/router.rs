@@ -287,7 +287,7 @@ enum Served {
     /// An upstream answer, with the account it came from (held in flight while relayed;
     /// none for the buffered answer of an account that already failed over), and the shape
     /// the client wants it in.
-    Upstream(Answer, Option<Pick>, Shape, Permit),
+    Upstream(Answer, Option<Box<Pick>>, Shape, Permit),
 }
 
 /// What the head alone decided.
@@ -419,7 +419,7 @@ fn serve(
         names.tried = attempts.tried;
     }
     let (answer, pick) = answered?;
-    Ok(Served::Upstream(answer, pick, shape, permit))
+    Ok(Served::Upstream(answer, pick.map(Box::new), shape, permit))
 }
 
 /// Decides what goes upstream and what shape the answer takes. A body that clearly belongs

@@ -735,3 +735,89 @@ fn measure_a_five_hour_window() {
         );
     }
 }
+
+#[test]
+fn resets_past_the_end_of_time_are_held_to_a_month_and_never_crash_a_worker() {
+    // Each answer from A names a reset no clock can reach, on each path that reads one: a
+    // 429's unified reset, an overage answer's window, a model-scoped rejection, a classic
+    // limit's RFC 3339 reset.
+    let huge = u64::MAX.to_string();
+    type Headers = Vec<(&'static str, String)>;
+    let answers: Vec<(u16, Headers)> = vec![
+        (
+            429,
+            vec![
+                ("anthropic-ratelimit-unified-status", "rejected".into()),
+                ("anthropic-ratelimit-unified-reset", huge.clone()),
+            ],
+        ),
+        (
+            200,
+            vec![
+                ("anthropic-ratelimit-unified-status", "allowed".into()),
+                (
+                    "anthropic-ratelimit-unified-representative-claim",
+                    "five_hour_overage_included".into(),
+                ),
+                ("anthropic-ratelimit-unified-5h-status", "allowed".into()),
+                ("anthropic-ratelimit-unified-5h-reset", huge.clone()),
+            ],
+        ),
+        (
+            429,
+            vec![
+                ("anthropic-ratelimit-unified-status", "rejected".into()),
+                ("anthropic-ratelimit-unified-5h-status", "allowed".into()),
+                (
+                    "anthropic-ratelimit-unified-7d_oi-status",
+                    "rejected".into(),
+                ),
+                ("anthropic-ratelimit-unified-7d_oi-reset", huge.clone()),
+            ],
+        ),
+        (
+            200,
+            vec![
+                ("anthropic-ratelimit-requests-limit", "1000".into()),
+                ("anthropic-ratelimit-requests-remaining", "0".into()),
+                (
+                    "anthropic-ratelimit-requests-reset",
+                    "9999-12-31T23:59:59Z".into(),
+                ),
+            ],
+        ),
+    ];
+    for (status, headers) in answers {
+        let up = FakeUpstream::start(move |req| {
+            let key = req.api_key();
+            if key != KEY_A {
+                return Reply::json(200, &served_by(key));
+            }
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            Reply::json_with(status, &headers, &error_body("rate_limit_error", "x", key))
+        });
+        let config = Config::new(up.base_url()).admin_listen("127.0.0.1:0");
+        let (gw, ids) = started_ab(&config);
+        for _ in 0..4 {
+            let resp = post_body(&gw, &asking("claude-opus-4-6"));
+            assert!(
+                resp.status == 200 || resp.status == 429,
+                "an answer, not a dropped connection: {} {}",
+                resp.status,
+                resp.text()
+            );
+        }
+        let status = admin_status(&gw);
+        let a = account(&status, &ids[0]);
+        if let Some(until) = a["cooldown_until"].as_str() {
+            let until = crate::support::accounts::unix_from_rfc3339(until);
+            let month = (now_unix() + 32 * 86_400) as f64;
+            assert!(until <= month, "rests a month at most: {a}");
+        }
+        assert_eq!(
+            server(&post_body(&gw, &asking("claude-sonnet-4-5"))).len(),
+            4
+        );
+    }
+}

@@ -659,17 +659,20 @@ fn add_oauth_never_logged_in(gw: &Gateway, name: &str) -> String {
 
 #[test]
 fn each_answers_quota_reading_shows_in_status_and_metrics() {
-    let up = FakeUpstream::start(|_| {
+    let reset = (crate::support::now_unix() + 3 * 86_400).to_string();
+    let reset_header = reset.clone();
+    let up = FakeUpstream::start(move |_| {
+        let reset = reset_header.as_str();
         Reply::json_with(
             200,
             &[
                 ("anthropic-ratelimit-unified-status", "allowed_warning"),
                 ("anthropic-ratelimit-unified-5h-status", "allowed"),
                 ("anthropic-ratelimit-unified-5h-utilization", "0.42"),
-                ("anthropic-ratelimit-unified-5h-reset", "4102444800"),
+                ("anthropic-ratelimit-unified-5h-reset", reset),
                 ("anthropic-ratelimit-unified-7d-status", "allowed_warning"),
                 ("anthropic-ratelimit-unified-7d-utilization", "0.93"),
-                ("anthropic-ratelimit-unified-7d-reset", "4102444800"),
+                ("anthropic-ratelimit-unified-7d-reset", reset),
                 (
                     "anthropic-ratelimit-unified-representative-claim",
                     "seven_day",
@@ -691,7 +694,8 @@ fn each_answers_quota_reading_shows_in_status_and_metrics() {
     assert_eq!(quota["status"], "allowed_warning", "{account}");
     assert_eq!(quota["five_hour"]["utilization"], 0.42, "{account}");
     assert_eq!(quota["seven_day"]["utilization"], 0.93, "{account}");
-    assert_eq!(quota["seven_day"]["reset"], 4_102_444_800u64, "{account}");
+    let reset: u64 = reset.parse().expect("reset");
+    assert_eq!(quota["seven_day"]["reset"], reset, "{account}");
     assert_eq!(quota["representative_claim"], "seven_day", "{account}");
     // The model-scoped window belongs to the family of the model asked for.
     assert_eq!(

@@ -75,6 +75,7 @@ impl Health {
     /// the same moment.
     pub fn record(&mut self, signal: Signal, now: Now, jitter: Duration, s: &BalanceSettings) {
         let cool = |this: &mut Health, d: Duration, reason: String| {
+            let d = d.min(Duration::from_secs(crate::quota::MAX_RESET_AHEAD));
             this.cooldown = Some(Cooldown {
                 until: now.instant + d,
                 until_unix_ms: now.unix_ms + d.as_millis() as u64,
@@ -87,8 +88,9 @@ impl Health {
                 retry_after,
                 unified_reset,
             } => {
-                let until_reset = unified_reset
-                    .map(|reset| Duration::from_millis((reset * 1000).saturating_sub(now.unix_ms)));
+                let until_reset = unified_reset.map(|reset| {
+                    Duration::from_millis(reset.saturating_mul(1000).saturating_sub(now.unix_ms))
+                });
                 let (wait, reason) = match (retry_after, until_reset) {
                     (Some(d), _) => (
                         d,
@@ -127,7 +129,9 @@ impl Health {
             }
             Signal::PlanLimit { until, why } => {
                 let wait = until
-                    .map(|u| Duration::from_millis((u * 1000).saturating_sub(now.unix_ms)))
+                    .map(|u| {
+                        Duration::from_millis(u.saturating_mul(1000).saturating_sub(now.unix_ms))
+                    })
                     .filter(|d| !d.is_zero())
                     .unwrap_or(s.plan_limit_cooldown);
                 cool(self, wait + jitter, why);

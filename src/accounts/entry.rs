@@ -22,6 +22,10 @@ impl<'a> Found<'a> {
 }
 
 /// One account and what the gateway has learned about it since loading it.
+/// Other instances hold every slot of an account.
+#[derive(Debug)]
+pub(super) struct AllLeased;
+
 #[derive(Debug)]
 pub struct Entry {
     pub account: Account,
@@ -142,18 +146,19 @@ impl Entry {
 
     /// With shared state and a `max_concurrent`, takes one of its slots across instances
     /// (a lease that frees itself if this instance dies); `false` when other instances hold
-    /// them all. Without Redis (or while it is away) the local count alone decides.
-    pub(super) fn lease_slot(&self) -> bool {
+    /// them all. Without Redis (or while it is away) the local count alone decides, and no
+    /// lease is held.
+    pub(super) fn lease_slot(&self) -> Result<Option<String>, AllLeased> {
         let (Some(max), Some(shared)) = (self.account.max_concurrent, &self.common.shared) else {
-            return true;
+            return Ok(None);
         };
         match shared.acquire(&self.lease_key(), max) {
             Ok(Some(lease)) => {
-                self.lock_leases().push(lease);
-                true
+                self.lock_leases().push(lease.clone());
+                Ok(Some(lease))
             }
-            Ok(None) => false,
-            Err(_) => true,
+            Ok(None) => Err(AllLeased),
+            Err(_) => Ok(None),
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{Account, BalanceSettings, Credential, StickySettings, Tokens};
-use crate::quota::Family;
+use crate::quota::{self, Family};
 use crate::shared::{Down, Shared, Stored};
 use balance::Load;
 use cooldown::{Cooldown, Now, Signal};
@@ -77,14 +77,16 @@ struct Candidate<'a> {
 /// A chosen account, counted as in flight until dropped.
 pub struct Pick {
     pub entry: Arc<Entry>,
+    /// Its slot's lease in Redis, when it took one; released with it, and no other.
+    lease: Option<String>,
 }
 
 impl Drop for Pick {
     fn drop(&mut self) {
         self.entry.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.entry.account.max_concurrent.is_some() {
-            let lease = self.entry.lock_leases().pop();
-            if let (Some(lease), Some(shared)) = (lease, &self.entry.common.shared) {
+            if let (Some(lease), Some(shared)) = (self.lease.take(), &self.entry.common.shared) {
+                self.entry.lock_leases().retain(|held| *held != lease);
                 shared.release(&self.entry.lease_key(), &lease);
             }
             self.entry.common.freed.tell();
@@ -226,7 +228,9 @@ impl Accounts {
                 soonest = Some(at);
             }
         };
-        let at_unix = |until: u64| now + Duration::from_secs(until.saturating_sub(now_unix));
+        let at_unix = |until: u64| {
+            now + Duration::from_secs(quota::reset_at(until, now_unix).saturating_sub(now_unix))
+        };
         // From here to the slot taken, one pick at a time: no account passes max_concurrent.
         let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let mut full: Vec<&Arc<Entry>> = Vec::new();
@@ -373,10 +377,10 @@ impl Accounts {
         });
         let chosen = &candidates[index];
         let entry = Arc::clone(chosen.entry);
-        if !entry.lease_slot() {
+        let Ok(lease) = entry.lease_slot() else {
             elsewhere.push(entry.id().to_string());
             return None;
-        }
+        };
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
         entry.requests.fetch_add(1, Ordering::Relaxed);
         // New conversations are not pinned to an account over its threshold.
@@ -394,7 +398,7 @@ impl Accounts {
                 let _ = shared.pin(key.hash, entry.id(), view.pin.as_deref(), ttl);
             }
         }
-        Some(Ok(Pick { entry }))
+        Some(Ok(Pick { entry, lease }))
     }
 
     /// The account a conversation was pinned to before its pin last moved (the one whose
@@ -932,5 +936,32 @@ mod tests {
         assert!(entry.start_probe().is_none());
         drop(probe);
         assert!(entry.start_probe().is_some());
+    }
+
+    #[test]
+    fn a_request_that_must_wait_elsewhere_moves_its_place_and_keeps_its_deadline() {
+        let accounts = pool(
+            vec![account("a", true), account("b", true)],
+            Strategy::LeastBusy,
+        );
+        let all = accounts.snapshot();
+        let (a, b) = (&all[0], &all[1]);
+        let mut queued = None;
+        // A pick ended since `seen`: each wait returns at once, with the place taken.
+        let seen = accounts.ended().wrapping_sub(1);
+        assert_eq!(accounts.wait(a, &mut queued, seen, || false), Ok(()));
+        let until = queued.as_ref().map(|q: &Queued| q.until).expect("queued");
+        assert_eq!((a.queued(), b.queued()), (1, 0));
+        assert_eq!(accounts.wait(b, &mut queued, seen, || false), Ok(()));
+        assert_eq!(
+            (a.queued(), b.queued()),
+            (0, 1),
+            "no stale place left in a's queue"
+        );
+        assert_eq!(
+            queued.as_ref().map(|q| q.until),
+            Some(until),
+            "the deadline stays"
+        );
     }
 }

@@ -52,7 +52,7 @@ impl Drop for Ticket {
 /// A request's place in a queue, and until when it may wait.
 pub struct Queued {
     ticket: Ticket,
-    until: Instant,
+    pub(super) until: Instant,
 }
 
 impl Queued {
@@ -153,23 +153,28 @@ impl Accounts {
         let _ = (self.common.freed.wake).wait_timeout_while(ended, slice, |n| *n == seen);
     }
 
-    /// Waits in `entry`'s queue (joined on the first call) until a slot may be free: one freed
-    /// here, or (with Redis, where other instances tell no one) a quarter second passed. The
-    /// whole wait is bounded by `balance.queue_timeout`; `client_left` is asked each slice.
+    /// Waits in `entry`'s queue (joined on the first call, and again when the queue to wait in
+    /// changed) until a slot may be free: a pick ended after `seen` (read before the pick that
+    /// found every slot taken, so a slot freed in between is not missed), or (with Redis, where
+    /// other instances tell no one) a quarter second passed. The whole wait is bounded by
+    /// `balance.queue_timeout`, from the first call; `client_left` is asked each slice.
     pub fn wait(
         &self,
         entry: &Arc<Entry>,
         queued: &mut Option<Queued>,
+        seen: u64,
         client_left: impl Fn() -> bool,
     ) -> Result<(), QueueEnd> {
-        let seen = self.ended();
         let name = || format!("{} ({})", entry.id(), entry.account.name);
+        let moved = queued.take_if(|q| !Arc::ptr_eq(&q.ticket.entry, entry));
         if queued.is_none() {
+            // A place in another account's queue goes before this one is taken.
+            let until = moved.map(|q| q.until);
             let ticket = self
                 .join_queue(entry)
                 .ok_or_else(|| QueueEnd::Full(name()))?;
             debug!("account {}: request queued ({})", entry.id(), ticket.number);
-            let until = Instant::now() + self.settings().queue_timeout;
+            let until = until.unwrap_or_else(|| Instant::now() + self.settings().queue_timeout);
             *queued = Some(Queued { ticket, until });
         }
         let until = queued.as_ref().map_or_else(Instant::now, |q| q.until);
