@@ -169,6 +169,8 @@ pub struct AccessLine<'a> {
     pub started: Instant,
     pub status: u16,
     pub error: Option<&'a str>,
+    /// What the request cost, as the ledger recorded it.
+    pub cost: crate::pricing::Cost,
 }
 
 impl AccessLine<'_> {
@@ -191,6 +193,8 @@ impl AccessLine<'_> {
             latency_ms: f64,
             ttfb_ms: Option<f64>,
             tokens: Tokens,
+            /// USD, exact to the nano-dollar; `unpriced` when no price row matched.
+            cost_usd: String,
             attempts: u32,
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             failover: &'a [Tried],
@@ -201,6 +205,7 @@ impl AccessLine<'_> {
             input: u64,
             output: u64,
             cache_creation: u64,
+            cache_1h: u64,
             cache_read: u64,
         }
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
@@ -226,7 +231,12 @@ impl AccessLine<'_> {
                 input: meter.usage.input,
                 output: meter.usage.output,
                 cache_creation: meter.usage.cache_creation,
+                cache_1h: meter.usage.cache_1h,
                 cache_read: meter.usage.cache_read,
+            },
+            cost_usd: match self.cost.nano() {
+                Some(nano) => crate::pricing::usd(nano, 9),
+                None => "unpriced".into(),
             },
             attempts: names.attempts,
             failover: &names.tried,

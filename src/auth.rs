@@ -127,13 +127,28 @@ impl ClientKeys {
                 crate::time::rfc3339(at)
             )));
         }
+        Ok(Client::of(key))
+    }
+
+    /// The key whose id or name is `wanted` (revoked and disabled ones too: their usage
+    /// stays readable), for an admin asking about it.
+    pub fn named(&self, wanted: &str) -> Option<Client> {
+        let keys = self.snapshot();
+        let key = (keys.iter().find(|k| k.id == wanted))
+            .or_else(|| keys.iter().find(|k| k.name == wanted))?;
+        Some(Client::of(key))
+    }
+}
+
+impl Client {
+    fn of(key: &ClientKey) -> Client {
         let limited = key.limits != KeyLimits::default();
-        Ok(Client {
+        Client {
             id: key.id.clone(),
             name: key.name.clone(),
             admin: key.admin,
             limits: limited.then(|| Arc::new(key.limits.clone())),
-        })
+        }
     }
 }
 

@@ -30,7 +30,10 @@ pub enum ApiError {
     RateLimited { message: String, retry_after: u64 },
     /// A gateway key's token budget is spent until it resets (`retry_after`): no retry within
     /// seconds can help, so the answer says not to retry. 429.
-    BudgetSpent { message: String, retry_after: u64 },
+    BudgetSpent {
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// The upstream could not be reached or broke before answering. 502.
     UpstreamUnreachable(String),
     /// The upstream did not answer within the configured timeout. 504.
@@ -124,6 +127,9 @@ impl From<crate::limits::Refusal> for ApiError {
                 "this gateway key may not use model {model:?}; allowed: {}",
                 allowed.join(", ")
             )),
+            R::Unpriced { model } => ApiError::Forbidden(format!(
+                "this gateway key has a USD budget, and model {model:?} has no price in the gateway's table: its cost could not be counted (an admin can add a pricing: row)"
+            )),
         }
     }
 }
@@ -165,8 +171,8 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::AllCoolingDown { retry_after }
-            | ApiError::RateLimited { retry_after, .. }
-            | ApiError::BudgetSpent { retry_after, .. } => Some(*retry_after),
+            | ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::BudgetSpent { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -181,20 +187,24 @@ impl ApiError {
         )
     }
 
-    /// OpenAI's `{"error":{"message","type","param","code"}}`.
+    /// OpenAI's `{"error":{"message","type","param","code"}}`; a spent budget is OpenAI's own
+    /// `insufficient_quota`.
     pub fn openai_body(&self) -> Vec<u8> {
         let param = match self {
             ApiError::Invalid { param, .. } => param.as_deref(),
             _ => None,
         };
-        crate::openai::response::error_body(
+        let mut body = crate::openai::response::error_body(
             self.status(),
             self.error_type(),
             &self.to_string(),
             param,
-        )
-        .to_string()
-        .into_bytes()
+        );
+        if let ApiError::BudgetSpent { .. } = self {
+            body["error"]["type"] = "insufficient_quota".into();
+            body["error"]["code"] = "insufficient_quota".into();
+        }
+        body.to_string().into_bytes()
     }
 
     /// `{"type":"error","error":{"type":…,"message":…}}`.

@@ -18,27 +18,54 @@ use crate::ledger::Ledger;
 use crate::limits::Limiter;
 use crate::listener::Workers;
 use crate::metrics::Metrics;
+use crate::pricing::Cost;
 use crate::refresh::Refresher;
 use crate::shared::Shared;
 use crate::supervise::Threads;
 use crate::upstream::Upstream;
+use crate::usage::Usage;
 
 /// The settings a config.yaml change applies live, replaced whole: a request reads the ones in
 /// force when it asks, and a stream in flight keeps the ones it started with.
 pub struct Settings {
     pub system_prompt: String,
     pub models: ModelSettings,
+    pub pricing: crate::pricing::Table,
     pub limits: Limits,
     pub access_log: bool,
     pub trusted_proxies: Vec<crate::access::Cidr>,
 }
 
 impl Settings {
+    /// What `usage` of `model` (as the client named it: an alias is priced as its target)
+    /// cost; `charged` overrides it.
+    pub fn cost(&self, model: Option<&str>, usage: &Usage, charged: Option<u64>) -> Cost {
+        if let Some(nano) = charged {
+            return Cost::Priced {
+                nano,
+                estimated: true,
+            };
+        }
+        let model = model.unwrap_or("-");
+        let model = self.models.aliases.get(model).map_or(model, String::as_str);
+        self.pricing.cost(model, usage)
+    }
+
+    /// What a request for `model` may cost at most: `input` and `output` tokens priced.
+    pub fn estimate(&self, model: Option<&str>, input: u64, output: u64) -> Option<u64> {
+        let Some(model) = model else {
+            return Some(0);
+        };
+        let model = self.models.aliases.get(model).map_or(model, String::as_str);
+        self.pricing.estimate(model, input, output)
+    }
+
     fn new(config: &Config) -> Settings {
         let s = &config.server;
         Settings {
             system_prompt: config.oauth.system_prompt.clone(),
             models: config.models.clone(),
+            pricing: config.pricing.clone(),
             limits: Limits {
                 max_body: s.max_body_bytes,
                 header_timeout: s.header_timeout,

@@ -14,19 +14,26 @@ use crate::auth::Client;
 use crate::config::KeyLimits;
 use crate::ledger::Ledger;
 use crate::shared::Shared;
+use crate::usage::Spend;
 
 /// Why a gateway key's own limits refuse a request: the limits boundary's error.
 /// `ApiError::from` says what each is to the client (429 with its retry, or 403).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// A token budget is spent, or reserved by requests in flight; `retry_after` is its reset.
-    Budget { message: String, retry_after: u64 },
+    /// A budget is spent, or reserved by requests in flight; `retry_after` is its reset (none
+    /// for a total budget, which does not reset).
+    Budget {
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// Requests per minute; the oldest of the minute leaves it in `retry_after` seconds.
     Rate { rpm: u32, retry_after: u64 },
     /// Requests at once.
     Concurrency { max: u32 },
     /// A model outside the key's allow-list.
     Model { model: String, allowed: Vec<String> },
+    /// A key with a USD budget asked for a model no price row matches.
+    Unpriced { model: String },
 }
 
 #[derive(Default)]
@@ -36,73 +43,240 @@ struct KeyState {
     in_flight: u32,
     /// Tickets of its requests waiting for a slot (its `queue`), oldest first.
     waiting: VecDeque<u64>,
-    /// Tokens the key's requests in flight may still cost (`Limiter::reserve`).
-    reserved: u64,
+    /// What the key's requests in flight may still cost (`Limiter::reserve`).
+    reserved: Spend,
 }
 
-/// What a key has spent of its budgets, as the ledger says, at one moment.
+/// The periods a budget counts over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Period {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+/// One budget of a key: its period, whether it counts dollars (else tokens), its limit.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    period: Period,
+    usd: bool,
+    limit: u64,
+}
+
+impl KeyLimits {
+    /// Its budgets, tokens first.
+    fn budgets(&self) -> impl Iterator<Item = Budget> {
+        let b = |period, usd, limit: Option<u64>| limit.map(|limit| Budget { period, usd, limit });
+        [
+            b(Period::Day, false, self.daily_tokens),
+            b(Period::Month, false, self.monthly_tokens),
+            b(Period::Day, true, self.daily_usd),
+            b(Period::Week, true, self.weekly_usd),
+            b(Period::Month, true, self.monthly_usd),
+            b(Period::Total, true, self.total_usd),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    pub fn has_usd_budget(&self) -> bool {
+        self.budgets().any(|b| b.usd)
+    }
+}
+
+/// What a key has spent in each period, as the ledger says, at one moment.
 struct Spent {
     now: u64,
-    today: u64,
-    month: u64,
-    next_month: u64,
+    day: Spend,
+    week: Spend,
+    month: Spend,
+    total: Spend,
+}
+
+/// The first day (since 1970) of each period at `now`, and when it ends (Unix seconds; none
+/// for all time).
+fn period(p: Period, now: u64) -> (u64, Option<u64>) {
+    let today = now / 86_400;
+    match p {
+        Period::Day => (today, Some((today + 1) * 86_400)),
+        Period::Week => {
+            let monday = crate::usage::monday_of(today);
+            (monday, Some((monday + 7) * 86_400))
+        }
+        Period::Month => {
+            let (first, next) = crate::usage::first_day_of_month(now);
+            (first, Some(next * 86_400))
+        }
+        Period::Total => (0, None),
+    }
 }
 
 impl Spent {
     fn read(limits: &KeyLimits, key: &str, ledger: &Ledger) -> Spent {
         let now = crate::time::now_unix();
-        let (month_starts, next_month) = first_day_of_month(now);
-        let since =
-            |day: u64, budget: Option<u64>| budget.map_or(0, |_| ledger.tokens_since(key, day));
-        Spent {
+        let mut spent = Spent {
             now,
-            today: since(now / 86_400, limits.daily_tokens),
-            month: since(month_starts, limits.monthly_tokens),
-            next_month,
+            day: Spend::default(),
+            week: Spend::default(),
+            month: Spend::default(),
+            total: Spend::default(),
+        };
+        let mut read: Vec<Period> = Vec::new();
+        for b in limits.budgets() {
+            if !read.contains(&b.period) {
+                read.push(b.period);
+                *spent.of(b.period) = ledger.spent_since(key, period(b.period, now).0);
+            }
+        }
+        spent
+    }
+
+    fn of(&mut self, p: Period) -> &mut Spend {
+        match p {
+            Period::Day => &mut self.day,
+            Period::Week => &mut self.week,
+            Period::Month => &mut self.month,
+            Period::Total => &mut self.total,
         }
     }
 
-    /// What is left of the tightest budget.
-    fn left(&self, limits: &KeyLimits) -> u64 {
-        let daily = limits.daily_tokens.map(|b| b.saturating_sub(self.today));
-        let monthly = limits.monthly_tokens.map(|b| b.saturating_sub(self.month));
-        daily.into_iter().chain(monthly).min().unwrap_or(u64::MAX)
+    fn used(&self, b: &Budget) -> u64 {
+        let spend = match b.period {
+            Period::Day => self.day,
+            Period::Week => self.week,
+            Period::Month => self.month,
+            Period::Total => self.total,
+        };
+        if b.usd { spend.nano } else { spend.tokens }
+    }
+
+    /// What is left of the tightest budget of each unit (u64::MAX without one).
+    fn left(&self, limits: &KeyLimits) -> Spend {
+        let mut left = Spend {
+            tokens: u64::MAX,
+            nano: u64::MAX,
+        };
+        for b in limits.budgets() {
+            let rest = b.limit.saturating_sub(self.used(&b));
+            let slot = if b.usd {
+                &mut left.nano
+            } else {
+                &mut left.tokens
+            };
+            *slot = (*slot).min(rest);
+        }
+        left
+    }
+
+    /// What is left of each budget, for the key holder's usage endpoint.
+    fn report(&self, limits: &KeyLimits) -> Vec<Left> {
+        (limits.budgets())
+            .map(|b| Left {
+                name: b.name(),
+                limit: b.limit,
+                used: self.used(&b),
+                resets_at: period(b.period, self.now).1,
+            })
+            .collect()
     }
 
     /// Refuses when what is spent, plus what requests in flight have reserved, reaches a
     /// budget.
-    fn check(&self, limits: &KeyLimits, reserved: u64) -> Result<(), Refusal> {
-        let held = |used: u64| {
-            if reserved == 0 {
-                format!("{used} used")
+    fn check(&self, limits: &KeyLimits, reserved: Spend) -> Result<(), Refusal> {
+        for b in limits.budgets() {
+            let used = self.used(&b);
+            let held = if b.usd {
+                reserved.nano
             } else {
-                format!("{used} used, {reserved} reserved by requests in flight")
+                reserved.tokens
+            };
+            if used.saturating_add(held) < b.limit {
+                continue;
             }
-        };
-        if let Some(budget) = limits.daily_tokens
-            && self.today.saturating_add(reserved) >= budget
-        {
+            let amount = |n: u64| b.amount(n);
+            let spent = if held == 0 {
+                format!("{} used", amount(used))
+            } else {
+                format!(
+                    "{} used, {} reserved by requests in flight",
+                    amount(used),
+                    amount(held)
+                )
+            };
+            let ends = period(b.period, self.now).1;
+            let when = match ends {
+                Some(at) => format!("it resets at {}", crate::time::rfc3339(at)),
+                None => "it does not reset; an admin can raise it (update-client-key --total-usd)"
+                    .to_string(),
+            };
             return Err(Refusal::Budget {
                 message: format!(
-                    "this gateway key used its daily budget of {budget} tokens ({}); it resets at 00:00 UTC",
-                    held(self.today)
+                    "this gateway key used its {} of {} ({spent}); {when}",
+                    b.described(),
+                    amount(b.limit)
                 ),
-                retry_after: until_next_day(self.now),
-            });
-        }
-        if let Some(budget) = limits.monthly_tokens
-            && self.month.saturating_add(reserved) >= budget
-        {
-            return Err(Refusal::Budget {
-                message: format!(
-                    "this gateway key used its monthly budget of {budget} tokens ({}); it resets on the 1st, 00:00 UTC",
-                    held(self.month)
-                ),
-                retry_after: self.next_month * 86_400 - self.now,
+                retry_after: ends.map(|at| at.saturating_sub(self.now).max(1)),
             });
         }
         Ok(())
     }
+}
+
+impl Budget {
+    /// `daily_usd`, `monthly_tokens`, …: its name in config and in the usage endpoint.
+    fn name(&self) -> &'static str {
+        match (self.period, self.usd) {
+            (Period::Day, false) => "daily_tokens",
+            (Period::Month, false) => "monthly_tokens",
+            (Period::Week, false) => "weekly_tokens",
+            (Period::Total, false) => "total_tokens",
+            (Period::Day, true) => "daily_usd",
+            (Period::Week, true) => "weekly_usd",
+            (Period::Month, true) => "monthly_usd",
+            (Period::Total, true) => "total_usd",
+        }
+    }
+
+    /// `daily USD budget`, `monthly token budget`, … as a refusal names it.
+    fn described(&self) -> String {
+        let period = match self.period {
+            Period::Day => "daily",
+            Period::Week => "weekly",
+            Period::Month => "monthly",
+            Period::Total => "total",
+        };
+        let unit = if self.usd { "USD" } else { "token" };
+        format!("{period} {unit} budget")
+    }
+
+    fn amount(&self, n: u64) -> String {
+        if self.usd {
+            format!("${}", crate::pricing::usd(n, 6))
+        } else {
+            format!("{n} tokens")
+        }
+    }
+}
+
+/// One budget's standing, as the key holder's endpoint reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Left {
+    pub name: &'static str,
+    /// Tokens, or nano-USD for a `_usd` budget.
+    pub limit: u64,
+    pub used: u64,
+    /// Unix seconds; none for a total budget.
+    pub resets_at: Option<u64>,
+}
+
+/// What a request may cost, reserved against its key's budgets until it is metered.
+#[derive(Debug, Clone, Copy)]
+pub struct Estimate<'a> {
+    pub model: Option<&'a str>,
+    pub tokens: u64,
+    /// `None`: no price row matches the model.
+    pub nano: Option<u64>,
 }
 
 #[derive(Default)]
@@ -138,16 +312,18 @@ struct Held {
     key: String,
     /// The slot taken in Redis, when the concurrency limit is shared.
     slot: Option<String>,
-    /// Tokens reserved against the key's budgets until the answer is metered: here, or in
+    /// What is reserved against the key's budgets until the answer is metered: here, or in
     /// Redis under this name.
-    reserved: u64,
+    reserved: Spend,
     shared_reservation: Option<String>,
 }
 
 impl Permit {
-    /// Tokens reserved against the key's budgets for this request (0 when it has none).
-    pub fn reserved(&self) -> u64 {
-        self.held.as_ref().map_or(0, |h| h.reserved)
+    /// What is reserved against the key's budgets for this request.
+    pub fn reserved(&self) -> Spend {
+        self.held
+            .as_ref()
+            .map_or_else(Spend::default, |h| h.reserved)
     }
 }
 
@@ -166,31 +342,14 @@ impl Drop for Permit {
             let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = keys.get_mut(key) {
                 state.in_flight = state.in_flight.saturating_sub(1);
-                state.reserved = state.reserved.saturating_sub(held.reserved);
+                state.reserved.tokens = state.reserved.tokens.saturating_sub(held.reserved.tokens);
+                state.reserved.nano = state.reserved.nano.saturating_sub(held.reserved.nano);
                 if !state.waiting.is_empty() {
                     self.limiter.freed.notify_all();
                 }
             }
         }
     }
-}
-
-/// Seconds from `now` (Unix) to the next UTC midnight, and to the first of next month.
-fn until_next_day(now: u64) -> u64 {
-    86_400 - now % 86_400
-}
-
-fn first_day_of_month(now: u64) -> (u64, u64) {
-    let today = now / 86_400;
-    let date = crate::time::rfc3339(now);
-    let day_of_month: u64 = date[8..10].parse().unwrap_or(1);
-    let first = today + 1 - day_of_month;
-    // The first of next month: 28 days on, then forward to the next day numbered 1.
-    let mut next = first + 28;
-    while crate::time::rfc3339(next * 86_400)[8..10] != *"01" {
-        next += 1;
-    }
-    (first, next)
 }
 
 impl Limiter {
@@ -255,7 +414,7 @@ impl Limiter {
             held: Some(Box::new(Held {
                 key: client.id.clone(),
                 slot,
-                reserved: 0,
+                reserved: Spend::default(),
                 shared_reservation: None,
             })),
         })
@@ -397,21 +556,30 @@ impl Limiter {
         }
     }
 
-    /// Tokens the key's requests in flight have reserved.
-    fn reserved(&self, key: &str) -> u64 {
+    /// What the key's requests in flight have reserved.
+    fn reserved(&self, key: &str) -> Spend {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.get(key).map_or(0, |s| s.reserved)
+        keys.get(key).map_or_else(Spend::default, |s| s.reserved)
+    }
+
+    /// What is left of each of `client`'s budgets, as the ledger says now.
+    pub fn budgets_left(client: &Client, ledger: &Ledger) -> Vec<Left> {
+        client.limits.as_ref().map_or_else(Vec::new, |limits| {
+            Spent::read(limits, &client.id, ledger).report(limits)
+        })
     }
 
     /// Reserves what an admitted request may cost (`estimate`: input estimated from its body,
-    /// output up to its `max_tokens`) against its key's budgets, until `permit` is dropped
-    /// after the answer is metered. Refused when what is spent plus what requests in flight
-    /// reserved already reaches a budget: parallel requests overshoot by one request at most.
+    /// output up to its `max_tokens`, priced from the table) against its key's budgets, until
+    /// `permit` is dropped after the answer is metered. Refused when what is spent plus what
+    /// requests in flight reserved already reaches a budget: parallel requests overshoot by
+    /// one request at most. A key with a USD budget may not use a model the table cannot
+    /// price.
     pub fn reserve(
         &self,
         permit: &mut Permit,
         client: &Client,
-        estimate: u64,
+        estimate: Estimate<'_>,
         ledger: Option<&Ledger>,
     ) -> Result<(), Refusal> {
         // Refused only for what others hold: the request before this one, whose answer this
@@ -435,16 +603,28 @@ impl Limiter {
         &self,
         permit: &mut Permit,
         client: &Client,
-        estimate: u64,
+        estimate: Estimate<'_>,
         ledger: Option<&Ledger>,
     ) -> Result<(), (Refusal, bool)> {
         let (Some(limits), Some(ledger), Some(held)) = (&client.limits, ledger, &mut permit.held)
         else {
             return Ok(());
         };
-        if limits.daily_tokens.is_none() && limits.monthly_tokens.is_none() {
+        if limits.budgets().next().is_none() {
             return Ok(());
         }
+        let usd = limits.has_usd_budget();
+        let estimate = Spend {
+            tokens: estimate.tokens,
+            nano: match estimate.nano {
+                Some(nano) => nano,
+                None if usd => {
+                    let model = estimate.model.unwrap_or("").to_string();
+                    return Err((Refusal::Unpriced { model }, false));
+                }
+                None => 0,
+            },
+        };
         // With shared state the reservations are every instance's, checked and taken in one
         // script; while Redis is down this instance reserves on its own. (A request another
         // instance settled in the last flush interval may be in neither count: the window
@@ -458,11 +638,19 @@ impl Limiter {
                     return Ok(());
                 }
                 Ok(Err(reserved)) => {
-                    // The script saw reserved >= what is left: refuse saying as much.
-                    let by_others = reserved > 0 && spent.check(limits, 0).is_ok();
-                    return spent
-                        .check(limits, reserved.max(spent.left(limits)))
-                        .map_err(|e| (e, by_others));
+                    // The script saw a reservation sum reach what is left: refuse saying as
+                    // much (at the edge, where Lua's doubles round, as the sum at the limit).
+                    let by_others = reserved != Spend::default()
+                        && spent.check(limits, Spend::default()).is_ok();
+                    let left = spent.left(limits);
+                    let at_edge = Spend {
+                        tokens: reserved.tokens.max(left.tokens),
+                        nano: reserved.nano.max(left.nano),
+                    };
+                    let refusal = spent
+                        .check(limits, reserved)
+                        .and_then(|()| spent.check(limits, at_edge));
+                    return refusal.map_err(|e| (e, by_others));
                 }
                 Err(_) => {}
             }
@@ -473,10 +661,11 @@ impl Limiter {
         let spent = Spent::read(limits, &client.id, ledger);
         let state = keys.entry(client.id.clone()).or_default();
         if let Err(refusal) = spent.check(limits, state.reserved) {
-            let by_others = state.reserved > 0 && spent.check(limits, 0).is_ok();
+            let by_others =
+                state.reserved != Spend::default() && spent.check(limits, Spend::default()).is_ok();
             return Err((refusal, by_others));
         }
-        state.reserved = state.reserved.saturating_add(estimate);
+        state.reserved.add(estimate);
         held.reserved = estimate;
         Ok(())
     }
@@ -598,10 +787,9 @@ mod tests {
     #[test]
     fn month_boundaries() {
         // 2026-11-26 07:04 UTC: the month began 2026-11-01, the next begins 2026-12-01.
-        let (first, next) = first_day_of_month(1_795_676_640);
+        let (first, next) = crate::usage::first_day_of_month(1_795_676_640);
         assert_eq!(crate::time::rfc3339(first * 86_400), "2026-11-01T00:00:00Z");
         assert_eq!(crate::time::rfc3339(next * 86_400), "2026-12-01T00:00:00Z");
-        assert_eq!(until_next_day(86_400 * 5 + 3600), 82_800);
     }
 
     #[test]

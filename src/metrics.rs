@@ -86,6 +86,8 @@ pub struct Observation<'a> {
     pub account: &'a str,
     pub model: Option<&'a str>,
     pub usage: Usage,
+    /// Nano-USD; `None` when no price row matched the model.
+    pub cost: Option<u64>,
 }
 
 #[derive(Default)]
@@ -96,6 +98,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, String, String), u64>>,
     /// (kind, account, model) → tokens.
     tokens: Mutex<BTreeMap<(&'static str, String, String), u64>>,
+    /// (account, model) → nano-USD, and requests no price row matched.
+    cost: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     in_flight: AtomicI64,
     pub upstream_latency: Histogram,
     pub time_to_first_token: Histogram,
@@ -183,6 +187,12 @@ impl Metrics {
                     .entry((kind, account.clone(), model.clone()))
                     .or_default() += n;
             }
+            let mut cost = self.cost.lock().unwrap_or_else(|p| p.into_inner());
+            let (nano, unpriced) = cost.entry((account, model)).or_default();
+            match o.cost {
+                Some(n) => *nano = nano.saturating_add(n),
+                None => *unpriced += 1,
+            }
         }
     }
 
@@ -227,6 +237,27 @@ impl Metrics {
                 escape(model)
             );
         }
+        out.push_str("# HELP llm_gateway_cost_usd_total What requests cost, in USD, by account and model (as priced when served).\n# TYPE llm_gateway_cost_usd_total counter\n");
+        let cost = self.cost.lock().unwrap_or_else(|p| p.into_inner());
+        for ((account, model), (nano, _)) in cost.iter() {
+            let _ = writeln!(
+                out,
+                "llm_gateway_cost_usd_total{{account=\"{}\",model=\"{}\"}} {}",
+                escape(account),
+                escape(model),
+                crate::pricing::usd(*nano, 9)
+            );
+        }
+        out.push_str("# HELP llm_gateway_unpriced_requests_total Requests that used tokens of a model no price row matches (their cost is unknown).\n# TYPE llm_gateway_unpriced_requests_total counter\n");
+        for ((account, model), (_, unpriced)) in cost.iter().filter(|(_, (_, u))| *u > 0) {
+            let _ = writeln!(
+                out,
+                "llm_gateway_unpriced_requests_total{{account=\"{}\",model=\"{}\"}} {unpriced}",
+                escape(account),
+                escape(model)
+            );
+        }
+        drop(cost);
         let _ = writeln!(
             out,
             "# HELP llm_gateway_in_flight_requests Requests being served now.\n# TYPE llm_gateway_in_flight_requests gauge\nllm_gateway_in_flight_requests {}",
@@ -364,6 +395,7 @@ mod tests {
                     input: 3,
                     ..Usage::default()
                 },
+                cost: Some(15_000),
             });
         }
         let text = m.render(&Accounts::new(

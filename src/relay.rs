@@ -85,6 +85,9 @@ pub struct Meter {
     pub first_byte: Option<Instant>,
     /// The `error` event a stream carried, if it did: (type, message).
     stream_error: Option<(String, String)>,
+    /// Nano-USD charged instead of the usage's price: what an answer cut short before its
+    /// usage passed had reserved.
+    pub charged: Option<u64>,
 }
 
 /// An error event's message is kept this far for the logs: it may quote the request.

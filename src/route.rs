@@ -21,6 +21,8 @@ pub enum Route {
     Chat,
     /// The model list or one model, in the caller's format.
     Models,
+    /// A key's own usage, cost and budgets left (`key_usage`).
+    KeyUsage,
 }
 
 pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
@@ -29,6 +31,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         "/ready" => ("GET", Route::Ready),
         "/admin/status" => ("GET", Route::Status),
         "/metrics" => ("GET", Route::Metrics),
+        "/gateway/usage" => ("GET", Route::KeyUsage),
         "/v1/messages" => (
             "POST",
             Route::Messages {
@@ -49,7 +52,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         }
         _ => {
             return Err(ApiError::NotFound(format!(
-                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, GET /v1/models, GET /health and GET /ready"
+                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, GET /v1/models, GET /gateway/usage, GET /health and GET /ready"
             )));
         }
     };
@@ -79,7 +82,25 @@ pub fn check_query(target: &str) -> Result<(), ApiError> {
     let Some((_, query)) = target.split_once('?') else {
         return Ok(());
     };
-    let bad = |why: &str| Err(ApiError::BadRequest(format!("the query string {why}")));
+    percent_decode(query)
+        .map(drop)
+        .map_err(|why| ApiError::BadRequest(format!("the query string {why}")))
+}
+
+/// The value of `name` in the query of `target`, percent-decoded (`+` is a space), if the
+/// query has it.
+pub fn query_value(target: &str, name: &str) -> Option<String> {
+    let (_, query) = target.split_once('?')?;
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.split_once('=').filter(|(n, _)| *n == name))?
+        .1
+        .replace('+', " ");
+    percent_decode(&raw).ok()
+}
+
+/// Percent-decoded query text of RFC 3986 query characters, without control characters.
+fn percent_decode(query: &str) -> Result<String, &'static str> {
     let bytes = query.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -91,22 +112,22 @@ pub fn check_query(target: &str) -> Result<(), ApiError> {
                 .and_then(|h| std::str::from_utf8(h).ok());
             match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 Some(v) => decoded.push(v),
-                None => return bad("has a '%' not followed by two hex digits"),
+                None => return Err("has a '%' not followed by two hex digits"),
             }
             i += 3;
             continue;
         }
         // RFC 3986's query characters: unreserved, sub-delims, ':', '@', '/' and '?'.
         if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b)) {
-            return bad("has a character a query may not hold");
+            return Err("has a character a query may not hold");
         }
         decoded.push(b);
         i += 1;
     }
-    match std::str::from_utf8(&decoded) {
-        Ok(text) if !text.chars().any(char::is_control) => Ok(()),
-        Ok(_) => bad("decodes to control characters"),
-        Err(_) => bad("does not decode to UTF-8 text"),
+    match String::from_utf8(decoded) {
+        Ok(text) if !text.chars().any(char::is_control) => Ok(text),
+        Ok(_) => Err("decodes to control characters"),
+        Err(_) => Err("does not decode to UTF-8 text"),
     }
 }
 

@@ -15,15 +15,16 @@ use crate::error::ApiError;
 use crate::failover;
 use crate::gateway::Gateway;
 use crate::http::{Conn, Request};
-use crate::limits::{Limiter, Permit};
+use crate::limits::{Estimate, Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
+use crate::pricing::Cost;
 use crate::relay::{self, Meter, Outcome, Shape};
 use crate::respond::{Head, Responder};
 use crate::route::{Route, check_query, route};
 use crate::status;
 use crate::upstream::Answer;
-use crate::usage::{Record, Usage};
+use crate::usage::Record;
 
 const JSON: &str = "application/json";
 
@@ -94,7 +95,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             // its last bytes go out: a client that sends its next request the moment it has
             // read this answer finds the tokens spent and nothing held.
             let mut settle = |m: &Meter| {
-                record_usage(gw, &names, status, m.usage, None);
+                record_usage(gw, &names, status, m, None);
                 permit = None;
                 settled = true;
             };
@@ -114,7 +115,9 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                 && meter.usage.total() == 0
                 && status < 300
             {
-                meter.usage.input = permit.as_ref().map_or(0, Permit::reserved);
+                let reserved = permit.as_ref().map(Permit::reserved).unwrap_or_default();
+                meter.usage.input = reserved.tokens;
+                meter.charged = Some(reserved.nano);
             }
             // After the first byte nothing is retried, but the account's failure counts.
             if let Some(pick) = &pick
@@ -200,6 +203,10 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
             started,
             status: error.status(),
             error: Some(&error.to_string()),
+            cost: Cost::Priced {
+                nano: 0,
+                estimated: false,
+            },
         };
         gw.access.write(&line.render(&names, &Meter::default()));
     }
@@ -237,14 +244,16 @@ fn account_for(
         _ => status,
     };
     if !settled {
-        record_usage(gw, names, counted, meter.usage, error.clone());
+        record_usage(gw, names, counted, meter, error.clone());
     }
+    let cost = (gw.live()).cost(names.model.as_deref(), &meter.usage, meter.charged);
     if names.client_id.is_some() {
         gw.metrics.observe(&Observation {
             status: counted,
             account: &names.account,
             model: names.model.as_deref(),
             usage: meter.usage,
+            cost: cost.nano(),
         });
         if let Some(first) = meter.first_byte {
             gw.metrics.time_to_first_token.observe(first - started);
@@ -261,21 +270,33 @@ fn account_for(
             started,
             status,
             error: error.as_deref(),
+            cost,
         };
         gw.access.write(&line.render(names, meter));
     }
 }
 
 /// Records a request in the ledger; only what an authenticated client asked for goes there.
-fn record_usage(gw: &Gateway, names: &Names, status: u16, usage: Usage, error: Option<String>) {
+fn record_usage(gw: &Gateway, names: &Names, status: u16, meter: &Meter, error: Option<String>) {
     if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
+        let cost = gw
+            .live()
+            .cost(names.model.as_deref(), &meter.usage, meter.charged);
         ledger.record(&Record {
             t: crate::time::now_unix(),
             key: key.clone(),
             account: names.account_id.clone().unwrap_or_else(|| "-".into()),
             model: names.model.clone().unwrap_or_else(|| "-".into()),
             status,
-            usage,
+            usage: meter.usage,
+            cost: cost.nano(),
+            estimated: matches!(
+                cost,
+                Cost::Priced {
+                    estimated: true,
+                    ..
+                }
+            ),
             error,
         });
     }
@@ -349,9 +370,23 @@ fn admit(
                 Served::Local(200, status::render(gw).to_string(), JSON)
             }));
         }
+        Route::KeyUsage => {
+            let caller = match listener {
+                Listener::AdminLoopback => None,
+                _ => Some(gw.clients.authenticate(req)?),
+            };
+            let client = crate::key_usage::whose(gw, req, caller)?;
+            names.client = client.name.clone();
+            let report = crate::key_usage::render(gw, &client);
+            return Ok(Admitted::Local(Served::Local(
+                200,
+                report.to_string(),
+                JSON,
+            )));
+        }
         _ if listener != Listener::Main => {
             return Err(ApiError::NotFound(
-                "the admin listener serves /health, /ready, /metrics and /admin/status only".into(),
+                "the admin listener serves /health, /ready, /metrics, /admin/status and /gateway/usage only".into(),
             ));
         }
         _ => {}
@@ -399,8 +434,17 @@ fn serve(
         });
     Limiter::allow_model(&client, names.model.as_deref())?;
     // What the request may cost, held against the key's budgets until it is metered: input
-    // estimated at four bytes a token of its body, output up to its max_tokens.
-    let estimate = (req.body.len() as u64 / 4).saturating_add(facts.max_tokens.unwrap_or(0));
+    // estimated at four bytes a token of its body, output up to its max_tokens, priced from
+    // the table (counting tokens costs nothing).
+    let (input, output) = (req.body.len() as u64 / 4, facts.max_tokens.unwrap_or(0));
+    let estimate = Estimate {
+        model: names.model.as_deref(),
+        tokens: input.saturating_add(output),
+        nano: match route {
+            Route::Messages { count_tokens: true } => Some(0),
+            _ => gw.live().estimate(names.model.as_deref(), input, output),
+        },
+    };
     gw.limiter
         .reserve(&mut permit, &client, estimate, gw.ledger.as_deref())?;
 

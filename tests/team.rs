@@ -18,6 +18,7 @@ pub use crate::support::accounts::retry_after;
 use crate::support::accounts::{stdout_json, unix_from_rfc3339};
 use crate::support::{Framing, Gateway, Recorded, Reply, Response, assert_exit, call, wait_until};
 
+mod costs;
 mod keys;
 mod ledger;
 mod limits;

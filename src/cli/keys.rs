@@ -41,6 +41,18 @@ pub struct AddClientKey {
     /// tokens per UTC month
     #[argh(option)]
     pub monthly_tokens: Option<u64>,
+    /// USD per UTC day, e.g. 5 or 2.50 (priced from the gateway's table)
+    #[argh(option)]
+    pub daily_usd: Option<String>,
+    /// USD per week (Monday 00:00 UTC to Monday)
+    #[argh(option)]
+    pub weekly_usd: Option<String>,
+    /// USD per UTC month
+    #[argh(option)]
+    pub monthly_usd: Option<String>,
+    /// USD in all, never reset
+    #[argh(option)]
+    pub total_usd: Option<String>,
     /// when the key stops working: 2026-12-31 or an RFC 3339 time
     #[argh(option)]
     pub expires: Option<String>,
@@ -86,6 +98,18 @@ pub struct UpdateClientKey {
     /// tokens per UTC month, or none
     #[argh(option)]
     pub monthly_tokens: Option<String>,
+    /// USD per UTC day, or none
+    #[argh(option)]
+    pub daily_usd: Option<String>,
+    /// USD per week from Monday (UTC), or none
+    #[argh(option)]
+    pub weekly_usd: Option<String>,
+    /// USD per UTC month, or none
+    #[argh(option)]
+    pub monthly_usd: Option<String>,
+    /// USD in all, or none
+    #[argh(option)]
+    pub total_usd: Option<String>,
     /// expiry (2026-12-31 or RFC 3339), or none
     #[argh(option)]
     pub expires: Option<String>,
@@ -113,6 +137,26 @@ pub struct RevokeClientKey {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
+}
+
+/// A USD budget flag: an amount above 0 with at most nine decimals.
+fn check_usd(flag: &str, text: &str) -> Result<f64, CliError> {
+    let text = text.trim().trim_start_matches('$');
+    match crate::pricing::parse_usd(text) {
+        Some(n) if n > 0 => Ok(n as f64 / crate::pricing::NANO as f64),
+        _ => Err(CliError::usage(format!(
+            "--{flag} {text:?}: give an amount of USD above 0, such as 5 or 2.50"
+        ))),
+    }
+}
+
+/// The four USD budget flags of add-client-key.
+fn usd_budgets(flags: [(&str, &Option<String>); 4]) -> Result<[Option<f64>; 4], CliError> {
+    let mut out = [None; 4];
+    for (slot, (flag, text)) in out.iter_mut().zip(flags) {
+        *slot = text.as_deref().map(|t| check_usd(flag, t)).transpose()?;
+    }
+    Ok(out)
 }
 
 fn models_list(text: &str) -> Vec<String> {
@@ -205,6 +249,12 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
     let queue = check_positive("queue", cmd.queue)?;
     let daily_tokens = check_positive("daily-tokens", cmd.daily_tokens)?;
     let monthly_tokens = check_positive("monthly-tokens", cmd.monthly_tokens)?;
+    let [daily_usd, weekly_usd, monthly_usd, total_usd] = usd_budgets([
+        ("daily-usd", &cmd.daily_usd),
+        ("weekly-usd", &cmd.weekly_usd),
+        ("monthly-usd", &cmd.monthly_usd),
+        ("total-usd", &cmd.total_usd),
+    ])?;
     let key = auth::generate_key();
     let id = store::update(path, |m| {
         unique_key_name(m, &name, None)?;
@@ -222,6 +272,10 @@ pub fn add_client_key(path: &Path, cmd: AddClientKey) -> Result<(), CliError> {
             queue,
             daily_tokens,
             monthly_tokens,
+            daily_usd,
+            weekly_usd,
+            monthly_usd,
+            total_usd,
             expires: expires.clone(),
             revoked_at: None,
             created_at: Some(time::rfc3339(time::now_unix())),
@@ -270,6 +324,16 @@ fn limits_text(k: &RawClientKey) -> String {
             parts.push(format!("{label}={v}"));
         }
     }
+    for (label, value) in [
+        ("daily", k.daily_usd),
+        ("weekly", k.weekly_usd),
+        ("monthly", k.monthly_usd),
+        ("total", k.total_usd),
+    ] {
+        if let Some(v) = value {
+            parts.push(format!("{label}=${v}"));
+        }
+    }
     if k.admin {
         parts.push("admin".into());
     }
@@ -297,7 +361,9 @@ pub fn list_client_keys(path: &Path, as_json: bool) -> Result<(), CliError> {
                     "state": state(k), "admin": k.admin, "models": k.models, "rpm": k.rpm,
                     "max_concurrent": k.max_concurrent, "queue": k.queue,
                     "daily_tokens": k.daily_tokens,
-                    "monthly_tokens": k.monthly_tokens, "expires": k.expires,
+                    "monthly_tokens": k.monthly_tokens, "daily_usd": k.daily_usd,
+                    "weekly_usd": k.weekly_usd, "monthly_usd": k.monthly_usd,
+                    "total_usd": k.total_usd, "expires": k.expires,
                     "revoked_at": k.revoked_at, "created_at": k.created_at,
                 })
             })
@@ -354,6 +420,17 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
     let queue = limit::<u32>("queue", &cmd.queue)?;
     let daily = limit::<u64>("daily-tokens", &cmd.daily_tokens)?;
     let monthly = limit::<u64>("monthly-tokens", &cmd.monthly_tokens)?;
+    let usd = |flag: &str, text: &Option<String>| match text.as_deref().map(str::trim) {
+        None => Ok(None),
+        Some("none") => Ok(Some(None)),
+        Some(t) => check_usd(flag, t).map(|v| Some(Some(v))),
+    };
+    let usd_budgets = [
+        usd("daily-usd", &cmd.daily_usd)?,
+        usd("weekly-usd", &cmd.weekly_usd)?,
+        usd("monthly-usd", &cmd.monthly_usd)?,
+        usd("total-usd", &cmd.total_usd)?,
+    ];
     let expires = match cmd.expires.as_deref().map(str::trim) {
         None => None,
         Some("none") => Some(None),
@@ -391,6 +468,17 @@ pub fn update_client_key(path: &Path, cmd: UpdateClientKey) -> Result<(), CliErr
         }
         if let Some(v) = monthly {
             k.monthly_tokens = v;
+        }
+        let slots = [
+            &mut k.daily_usd,
+            &mut k.weekly_usd,
+            &mut k.monthly_usd,
+            &mut k.total_usd,
+        ];
+        for (slot, v) in slots.into_iter().zip(usd_budgets) {
+            if let Some(v) = v {
+                *slot = v;
+            }
         }
         if let Some(v) = &expires {
             k.expires.clone_from(v);

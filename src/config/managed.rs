@@ -69,6 +69,26 @@ fn client_key(k: RawClientKey) -> Result<ClientKey, String> {
             )
         })?),
     };
+    let usd = |what: &str, v: Option<f64>| match v {
+        None => Ok(None),
+        Some(v) => crate::pricing::parse_usd(&format!("{v}"))
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "client key {}: {what} {v} is not an amount of USD above 0",
+                    k.id
+                )
+            }),
+    };
+    let (daily_usd, weekly_usd) = (
+        usd("daily_usd", k.daily_usd)?,
+        usd("weekly_usd", k.weekly_usd)?,
+    );
+    let (monthly_usd, total_usd) = (
+        usd("monthly_usd", k.monthly_usd)?,
+        usd("total_usd", k.total_usd)?,
+    );
     Ok(ClientKey {
         id: k.id,
         name: k.name,
@@ -82,6 +102,10 @@ fn client_key(k: RawClientKey) -> Result<ClientKey, String> {
             queue: k.queue,
             daily_tokens: k.daily_tokens,
             monthly_tokens: k.monthly_tokens,
+            daily_usd,
+            weekly_usd,
+            monthly_usd,
+            total_usd,
         },
         expires_at,
         revoked: k.revoked_at.is_some(),

@@ -41,6 +41,8 @@ pub struct Config {
     /// The admin listener's address; `None` when switched off.
     pub admin_listen: Option<String>,
     pub models: ModelSettings,
+    /// What tokens cost: the embedded list prices with the `pricing:` rows over them.
+    pub pricing: crate::pricing::Table,
     /// Serve without gateway keys. Deliberate, and warned about at every start.
     pub auth_open: bool,
     pub log_level: Level,
@@ -358,6 +360,11 @@ pub struct KeyLimits {
     pub queue: Option<u32>,
     pub daily_tokens: Option<u64>,
     pub monthly_tokens: Option<u64>,
+    /// Nano-USD budgets: per UTC day, per week from Monday (UTC), per UTC month, in all.
+    pub daily_usd: Option<u64>,
+    pub weekly_usd: Option<u64>,
+    pub monthly_usd: Option<u64>,
+    pub total_usd: Option<u64>,
 }
 
 /// `2026-12-31` (midnight UTC) or an RFC 3339 UTC time, as Unix seconds.

@@ -22,6 +22,8 @@ pub struct RawConfig {
     pub models: RawModels,
     pub usage: RawUsage,
     pub state: RawState,
+    /// Price rows over the embedded ones (`pricing::Table`).
+    pub pricing: Option<Vec<RawPrice>>,
     pub secret_key_file: Option<String>,
     pub accounts: Option<Vec<RawAccount>>,
     pub client_keys: Option<Vec<RawClientKey>>,
@@ -382,6 +384,15 @@ pub struct RawClientKey {
     pub daily_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_tokens: Option<u64>,
+    /// USD per UTC day, per week (from Monday, UTC), per UTC month, and in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weekly_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_usd: Option<f64>,
     /// RFC 3339 time (or a date, meaning its midnight UTC) after which the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
@@ -390,6 +401,33 @@ pub struct RawClientKey {
     pub revoked_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+}
+
+/// One price row: USD per million tokens of each kind. The cache rates default to
+/// Anthropic's ratios: writes 1.25× input (5 minutes) and 2× (1 hour), reads 0.1×.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// A model id or a prefix of one; `*` for every model no other row matches.
+    pub model: String,
+    pub input: f64,
+    pub output: f64,
+    pub cache_write_5m: Option<f64>,
+    pub cache_write_1h: Option<f64>,
+    pub cache_read: Option<f64>,
+    pub long_context: Option<RawTier>,
+}
+
+/// Higher rates for requests whose input passes `above` tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub above: u64,
+    pub input: f64,
+    pub output: f64,
+    pub cache_write_5m: Option<f64>,
+    pub cache_write_1h: Option<f64>,
+    pub cache_read: Option<f64>,
 }
 
 fn yes() -> bool {

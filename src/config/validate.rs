@@ -111,6 +111,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let sticky = sticky(&raw.sticky);
     let admin_listen = admin_listen(&raw.admin).map_err(invalid)?;
     let models = models(&raw.models).map_err(invalid)?;
+    let pricing = pricing(raw.pricing.as_deref().unwrap_or_default()).map_err(invalid)?;
     let usage = UsageSettings {
         enabled: raw.usage.enabled.unwrap_or(true),
         dir: dir.join(raw.usage.dir.as_deref().unwrap_or(default::USAGE_DIR)),
@@ -166,6 +167,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         sticky,
         admin_listen,
         models,
+        pricing,
         auth_open,
         log_level,
         access_log: raw.log.access.unwrap_or(true),
@@ -420,6 +422,64 @@ fn admin_listen(a: &RawAdmin) -> Result<Option<String>, String> {
             default::ADMIN_LISTEN
         )),
     }
+}
+
+/// The `pricing:` rows over the embedded table. A price is USD per million tokens, in steps
+/// of $0.001 (whole nano-USD per token).
+fn pricing(rows: &[RawPrice]) -> Result<crate::pricing::Table, String> {
+    use crate::pricing::{Rates, Row, Tier};
+    let mut out: Vec<Row> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let at = format!("pricing[{i}] ({})", r.model);
+        if r.model.is_empty() || r.model.len() > 128 || r.model.chars().any(char::is_control) {
+            return Err(format!(
+                "pricing[{i}]: model must be a model id, a prefix of one, or *"
+            ));
+        }
+        if out.iter().any(|o| o.model == r.model) {
+            return Err(format!("{at}: a second row for the same model"));
+        }
+        let price = |what: &str, v: f64| {
+            crate::pricing::per_million(v).ok_or_else(|| {
+                format!("{at}: {what} {v} is not a price in USD per million tokens (0 or more, in steps of 0.001)")
+            })
+        };
+        let rates =
+            |input: f64, output: f64, w5: Option<f64>, w1: Option<f64>, read: Option<f64>| {
+                Ok::<_, String>(Rates {
+                    input: price("input", input)?,
+                    output: price("output", output)?,
+                    cache_write_5m: price("cache_write_5m", w5.unwrap_or(input * 1.25))?,
+                    cache_write_1h: price("cache_write_1h", w1.unwrap_or(input * 2.0))?,
+                    cache_read: price("cache_read", read.unwrap_or(input / 10.0))?,
+                })
+            };
+        let long_context = match &r.long_context {
+            None => None,
+            Some(t) => Some(Tier {
+                above: t.above,
+                rates: rates(
+                    t.input,
+                    t.output,
+                    t.cache_write_5m,
+                    t.cache_write_1h,
+                    t.cache_read,
+                )?,
+            }),
+        };
+        out.push(Row {
+            model: r.model.clone(),
+            rates: rates(
+                r.input,
+                r.output,
+                r.cache_write_5m,
+                r.cache_write_1h,
+                r.cache_read,
+            )?,
+            long_context,
+        });
+    }
+    Ok(crate::pricing::Table::new(out))
 }
 
 fn models(m: &RawModels) -> Result<ModelSettings, String> {

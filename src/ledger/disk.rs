@@ -21,6 +21,9 @@ pub(super) struct Summary {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     sides: Vec<String>,
     rows: Vec<SummaryRow>,
+    /// The hourly rows of the last 48 hours; `day` holds the hour (since 1970).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    hours: Vec<SummaryRow>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -176,6 +179,9 @@ pub(super) fn load(dir: &Path, own: Option<&str>) -> std::io::Result<Loaded> {
         listed = summary.sides;
         for r in summary.rows {
             book.insert((r.day, r.key, r.account, r.model), r.totals);
+        }
+        for r in summary.hours {
+            book.insert_hour((r.day, r.key, r.account, r.model), r.totals);
         }
     }
     let mut last = folded;
@@ -372,21 +378,22 @@ pub(super) fn write_summary(
     generation: u64,
     sides: Vec<String>,
 ) -> std::io::Result<()> {
-    let rows = book
-        .rows
-        .iter()
-        .map(|((day, key, account, model), totals)| SummaryRow {
-            day: *day,
-            key: key.clone(),
-            account: account.clone(),
-            model: model.clone(),
-            totals: *totals,
-        })
-        .collect();
+    let rows = |rows: &std::collections::BTreeMap<crate::usage::RowKey, Totals>| {
+        rows.iter()
+            .map(|((day, key, account, model), totals)| SummaryRow {
+                day: *day,
+                key: key.clone(),
+                account: account.clone(),
+                model: model.clone(),
+                totals: *totals,
+            })
+            .collect()
+    };
     let summary = Summary {
         folded: generation,
         sides,
-        rows,
+        rows: rows(&book.rows),
+        hours: rows(&book.hours),
     };
     let bytes = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
     crate::store::write_atomically(&dir.join(SUMMARY), &bytes)

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::shared::Shared;
-use crate::usage::{Book, Record};
+use crate::usage::{Book, Record, Spend, Totals};
 
 mod disk;
 mod outbox;
@@ -234,16 +234,37 @@ impl Ledger {
         }
     }
 
-    /// Tokens used by client key `key` since the start of day `from` (days since 1970): by
-    /// every instance when state is shared and Redis answers, else by this one.
-    pub fn tokens_since(&self, key: &str, from: u64) -> u64 {
+    /// What client key `key` spent since the start of day `from` (days since 1970; 0 for
+    /// all time): by every instance when state is shared and Redis answers, else by this one.
+    pub fn spent_since(&self, key: &str, from: u64) -> Spend {
         if let Some(shared) = &self.shared {
             let today = crate::time::now_unix() / 86_400;
-            if let Ok(sent) = shared.key_tokens(key, from, today) {
-                return sent.saturating_add(self.lock().outbox.tokens_since(key, from));
+            if let Ok(mut sent) = shared.key_spend(key, from, today) {
+                sent.add(self.lock().outbox.spent_since(key, from));
+                return sent;
             }
         }
-        self.lock().book.tokens_since(key, from)
+        self.lock().book.spent_since(key, from)
+    }
+
+    /// What client key `key` used on days `from..=to`, as `llm-gateway usage --key` counts
+    /// it: every instance's rows in Redis with shared state (`true`), else this ledger's
+    /// (also while Redis does not answer).
+    pub fn totals(&self, key: &str, from: u64, to: u64) -> (Totals, bool) {
+        let mut sum = Totals::default();
+        if let Some(Ok(rows)) = self.shared.as_ref().map(|s| s.usage_rows(from, to)) {
+            for (_, t) in rows.iter().filter(|(k, _)| k.1 == key) {
+                sum.absorb(t);
+            }
+            return (sum, true);
+        }
+        let pending = self.lock();
+        for (_, t) in
+            (pending.book.rows.iter()).filter(|(k, _)| k.1 == key && (from..=to).contains(&k.0))
+        {
+            sum.absorb(t);
+        }
+        (sum, false)
     }
 
     /// Appends what is queued; folds the journal into the summary when it grew large; sends
@@ -321,6 +342,8 @@ mod tests {
                     input: tokens,
                     ..Usage::default()
                 },
+                cost: tokens * 10,
+                ..Totals::default()
             };
             (
                 (day, key.to_string(), "acc".to_string(), "m".to_string()),
@@ -335,9 +358,13 @@ mod tests {
         outbox.fresh.insert(k, t);
         let (k, t) = row(10, "b", 1000);
         outbox.fresh.insert(k, t);
-        assert_eq!(outbox.tokens_since("a", 10), 12);
-        assert_eq!(outbox.tokens_since("a", 9), 112);
-        assert_eq!(outbox.tokens_since("b", 11), 0);
+        let spend = |tokens| Spend {
+            tokens,
+            nano: tokens * 10,
+        };
+        assert_eq!(outbox.spent_since("a", 10), spend(12));
+        assert_eq!(outbox.spent_since("a", 9), spend(112));
+        assert_eq!(outbox.spent_since("b", 11), spend(0));
     }
 
     fn record(t: u64, key: &str, input: u64, status: u16) -> Record {
@@ -352,7 +379,10 @@ mod tests {
                 output: 10,
                 cache_creation: 1,
                 cache_read: 2,
+                ..Usage::default()
             },
+            cost: Some(input.saturating_mul(3)),
+            estimated: false,
             error: None,
         }
     }
@@ -379,7 +409,8 @@ mod tests {
         let mut later = huge.clone();
         later.t += 86_400;
         book.add(&later);
-        assert_eq!(book.tokens_since("ck_a", 0), u64::MAX);
+        assert_eq!(book.spent_since("ck_a", 0).tokens, u64::MAX);
+        assert_eq!(book.spent_since("ck_a", 0).nano, u64::MAX);
         let mut totals = Totals::default();
         totals.add(&huge);
         totals.absorb(&totals.clone());
@@ -398,7 +429,8 @@ mod tests {
                 input: 10,
                 output: 42,
                 cache_creation: 0,
-                cache_read: 5
+                cache_read: 5,
+                ..Usage::default()
             }
         );
         assert_eq!(u.total(), 57);
@@ -419,9 +451,9 @@ mod tests {
                 .expect("write");
         }
         let (ledger, _journal) = Ledger::open(&dir, None).expect("reopen");
-        assert_eq!(ledger.tokens_since("ck_a", 3), 100 + 50 + 2 * 13);
+        assert_eq!(ledger.spent_since("ck_a", 3).tokens, 100 + 50 + 2 * 13);
         let (book, _) = read(&dir).expect("read");
-        let rows = group(&book, "key", 0, u64::MAX);
+        let rows = group(&book, "key", (0, u64::MAX), None);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1.requests, 2);
         assert_eq!(rows[0].1.errors, 1);
@@ -445,10 +477,10 @@ mod tests {
         let bytes = std::fs::read(&summary).expect("summary");
         std::fs::write(&summary, &bytes[..bytes.len() / 2]).expect("truncate");
         let (book, _) = read(&dir).expect("recovered");
-        assert_eq!(book.tokens_since("ck_a", 0), expected);
+        assert_eq!(book.spent_since("ck_a", 0).tokens, expected);
         let (ledger, _journal) = Ledger::open(&dir, None).expect("reopen");
         assert_eq!(
-            ledger.tokens_since("ck_a", 0),
+            ledger.spent_since("ck_a", 0).tokens,
             expected,
             "opened once recovered"
         );
@@ -486,7 +518,7 @@ mod tests {
         let (book, last) = read(&dir).expect("read");
         assert_eq!(last, 1);
         assert_eq!(
-            book.tokens_since("ck_a", 0),
+            book.spent_since("ck_a", 0).tokens,
             2 * 14,
             "only the two good records"
         );
@@ -509,9 +541,11 @@ mod tests {
         let mut t = Totals {
             requests: u64::MAX,
             errors: u64::MAX,
-            usage: Usage::default(),
+            cost: u64::MAX - 1,
+            ..Totals::default()
         };
         t.add(&record(1, "ck_a", u64::MAX, 500));
+        assert_eq!(t.cost, u64::MAX);
         assert_eq!((t.requests, t.errors), (u64::MAX, u64::MAX));
         assert_eq!(t.usage.input, u64::MAX);
         t.absorb(&t.clone());
@@ -549,7 +583,7 @@ mod tests {
         ledger.flush(&mut journal);
         drop((ledger, journal));
         let (book, _) = read(&dir).expect("read");
-        assert_eq!(group(&book, "key", 0, u64::MAX)[0].1.requests, 11);
+        assert_eq!(group(&book, "key", (0, u64::MAX), None)[0].1.requests, 11);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -577,7 +611,7 @@ mod tests {
         let started = std::time::Instant::now();
         let budget_reads = 10_000;
         for _ in 0..budget_reads {
-            std::hint::black_box(ledger.tokens_since("ck_1", 20_783));
+            std::hint::black_box(ledger.spent_since("ck_1", 20_783));
         }
         let per_budget = started.elapsed().as_nanos() as f64 / budget_reads as f64;
         eprintln!(
@@ -595,7 +629,7 @@ mod tests {
         let (second, mut journal) = Ledger::open(&dir, None).expect("follows");
         assert!(journal.lock.is_none(), "a second writer follows");
         assert_eq!(
-            second.tokens_since("ck_a", 0),
+            second.spent_since("ck_a", 0).tokens,
             14,
             "it counts the writer's records"
         );
@@ -604,7 +638,7 @@ mod tests {
         second.flush(&mut journal);
         assert!(journal.lock.is_none(), "the writer still holds the ledger");
         assert_eq!(
-            second.tokens_since("ck_a", 0),
+            second.spent_since("ck_a", 0).tokens,
             14 + 15 + 16,
             "re-read at the flush"
         );
@@ -616,13 +650,17 @@ mod tests {
         second.record(&record(86_400 * 3, "ck_a", 5, 200));
         second.flush(&mut journal);
         let expected = 14 + 15 + 16 + 17 + 18;
-        assert_eq!(second.tokens_since("ck_a", 0), expected);
+        assert_eq!(second.spent_since("ck_a", 0).tokens, expected);
         drop((second, journal));
         let (book, _) = read(&dir).expect("read");
-        assert_eq!(book.tokens_since("ck_a", 0), expected, "every record once");
+        assert_eq!(
+            book.spent_since("ck_a", 0).tokens,
+            expected,
+            "every record once"
+        );
         let (reopened, _journal) = Ledger::open(&dir, None).expect("reopen");
         assert_eq!(
-            reopened.tokens_since("ck_a", 0),
+            reopened.spent_since("ck_a", 0).tokens,
             expected,
             "and after a fold"
         );

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::usage::{RowKey, Totals};
+use crate::usage::{RowKey, Spend, Totals};
 
 /// Rows not yet added to Redis: a named batch whose outcome is unknown (retried under the same
 /// name, which Redis applies once), and the rows gathered since. While it is not empty after a
@@ -46,15 +46,19 @@ pub(super) fn outbox_path(dir: &Path) -> PathBuf {
 }
 
 impl Outbox {
-    pub(super) fn tokens_since(&self, key: &str, from: u64) -> u64 {
+    pub(super) fn spent_since(&self, key: &str, from: u64) -> Spend {
         let unsent = self
             .unsent
             .iter()
             .flat_map(|(_, rows)| rows.iter().map(|(k, t)| (k, t)));
-        unsent
+        let mut sum = Spend::default();
+        for (_, t) in unsent
             .chain(self.fresh.iter())
             .filter(|(k, _)| k.0 >= from && k.1 == key)
-            .fold(0u64, |sum, (_, t)| sum.saturating_add(t.usage.total()))
+        {
+            sum.add(t.spend());
+        }
+        sum
     }
 }
 

@@ -47,19 +47,29 @@ impl Shared {
         let _ = self.call(|c| redis::cmd("ZREM").arg(&name).arg(slot).query::<()>(c));
     }
 
-    /// Reserves `tokens` against `key`'s budgets while a request is in flight, when what every
-    /// instance reserved for it is under `left` (its budget not yet spent). `Ok(Ok(member))`
-    /// names the reservation (renewed like a slot, gone by itself 30 s after its instance);
-    /// `Ok(Err(reserved))` refuses, with what is reserved.
-    pub fn reserve(&self, key: &str, left: u64, tokens: u64) -> Result<Result<String, u64>, Down> {
+    /// Reserves `amount` (tokens and nano-USD) against `key`'s budgets while a request is in
+    /// flight, when what every instance reserved for it is under `left` in both units (its
+    /// budgets not yet spent). `Ok(Ok(member))` names the reservation (renewed like a slot,
+    /// gone by itself 30 s after its instance); `Ok(Err(reserved))` refuses, with what is
+    /// reserved.
+    pub fn reserve(
+        &self,
+        key: &str,
+        left: Spend,
+        amount: Spend,
+    ) -> Result<Result<String, Spend>, Down> {
         let name = self.name("resv", key);
-        let member = format!("{}:{tokens}", self.unique());
+        let member = format!("{}:{}/{}", self.unique(), amount.tokens, amount.nano);
         let mut cmd = eval(RESERVE, &[&name]);
-        cmd.arg(left)
+        cmd.arg(left.tokens)
+            .arg(left.nano)
             .arg(&member)
-            .arg(tokens)
             .arg(SLOT_HOLD.as_millis() as u64);
-        let (taken, reserved): (i64, u64) = self.call(|c| cmd.query(c))?;
+        let (taken, tokens, nano): (i64, f64, f64) = self.call(|c| cmd.query(c))?;
+        let reserved = Spend {
+            tokens: tokens as u64,
+            nano: nano as u64,
+        };
         Ok(if taken == 1 {
             Ok(member)
         } else {

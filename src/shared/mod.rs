@@ -23,7 +23,7 @@ use redis::{Connection, RedisError, RedisResult};
 
 use crate::config::{RedisSettings, Tokens};
 use crate::secret::SecretKey;
-use crate::usage::{RowKey, Totals, Usage};
+use crate::usage::{RowKey, Spend, Totals, Usage};
 
 /// Connections kept open between calls; more concurrent callers open and close their own.
 const IDLE_CONNECTIONS: usize = 64;
@@ -173,26 +173,35 @@ return #KEYS";
 /// Reserves ARGV[3] tokens for a key's request in flight (member ARGV[2], which ends in
 /// `:<tokens>`, held ARGV[4] ms) when the key's live reservations sum to less than ARGV[1]
 /// (its budget left); returns {1, sum} when taken, {0, sum} when not.
+/// Reserves a request's tokens and nano-USD (its member ends `:<tokens>/<nano>`) while both
+/// sums are under what is left (ARGV 1 and 2); returns taken, and the sums as text.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local sum = 0
+local tokens, nano = 0, 0
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  sum = sum + tonumber(string.match(m, ':(%d+)$') or '0')
+  local a, b = string.match(m, ':(%d+)/(%d+)$')
+  tokens = tokens + tonumber(a or string.match(m, ':(%d+)$') or '0')
+  nano = nano + tonumber(b or '0')
 end
-if sum >= tonumber(ARGV[1]) then return {0, sum} end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+local sums = {string.format('%.0f', tokens), string.format('%.0f', nano)}
+if tokens >= tonumber(ARGV[1]) or nano >= tonumber(ARGV[2]) then return {0, sums[1], sums[2]} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, sum}";
+return {1, sums[1], sums[2]}";
 
-const METRICS: [&str; 6] = [
+const METRICS: [&str; 10] = [
     "requests",
     "errors",
     "input",
     "output",
     "cache_creation",
     "cache_read",
+    "cache_1h",
+    "cost",
+    "unpriced",
+    "estimated",
 ];
 
 /// A failure of the connection itself (not an error Redis answered).

@@ -22,6 +22,10 @@ impl Shared {
                 t.usage.output,
                 t.usage.cache_creation,
                 t.usage.cache_read,
+                t.usage.cache_1h,
+                t.cost,
+                t.unpriced,
+                t.estimated,
             ];
             for (metric, value) in METRICS.iter().zip(values) {
                 if value > 0 {
@@ -37,23 +41,44 @@ impl Shared {
                     .arg(&key.1)
                     .arg(tokens);
             }
+            let nano = t.cost.min(i64::MAX as u64);
+            if nano > 0 {
+                // By day, and in all (what a total budget reads in one look).
+                cmd.arg(self.name("keycost", &key.0.to_string()))
+                    .arg(&key.1)
+                    .arg(nano);
+                cmd.arg(self.name("keycost", "all")).arg(&key.1).arg(nano);
+            }
         }
         self.call(|c| cmd.query::<i64>(c)).map(|_| ())
     }
 
-    /// Tokens client key `key` used on days `from..=to`, as every instance reported them.
-    pub fn key_tokens(&self, key: &str, from: u64, to: u64) -> Result<u64, Down> {
+    /// What client key `key` spent on days `from..=to`, as every instance reported it. From
+    /// day 0 it is the cost of all time alone (one look; no budget counts tokens of all time).
+    pub fn key_spend(&self, key: &str, from: u64, to: u64) -> Result<Spend, Down> {
         let mut pipe = redis::pipe();
-        for day in from..=to {
-            pipe.cmd("HGET")
-                .arg(self.name("keytok", &day.to_string()))
-                .arg(key);
+        if from == 0 {
+            pipe.cmd("HGET").arg(self.name("keycost", "all")).arg(key);
+            let nano: Option<u64> = self.call(|c| pipe.query::<(Option<u64>,)>(c))?.0;
+            return Ok(Spend {
+                tokens: 0,
+                nano: nano.unwrap_or(0),
+            });
         }
-        let days: Vec<Option<u64>> = self.call(|c| pipe.query(c))?;
-        Ok(days
-            .into_iter()
-            .flatten()
-            .fold(0u64, |sum, n| sum.saturating_add(n)))
+        for day in from..=to {
+            let day = day.to_string();
+            pipe.cmd("HGET").arg(self.name("keytok", &day)).arg(key);
+            pipe.cmd("HGET").arg(self.name("keycost", &day)).arg(key);
+        }
+        let values: Vec<Option<u64>> = self.call(|c| pipe.query(c))?;
+        let mut spend = Spend::default();
+        for pair in values.chunks(2) {
+            spend.add(Spend {
+                tokens: pair[0].unwrap_or(0),
+                nano: pair.get(1).copied().flatten().unwrap_or(0),
+            });
+        }
+        Ok(spend)
     }
 
     /// Every usage row of days `from..=to`, for `llm-gateway usage`.
@@ -106,6 +131,10 @@ impl Shared {
                     "output" => &mut u.output,
                     "cache_creation" => &mut u.cache_creation,
                     "cache_read" => &mut u.cache_read,
+                    "cache_1h" => &mut u.cache_1h,
+                    "cost" => &mut t.cost,
+                    "unpriced" => &mut t.unpriced,
+                    "estimated" => &mut t.estimated,
                     _ => continue,
                 };
                 *slot = slot.saturating_add(value);

@@ -185,3 +185,35 @@ fn a_keys_budget_holds_under_parallel_requests_across_instances() {
     assert_eq!(admitted, 2, "{statuses:?}");
     assert_eq!(up.requests().len(), admitted);
 }
+
+#[test]
+fn a_keys_usd_budget_holds_under_parallel_requests_across_instances() {
+    // As above, in dollars: each request reserves its price from the table (Sonnet: its body
+    // at four bytes a token at $3 per million, max_tokens 40 at $15), and the budget is two
+    // such reservations.
+    const PARALLEL: usize = 10;
+    let redis = RedisServer::start();
+    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
+        crate::support::Reply::json(
+            200,
+            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
+        )
+    });
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+    let reserved = (body.len() as u64 / 4) * 3_000 + 40 * 15_000;
+    let budget = format!("0.{:09}", 2 * reserved);
+    let gw = shared_gateway(Config::new(up.base_url()).read_timeout("10s"), &redis);
+    let (_, key) = add_key(&gw, "budgeted", &["--daily-usd", &budget]);
+    let gws = start_instances(gw, 2);
+    let statuses = in_parallel(PARALLEL, |i| {
+        post_anthropic(gws[i % 2].addr(), &key, body, &[]).status
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        admitted + statuses.iter().filter(|s| **s == 429).count(),
+        PARALLEL,
+        "{statuses:?}"
+    );
+    assert_eq!(admitted, 2, "{budget} holds two reservations: {statuses:?}");
+    assert_eq!(up.requests().len(), admitted);
+}

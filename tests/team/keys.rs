@@ -15,7 +15,7 @@ use crate::support::{
 };
 
 /// Every field of a `list-client-keys --json` row, as the contract lists them.
-const ROW_FIELDS: [&str; 15] = [
+const ROW_FIELDS: [&str; 19] = [
     "id",
     "name",
     "prefix",
@@ -28,6 +28,10 @@ const ROW_FIELDS: [&str; 15] = [
     "queue",
     "daily_tokens",
     "monthly_tokens",
+    "daily_usd",
+    "weekly_usd",
+    "monthly_usd",
+    "total_usd",
     "expires",
     "revoked_at",
     "created_at",

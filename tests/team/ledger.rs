@@ -480,10 +480,15 @@ fn usage_groups_by_key_account_model_and_day_and_filters_by_date() {
     }
 }
 
-/// Checks `usage`'s text table against its JSON: one line per row, the TOTAL row's numbers,
-/// and numbers right-aligned in columns (every row's numbers end at the same places).
+/// Checks `usage`'s text table (what comes before its notes, after a blank line) against its
+/// JSON: one line per row, the TOTAL row's numbers, and numbers right-aligned in columns
+/// (every row's numbers end at the same places).
+/// The numbers of a row of `usage`'s table.
+const COLUMNS: usize = 10;
+
 fn check_table(text: &str, by: &str, view: &Value) {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let table = text.split("\n\n").next().unwrap_or_default();
+    let lines: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
     let rules = |l: &&&str| l.trim().chars().all(|c| c == '-' || c == '─');
     let rows: Vec<&str> = lines
         .iter()
@@ -504,36 +509,38 @@ fn check_table(text: &str, by: &str, view: &Value) {
     );
     let total = rows.last().expect("a TOTAL row");
     assert!(total.starts_with("TOTAL"), "the last row is TOTAL: {what}");
-    let numbers = |line: &str| -> Vec<u64> {
+    // Counts, then the cost (USD, six decimals) and the unpriced requests.
+    let numbers = |line: &str| -> Vec<String> {
         let words: Vec<&str> = line.split_whitespace().collect();
-        words[words.len() - 7..]
+        words[words.len() - COLUMNS..]
             .iter()
-            .map(|w| {
-                w.parse()
-                    .unwrap_or_else(|_| panic!("not a number {w:?} in {line:?}"))
-            })
+            .map(|w| w.trim_end_matches('~').to_string())
             .collect()
     };
     let t = &view["total"];
-    let want: Vec<u64> = [
+    let mut want: Vec<String> = [
         "requests",
         "errors",
         "input_tokens",
         "output_tokens",
-        "cache_creation_tokens",
+        "cache_write_5m_tokens",
+        "cache_write_1h_tokens",
         "cache_read_tokens",
         "total_tokens",
     ]
     .iter()
-    .map(|f| t[*f].as_u64().expect("a count"))
+    .map(|f| t[*f].as_u64().expect("a count").to_string())
     .collect();
+    let cost = t["cost_usd"].as_str().expect("cost_usd");
+    want.push(cost[..cost.len() - 3].to_string());
+    want.push(t["unpriced_requests"].to_string());
     assert_eq!(numbers(total), want, "the TOTAL row: {what}");
-    // Where each of the seven numbers ends, in characters.
+    // Where each of the numbers ends, in characters.
     let ends = |line: &str| -> Vec<usize> {
         let chars: Vec<char> = line.chars().collect();
         let mut ends = Vec::new();
         let mut i = chars.len();
-        while ends.len() < 7 && i > 0 {
+        while ends.len() < COLUMNS && i > 0 {
             while i > 0 && chars[i - 1] == ' ' {
                 i -= 1;
             }

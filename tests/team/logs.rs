@@ -18,9 +18,10 @@ use crate::support::{
 
 /// The keys of an access log line, as the contract lists them.
 /// Every key of a line without failover (`failover` joins them when there was).
-const LINE_KEYS: [&str; 17] = [
+const LINE_KEYS: [&str; 18] = [
     "time",
     "request_id",
+    "cost_usd",
     "method",
     "path",
     "client",
@@ -62,7 +63,7 @@ fn is_generated_id(id: &str) -> bool {
 
 fn tokens_json(t: Tokens) -> Value {
     serde_json::json!({"input": t.input, "output": t.output,
-                       "cache_creation": t.cache_creation, "cache_read": t.cache_read})
+                       "cache_creation": t.cache_creation, "cache_1h": 0, "cache_read": t.cache_read})
 }
 
 #[test]
