@@ -7,6 +7,7 @@ use std::io::Read;
 use std::time::Instant;
 
 use crate::json;
+use crate::openai::responses::{self, Reply, stream::ResponseStream};
 use crate::openai::{self, stream::ChunkStream};
 use crate::respond::{BodyWriter, Head, Responder};
 use crate::scrub::{self, Scrub};
@@ -54,6 +55,8 @@ pub enum Shape {
     Anthropic,
     /// An OpenAI chat completion (or chunk stream), reporting the model the client named.
     Chat { include_usage: bool, model: String },
+    /// An OpenAI `response` object (or Responses event stream); boxed: it is rare and large.
+    Responses(Box<Reply>),
     /// OpenAI's model list (or one model), with the configured aliases listed too; `alias`
     /// names a single model fetched for an alias.
     Models {
@@ -253,12 +256,37 @@ pub fn relay<'a>(
                 reader,
                 out,
                 head,
-                Some(chat),
+                Some(Converter::Chat(chat)),
                 meter,
                 &guard,
                 settle,
             ));
         }
+        Shape::Responses(reply) if is_sse => {
+            head.header("content-type", b"text/event-stream")
+                .header("cache-control", b"no-cache");
+            let stream = ResponseStream::new((**reply).clone(), crate::time::now_unix());
+            return Ok(relay_sse(
+                reader,
+                out,
+                head,
+                Some(Converter::Responses(stream)),
+                meter,
+                &guard,
+                settle,
+            ));
+        }
+        Shape::Responses(reply) => read_all(&mut reader, MAX_MESSAGE, &scrub)
+            .and_then(|b| {
+                responses::response(&b, reply, crate::time::now_unix()).map_err(|e| not_json(&e))
+            })
+            .map(|c| {
+                meter.usage.merge(&c.usage);
+                Whole {
+                    json: true,
+                    body: c.body,
+                }
+            }),
         Shape::Chat { model, .. } => read_all(&mut reader, MAX_MESSAGE, &scrub)
             .and_then(|b| {
                 openai::response::completion(&b, model, crate::time::now_unix())
@@ -463,7 +491,36 @@ fn relay_stream(
     ended
 }
 
-/// An SSE body, forwarded event by event, or converted event by event into OpenAI chunks
+/// What an event stream is converted into for an OpenAI client.
+enum Converter {
+    Chat(ChunkStream),
+    Responses(ResponseStream),
+}
+
+impl Converter {
+    fn event(&mut self, event: &[u8]) -> Vec<u8> {
+        match self {
+            Converter::Chat(c) => c.event(event),
+            Converter::Responses(r) => r.event(event),
+        }
+    }
+
+    fn closed(&self) -> bool {
+        match self {
+            Converter::Chat(c) => c.closed(),
+            Converter::Responses(r) => r.closed(),
+        }
+    }
+
+    fn end(&mut self, broke: Option<&str>) -> Vec<u8> {
+        match self {
+            Converter::Chat(c) => c.end(broke),
+            Converter::Responses(r) => r.end(broke),
+        }
+    }
+}
+
+/// An SSE body, forwarded event by event, or converted event by event into an OpenAI stream
 /// when `chat` is given. If the upstream ends without `message_stop` (or an `error` event of
 /// its own), or an event grows past `guard.max_event`, the client is told with an error in
 /// its format rather than a silent cut.
@@ -471,7 +528,7 @@ fn relay_sse(
     mut reader: impl Read,
     out: Responder<'_>,
     head: Head,
-    mut chat: Option<ChunkStream>,
+    mut chat: Option<Converter>,
     meter: &mut Meter,
     guard: &Guard<'_>,
     settle: Settle<'_>,
@@ -542,9 +599,6 @@ fn relay_sse(
     };
     drop(reader);
     drop(watching);
-    if let Some(chat) = &chat {
-        meter.usage.merge(&chat.usage());
-    }
     if finished && broke.is_none() {
         let outcome = meter.outcome(Outcome::Complete);
         if outcome == Outcome::Complete {

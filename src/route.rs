@@ -19,6 +19,8 @@ pub enum Route {
     Messages { count_tokens: bool },
     /// OpenAI Chat Completions: converted, unless the body is clearly Anthropic's.
     Chat,
+    /// The OpenAI Responses API: converted.
+    Responses,
     /// The model list or one model, in the caller's format.
     Models,
     /// A key's own usage, cost and budgets left (`key_usage`).
@@ -40,6 +42,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         ),
         "/v1/messages/count_tokens" => ("POST", Route::Messages { count_tokens: true }),
         "/v1/chat/completions" | "/chat/completions" => ("POST", Route::Chat),
+        "/v1/responses" | "/responses" => ("POST", Route::Responses),
+        p if p.starts_with("/v1/responses/") || p.starts_with("/responses/") => {
+            return Err(ApiError::NotFound(format!(
+                "no route for {method} {path}: this gateway stores no responses (and compacts none); send the whole history to POST /v1/responses"
+            )));
+        }
         "/v1/models" => ("GET", Route::Models),
         p if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
@@ -52,7 +60,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         }
         _ => {
             return Err(ApiError::NotFound(format!(
-                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, GET /v1/models, GET /gateway/usage, GET /health and GET /ready"
+                "no route for {method} {path}; this gateway serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/chat/completions, POST /v1/responses, GET /v1/models, GET /gateway/usage, GET /health and GET /ready"
             )));
         }
     };

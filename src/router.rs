@@ -212,9 +212,13 @@ pub fn refuse_unread(gw: &Gateway, conn: &mut Conn, error: &ApiError) {
     }
 }
 
-/// The OpenAI Chat Completions paths: their clients get OpenAI's error shape.
+/// The OpenAI paths (Chat Completions, Responses): their clients get OpenAI's error shape.
 fn is_chat_path(path: &str) -> bool {
     matches!(path, "/v1/chat/completions" | "/chat/completions")
+        || ["/v1/responses", "/responses"].iter().any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
 }
 
 /// After a request: the ledger record, the metrics, the access log line.
@@ -418,13 +422,19 @@ fn serve(
         mut permit,
     } = admitted;
     if !req.body.is_empty() {
+        check_encoding(req)?;
         crate::json::check_text(&req.body).map_err(ApiError::BadRequest)?;
     }
     let (converted, shape) = shape_request(gw, req, route, &mut names.format)?;
     let req = converted.as_ref().unwrap_or(req);
-    let facts = sticky::facts(&req.body, req.header("x-session-id"));
+    let session = match &shape {
+        Shape::Responses(reply) => reply.session.as_deref(),
+        _ => None,
+    };
+    let facts = sticky::facts(&req.body, session.or(req.header("x-session-id")));
     names.model = match &shape {
         Shape::Chat { model, .. } => Some(model.clone()),
+        Shape::Responses(reply) => Some(reply.model.clone()),
         _ => facts.model,
     };
     let sticky_key = (facts.key)
@@ -464,6 +474,23 @@ fn serve(
     }
     let (answer, pick) = answered?;
     Ok(Served::Upstream(answer, pick.map(Box::new), shape, permit))
+}
+
+/// A compressed request body is refused (415): the gateway reads and converts bodies, and
+/// decoding one would need a decompressor with its own bounds. Clients fall back to plain
+/// JSON (Codex sends plain JSON to custom providers).
+fn check_encoding(req: &Request) -> Result<(), ApiError> {
+    match req.header("content-encoding").map(str::trim) {
+        None | Some("") => Ok(()),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(()),
+        Some(e) => Err(ApiError::Http {
+            status: 415,
+            message: format!(
+                "request bodies must not be compressed (content-encoding: {}): send plain JSON",
+                e.chars().take(40).collect::<String>()
+            ),
+        }),
+    }
 }
 
 /// Decides what goes upstream and what shape the answer takes. A body that clearly belongs
@@ -513,6 +540,30 @@ fn shape_request(
                 ));
             }
             convert(gw, req)
+        }
+        Route::Responses => {
+            let live = gw.live();
+            let options = openai::request::Options {
+                default_max_tokens: live.models.default_max_tokens,
+                aliases: &live.models.aliases,
+            };
+            let converted =
+                openai::responses::request::convert(&req.body, &options).map_err(|e| {
+                    ApiError::Invalid {
+                        message: e.message,
+                        param: e.param,
+                    }
+                })?;
+            let reply = openai::responses::Reply {
+                model: converted.requested_model,
+                encrypted_reasoning: converted.encrypted_reasoning,
+                custom_tools: converted.custom_tools,
+                session: converted.session,
+            };
+            Ok((
+                Some(derived(req, "/v1/messages", converted.body)),
+                Shape::Responses(Box::new(reply)),
+            ))
         }
         _ => Err(ApiError::NotFound("no route".into())),
     }

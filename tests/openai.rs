@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use crate::support::{Conn, Gateway, Response, SseStream, StreamEnd, call, request_bytes};
 
 mod chat;
+mod codex;
 mod errors;
+mod responses;
 mod routes;
 mod sdk;
 mod stream;

@@ -5,6 +5,7 @@
 mod messages;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod stream;
 mod views;
 

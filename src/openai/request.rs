@@ -33,15 +33,18 @@ pub struct Converted {
     pub requested_model: String,
 }
 
-/// Thinking budgets per `reasoning_effort`. LiteLLM's values (low 1024 / medium 2048 / high
-/// 4096), with `minimal` at Anthropic's floor of 1024: the smallest budgets that still think,
-/// so a client asking for "low" does not pay for a long think.
-fn thinking_budget(effort: &str) -> Option<Option<u64>> {
+/// Thinking budgets per reasoning effort, for both OpenAI routes (`reasoning_effort` on chat,
+/// `reasoning.effort` on responses). LiteLLM's values (low 1024 / medium 2048 / high 4096),
+/// with `minimal` at Anthropic's floor of 1024: the smallest budgets that still think, so a
+/// client asking for "low" does not pay for a long think; `xhigh` (Codex's highest) doubles
+/// `high`.
+pub(crate) fn thinking_budget(effort: &str) -> Option<Option<u64>> {
     match effort {
         "none" => Some(None),
         "minimal" | "low" => Some(Some(1024)),
         "medium" => Some(Some(2048)),
         "high" => Some(Some(4096)),
+        "xhigh" => Some(Some(8192)),
         _ => None,
     }
 }
@@ -322,17 +325,22 @@ fn write_tools(f: &Fields<'_>, out: &mut Vec<u8>) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Writes `user` as `metadata.user_id`, when it is an opaque id: an email or phone number is
-/// personal data Anthropic asks not to get.
+/// Writes `user` as `metadata.user_id`, when it is an opaque id (`opaque_user`).
 fn write_user(f: &Fields<'_>, out: &mut Vec<u8>) {
-    if let Some(user) = text(f.user) {
-        let personal = user.contains('@') || user.chars().filter(char::is_ascii_digit).count() >= 7;
-        if !user.is_empty() && !personal {
-            out.extend_from_slice(b",\"metadata\":{\"user_id\":");
-            put(out, &user);
-            out.push(b'}');
-        }
+    if let Some(user) = text(f.user)
+        && let Some(user) = opaque_user(&user)
+    {
+        out.extend_from_slice(b",\"metadata\":{\"user_id\":");
+        put(out, &user);
+        out.push(b'}');
     }
+}
+
+/// An OpenAI `user` as Anthropic's `metadata.user_id`, when it is an opaque id: an email or
+/// phone number is personal data Anthropic asks not to get.
+pub(crate) fn opaque_user(user: &str) -> Option<&str> {
+    let personal = user.contains('@') || user.chars().filter(char::is_ascii_digit).count() >= 7;
+    (!user.is_empty() && !personal).then_some(user)
 }
 
 /// Writes `value` as JSON (our own strings and numbers: it cannot fail).
