@@ -791,6 +791,69 @@ fn openai_stream(input: &[u8]) {
     }
 }
 
+/// The Responses request converter (and, on the same bytes, the response converter).
+fn responses_request(input: &[u8]) {
+    let aliases = HashMap::from([("gpt-4o".to_string(), "claude-sonnet-4-5".to_string())]);
+    let options = Options {
+        default_max_tokens: 8192,
+        aliases: &aliases,
+    };
+    if let Ok(converted) = openai::responses::request::convert(input, &options) {
+        let bytes = converted.body;
+        serde_json::from_slice::<Value>(&bytes).expect("a converted body is JSON");
+        let _ = llm_gateway::accounts::sticky::facts(&bytes, converted.session.as_deref());
+        let _ = llm_gateway::anthropic::prepend_system_text(&bytes, "system");
+    }
+    let reply = openai::responses::Reply {
+        model: "gpt-4o".into(),
+        encrypted_reasoning: true,
+        custom_tools: vec!["apply_patch".into()],
+        session: None,
+    };
+    if let Ok(c) = openai::responses::response(input, &reply, 1_700_000_000) {
+        serde_json::from_slice::<Value>(&c.body).expect("a response is JSON");
+    }
+}
+
+/// The Responses stream converter, fed events as the relay frames them: every event it sends
+/// is named as its data's `type`, and numbered in order.
+fn responses_stream(input: &[u8]) {
+    let mut rng = rng_of(input);
+    let reply = openai::responses::Reply {
+        model: "gpt-4o".into(),
+        encrypted_reasoning: rng.one_in(2),
+        custom_tools: vec!["exec_command".into()],
+        session: None,
+    };
+    let mut stream = openai::responses::stream::ResponseStream::new(reply, 1_700_000_000);
+    let mut framer = Framer::default();
+    let mut out = Vec::new();
+    for piece in reads(input, &mut rng) {
+        framer
+            .push::<()>(piece, |events| {
+                for event in sse::split_events(events) {
+                    out.extend(stream.event(event));
+                }
+                Ok(())
+            })
+            .expect("the callback does not fail");
+    }
+    out.extend(stream.end(if rng.one_in(2) { Some("reset") } else { None }));
+    assert!(stream.closed(), "the stream ends, one way or another");
+    for (n, event) in sse::split_events(&out).enumerate() {
+        let text = String::from_utf8_lossy(event);
+        let (name, data) = text.split_once('\n').expect("an event and its data");
+        let data: Value = serde_json::from_str(data.strip_prefix("data: ").expect("data"))
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        assert_eq!(
+            name.strip_prefix("event: "),
+            data["type"].as_str(),
+            "{text}"
+        );
+        assert_eq!(data["sequence_number"], json!(n), "{text}");
+    }
+}
+
 /// What reads every client body before any conversion: format detection, the sticky facts,
 /// and the OAuth system-prompt edit.
 fn body_probe(input: &[u8]) {
@@ -843,6 +906,10 @@ fuzz_tests! {
     openai_stream_converter_never_panics_and_sends_json => "openai_stream", Bytes, openai_stream;
     /// Format detection, sticky facts and the system-prompt edit take any client body.
     body_probes_never_panic => "body_probe", Json, body_probe;
+    /// Any Responses body gets a converted request or a 400; any message a response object.
+    responses_converters_never_panic => "responses_request", Json, responses_request;
+    /// Any upstream event stream converts to named, numbered Responses events of JSON.
+    responses_stream_converter_never_panics_and_numbers_its_events => "responses_stream", Bytes, responses_stream;
 }
 
 /// JSON nested `levels` deep, in several shapes, placed where each reader looks.
