@@ -16,11 +16,12 @@ run: build
 # The shared-state tests (tests/scale) start a real redis-server; Debian's is in the registry.
 # The SDK tests use the official Python SDKs; Claude Code and Codex CLI come from the npm
 # registry (tests/clients/package.json pins their versions; each ships its native binary in
-# the package).
+# the package). The dashboard test drives Debian's Chromium with playwright-core (npm).
 test:
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/sdk/requirements.txt
-	test -x tests/clients/node_modules/.bin/claude -a -x tests/clients/node_modules/.bin/codex || npm install --prefix tests/clients --no-audit --no-fund
+	test -x tests/clients/node_modules/.bin/claude -a -x tests/clients/node_modules/.bin/codex -a -d tests/clients/node_modules/playwright-core || npm install --prefix tests/clients --no-audit --no-fund
 	$(CARGO) test
 
 # The fault suite (README: Reliability). `make test` runs its short form too; LONG=1 runs the

@@ -130,6 +130,21 @@ impl ClientKeys {
         Ok(Client::of(key))
     }
 
+    /// Every key's id and name (revoked ones too: their usage stays).
+    pub fn list(&self) -> Vec<(String, String)> {
+        (self.snapshot().iter())
+            .map(|k| (k.id.clone(), k.name.clone()))
+            .collect()
+    }
+
+    /// Every key that is not revoked, as a client with its limits.
+    pub fn clients(&self) -> Vec<Client> {
+        (self.snapshot().iter())
+            .filter(|k| !k.revoked)
+            .map(Client::of)
+            .collect()
+    }
+
     /// The key whose id or name is `wanted` (revoked and disabled ones too: their usage
     /// stays readable), for an admin asking about it.
     pub fn named(&self, wanted: &str) -> Option<Client> {

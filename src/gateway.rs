@@ -104,6 +104,10 @@ pub struct Gateway {
     pub threads: Arc<Threads>,
     /// Why the last change of config.yaml could not be applied (and when), until one is.
     pub reload_error: Mutex<Option<String>>,
+    /// The dashboard's session cookies, keyed from `gateway.key`.
+    pub sessions: crate::dashboard::Sessions,
+    /// This instance's recent errors and failovers, for the dashboard.
+    pub trouble: crate::dashboard::Recent,
 }
 
 impl Gateway {
@@ -153,6 +157,8 @@ impl Gateway {
             connections: Connections::default(),
             threads: Arc::default(),
             reload_error: Mutex::default(),
+            sessions: crate::dashboard::Sessions::new(session_key(config).as_ref()),
+            trouble: crate::dashboard::Recent::default(),
         }
     }
 
@@ -301,4 +307,19 @@ pub(crate) fn known_models(config: &Config) -> Vec<String> {
         names.extend(key.limits.models.iter().cloned());
     }
     names
+}
+
+/// The key the dashboard's sessions are derived from: `gateway.key` (made beside an existing
+/// config if there is none yet, as the first sealed secret would make it), or none when it
+/// cannot be read.
+fn session_key(config: &Config) -> Option<crate::secret::SecretKey> {
+    let text = crate::config::read_text(&config.path).ok().flatten()?;
+    let raw = crate::config::parse_raw(&config.path, &text).ok()?;
+    match crate::config::key_source(&config.path, &raw).load_or_create() {
+        Ok(key) => Some(key),
+        Err(e) => {
+            warn!("dashboard sessions are off: {e}");
+            None
+        }
+    }
 }

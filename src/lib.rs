@@ -21,6 +21,7 @@ pub mod applied;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod encoding;
 pub mod error;
 pub mod failover;

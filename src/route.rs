@@ -25,6 +25,12 @@ pub enum Route {
     Models,
     /// A key's own usage, cost and budgets left (`key_usage`).
     KeyUsage,
+    /// The dashboard's page, script and style sheet: no data, so no key.
+    Dashboard,
+    /// The dashboard's sign-in: an admin key in, a session cookie out.
+    DashboardLogin,
+    /// The dashboard's JSON (`dashboard::api`): admin only.
+    AdminApi,
 }
 
 pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
@@ -34,6 +40,14 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         "/admin/status" => ("GET", Route::Status),
         "/metrics" => ("GET", Route::Metrics),
         "/gateway/usage" => ("GET", Route::KeyUsage),
+        "/dashboard" | "/dashboard/" | "/dashboard/app.js" | "/dashboard/app.css" => {
+            ("GET", Route::Dashboard)
+        }
+        "/dashboard/login" => ("POST", Route::DashboardLogin),
+        "/dashboard/session" => ("GET", Route::Dashboard),
+        "/admin/api/overview" | "/admin/api/usage" | "/admin/api/keys" | "/admin/api/trouble" => {
+            ("GET", Route::AdminApi)
+        }
         "/v1/messages" => (
             "POST",
             Route::Messages {

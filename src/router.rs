@@ -84,6 +84,18 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             let keep = out.send(head, body.as_bytes());
             (status, Outcome::Complete, keep)
         }
+        Ok(Served::Page(page)) => {
+            let mut head = Head::new(page.status);
+            head.header("content-type", page.content_type.as_bytes());
+            for (name, value) in crate::dashboard::HEADERS {
+                head.header(name, value.as_bytes());
+            }
+            if let Some(cookie) = &page.cookie {
+                head.header("set-cookie", cookie.as_bytes());
+            }
+            let keep = out.send(head, &page.body);
+            (page.status, Outcome::Complete, keep)
+        }
         Ok(Served::Upstream(answer, pick, shape, held)) => {
             permit = Some(held);
             // A stream can last minutes; the request body (often hundreds of KiB) is not
@@ -250,6 +262,12 @@ fn account_for(
     if !settled {
         record_usage(gw, names, counted, meter, error.clone());
     }
+    let own = ["/dashboard", "/admin/api/"]
+        .iter()
+        .any(|p| req.path().starts_with(p));
+    if !own && (counted >= 400 || error.is_some() || !names.tried.is_empty()) {
+        note_trouble(gw, request_id, counted, error.as_deref(), names);
+    }
     let cost = (gw.live()).cost(names.model.as_deref(), &meter.usage, meter.charged);
     if names.client_id.is_some() {
         gw.metrics.observe(&Observation {
@@ -278,6 +296,34 @@ fn account_for(
         };
         gw.access.write(&line.render(names, meter));
     }
+}
+
+/// Keeps a request that failed or failed over for the dashboard's recent trouble.
+fn note_trouble(gw: &Gateway, request_id: &str, status: u16, error: Option<&str>, names: &Names) {
+    use crate::dashboard::cut;
+    let accounts = gw.accounts.snapshot();
+    let name = |id: &str| {
+        (accounts.iter().find(|e| e.id() == id))
+            .map_or_else(|| id.to_string(), |e| e.account.name.clone())
+    };
+    let failover = (names.tried.iter())
+        .map(|t| {
+            let status = t
+                .status
+                .map_or_else(|| "no answer".to_string(), |s| s.to_string());
+            cut(&format!("{} ({status}): {}", name(&t.account), t.why), 200)
+        })
+        .collect();
+    gw.trouble.note(crate::dashboard::Trouble {
+        time: crate::time::rfc3339(crate::time::now_unix()),
+        request_id: request_id.to_string(),
+        client: names.client.clone(),
+        account: names.account.clone(),
+        model: names.model.clone(),
+        status,
+        error: error.map(|e| cut(e, 300)),
+        failover,
+    });
 }
 
 /// Records a request in the ledger; only what an authenticated client asked for goes there.
@@ -309,10 +355,127 @@ fn record_usage(gw: &Gateway, names: &Names, status: u16, meter: &Meter, error: 
 enum Served {
     /// A small answer made here, with its content type.
     Local(u16, String, &'static str),
+    /// A dashboard answer: under its security headers, maybe setting the session cookie.
+    Page(Page),
     /// An upstream answer, with the account it came from (held in flight while relayed;
     /// none for the buffered answer of an account that already failed over), and the shape
     /// the client wants it in.
     Upstream(Answer, Option<Box<Pick>>, Shape, Permit),
+}
+
+/// A dashboard answer.
+struct Page {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    cookie: Option<String>,
+}
+
+impl Page {
+    fn json(value: &serde_json::Value) -> Served {
+        Served::Page(Page {
+            status: 200,
+            content_type: JSON,
+            body: value.to_string().into_bytes(),
+            cookie: None,
+        })
+    }
+}
+
+/// The dashboard's routes: the bundle (no key: it holds no data), the sign-in, and the JSON
+/// (no key on the loopback admin listener; elsewhere an admin key or a session cookie).
+fn dashboard(
+    gw: &Gateway,
+    req: &Request,
+    route: Route,
+    listener: Listener,
+    names: &Names,
+) -> Result<Served, ApiError> {
+    let path = req.path();
+    let now = crate::time::now_unix();
+    match route {
+        Route::Dashboard if path == "/dashboard/session" => {
+            // Whether the page may read the data, so it asks for it only then (a 401 in the
+            // browser's console is an error there).
+            let signed_in = dashboard_access(gw, req, listener, now).is_ok();
+            Ok(Page::json(&serde_json::json!({"signed_in": signed_in})))
+        }
+        Route::Dashboard => {
+            let path = if path == "/dashboard/" {
+                "/dashboard"
+            } else {
+                path
+            };
+            let (_, content_type, body) = (crate::dashboard::ASSETS.iter())
+                .find(|(p, _, _)| *p == path)
+                .ok_or_else(|| ApiError::NotFound("no such dashboard file".into()))?;
+            Ok(Served::Page(Page {
+                status: 200,
+                content_type,
+                body: body.as_bytes().to_vec(),
+                cookie: None,
+            }))
+        }
+        Route::DashboardLogin => {
+            let client = gw.clients.authenticate(req)?;
+            if !client.admin {
+                return Err(ApiError::Forbidden(
+                    "the dashboard needs an admin key (add-client-key --admin)".into(),
+                ));
+            }
+            let value = gw.sessions.issue(now).ok_or_else(|| {
+                ApiError::NoAccount(
+                    "dashboard sessions need gateway.key beside config.yaml (llm-gateway init makes it); send the admin key as x-api-key instead".into(),
+                )
+            })?;
+            // Secure unless the page is served over plain HTTP to a browser on this machine.
+            let local = (names.address.as_deref())
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                .is_some_and(|ip| ip.is_loopback());
+            let secure = if local { "" } else { "; Secure" };
+            let cookie = format!(
+                "{}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+                crate::dashboard::COOKIE,
+                crate::dashboard::SESSION_SECS
+            );
+            Ok(Served::Page(Page {
+                status: 200,
+                content_type: JSON,
+                body: br#"{"signed_in":true}"#.to_vec(),
+                cookie: Some(cookie),
+            }))
+        }
+        _ => {
+            dashboard_access(gw, req, listener, now)?;
+            let name = path.strip_prefix("/admin/api/").unwrap_or("");
+            let value = crate::dashboard::api::answer(gw, name)
+                .ok_or_else(|| ApiError::NotFound(format!("no dashboard endpoint {name:?}")))?;
+            Ok(Page::json(&value))
+        }
+    }
+}
+
+/// Whether `req` may read the dashboard's data: on the loopback admin listener, with a valid
+/// session cookie, or with an admin key.
+fn dashboard_access(
+    gw: &Gateway,
+    req: &Request,
+    listener: Listener,
+    now: u64,
+) -> Result<(), ApiError> {
+    let session = (req.header("cookie"))
+        .and_then(|c| crate::dashboard::cookie(c, crate::dashboard::COOKIE))
+        .is_some_and(|v| gw.sessions.valid(v, now));
+    if listener == Listener::AdminLoopback || session {
+        return Ok(());
+    }
+    let client = gw.clients.authenticate(req)?;
+    if !client.admin {
+        return Err(ApiError::Forbidden(
+            "the dashboard's data needs an admin key or a dashboard session".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What the head alone decided.
@@ -373,6 +536,9 @@ fn admit(
             } else {
                 Served::Local(200, status::render(gw).to_string(), JSON)
             }));
+        }
+        Route::Dashboard | Route::DashboardLogin | Route::AdminApi => {
+            return Ok(Admitted::Local(dashboard(gw, req, route, listener, names)?));
         }
         Route::KeyUsage => {
             let caller = match listener {

@@ -113,6 +113,9 @@ impl fmt::Display for SecretError {
 /// The AES-256-GCM key and where it came from (for error messages).
 pub struct SecretKey {
     cipher: Aes256Gcm,
+    /// Keys derived for other purposes (the dashboard's session cookies) come from this, never
+    /// the sealing key itself.
+    derive: ring::hmac::Key,
     source: String,
 }
 
@@ -198,7 +201,19 @@ impl SecretKey {
         let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| SecretError::BadKey {
             source: source.clone(),
         })?;
-        Ok(SecretKey { cipher, source })
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+        Ok(SecretKey {
+            cipher,
+            derive,
+            source,
+        })
+    }
+
+    /// An HMAC-SHA256 key for `purpose`, derived from this key (HMAC of the purpose's name):
+    /// every instance with the same key file derives the same one, and it opens no secret.
+    pub fn derive(&self, purpose: &str) -> ring::hmac::Key {
+        let tag = ring::hmac::sign(&self.derive, purpose.as_bytes());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
     }
 
     /// Seals `value` for `(owner, field)`.

@@ -9,6 +9,7 @@
 
 mod balance;
 mod cli;
+mod dashboard;
 mod egress;
 mod faults;
 mod fuzz;

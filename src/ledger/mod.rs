@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::shared::Shared;
-use crate::usage::{Book, Record, Spend, Totals};
+use crate::usage::{Book, Record, RowKey, Spend, Totals};
 
 mod disk;
 mod outbox;
@@ -248,23 +248,39 @@ impl Ledger {
     }
 
     /// What client key `key` used on days `from..=to`, as `llm-gateway usage --key` counts
-    /// it: every instance's rows in Redis with shared state (`true`), else this ledger's
-    /// (also while Redis does not answer).
+    /// it (`day_rows`); `true` when that is every instance's.
     pub fn totals(&self, key: &str, from: u64, to: u64) -> (Totals, bool) {
+        let (rows, shared) = self.day_rows(from, to);
         let mut sum = Totals::default();
-        if let Some(Ok(rows)) = self.shared.as_ref().map(|s| s.usage_rows(from, to)) {
-            for (_, t) in rows.iter().filter(|(k, _)| k.1 == key) {
-                sum.absorb(t);
-            }
-            return (sum, true);
-        }
-        let pending = self.lock();
-        for (_, t) in
-            (pending.book.rows.iter()).filter(|(k, _)| k.1 == key && (from..=to).contains(&k.0))
-        {
+        for (_, t) in rows.iter().filter(|(k, _)| k.1 == key) {
             sum.absorb(t);
         }
-        (sum, false)
+        (sum, shared)
+    }
+
+    /// Every daily row of days `from..=to`, from where `llm-gateway usage` reads them: Redis
+    /// with shared state (`true`), else this ledger (also while Redis does not answer).
+    pub fn day_rows(&self, from: u64, to: u64) -> (Vec<(RowKey, Totals)>, bool) {
+        if let Some(Ok(rows)) = self.shared.as_ref().map(|s| s.usage_rows(from, to)) {
+            return (rows, true);
+        }
+        let pending = self.lock();
+        let rows = (pending
+            .book
+            .rows
+            .range((from, String::new(), String::new(), String::new())..))
+        .take_while(|(k, _)| k.0 <= to)
+        .map(|(k, t)| (k.clone(), *t))
+        .collect();
+        (rows, false)
+    }
+
+    /// The hourly rows this ledger keeps (the last 48 hours; Redis holds none).
+    pub fn hour_rows(&self) -> Vec<(RowKey, Totals)> {
+        let pending = self.lock();
+        (pending.book.hours.iter())
+            .map(|(k, t)| (k.clone(), *t))
+            .collect()
     }
 
     /// Appends what is queued; folds the journal into the summary when it grew large; sends
