@@ -203,6 +203,7 @@ fn each_token_kind_is_priced_for_three_models_one_hour_cache_writes_included() {
     // The table and CSV agree with the JSON.
     let out = cli_ok(&gw, &["usage", "--by", "model"]);
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("usage --by model, for this workload:\n{text}");
     assert!(
         text.contains("COST USD") && text.contains("0.018375"),
         "{text}"
