@@ -70,6 +70,10 @@ pub struct Names {
     pub user_agent: Option<String>,
     /// The attempts that failed before the answer, when there was failover.
     pub tried: Vec<Tried>,
+    /// The connection's peer.
+    pub peer: Option<std::net::IpAddr>,
+    /// The live settings the request was admitted under: what it is priced with.
+    pub priced_with: Option<std::sync::Arc<crate::gateway::Settings>>,
 }
 
 /// One attempt that did not serve the request.
@@ -157,6 +161,8 @@ impl Default for Names {
             address: None,
             user_agent: None,
             tried: Vec::new(),
+            peer: None,
+            priced_with: None,
         }
     }
 }

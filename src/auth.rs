@@ -137,6 +137,18 @@ impl ClientKeys {
             .collect()
     }
 
+    /// Whether key `id` is an admin key in force (enabled, not revoked, not expired).
+    pub fn is_active_admin(&self, id: &str) -> bool {
+        let now = crate::time::now_unix();
+        self.snapshot().iter().any(|k| {
+            k.id == id
+                && k.admin
+                && k.enabled
+                && !k.revoked
+                && k.expires_at.is_none_or(|at| now < at)
+        })
+    }
+
     /// Every key that is not revoked, as a client with its limits.
     pub fn clients(&self) -> Vec<Client> {
         (self.snapshot().iter())

@@ -45,15 +45,24 @@ pub fn render(gw: &Gateway, client: &Client) -> Value {
     let now = crate::time::now_unix();
     let today = now / 86_400;
     let date = |day: u64| crate::time::rfc3339(day * 86_400)[..10].to_string();
-    let mut periods = serde_json::Map::new();
-    let mut shared = false;
-    for (name, from) in [
+    let periods_from = [
         ("day", today),
         ("week", monday_of(today)),
         ("month", first_day_of_month(now).0),
-    ] {
-        let (totals, from_redis) = ledger.totals(&client.id, from, today);
-        shared |= from_redis;
+    ];
+    // One read of the rows (a scan of Redis with shared state) for all three periods.
+    let earliest = periods_from
+        .iter()
+        .map(|(_, from)| *from)
+        .min()
+        .unwrap_or(today);
+    let (rows, shared) = ledger.day_rows(earliest, today);
+    let mut periods = serde_json::Map::new();
+    for (name, from) in periods_from {
+        let mut totals = crate::usage::Totals::default();
+        for (_, t) in rows.iter().filter(|(k, _)| k.1 == client.id && k.0 >= from) {
+            totals.absorb(t);
+        }
         let mut row = totals_json(&totals);
         row["since"] = json!(date(from));
         periods.insert(name.into(), row);

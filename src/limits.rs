@@ -316,14 +316,23 @@ struct Held {
     /// Redis under this name.
     reserved: Spend,
     shared_reservation: Option<String>,
+    /// What the request was estimated to cost when it was admitted (whether held here or in
+    /// Redis): what a request cut short is charged at least.
+    estimated: Option<Charge>,
+}
+
+/// What a request cut short is charged at least: its tokens, and its nano-USD when its model
+/// is priced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub tokens: u64,
+    pub nano: Option<u64>,
 }
 
 impl Permit {
-    /// What is reserved against the key's budgets for this request.
-    pub fn reserved(&self) -> Spend {
-        self.held
-            .as_ref()
-            .map_or_else(Spend::default, |h| h.reserved)
+    /// What the request was estimated to cost, if it was reserved against budgets.
+    pub fn estimated(&self) -> Option<Charge> {
+        self.held.as_ref().and_then(|h| h.estimated)
     }
 }
 
@@ -416,6 +425,7 @@ impl Limiter {
                 slot,
                 reserved: Spend::default(),
                 shared_reservation: None,
+                estimated: None,
             })),
         })
     }
@@ -614,10 +624,17 @@ impl Limiter {
             return Ok(());
         }
         let usd = limits.has_usd_budget();
+        held.estimated = Some(Charge {
+            tokens: estimate.tokens,
+            nano: estimate.nano,
+        });
         let estimate = Spend {
             tokens: estimate.tokens,
+            // Dollars are reserved only against dollar budgets (old instances read a
+            // reservation's tokens alone).
             nano: match estimate.nano {
-                Some(nano) => nano,
+                Some(nano) if usd => nano,
+                Some(_) => 0,
                 None if usd => {
                     let model = estimate.model.unwrap_or("").to_string();
                     return Err((Refusal::Unpriced { model }, false));

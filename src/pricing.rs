@@ -43,8 +43,9 @@ impl Rates {
         }
     }
 
-    /// What `usage` costs at these rates; `None` past u64 (18 billion dollars).
-    fn cost(&self, u: &Usage) -> Option<u64> {
+    /// What `usage` costs at these rates, held at u64::MAX (18 billion dollars): an upstream's
+    /// absurd counts cost the most, never nothing.
+    fn cost(&self, u: &Usage) -> u64 {
         let write_1h = u.cache_1h.min(u.cache_creation);
         let write_5m = u.cache_creation - write_1h;
         [
@@ -55,8 +56,8 @@ impl Rates {
             (u.output, self.output),
         ]
         .iter()
-        .try_fold(0u64, |sum, (tokens, rate)| {
-            sum.checked_add(tokens.checked_mul(*rate)?)
+        .fold(0u64, |sum, (tokens, rate)| {
+            sum.saturating_add(tokens.saturating_mul(*rate))
         })
     }
 }
@@ -86,7 +87,7 @@ pub enum Cost {
     /// Nano-USD; `estimated` when the answer did not say which cache writes were 1-hour ones
     /// (all are priced at the 5-minute rate).
     Priced { nano: u64, estimated: bool },
-    /// No row matches the model (or the sum passes u64): never counted as $0.
+    /// No row matches the model: never counted as $0.
     Unpriced,
 }
 
@@ -155,12 +156,9 @@ impl Table {
                 .saturating_add(usage.cache_creation)
                 .saturating_add(usage.cache_read),
         );
-        match rates.cost(usage) {
-            Some(nano) => Cost::Priced {
-                nano,
-                estimated: usage.cache_creation > 0 && !usage.cache_split,
-            },
-            None => Cost::Unpriced,
+        Cost::Priced {
+            nano: rates.cost(usage),
+            estimated: usage.cache_creation > 0 && !usage.cache_split,
         }
     }
 
@@ -242,7 +240,15 @@ fn embedded() -> Vec<Row> {
     };
     let sonnet_5 = Rates::new(2_000, 2_500, 4_000, 200, 10_000);
     let haiku = Rates::new(1_000, 1_250, 2_000, 100, 5_000);
+    // Older models still served, at their list prices (the same ratios).
+    let haiku_3_5 = Rates::new(800, 1_000, 1_600, 80, 4_000);
+    let haiku_3 = Rates::new(250, 300, 500, 30, 1_250);
     vec![
+        row("claude-3-opus", opus_4, None),
+        row("claude-3-7-sonnet", sonnet_4, None),
+        row("claude-3-5-sonnet", sonnet_4, None),
+        row("claude-3-5-haiku", haiku_3_5, None),
+        row("claude-3-haiku", haiku_3, None),
         row("claude-opus-5", opus, None),
         row("claude-opus-4", opus, None),
         row("claude-opus-4-20250514", opus_4, None),

@@ -518,6 +518,11 @@ impl Converter {
             Converter::Responses(r) => r.end(broke),
         }
     }
+
+    /// Whether the conversion gave up on an answer too large to keep: the rest is not read.
+    fn gave_up(&self) -> bool {
+        matches!(self, Converter::Responses(r) if r.gave_up())
+    }
 }
 
 /// An SSE body, forwarded event by event, or converted event by event into an OpenAI stream
@@ -583,6 +588,9 @@ fn relay_sse(
                 if sent.is_err() {
                     return (Outcome::ClientGone, false);
                 }
+                if chat.as_ref().is_some_and(Converter::gave_up) {
+                    break Some("the answer outgrew what the conversion keeps".to_string());
+                }
                 crate::supervise::inject("relay");
                 if framer.held() > guard.max_event {
                     // Never ended: the rest is not read (dropping the reader closes the
@@ -613,7 +621,7 @@ fn relay_sse(
         }
         None => "the upstream ended the stream before message_stop".to_string(),
     };
-    if finished {
+    if finished && !chat.as_ref().is_some_and(Converter::gave_up) {
         // The message was complete (or its error said); a break after it loses nothing.
         return (meter.outcome(Outcome::Complete), writer.finish());
     }

@@ -29,6 +29,8 @@ pub enum Route {
     Dashboard,
     /// The dashboard's sign-in: an admin key in, a session cookie out.
     DashboardLogin,
+    /// The dashboard's sign-out: the cookie cleared.
+    DashboardLogout,
     /// The dashboard's JSON (`dashboard::api`): admin only.
     AdminApi,
 }
@@ -44,6 +46,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
             ("GET", Route::Dashboard)
         }
         "/dashboard/login" => ("POST", Route::DashboardLogin),
+        "/dashboard/logout" => ("POST", Route::DashboardLogout),
         "/dashboard/session" => ("GET", Route::Dashboard),
         "/admin/api/overview" | "/admin/api/usage" | "/admin/api/keys" | "/admin/api/trouble" => {
             ("GET", Route::AdminApi)

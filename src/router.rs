@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::failover;
 use crate::gateway::Gateway;
 use crate::http::{Conn, Request};
-use crate::limits::{Estimate, Limiter, Permit};
+use crate::limits::{Charge, Estimate, Limiter, Permit};
 use crate::metrics::Observation;
 use crate::openai::{self, Format};
 use crate::pricing::Cost;
@@ -119,17 +119,15 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                     (Outcome::UpstreamBroke(error.to_string()), keep)
                 }
             };
-            // An answer cut short before its usage passed (the client hung up, the upstream
-            // broke) still cost tokens: a budgeted key is charged what it reserved, so
+            // An answer cut short (the client hung up, the upstream broke) may have cost more
+            // than was seen of it: a budgeted key is charged at least what it reserved, so
             // hanging up before the end is no way around a budget.
             if !settled
                 && !matches!(outcome, Outcome::Complete)
-                && meter.usage.total() == 0
                 && status < 300
+                && let Some(estimated) = permit.as_ref().and_then(Permit::estimated)
             {
-                let reserved = permit.as_ref().map(Permit::reserved).unwrap_or_default();
-                meter.usage.input = reserved.tokens;
-                meter.charged = Some(reserved.nano);
+                charge_at_least(gw, &names, &mut meter, estimated);
             }
             // After the first byte nothing is retried, but the account's failure counts.
             if let Some(pick) = &pick
@@ -262,13 +260,17 @@ fn account_for(
     if !settled {
         record_usage(gw, names, counted, meter, error.clone());
     }
-    let own = ["/dashboard", "/admin/api/"]
-        .iter()
-        .any(|p| req.path().starts_with(p));
-    if !own && (counted >= 400 || error.is_some() || !names.tried.is_empty()) {
-        note_trouble(gw, request_id, counted, error.as_deref(), names);
+    // Forwarded requests only: probes, scrapes, scanners and the dashboard itself would
+    // crowd out the failures that matter; a client that hung up is not trouble.
+    let forwarded = names.client_id.is_some() && !matches!(outcome, Outcome::ClientGone);
+    let skip = !forwarded
+        || ["/dashboard", "/admin/api/"]
+            .iter()
+            .any(|p| req.path().starts_with(p));
+    if !skip && (counted >= 400 || error.is_some() || !names.tried.is_empty()) {
+        note_trouble(gw, request_id, req.path(), counted, error.as_deref(), names);
     }
-    let cost = (gw.live()).cost(names.model.as_deref(), &meter.usage, meter.charged);
+    let cost = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, meter.charged);
     if names.client_id.is_some() {
         gw.metrics.observe(&Observation {
             status: counted,
@@ -298,8 +300,38 @@ fn account_for(
     }
 }
 
+/// Charges a request cut short at least `estimated`: the tokens it reserved (the missing ones
+/// counted as output, which is what a cut stream loses), and at least the dollars.
+fn charge_at_least(gw: &Gateway, names: &Names, meter: &mut Meter, estimated: Charge) {
+    let seen = meter.usage.total();
+    if seen < estimated.tokens {
+        if seen == 0 {
+            meter.usage.input = estimated.tokens;
+        } else {
+            meter.usage.output = meter.usage.output.saturating_add(estimated.tokens - seen);
+        }
+    }
+    let measured = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, None);
+    meter.charged = match (measured.nano(), estimated.nano) {
+        (Some(m), Some(r)) => Some(m.max(r)),
+        (m, r) => m.or(r),
+    };
+}
+
+/// The settings a request is priced with: those in force when it was admitted.
+fn priced_with(gw: &Gateway, names: &Names) -> std::sync::Arc<crate::gateway::Settings> {
+    names.priced_with.clone().unwrap_or_else(|| gw.live())
+}
+
 /// Keeps a request that failed or failed over for the dashboard's recent trouble.
-fn note_trouble(gw: &Gateway, request_id: &str, status: u16, error: Option<&str>, names: &Names) {
+fn note_trouble(
+    gw: &Gateway,
+    request_id: &str,
+    path: &str,
+    status: u16,
+    error: Option<&str>,
+    names: &Names,
+) {
     use crate::dashboard::cut;
     let accounts = gw.accounts.snapshot();
     let name = |id: &str| {
@@ -317,6 +349,7 @@ fn note_trouble(gw: &Gateway, request_id: &str, status: u16, error: Option<&str>
     gw.trouble.note(crate::dashboard::Trouble {
         time: crate::time::rfc3339(crate::time::now_unix()),
         request_id: request_id.to_string(),
+        path: cut(path, 100),
         client: names.client.clone(),
         account: names.account.clone(),
         model: names.model.clone(),
@@ -329,9 +362,7 @@ fn note_trouble(gw: &Gateway, request_id: &str, status: u16, error: Option<&str>
 /// Records a request in the ledger; only what an authenticated client asked for goes there.
 fn record_usage(gw: &Gateway, names: &Names, status: u16, meter: &Meter, error: Option<String>) {
     if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
-        let cost = gw
-            .live()
-            .cost(names.model.as_deref(), &meter.usage, meter.charged);
+        let cost = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, meter.charged);
         ledger.record(&Record {
             t: crate::time::now_unix(),
             key: key.clone(),
@@ -423,25 +454,49 @@ fn dashboard(
                     "the dashboard needs an admin key (add-client-key --admin)".into(),
                 ));
             }
-            let value = gw.sessions.issue(now).ok_or_else(|| {
+            let value = gw.sessions.issue(&client.id, now).ok_or_else(|| {
                 ApiError::NoAccount(
                     "dashboard sessions need gateway.key beside config.yaml (llm-gateway init makes it); send the admin key as x-api-key instead".into(),
                 )
             })?;
-            // Secure unless the page is served over plain HTTP to a browser on this machine.
-            let local = (names.address.as_deref())
-                .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-                .is_some_and(|ip| ip.is_loopback());
-            let secure = if local { "" } else { "; Secure" };
+            // Secure unless the page is served over plain HTTP to a browser on this machine
+            // (the client as `server.trusted_proxies` name it; a TLS proxy's
+            // `x-forwarded-proto: https` makes it Secure whoever sent it, which can only keep
+            // the cookie off plain HTTP).
+            let forwarded: Vec<&str> = (req.headers.iter())
+                .filter(|(n, _)| n == "x-forwarded-for")
+                .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+                .collect();
+            let client_ip =
+                crate::access::client_address(names.peer, &forwarded, &gw.live().trusted_proxies);
+            let https = req
+                .header("x-forwarded-proto")
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+            let secure = https || !client_ip.is_some_and(|ip| ip.is_loopback());
             let cookie = format!(
-                "{}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+                "{}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{}",
                 crate::dashboard::COOKIE,
-                crate::dashboard::SESSION_SECS
+                crate::dashboard::SESSION_SECS,
+                if secure { "; Secure" } else { "" }
+            );
+            // A Secure cookie over plain HTTP is dropped by the browser: the page says so.
+            let body = serde_json::json!({"signed_in": true, "secure_cookie": secure});
+            Ok(Served::Page(Page {
+                status: 200,
+                content_type: JSON,
+                body: body.to_string().into_bytes(),
+                cookie: Some(cookie),
+            }))
+        }
+        Route::DashboardLogout => {
+            let cookie = format!(
+                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
+                crate::dashboard::COOKIE
             );
             Ok(Served::Page(Page {
                 status: 200,
                 content_type: JSON,
-                body: br#"{"signed_in":true}"#.to_vec(),
+                body: br#"{"signed_in":false}"#.to_vec(),
                 cookie: Some(cookie),
             }))
         }
@@ -455,8 +510,8 @@ fn dashboard(
     }
 }
 
-/// Whether `req` may read the dashboard's data: on the loopback admin listener, with a valid
-/// session cookie, or with an admin key.
+/// Whether `req` may read the dashboard's data: keyless on the loopback admin listener, with a
+/// valid session cookie of an admin key still in force, or with an admin key.
 fn dashboard_access(
     gw: &Gateway,
     req: &Request,
@@ -465,8 +520,9 @@ fn dashboard_access(
 ) -> Result<(), ApiError> {
     let session = (req.header("cookie"))
         .and_then(|c| crate::dashboard::cookie(c, crate::dashboard::COOKIE))
-        .is_some_and(|v| gw.sessions.valid(v, now));
-    if listener == Listener::AdminLoopback || session {
+        .and_then(|v| gw.sessions.valid(v, now))
+        .is_some_and(|id| gw.clients.is_active_admin(id));
+    if keyless(listener, req) || session {
         return Ok(());
     }
     let client = gw.clients.authenticate(req)?;
@@ -476,6 +532,12 @@ fn dashboard_access(
         ));
     }
     Ok(())
+}
+
+/// Whether `req` needs no key: on the loopback admin listener, addressed by this machine's
+/// name (a page elsewhere that rebinds its name to 127.0.0.1 sends its own, and needs a key).
+fn keyless(listener: Listener, req: &Request) -> bool {
+    listener == Listener::AdminLoopback && crate::dashboard::loopback_host(req.header("host"))
 }
 
 /// What the head alone decided.
@@ -520,7 +582,7 @@ fn admit(
         }
         Route::Ready => return Ok(Admitted::Local(ready(gw))),
         Route::Status | Route::Metrics => {
-            if listener != Listener::AdminLoopback {
+            if !keyless(listener, req) {
                 let client = gw.clients.authenticate(req)?;
                 if !client.admin {
                     return Err(ApiError::Forbidden(
@@ -537,13 +599,13 @@ fn admit(
                 Served::Local(200, status::render(gw).to_string(), JSON)
             }));
         }
-        Route::Dashboard | Route::DashboardLogin | Route::AdminApi => {
+        Route::Dashboard | Route::DashboardLogin | Route::DashboardLogout | Route::AdminApi => {
             return Ok(Admitted::Local(dashboard(gw, req, route, listener, names)?));
         }
         Route::KeyUsage => {
-            let caller = match listener {
-                Listener::AdminLoopback => None,
-                _ => Some(gw.clients.authenticate(req)?),
+            let caller = match keyless(listener, req) {
+                true => None,
+                false => Some(gw.clients.authenticate(req)?),
             };
             let client = crate::key_usage::whose(gw, req, caller)?;
             names.client = client.name.clone();
@@ -608,7 +670,24 @@ fn serve(
         .map(|conversation| {
             sticky::Key::new(conversation, (!client.is_open()).then_some(&*client.id))
         });
+    // A pass-through body the gateway cannot read its model from (none, a repeated field, a
+    // field of the wrong type) would go unpriced and past every budget: refused.
+    match names.model.as_deref() {
+        None if matches!(route, Route::Messages { .. }) => {
+            return Err(ApiError::BadRequest(
+                "the request body must name its `model` once, as a string".into(),
+            ));
+        }
+        Some(m) if m.len() > MAX_MODEL_NAME => {
+            return Err(ApiError::BadRequest(format!(
+                "`model` is longer than {MAX_MODEL_NAME} bytes"
+            )));
+        }
+        _ => {}
+    }
     Limiter::allow_model(&client, names.model.as_deref())?;
+    let live = gw.live();
+    names.priced_with = Some(std::sync::Arc::clone(&live));
     // What the request may cost, held against the key's budgets until it is metered: input
     // estimated at four bytes a token of its body, output up to its max_tokens, priced from
     // the table (counting tokens costs nothing).
@@ -618,7 +697,7 @@ fn serve(
         tokens: input.saturating_add(output),
         nano: match route {
             Route::Messages { count_tokens: true } => Some(0),
-            _ => gw.live().estimate(names.model.as_deref(), input, output),
+            _ => live.estimate(names.model.as_deref(), input, output),
         },
     };
     gw.limiter
@@ -641,6 +720,10 @@ fn serve(
     let (answer, pick) = answered?;
     Ok(Served::Upstream(answer, pick.map(Box::new), shape, permit))
 }
+
+/// The longest model name accepted: real ones are a few dozen bytes, and the name is kept in
+/// the ledger, the metrics' labels and the dashboard.
+const MAX_MODEL_NAME: usize = 256;
 
 /// A compressed request body is refused (415): the gateway reads and converts bodies, and
 /// decoding one would need a decompressor with its own bounds. Clients fall back to plain
@@ -722,7 +805,6 @@ fn shape_request(
                 })?;
             let reply = openai::responses::Reply {
                 model: converted.requested_model,
-                encrypted_reasoning: converted.encrypted_reasoning,
                 custom_tools: converted.custom_tools,
                 session: converted.session,
             };
@@ -817,6 +899,7 @@ pub fn body_format(body: &[u8]) -> Result<Option<Format>, ApiError> {
 /// Who is asking, for the access line: the address (behind `server.trusted_proxies`, the
 /// client they name) and the user agent, cut to 256 bytes at a character boundary.
 fn learn_client(gw: &Gateway, req: &Request, peer: Option<std::net::IpAddr>, names: &mut Names) {
+    names.peer = peer;
     let live = gw.live();
     // Only the access line reads them: no work on the request path when it is off.
     if !live.access_log {

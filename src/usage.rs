@@ -319,7 +319,7 @@ pub fn totals_json(t: &Totals) -> Value {
 /// The day (since 1970-01-01) of the Monday that starts `day`'s week (weeks start on
 /// Monday, UTC; day 0 was a Thursday).
 pub fn monday_of(day: u64) -> u64 {
-    day - (day + 3) % 7
+    day.saturating_sub((day + 3) % 7)
 }
 
 /// The first day of `now`'s month, and of the next (days since 1970).

@@ -261,8 +261,23 @@ fn the_dashboards_data_needs_an_admin_key_or_a_session_and_holds_no_secret() {
         for secret in [KEY_A, user.as_str(), admin.as_str()] {
             assert!(!ok.text().contains(secret), "{path} shows a secret");
         }
-        let forged = get(path, &[("cookie", "lgw_session=99999999999.00ff")]);
+        // A cookie of the right shape and a live expiry whose tag this gateway did not sign.
+        let forged = format!(
+            "lgw_session=ck_00000000.{}.{}",
+            now_unix() + 3600,
+            "ab".repeat(32)
+        );
+        let forged = get(path, &[("cookie", forged.as_str())]);
         assert_eq!(forged.status, 401, "{path} with a forged session");
+        // A page elsewhere that rebinds its name to 127.0.0.1 gets nothing without a key.
+        let rebound = call(
+            gw.admin_addr(),
+            "GET",
+            path,
+            &[("host", "evil.example:8081")],
+            b"",
+        );
+        assert_eq!(rebound.status, 401, "{path} through a rebound name");
         assert_eq!(
             call(gw.admin_addr(), "GET", path, &[], b"").status,
             200,
@@ -270,6 +285,14 @@ fn the_dashboards_data_needs_an_admin_key_or_a_session_and_holds_no_secret() {
         );
     }
 
+    let status = call(
+        gw.admin_addr(),
+        "GET",
+        "/admin/status",
+        &[("host", "evil.example")],
+        b"",
+    );
+    assert_eq!(status.status, 401, "status through a rebound name");
     // Sign-in: an admin key in, a session cookie out; a plain key gets nothing.
     let login = |key: &str| {
         call(
@@ -315,6 +338,24 @@ fn the_dashboards_data_needs_an_admin_key_or_a_session_and_holds_no_secret() {
     );
     let cookie = remote.header("set-cookie").unwrap_or_default();
     assert!(cookie.contains("; Secure"), "{cookie}");
+    // A session ends with its admin key.
+    let out = gw.run_cli(&["list-client-keys", "--json"]);
+    let keys: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ops = (keys.as_array().expect("keys").iter())
+        .find(|k| k["name"] == "ops")
+        .and_then(|k| k["id"].as_str())
+        .expect("the admin key's id")
+        .to_string();
+    assert_exit(
+        &gw.run_cli(&["revoke-client-key", "--key-id", &ops]),
+        0,
+        "revoke",
+    );
+    crate::support::wait_until(
+        "the revoked key's session ends",
+        std::time::Duration::from_secs(5),
+        || get("/admin/api/usage", &[("cookie", &value)]).status == 401,
+    );
 }
 
 /// 30 days of 50 keys on three models: the page's weight and its render time.

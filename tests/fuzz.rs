@@ -806,7 +806,6 @@ fn responses_request(input: &[u8]) {
     }
     let reply = openai::responses::Reply {
         model: "gpt-4o".into(),
-        encrypted_reasoning: true,
         custom_tools: vec!["apply_patch".into()],
         session: None,
     };
@@ -821,7 +820,6 @@ fn responses_stream(input: &[u8]) {
     let mut rng = rng_of(input);
     let reply = openai::responses::Reply {
         model: "gpt-4o".into(),
-        encrypted_reasoning: rng.one_in(2),
         custom_tools: vec!["exec_command".into()],
         session: None,
     };

@@ -639,8 +639,15 @@ fn prices_note(config: &config::Config) -> String {
     )
 }
 
-/// A CSV cell, quoted when it holds a comma, a quote or a line break (RFC 4180).
+/// A CSV cell, quoted when it holds a comma, a quote or a line break (RFC 4180). A cell a
+/// spreadsheet would run as a formula (model names are the clients') starts with `'`.
 fn csv_cell(text: &str) -> String {
+    let numeric = text.parse::<f64>().is_ok();
+    let text = &if !numeric && text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    };
     if text.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {

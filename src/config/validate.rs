@@ -152,6 +152,17 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         client_keys.iter().map(|k| &k.name),
     ));
     let state = redis_settings(&raw.state, dir, &keys, key).map_err(invalid)?;
+    if !usage.enabled
+        && client_keys.iter().any(|k| {
+            k.limits.daily_tokens.is_some()
+                || k.limits.monthly_tokens.is_some()
+                || k.limits.has_usd_budget()
+        })
+    {
+        warnings.push(
+            "usage.enabled is false: no budget of any client key is counted (they need the usage ledger)".into(),
+        );
+    }
     let auth_open = raw.auth.open.unwrap_or(false);
     if auth_open {
         warnings.push(
@@ -444,14 +455,21 @@ fn pricing(rows: &[RawPrice]) -> Result<crate::pricing::Table, String> {
                 format!("{at}: {what} {v} is not a price in USD per million tokens (0 or more, in steps of 0.001)")
             })
         };
+        // The cache prices left out follow Anthropic's ratios, in whole nano-dollars a token
+        // (rounded to the nearest).
         let rates =
             |input: f64, output: f64, w5: Option<f64>, w1: Option<f64>, read: Option<f64>| {
+                let base = price("input", input)?;
+                let or = |given: Option<f64>, what: &str, (times, per): (u64, u64)| match given {
+                    Some(v) => price(what, v),
+                    None => Ok((base.saturating_mul(times) + per / 2) / per),
+                };
                 Ok::<_, String>(Rates {
-                    input: price("input", input)?,
+                    input: base,
                     output: price("output", output)?,
-                    cache_write_5m: price("cache_write_5m", w5.unwrap_or(input * 1.25))?,
-                    cache_write_1h: price("cache_write_1h", w1.unwrap_or(input * 2.0))?,
-                    cache_read: price("cache_read", read.unwrap_or(input / 10.0))?,
+                    cache_write_5m: or(w5, "cache_write_5m", (5, 4))?,
+                    cache_write_1h: or(w1, "cache_write_1h", (2, 1))?,
+                    cache_read: or(read, "cache_read", (1, 10))?,
                 })
             };
         let long_context = match &r.long_context {

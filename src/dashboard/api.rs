@@ -135,7 +135,25 @@ fn keys(gw: &Gateway) -> Value {
             .collect();
         list.push(json!({"id": client.id, "name": client.name, "month": totals_json(&totals), "budgets": budgets}));
     }
-    list.sort_by_key(|k| std::cmp::Reverse(k["month"]["cost_nano_usd"].as_u64().unwrap_or(0)));
+    // Nearest to a budget first (any budget, tokens or dollars), then by cost.
+    let nearest = |k: &Value| -> u64 {
+        (k["budgets"].as_array().into_iter().flatten())
+            .map(|b| {
+                let (used, limit) = (
+                    b["used"].as_u64().unwrap_or(0),
+                    b["limit"].as_u64().unwrap_or(1).max(1),
+                );
+                (used as u128 * 1_000_000 / limit as u128).min(u64::MAX as u128) as u64
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    list.sort_by_key(|k| {
+        std::cmp::Reverse((
+            nearest(k),
+            k["month"]["cost_nano_usd"].as_u64().unwrap_or(0),
+        ))
+    });
     list.truncate(20);
     json!({
         "enabled": true,

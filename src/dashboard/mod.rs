@@ -55,7 +55,9 @@ pub const HEADERS: [(&str, &str); 5] = [
     ("cache-control", "no-store"),
 ];
 
-/// Session cookies: `<expiry>.<hex HMAC-SHA256 of "v1.<expiry>">`.
+/// Session cookies: `<key id>.<expiry>.<hex HMAC-SHA256 of "v1.<key id>.<expiry>">`. The
+/// key id is the admin key that signed in: a session ends with that key (revoked, disabled,
+/// no longer admin), whatever its expiry.
 pub struct Sessions {
     key: Option<ring::hmac::Key>,
 }
@@ -68,26 +70,56 @@ impl Sessions {
         }
     }
 
-    /// A cookie value valid until `now + SESSION_SECS`.
-    pub fn issue(&self, now: u64) -> Option<String> {
+    /// A cookie value for admin key `key_id`, valid until `now + SESSION_SECS`.
+    pub fn issue(&self, key_id: &str, now: u64) -> Option<String> {
         let key = self.key.as_ref()?;
         let expiry = now + SESSION_SECS;
-        let tag = ring::hmac::sign(key, format!("v1.{expiry}").as_bytes());
-        Some(format!("{expiry}.{}", crate::encoding::hex(tag.as_ref())))
+        let tag = ring::hmac::sign(key, format!("v1.{key_id}.{expiry}").as_bytes());
+        Some(format!(
+            "{key_id}.{expiry}.{}",
+            crate::encoding::hex(tag.as_ref())
+        ))
     }
 
-    /// Whether `value` is a cookie this deployment issued that has not expired.
-    pub fn valid(&self, value: &str, now: u64) -> bool {
-        let (Some(key), Some((expiry, tag))) = (&self.key, value.split_once('.')) else {
-            return false;
-        };
-        let (Ok(at), Some(tag)) = (expiry.parse::<u64>(), crate::encoding::hex_decode(tag)) else {
-            return false;
-        };
-        at > now
-            && at <= now + SESSION_SECS
-            && ring::hmac::verify(key, format!("v1.{expiry}").as_bytes(), &tag).is_ok()
+    /// The admin key id a cookie this deployment issued names, if it has not expired.
+    pub fn valid<'a>(&self, value: &'a str, now: u64) -> Option<&'a str> {
+        let key = self.key.as_ref()?;
+        let mut parts = value.split('.');
+        let (key_id, expiry, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || key_id.is_empty() {
+            return None;
+        }
+        let (at, tag) = (
+            expiry.parse::<u64>().ok()?,
+            crate::encoding::hex_decode(tag)?,
+        );
+        let fresh = at > now && at <= now + SESSION_SECS;
+        let signed = format!("v1.{key_id}.{expiry}");
+        (fresh && ring::hmac::verify(key, signed.as_bytes(), &tag).is_ok()).then_some(key_id)
     }
+}
+
+/// Whether a request's `Host` names this machine (or is absent): keyless access on the
+/// loopback admin listener is for programs and browsers here, and a web page that rebinds its
+/// own name to 127.0.0.1 still sends its own name.
+pub fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host.map(str::trim) else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The value of cookie `name` in a `Cookie` header.
@@ -104,6 +136,7 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 pub struct Trouble {
     pub time: String,
     pub request_id: String,
+    pub path: String,
     pub client: String,
     pub account: String,
     pub model: Option<String>,
@@ -154,23 +187,69 @@ mod tests {
     #[test]
     fn sessions_are_accepted_until_they_expire_and_only_when_signed() {
         let sessions = Sessions::new(Some(&key()));
-        let cookie = sessions.issue(1_000).expect("a cookie");
-        assert!(sessions.valid(&cookie, 1_000));
-        assert!(sessions.valid(&cookie, 1_000 + SESSION_SECS - 1));
-        assert!(!sessions.valid(&cookie, 1_000 + SESSION_SECS), "expired");
+        let cookie = sessions.issue("ck_1", 1_000).expect("a cookie");
+        assert_eq!(sessions.valid(&cookie, 1_000), Some("ck_1"));
+        assert_eq!(
+            sessions.valid(&cookie, 1_000 + SESSION_SECS - 1),
+            Some("ck_1")
+        );
+        assert_eq!(
+            sessions.valid(&cookie, 1_000 + SESSION_SECS),
+            None,
+            "expired"
+        );
         // Another instance with the same key accepts it; another key does not.
-        assert!(Sessions::new(Some(&key())).valid(&cookie, 2_000));
+        assert!(Sessions::new(Some(&key())).valid(&cookie, 2_000).is_some());
         let other =
             crate::secret::SecretKey::from_base64(&crate::encoding::base64(&[8u8; 32]), "o".into())
                 .expect("key");
-        assert!(!Sessions::new(Some(&other)).valid(&cookie, 2_000));
-        // A later expiry with the old tag, a far expiry, garbage: refused.
-        let (_, tag) = cookie.split_once('.').expect("two parts");
-        assert!(!sessions.valid(&format!("{}.{tag}", 1_000 + SESSION_SECS + 60), 2_000));
-        for bad in ["", ".", "x.y", "99999999999.00", &format!("{}.zz", 2_000)] {
-            assert!(!sessions.valid(bad, 1_500), "{bad:?}");
+        assert!(Sessions::new(Some(&other)).valid(&cookie, 2_000).is_none());
+        // Its tag with another key id, or a later expiry: refused; garbage too.
+        let tag = cookie.rsplit('.').next().expect("a tag");
+        assert!(
+            sessions
+                .valid(&format!("ck_2.{}.{tag}", 1_000 + SESSION_SECS), 2_000)
+                .is_none()
+        );
+        assert!(
+            sessions
+                .valid(&format!("ck_1.{}.{tag}", 1_000 + SESSION_SECS - 5), 2_000)
+                .is_none()
+        );
+        for bad in [
+            "",
+            ".",
+            "x.y",
+            "ck.99999999999.00",
+            &format!("ck_1.{}.zz", 2_000),
+            "a.b.c.d",
+        ] {
+            assert!(sessions.valid(bad, 1_500).is_none(), "{bad:?}");
         }
-        assert!(Sessions::new(None).issue(1).is_none());
+        assert!(Sessions::new(None).issue("ck_1", 1).is_none());
+    }
+
+    #[test]
+    fn only_this_machines_names_are_loopback_hosts() {
+        for ok in [
+            None,
+            Some("127.0.0.1:8081"),
+            Some("localhost"),
+            Some("LOCALHOST:1"),
+            Some("[::1]:8081"),
+            Some("127.1.2.3"),
+        ] {
+            assert!(loopback_host(ok), "{ok:?}");
+        }
+        for bad in [
+            "evil.example:8081",
+            "10.0.0.1",
+            "localhost.evil.example",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!loopback_host(Some(bad)), "{bad:?}");
+        }
     }
 
     #[test]
@@ -186,6 +265,7 @@ mod tests {
             recent.note(Trouble {
                 time: String::new(),
                 request_id: i.to_string(),
+                path: String::new(),
                 client: String::new(),
                 account: String::new(),
                 model: None,

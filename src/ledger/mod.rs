@@ -247,17 +247,6 @@ impl Ledger {
         self.lock().book.spent_since(key, from)
     }
 
-    /// What client key `key` used on days `from..=to`, as `llm-gateway usage --key` counts
-    /// it (`day_rows`); `true` when that is every instance's.
-    pub fn totals(&self, key: &str, from: u64, to: u64) -> (Totals, bool) {
-        let (rows, shared) = self.day_rows(from, to);
-        let mut sum = Totals::default();
-        for (_, t) in rows.iter().filter(|(k, _)| k.1 == key) {
-            sum.absorb(t);
-        }
-        (sum, shared)
-    }
-
     /// Every daily row of days `from..=to`, from where `llm-gateway usage` reads them: Redis
     /// with shared state (`true`), else this ledger (also while Redis does not answer).
     pub fn day_rows(&self, from: u64, to: u64) -> (Vec<(RowKey, Totals)>, bool) {

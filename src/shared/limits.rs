@@ -59,7 +59,7 @@ impl Shared {
         amount: Spend,
     ) -> Result<Result<String, Spend>, Down> {
         let name = self.name("resv", key);
-        let member = format!("{}:{}/{}", self.unique(), amount.tokens, amount.nano);
+        let member = format!("{}/{}:{}", self.unique(), amount.nano, amount.tokens);
         let mut cmd = eval(RESERVE, &[&name]);
         cmd.arg(left.tokens)
             .arg(left.nano)

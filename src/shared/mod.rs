@@ -134,7 +134,7 @@ return 1";
 /// Applies a usage batch once: a retried batch (its reply lost) is not counted twice.
 const USAGE: &str = r"
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 0 end
-for i = 1, #ARGV, 3 do redis.call('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+for i = 1, #ARGV, 3 do redis.pcall('HINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 return 1";
 
 /// A sliding minute on Redis's clock: -1 when admitted, else milliseconds to wait.
@@ -173,17 +173,17 @@ return #KEYS";
 /// Reserves ARGV[3] tokens for a key's request in flight (member ARGV[2], which ends in
 /// `:<tokens>`, held ARGV[4] ms) when the key's live reservations sum to less than ARGV[1]
 /// (its budget left); returns {1, sum} when taken, {0, sum} when not.
-/// Reserves a request's tokens and nano-USD (its member ends `:<tokens>/<nano>`) while both
-/// sums are under what is left (ARGV 1 and 2); returns taken, and the sums as text.
+/// Reserves a request's tokens and nano-USD (its member ends `/<nano>:<tokens>`, which older
+/// instances, reading `:<tokens>$`, still read as its tokens) while both sums are under what
+/// is left (ARGV 1 and 2); returns taken, and the sums as text.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local tokens, nano = 0, 0
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local a, b = string.match(m, ':(%d+)/(%d+)$')
-  tokens = tokens + tonumber(a or string.match(m, ':(%d+)$') or '0')
-  nano = nano + tonumber(b or '0')
+  tokens = tokens + tonumber(string.match(m, ':(%d+)$') or '0')
+  nano = nano + tonumber(string.match(m, '/(%d+):%d+$') or '0')
 end
 local sums = {string.format('%.0f', tokens), string.format('%.0f', nano)}
 if tokens >= tonumber(ARGV[1]) or nano >= tonumber(ARGV[2]) then return {0, sums[1], sums[2]} end

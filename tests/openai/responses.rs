@@ -188,7 +188,9 @@ fn the_openai_sdk_responses_create_and_stream_work_through_the_gateway() {
     );
     assert_eq!(
         round["messages"][2]["content"][0],
-        json!({"type": "tool_result", "tool_use_id": "toolu_01W", "content": "{\"temp\": 21}"})
+        json!({"type": "tool_result", "tool_use_id": "toolu_01W", "content": "{\"temp\": 21}",
+               "cache_control": {"type": "ephemeral"}}),
+        "the last block of the last turn is a cache breakpoint"
     );
     assert_eq!(round["tools"][0]["name"], "get_weather");
     // Reasoning: effort low is the chat route's budget; the replayed history carries the

@@ -190,13 +190,14 @@ fn a_keys_budget_holds_under_parallel_requests_across_instances() {
 fn a_keys_usd_budget_holds_under_parallel_requests_across_instances() {
     // As above, in dollars: each request reserves its price from the table (Sonnet: its body
     // at four bytes a token at $3 per million, max_tokens 40 at $15), and the budget is two
-    // such reservations.
+    // such reservations. Each costs more than it reserved (100 input tokens), so once two
+    // are settled the budget is spent whenever a late one arrives.
     const PARALLEL: usize = 10;
     let redis = RedisServer::start();
     let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
         crate::support::Reply::json(
             200,
-            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
+            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":100,"output_tokens":40}}"#,
         )
     });
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;

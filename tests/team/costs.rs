@@ -460,3 +460,55 @@ fn usage_groups_by_week_and_month_and_filters_by_key() {
     assert_eq!(v["total"]["requests"], 1);
     assert_eq!(nano(&v["total"]), 2 * 1_000 + 2 * 5_000);
 }
+
+#[test]
+fn a_body_whose_model_cannot_be_read_is_refused_not_served_free() {
+    let up = FakeUpstream::start(answer);
+    let mut gw = gateway(&up, "");
+    let (_, key) = add_key(&gw, "capped", &["--daily-usd", "1"]);
+    gw.start();
+    // A repeated field hides the model from the gateway's reading (serde refuses duplicates)
+    // while an upstream might take the last one: it would go unpriced, past the budget.
+    let body = r#"{"model":"claude-opus-4-6","model":"claude-opus-4-6","max_tokens":32000,"messages":[{"role":"user","content":"cost 0 10 0 0 0 dup"}]}"#;
+    let resp = post_anthropic(gw.addr(), &key, body, &[]);
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(resp.text().contains("model"), "{}", resp.text());
+    let long = format!(
+        r#"{{"model":"{}","max_tokens":1,"messages":[{{"role":"user","content":"q"}}]}}"#,
+        "m".repeat(300)
+    );
+    assert_eq!(post_anthropic(gw.addr(), &key, &long, &[]).status, 400);
+    assert!(up.requests().is_empty(), "nothing went upstream");
+}
+
+#[test]
+fn a_stream_cut_after_its_start_is_charged_at_least_what_it_reserved() {
+    // The upstream sends message_start (input counted, one output token) and breaks: what the
+    // answer really cost is unknown, and the key is charged at least its reservation.
+    let up = FakeUpstream::start(|_| {
+        Reply::Sse {
+        events: vec![
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_cut\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n".into(),
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".into(),
+        ],
+        gate: None,
+        framing: crate::support::Framing::Chunked,
+    }
+    });
+    let mut gw = gateway(&up, "");
+    let (_, key) = add_key(&gw, "capped", &["--daily-usd", "5"]);
+    gw.start();
+    let body = json!({"model": HAIKU, "max_tokens": 1000, "stream": true,
+        "messages": [{"role": "user", "content": "hello"}]})
+    .to_string();
+    let resp = post_anthropic(gw.addr(), &key, &body, &[]);
+    assert_eq!(resp.status, 200);
+    let reserved = (body.len() as u64 / 4) * 1_000 + 1_000 * 5_000;
+    let v = counted(&gw, &["--key", "capped"], 1);
+    assert!(
+        nano(&v["total"]) >= reserved,
+        "charged {} for a reservation of {reserved}: {}",
+        nano(&v["total"]),
+        v["total"]
+    );
+}

@@ -136,7 +136,15 @@ function renderUsage(u) {
   const metric = $("metric").value;
   $("hourly-scope").textContent = "(" + u.hourly_scope + ")";
   $("daily-scope").textContent = "(" + u.daily_scope + ")";
+  // One colour per label over both charts: the labels largest over 30 days first.
   const colors = new Map();
+  const sum = (s) => s[metric].reduce((a, b) => a + b, 0);
+  const labels = [...(u.daily[by] || []), ...(u.hourly[by] || [])]
+    .map((s) => [s.name, sum(s)])
+    .sort((a, b) => b[1] - a[1]);
+  for (const [name] of labels) {
+    if (!colors.has(name) && colors.size < COLORS.length - 1) colors.set(name, COLORS[colors.size]);
+  }
   drawChart($("hourly"), u.hourly, by, metric, 3600, colors);
   drawChart($("daily"), u.daily, by, metric, 86400, colors);
   $("legend").replaceChildren(...[...colors].map(([name, color]) => {
@@ -153,14 +161,16 @@ function format(metric, v) {
 // A stacked bar chart of `chart[by]`'s series in `metric`, slot by slot: the 7 largest
 // series, the rest as "other".
 function drawChart(box, chart, by, metric, slotSecs, colors) {
+  // The labels that have a colour, in their order; the rest as "other".
   const series = chart[by] || [];
-  const top = series.slice(0, 7);
-  if (series.length > 7) {
+  const top = series.filter((s) => colors.has(s.name));
+  const rest = series.filter((s) => !colors.has(s.name));
+  if (rest.length) {
     const other = { name: "other", [metric]: new Array(chart.count).fill(0) };
-    for (const s of series.slice(7)) s[metric].forEach((v, i) => { other[metric][i] += v; });
+    for (const s of rest) s[metric].forEach((v, i) => { other[metric][i] += v; });
     top.push(other);
+    colors.set("other", COLORS[COLORS.length - 1]);
   }
-  top.forEach((s, i) => { if (!colors.has(s.name)) colors.set(s.name, COLORS[Math.min(i, COLORS.length - 1)]); });
   const totals = new Array(chart.count).fill(0);
   for (const s of top) s[metric].forEach((v, i) => { totals[i] += v; });
   const max = Math.max(1, ...totals);
@@ -244,6 +254,13 @@ async function login(event) {
   const r = await fetch("/dashboard/login", { method: "POST", credentials: "same-origin", headers: { "x-api-key": key } });
   $("login-key").value = "";
   if (r.ok) {
+    const answer = await r.json().catch(() => ({}));
+    if (!(await signedIn())) {
+      $("login-error").textContent = answer.secure_cookie
+        ? "the key is right, but the browser dropped the session cookie: it is Secure and this page is plain HTTP. Use HTTPS (a TLS proxy in front), or the admin listener on this machine."
+        : "the key is right, but the browser did not keep the session cookie";
+      return;
+    }
     $("login-error").textContent = "";
     load();
   } else {
@@ -252,8 +269,14 @@ async function login(event) {
   }
 }
 
+async function logout() {
+  await fetch("/dashboard/logout", { method: "POST", credentials: "same-origin" });
+  load();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("login").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
   $("by").addEventListener("change", () => data && renderUsage(data.usage));
   $("metric").addEventListener("change", () => data && renderUsage(data.usage));
   load();

@@ -17,8 +17,6 @@ use request::REDACTED;
 pub struct Reply {
     /// The model the client asked for, reported back.
     pub model: String,
-    /// Reasoning items carry `encrypted_content` (the thinking's signature).
-    pub encrypted_reasoning: bool,
     /// Tools whose calls go back as `custom_tool_call` (their input is one string).
     pub custom_tools: Vec<String>,
     /// `prompt_cache_key`: the conversation, which the sticky session follows.
@@ -122,9 +120,10 @@ pub fn call_item(
 }
 
 /// A reasoning item: the thinking as its summary, and its signature (or a redacted block's
-/// data) as `encrypted_content` when the request asked for it.
+/// data) as `encrypted_content`, always: the gateway keeps no state, so the signature must
+/// travel with the history for a next turn with thinking to be accepted (asking for it in
+/// `include` changes nothing).
 pub fn reasoning_item(
-    reply: &Reply,
     id: &str,
     thinking: &str,
     signature: Option<&str>,
@@ -136,14 +135,12 @@ pub fn reasoning_item(
         json!([{"type": "summary_text", "text": thinking}])
     };
     let mut item = json!({"type": "reasoning", "id": id, "summary": summary});
-    if reply.encrypted_reasoning {
-        let encrypted = match redacted {
-            Some(data) => Some(format!("{REDACTED}{data}")),
-            None => signature.map(String::from),
-        };
-        if let Some(e) = encrypted {
-            item["encrypted_content"] = e.into();
-        }
+    let encrypted = match redacted {
+        Some(data) => Some(format!("{REDACTED}{data}")),
+        None => signature.map(String::from),
+    };
+    if let Some(e) = encrypted {
+        item["encrypted_content"] = e.into();
     }
     item
 }
@@ -203,14 +200,13 @@ pub fn response(
                 ));
             }
             "thinking" => output.push(reasoning_item(
-                reply,
                 &id("rs"),
                 s("thinking"),
                 Some(s("signature")),
                 None,
             )),
             "redacted_thinking" => {
-                output.push(reasoning_item(reply, &id("rs"), "", None, Some(s("data"))))
+                output.push(reasoning_item(&id("rs"), "", None, Some(s("data"))))
             }
             // Server tools' blocks and block types newer than this code.
             _ => {}
@@ -269,7 +265,6 @@ mod tests {
         let r = &case["reply"];
         Reply {
             model: r["model"].as_str().unwrap_or("").into(),
-            encrypted_reasoning: r["encrypted_reasoning"] == true,
             custom_tools: (r["custom_tools"].as_array().into_iter().flatten())
                 .filter_map(|t| t.as_str().map(String::from))
                 .collect(),
@@ -298,11 +293,6 @@ mod tests {
                 .as_str()
                 .or(case["input"]["model"].as_str());
             assert_eq!(Some(converted.requested_model.as_str()), model, "{name}");
-            assert_eq!(
-                converted.encrypted_reasoning,
-                case["encrypted_reasoning"] == true,
-                "{name}"
-            );
             assert_eq!(
                 converted.session.as_deref(),
                 case["session"].as_str(),

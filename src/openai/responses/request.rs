@@ -18,8 +18,6 @@ pub struct Converted {
     pub body: Vec<u8>,
     /// The model the client asked for, reported back.
     pub requested_model: String,
-    /// `include` asked for `reasoning.encrypted_content`: reasoning items carry the signature.
-    pub encrypted_reasoning: bool,
     /// `prompt_cache_key`: the conversation, for sticky sessions.
     pub session: Option<String>,
     /// Names of `custom` (free-form) tools: their calls go back as `custom_tool_call`.
@@ -48,7 +46,6 @@ struct Fields<'a> {
     reasoning: Option<Value>,
     text: Option<Value>,
     stream: Option<Value>,
-    include: Option<Value>,
     prompt_cache_key: Option<Value>,
     previous_response_id: Option<Value>,
     user: Option<Value>,
@@ -90,16 +87,30 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
             Some("input"),
         ));
     }
-    out.insert("messages".into(), Value::Array(turns.messages));
-    if !turns.system.is_empty() {
-        out.insert("system".into(), Value::Array(turns.system));
+    turns.order_blocks();
+    let asked = write_thinking(&f, options.default_max_tokens, &mut out)?;
+    let mut thinking = asked.is_some();
+    let custom_tools = write_tools(&f, &mut out)?;
+    if thinking && !turns.thinking_allowed(&out) {
+        // Anthropic refuses thinking with a forced tool, after an assistant turn whose tool
+        // call carries no thinking block (a history replayed without its signatures), and
+        // before an assistant prefill: the answer goes without it rather than a 400.
+        out.remove("thinking");
+        out.insert(
+            "max_tokens".into(),
+            json!(asked.unwrap_or(options.default_max_tokens)),
+        );
+        thinking = false;
     }
-    let thinking = write_thinking(&f, options.default_max_tokens, &mut out)?;
     write_sampling(&f, thinking, &mut out)?;
     if let Some(stops) = stop_sequences(f.stop.as_ref())? {
         out.insert("stop_sequences".into(), stops);
     }
-    let custom_tools = write_tools(&f, &mut out)?;
+    turns.mark_cache(&mut out);
+    out.insert("messages".into(), Value::Array(turns.messages));
+    if !turns.system.is_empty() {
+        out.insert("system".into(), Value::Array(turns.system));
+    }
     if let Some(user) = f
         .user
         .as_ref()
@@ -114,11 +125,6 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         Some(_) => return Err(Invalid::new("`stream` must be a boolean", Some("stream"))),
     };
     out.insert("stream".into(), json!(stream));
-    let include = f.include.as_ref().and_then(Value::as_array);
-    let encrypted_reasoning = include.is_some_and(|list| {
-        list.iter()
-            .any(|v| v.as_str() == Some("reasoning.encrypted_content"))
-    });
     let session = (f.prompt_cache_key.as_ref())
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
@@ -128,7 +134,6 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
     Ok(Converted {
         body: serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
         requested_model,
-        encrypted_reasoning,
         session,
         custom_tools,
     })
@@ -160,6 +165,68 @@ impl Turns {
         }
     }
 
+    /// Puts each merged turn's blocks in the order Anthropic requires: a user turn's tool
+    /// results first; an assistant turn's thinking first and its tool calls last.
+    fn order_blocks(&mut self) {
+        for m in &mut self.messages {
+            let user = m["role"] == "user";
+            if let Some(content) = m["content"].as_array_mut() {
+                content.sort_by_key(|b| match (user, b["type"].as_str()) {
+                    (true, Some("tool_result")) => 0,
+                    (true, _) => 1,
+                    (false, Some("thinking" | "redacted_thinking")) => 0,
+                    (false, Some("tool_use")) => 2,
+                    (false, _) => 1,
+                });
+            }
+        }
+    }
+
+    /// Whether thinking may be on for this conversation (`out` holds the tool choice).
+    fn thinking_allowed(&self, out: &Map<String, Value>) -> bool {
+        let forced = out
+            .get("tool_choice")
+            .is_some_and(|c| c["type"] == "any" || c["type"] == "tool");
+        let last_assistant_call = (self.messages.iter().rev())
+            .find(|m| m["role"] == "assistant")
+            .and_then(|m| m["content"].as_array())
+            .filter(|c| c.iter().any(|b| b["type"] == "tool_use"));
+        let unsigned_call = last_assistant_call.is_some_and(|c| {
+            !c.first()
+                .is_some_and(|b| b["type"] == "thinking" || b["type"] == "redacted_thinking")
+        });
+        let prefill = self
+            .messages
+            .last()
+            .is_some_and(|m| m["role"] == "assistant");
+        !forced && !unsigned_call && !prefill
+    }
+
+    /// Prompt-cache breakpoints, as Claude Code sets them and the Responses API has no word
+    /// for: the last system block, the last tool, and the last block of the last turn (three
+    /// of Anthropic's four). Codex replays the whole history each turn; without them every
+    /// turn pays for it at the full input price.
+    fn mark_cache(&mut self, out: &mut Map<String, Value>) {
+        let mark = |block: Option<&mut Value>| {
+            if let Some(b) =
+                block.filter(|b| b["type"] != "thinking" && b["type"] != "redacted_thinking")
+            {
+                b["cache_control"] = json!({"type": "ephemeral"});
+            }
+        };
+        mark(self.system.last_mut());
+        mark(
+            out.get_mut("tools")
+                .and_then(Value::as_array_mut)
+                .and_then(|t| t.last_mut()),
+        );
+        mark(
+            (self.messages.last_mut())
+                .and_then(|m| m["content"].as_array_mut())
+                .and_then(|c| c.last_mut()),
+        );
+    }
+
     /// Adds `blocks` to the conversation as `role`'s: to the last turn when it is `role`'s.
     fn push(&mut self, role: &str, blocks: Vec<Value>) {
         if blocks.is_empty() {
@@ -182,7 +249,10 @@ fn read_input(input: Raw<'_>, turns: &mut Turns) -> Result<(), Invalid> {
         return Err(Invalid::new("`input` is required", Some("input")));
     };
     if let Some(text) = text(Some(input)) {
-        turns.push("user", vec![json!({"type": "text", "text": text})]);
+        // Anthropic refuses empty text blocks.
+        if !text.is_empty() {
+            turns.push("user", vec![json!({"type": "text", "text": text})]);
+        }
         return Ok(());
     }
     let walked = each(input, |i, raw| {
@@ -342,6 +412,7 @@ fn tool_use(item: &Value, at: &str, input: Value) -> Result<Value, Invalid> {
 /// `input_image`, `input_file`).
 fn content(content: Option<&Value>, at: &str) -> Result<Vec<Value>, Invalid> {
     let parts = match content {
+        Some(Value::String(s)) if s.is_empty() => return Ok(Vec::new()),
         Some(Value::String(s)) => return Ok(vec![json!({"type": "text", "text": s})]),
         Some(Value::Array(parts)) => parts,
         _ => {
@@ -363,7 +434,10 @@ fn content(content: Option<&Value>, at: &str) -> Result<Vec<Value>, Invalid> {
                 }
             }
             Some("refusal") => {
-                blocks.push(json!({"type": "text", "text": str_field(part, "refusal", &at)?}))
+                let text = str_field(part, "refusal", &at)?;
+                if !text.is_empty() {
+                    blocks.push(json!({"type": "text", "text": text}));
+                }
             }
             Some("input_image") => {
                 let url = (part.get("image_url").and_then(Value::as_str)).ok_or_else(|| {
@@ -466,12 +540,13 @@ fn text_format(text: Option<&Value>) -> Result<Option<String>, Invalid> {
 
 /// `max_output_tokens` and `reasoning.effort` → `max_tokens` and `thinking`, by the chat
 /// route's table. Without an effort thinking stays off: `{"summary": "auto"}` alone, as Codex
-/// sends it, asks for summaries of thinking that is on, not for thinking.
+/// sends it, asks for summaries of thinking that is on, not for thinking. With thinking on,
+/// returns the `max_tokens` asked for (before the budget went on top of it).
 fn write_thinking(
     f: &Fields<'_>,
     default_max_tokens: u64,
     out: &mut Map<String, Value>,
-) -> Result<bool, Invalid> {
+) -> Result<Option<u64>, Invalid> {
     let max_tokens = match &f.max_output_tokens {
         None | Some(Value::Null) => default_max_tokens,
         Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
@@ -499,6 +574,7 @@ fn write_thinking(
         }
     };
     // As on the chat route: the budget goes on top of what the client wants to see.
+    let asked = max_tokens;
     let max_tokens = match budget {
         Some(budget) if max_tokens <= budget => max_tokens.saturating_add(budget),
         _ => max_tokens,
@@ -510,7 +586,7 @@ fn write_thinking(
             json!({"type": "enabled", "budget_tokens": budget}),
         );
     }
-    Ok(budget.is_some())
+    Ok(budget.map(|_| asked))
 }
 
 /// `temperature` (OpenAI's 0–2 held to Anthropic's 0–1) and `top_p`, as far as thinking and

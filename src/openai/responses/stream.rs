@@ -55,6 +55,8 @@ pub struct ResponseStream {
     usage: serde_json::Map<String, Value>,
     stop_reason: Option<String>,
     closed: bool,
+    /// The answer grew past `MAX_KEPT`: the rest of the upstream is not worth reading.
+    gave_up: bool,
 }
 
 impl ResponseStream {
@@ -70,12 +72,18 @@ impl ResponseStream {
             usage: serde_json::Map::new(),
             stop_reason: None,
             closed: false,
+            gave_up: false,
         }
     }
 
     /// Whether the stream reached its end (`response.completed`, or a reported failure).
     pub fn closed(&self) -> bool {
         self.closed
+    }
+
+    /// Whether it ended because the answer outgrew what is kept.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
     }
 
     fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut data: Value) {
@@ -158,6 +166,7 @@ impl ResponseStream {
             _ => {}
         }
         if self.kept > MAX_KEPT && !self.closed {
+            self.gave_up = true;
             self.fail(
                 "api_error",
                 "the answer is larger than the gateway keeps for response.completed",
@@ -168,9 +177,20 @@ impl ResponseStream {
     }
 
     fn start(&mut self, index: u64, block: &Value, out: &mut Vec<u8>) {
+        // A block started again at an open index closes the first: every item added is done.
+        if self.open.contains_key(&index) {
+            self.stop(index, out);
+        }
         if self.open.len() >= MAX_OPEN {
             return;
         }
+        // Every item is kept, however empty: its ids, name and data, and its frame.
+        self.kept += 256
+            + ["id", "name", "data"]
+                .iter()
+                .filter_map(|k| block.get(k).and_then(Value::as_str))
+                .map(|v| 2 * v.len())
+                .sum::<usize>();
         let s = |k: &str| {
             block
                 .get(k)
@@ -354,20 +374,15 @@ impl ResponseStream {
                 let signature =
                     (done && !open.signature.is_empty()).then_some(open.signature.as_str());
                 reasoning_item(
-                    &self.reply,
                     &open.id,
                     if done { &open.text } else { "" },
                     signature,
                     None,
                 )
             }
-            Kind::Redacted(data) => reasoning_item(
-                &self.reply,
-                &open.id,
-                "",
-                None,
-                done.then_some(data.as_str()),
-            ),
+            Kind::Redacted(data) => {
+                reasoning_item(&open.id, "", None, done.then_some(data.as_str()))
+            }
         }
     }
 
