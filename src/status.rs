@@ -9,6 +9,17 @@ use serde_json::{Value, json};
 use crate::gateway::Gateway;
 use crate::time;
 
+/// The shared state's health: local, or Redis up or down (and why).
+pub fn shared_state(gw: &Gateway) -> Value {
+    match gw.accounts.shared() {
+        None => json!({"backend": "local"}),
+        Some(shared) => match shared.outage() {
+            None => json!({"backend": "redis", "redis": "up"}),
+            Some(why) => json!({"backend": "redis", "redis": "down", "error": why}),
+        },
+    }
+}
+
 pub fn render(gw: &Gateway) -> Value {
     let now = Instant::now();
     let accounts: Vec<Value> = gw
@@ -55,13 +66,7 @@ pub fn render(gw: &Gateway) -> Value {
         })
         .collect();
     let (busy, alive) = gw.workers.counts();
-    let state = match gw.accounts.shared() {
-        None => json!({"backend": "local"}),
-        Some(shared) => match shared.outage() {
-            None => json!({"backend": "redis", "redis": "up"}),
-            Some(why) => json!({"backend": "redis", "redis": "down", "error": why}),
-        },
-    };
+    let state = shared_state(gw);
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": gw.started.elapsed().as_secs(),

@@ -244,6 +244,32 @@ fn ping() -> Value {
     json!({"type": "ping"})
 }
 
+/// `python3 SCRIPT BASE_URL KEY` for an SDK script against `gw`, with nothing configured from
+/// outside: no proxies, no OpenAI settings.
+fn python_sdk(script: &str, gw: &Gateway) -> std::process::Command {
+    let mut cmd = std::process::Command::new(crate::support::PYTHON);
+    cmd.arg(script)
+        .arg(format!("http://{}/v1", gw.addr()))
+        .arg(gw.client_key());
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "OPENAI_ORG_ID",
+        "OPENAI_PROJECT_ID",
+        "OPENAI_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_PROXY", "*").env("PYTHONUNBUFFERED", "1");
+    cmd
+}
+
 /// The upstream request body, parsed.
 fn body_json(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| {

@@ -165,13 +165,7 @@ fn keys(gw: &Gateway) -> Value {
 
 fn trouble(gw: &Gateway) -> Value {
     let failing = gw.threads.failing_for_ready();
-    let state = match gw.accounts.shared() {
-        None => json!({"backend": "local"}),
-        Some(shared) => match shared.outage() {
-            None => json!({"backend": "redis", "redis": "up"}),
-            Some(why) => json!({"backend": "redis", "redis": "down", "error": why}),
-        },
-    };
+    let state = crate::status::shared_state(gw);
     json!({
         "scope": "this instance",
         "health": {

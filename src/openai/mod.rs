@@ -284,7 +284,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for PartOrOther<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Table tests from the fixtures in tests/data/openai/: one file per case of the spec.
 
     use std::collections::HashMap;
@@ -299,9 +299,12 @@ mod tests {
     use crate::sse::Framer;
 
     fn fixtures(kind: &str) -> Vec<(String, Value)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/openai")
-            .join(kind);
+        fixtures_in(&format!("tests/data/openai/{kind}"))
+    }
+
+    /// The JSON fixtures in `dir` (from the crate's root), by file name, in order.
+    pub(crate) fn fixtures_in(dir: &str) -> Vec<(String, Value)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .expect("fixture dir")
             .map(|e| e.expect("entry").path())

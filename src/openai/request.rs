@@ -97,7 +97,7 @@ struct Fields<'a> {
 
 /// Converts one request, field group by field group, each written out as it is read.
 pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid> {
-    let f = read(body)?;
+    let f: Fields = read(body)?;
     let requested_model = text(f.model)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| Invalid::new("`model` is required and must be a string", Some("model")))?
@@ -143,8 +143,8 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
 }
 
 /// The body, checked whole once (strings and all, so that what is copied as raw text below
-/// is valid JSON), then read through borrowed views.
-fn read(body: &[u8]) -> Result<Fields<'_>, Invalid> {
+/// is valid JSON), then read through borrowed views as `T`.
+pub(crate) fn read<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Invalid> {
     if !body.trim_ascii_start().starts_with(b"{") {
         return Err(Invalid::new("the request body must be a JSON object", None));
     }

@@ -4,8 +4,6 @@
 //! scenario; then the route's own edges (stored-response routes, compressed bodies, a budget
 //! refusal) on the wire.
 
-use std::process::Command;
-
 use serde_json::{Value, json};
 
 use super::{
@@ -13,8 +11,7 @@ use super::{
     message_start, ping, system_text,
 };
 use crate::support::{
-    Config, FakeUpstream, Framing, Gateway, PYTHON, Recorded, Reply, assert_exit, call,
-    require_python, run,
+    Config, FakeUpstream, Framing, Gateway, Recorded, Reply, assert_exit, call, require_python, run,
 };
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_responses.py");
@@ -132,24 +129,7 @@ fn the_openai_sdk_responses_create_and_stream_work_through_the_gateway() {
     require_python("import openai", "openai", "the Responses SDK test");
     let up = FakeUpstream::start(answer);
     let gw = Gateway::started(&Config::new(up.base_url()).section(ALIAS_SECTION));
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(SCRIPT)
-        .arg(format!("http://{}/v1", gw.addr()))
-        .arg(gw.client_key());
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "OPENAI_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "*").env("PYTHONUNBUFFERED", "1");
+    let cmd = super::python_sdk(SCRIPT, &gw);
     let out = run(cmd, None);
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     assert_exit(&out, 0, "tests/sdk/openai_responses.py");

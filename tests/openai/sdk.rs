@@ -8,8 +8,6 @@
 //! it is missing the test fails and says how to install it: a skipped SDK check would pass
 //! silently on exactly the machine where nobody looked.
 
-use std::process::Command;
-
 use serde_json::{Value, json};
 
 use super::{
@@ -17,8 +15,7 @@ use super::{
     message_start, ping,
 };
 use crate::support::{
-    Config, FakeUpstream, Framing, Gateway, PYTHON, Recorded, Reply, assert_exit, require_python,
-    run,
+    Config, FakeUpstream, Framing, Gateway, Recorded, Reply, assert_exit, require_python, run,
 };
 
 /// The script (run with `support::PYTHON`).
@@ -192,27 +189,7 @@ fn the_openai_python_sdk_works_against_the_gateway() {
     let up = FakeUpstream::start(answer);
     let gw = Gateway::started(&Config::new(up.base_url()).section(ALIAS_SECTION));
 
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(SCRIPT)
-        .arg(format!("http://{}/v1", gw.addr()))
-        .arg(gw.client_key());
-    // Nothing may leave the host or be configured from outside: no proxies, no OpenAI settings.
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "OPENAI_ORG_ID",
-        "OPENAI_PROJECT_ID",
-        "OPENAI_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "*").env("PYTHONUNBUFFERED", "1");
+    let cmd = super::python_sdk(SCRIPT, &gw);
     let out = run(cmd, None);
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     assert_exit(&out, 0, "tests/sdk/openai_sdk.py");

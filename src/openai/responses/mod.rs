@@ -230,7 +230,6 @@ pub fn response(
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::path::PathBuf;
 
     use serde_json::{Value, json};
 
@@ -238,27 +237,7 @@ mod tests {
     use crate::openai::request::Options;
 
     fn fixtures(kind: &str) -> Vec<(String, Value)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/openai/responses")
-            .join(kind);
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .expect("fixture dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "no fixtures in {}", dir.display());
-        files
-            .into_iter()
-            .map(|p| {
-                let text = std::fs::read_to_string(&p).expect("read fixture");
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-                (
-                    name.unwrap_or_default(),
-                    serde_json::from_str(&text).expect("JSON"),
-                )
-            })
-            .collect()
+        crate::openai::tests::fixtures_in(&format!("tests/data/openai/responses/{kind}"))
     }
 
     fn reply(case: &Value) -> Reply {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::openai::Invalid;
-use crate::openai::request::{Options, opaque_user, thinking_budget};
+use crate::openai::request::{Options, opaque_user, read, thinking_budget};
 use crate::openai::views::{Raw, each, text};
 
 /// The converted request and what the answer's conversion needs to know about it.
@@ -53,7 +53,7 @@ struct Fields<'a> {
 
 /// Converts one request.
 pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid> {
-    let f = read(body)?;
+    let f: Fields = read(body)?;
     if f.previous_response_id
         .as_ref()
         .is_some_and(|v| !v.is_null())
@@ -137,18 +137,6 @@ pub fn convert(body: &[u8], options: &Options<'_>) -> Result<Converted, Invalid>
         session,
         custom_tools,
     })
-}
-
-/// The body, checked whole once (strings and all), then read through borrowed views.
-fn read(body: &[u8]) -> Result<Fields<'_>, Invalid> {
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(Invalid::new("the request body must be a JSON object", None));
-    }
-    let invalid = |e: serde_json::Error| {
-        Invalid::new(format!("the request body is not valid JSON: {e}"), None)
-    };
-    crate::json::from_slice::<crate::json::Valid>(body).map_err(invalid)?;
-    crate::json::from_slice(body).map_err(invalid)
 }
 
 /// Anthropic's system blocks and turns, built item by item.
