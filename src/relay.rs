@@ -7,8 +7,9 @@ use std::io::Read;
 use std::time::Instant;
 
 use crate::json;
-use crate::openai::responses::{self, Reply, stream::ResponseStream};
-use crate::openai::{self, stream::ChunkStream};
+use crate::openai::responses::Reply;
+use crate::openai::responses::{self, stream::ResponseStream};
+use crate::openai::{self, Converter, response::model_list, stream::ChunkStream};
 use crate::respond::{BodyWriter, Head, Responder};
 use crate::scrub::{self, Scrub};
 use crate::sse;
@@ -366,25 +367,6 @@ fn relayed_head(parts: &ureq::http::response::Parts, converted: bool, scrub: &Sc
     head
 }
 
-/// The upstream's model list (or one model) in OpenAI's shape, with our aliases.
-fn model_list(v: &serde_json::Value, aliases: &[String], alias: Option<&str>) -> serde_json::Value {
-    if v.get("data").is_some() {
-        let mut list = openai::response::models(v);
-        if let Some(data) = list["data"].as_array_mut() {
-            data.extend(aliases.iter().map(|a| {
-                serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
-            }));
-        }
-        return list;
-    }
-    let mut model = openai::response::model(v);
-    if let Some(alias) = alias {
-        model["id"] = alias.into();
-        model["owned_by"] = "llm-gateway".into();
-    }
-    model
-}
-
 /// Reads a body of exactly `n` bytes and scrubs it. Read to the reader's own end (one byte
 /// past `n` at most): only a body read to its end lets ureq return the connection to its
 /// pool.
@@ -489,40 +471,6 @@ fn relay_stream(
         meter.usage_value(value);
     }
     ended
-}
-
-/// What an event stream is converted into for an OpenAI client.
-enum Converter {
-    Chat(ChunkStream),
-    Responses(ResponseStream),
-}
-
-impl Converter {
-    fn event(&mut self, event: &[u8]) -> Vec<u8> {
-        match self {
-            Converter::Chat(c) => c.event(event),
-            Converter::Responses(r) => r.event(event),
-        }
-    }
-
-    fn closed(&self) -> bool {
-        match self {
-            Converter::Chat(c) => c.closed(),
-            Converter::Responses(r) => r.closed(),
-        }
-    }
-
-    fn end(&mut self, broke: Option<&str>) -> Vec<u8> {
-        match self {
-            Converter::Chat(c) => c.end(broke),
-            Converter::Responses(r) => r.end(broke),
-        }
-    }
-
-    /// Whether the conversion gave up on an answer too large to keep: the rest is not read.
-    fn gave_up(&self) -> bool {
-        matches!(self, Converter::Responses(r) if r.gave_up())
-    }
 }
 
 /// An SSE body, forwarded event by event, or converted event by event into an OpenAI stream

@@ -9,14 +9,12 @@ use crate::access::{AccessLine, Names, request_id, request_id_from};
 use crate::accounts::Pick;
 use crate::accounts::cooldown::Signal;
 use crate::accounts::sticky;
-use crate::anthropic;
 use crate::auth::Client;
 use crate::error::ApiError;
 use crate::failover;
 use crate::gateway::Gateway;
 use crate::http::{Conn, Request};
-use crate::limits::{Charge, Estimate, Limiter, Permit};
-use crate::metrics::Observation;
+use crate::limits::{Estimate, Limiter, Permit};
 use crate::openai::{self, Format};
 use crate::pricing::Cost;
 use crate::relay::{self, Meter, Outcome, Shape};
@@ -24,7 +22,6 @@ use crate::respond::{Head, Responder};
 use crate::route::{Route, check_query, route};
 use crate::status;
 use crate::upstream::Answer;
-use crate::usage::Record;
 
 const JSON: &str = "application/json";
 
@@ -107,7 +104,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
             // its last bytes go out: a client that sends its next request the moment it has
             // read this answer finds the tokens spent and nothing held.
             let mut settle = |m: &Meter| {
-                record_usage(gw, &names, status, m, None);
+                crate::records::record_usage(gw, &names, status, m, None);
                 permit = None;
                 settled = true;
             };
@@ -127,7 +124,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
                 && status < 300
                 && let Some(estimated) = permit.as_ref().and_then(Permit::estimated)
             {
-                charge_at_least(gw, &names, &mut meter, estimated);
+                crate::records::charge_at_least(gw, &names, &mut meter, estimated);
             }
             // After the first byte nothing is retried, but the account's failure counts.
             if let Some(pick) = &pick
@@ -147,7 +144,7 @@ pub fn handle(gw: &Gateway, mut req: Request, conn: &mut Conn, listener: Listene
     if unread {
         conn.linger();
     }
-    account_for(
+    crate::records::account_for(
         gw,
         &req,
         &request_id,
@@ -231,313 +228,15 @@ fn is_chat_path(path: &str) -> bool {
         })
 }
 
-/// After a request: the ledger record, the metrics, the access log line.
-#[allow(clippy::too_many_arguments)]
-fn account_for(
-    gw: &Gateway,
-    req: &Request,
-    request_id: &str,
-    started: Instant,
-    status: u16,
-    outcome: &Outcome,
-    meter: &Meter,
-    names: &Names,
-    settled: bool,
-) {
-    let error = match outcome {
-        Outcome::Complete => names.error.clone(),
-        Outcome::UpstreamBroke(why) => Some(format!("upstream broke: {why}")),
-        Outcome::ClientGone => Some("client went away".into()),
-        Outcome::UpstreamError { kind, message } => Some(format!(
-            "upstream error event in the stream: {kind}: {message}"
-        )),
-    };
-    // The ledger and metrics count an error that came inside a 200 stream as its status.
-    let counted = match outcome {
-        Outcome::UpstreamError { kind, .. } => anthropic::status_of_error_type(kind),
-        _ => status,
-    };
-    if !settled {
-        record_usage(gw, names, counted, meter, error.clone());
-    }
-    // Forwarded requests only: probes, scrapes, scanners and the dashboard itself would
-    // crowd out the failures that matter; a client that hung up is not trouble.
-    let forwarded = names.client_id.is_some() && !matches!(outcome, Outcome::ClientGone);
-    let skip = !forwarded
-        || ["/dashboard", "/admin/api/"]
-            .iter()
-            .any(|p| req.path().starts_with(p));
-    if !skip && (counted >= 400 || error.is_some() || !names.tried.is_empty()) {
-        note_trouble(gw, request_id, req.path(), counted, error.as_deref(), names);
-    }
-    let cost = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, meter.charged);
-    if names.client_id.is_some() {
-        gw.metrics.observe(&Observation {
-            status: counted,
-            account: &names.account,
-            model: names.model.as_deref(),
-            usage: meter.usage,
-            cost: cost.nano(),
-        });
-        if let Some(first) = meter.first_byte {
-            gw.metrics.time_to_first_token.observe(first - started);
-            if names.account_id.is_some() {
-                (gw.metrics.account_time_to_first_token).observe(&names.account, first - started);
-            }
-        }
-    }
-    if gw.live().access_log {
-        let line = AccessLine {
-            request_id,
-            method: Some(&req.method),
-            path: Some(req.path()),
-            started,
-            status,
-            error: error.as_deref(),
-            cost,
-        };
-        gw.access.write(&line.render(names, meter));
-    }
-}
-
-/// Charges a request cut short at least `estimated`: the tokens it reserved (the missing ones
-/// counted as output, which is what a cut stream loses), and at least the dollars.
-fn charge_at_least(gw: &Gateway, names: &Names, meter: &mut Meter, estimated: Charge) {
-    let seen = meter.usage.total();
-    if seen < estimated.tokens {
-        if seen == 0 {
-            meter.usage.input = estimated.tokens;
-        } else {
-            meter.usage.output = meter.usage.output.saturating_add(estimated.tokens - seen);
-        }
-    }
-    let measured = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, None);
-    meter.charged = match (measured.nano(), estimated.nano) {
-        (Some(m), Some(r)) => Some(m.max(r)),
-        (m, r) => m.or(r),
-    };
-}
-
-/// The settings a request is priced with: those in force when it was admitted.
-fn priced_with(gw: &Gateway, names: &Names) -> std::sync::Arc<crate::gateway::Settings> {
-    names.priced_with.clone().unwrap_or_else(|| gw.live())
-}
-
-/// Keeps a request that failed or failed over for the dashboard's recent trouble.
-fn note_trouble(
-    gw: &Gateway,
-    request_id: &str,
-    path: &str,
-    status: u16,
-    error: Option<&str>,
-    names: &Names,
-) {
-    use crate::dashboard::cut;
-    let accounts = gw.accounts.snapshot();
-    let name = |id: &str| {
-        (accounts.iter().find(|e| e.id() == id))
-            .map_or_else(|| id.to_string(), |e| e.account.name.clone())
-    };
-    let failover = (names.tried.iter())
-        .map(|t| {
-            let status = t
-                .status
-                .map_or_else(|| "no answer".to_string(), |s| s.to_string());
-            cut(&format!("{} ({status}): {}", name(&t.account), t.why), 200)
-        })
-        .collect();
-    gw.trouble.note(crate::dashboard::Trouble {
-        time: crate::time::rfc3339(crate::time::now_unix()),
-        request_id: request_id.to_string(),
-        path: cut(path, 100),
-        client: names.client.clone(),
-        account: names.account.clone(),
-        model: names.model.clone(),
-        status,
-        error: error.map(|e| cut(e, 300)),
-        failover,
-    });
-}
-
-/// Records a request in the ledger; only what an authenticated client asked for goes there.
-fn record_usage(gw: &Gateway, names: &Names, status: u16, meter: &Meter, error: Option<String>) {
-    if let (Some(ledger), Some(key)) = (&gw.ledger, &names.client_id) {
-        let cost = priced_with(gw, names).cost(names.model.as_deref(), &meter.usage, meter.charged);
-        ledger.record(&Record {
-            t: crate::time::now_unix(),
-            key: key.clone(),
-            account: names.account_id.clone().unwrap_or_else(|| "-".into()),
-            model: names.model.clone().unwrap_or_else(|| "-".into()),
-            status,
-            usage: meter.usage,
-            cost: cost.nano(),
-            estimated: matches!(
-                cost,
-                Cost::Priced {
-                    estimated: true,
-                    ..
-                }
-            ),
-            error,
-        });
-    }
-}
-
 enum Served {
     /// A small answer made here, with its content type.
     Local(u16, String, &'static str),
     /// A dashboard answer: under its security headers, maybe setting the session cookie.
-    Page(Page),
+    Page(crate::dashboard::routes::Page),
     /// An upstream answer, with the account it came from (held in flight while relayed;
     /// none for the buffered answer of an account that already failed over), and the shape
     /// the client wants it in.
     Upstream(Answer, Option<Box<Pick>>, Shape, Permit),
-}
-
-/// A dashboard answer.
-struct Page {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-    cookie: Option<String>,
-}
-
-impl Page {
-    fn json(value: &serde_json::Value) -> Served {
-        Served::Page(Page {
-            status: 200,
-            content_type: JSON,
-            body: value.to_string().into_bytes(),
-            cookie: None,
-        })
-    }
-}
-
-/// The dashboard's routes: the bundle (no key: it holds no data), the sign-in, and the JSON
-/// (no key on the loopback admin listener; elsewhere an admin key or a session cookie).
-fn dashboard(
-    gw: &Gateway,
-    req: &Request,
-    route: Route,
-    listener: Listener,
-    names: &Names,
-) -> Result<Served, ApiError> {
-    let path = req.path();
-    let now = crate::time::now_unix();
-    match route {
-        Route::Dashboard if path == "/dashboard/session" => {
-            // Whether the page may read the data, so it asks for it only then (a 401 in the
-            // browser's console is an error there).
-            let signed_in = dashboard_access(gw, req, listener, now).is_ok();
-            Ok(Page::json(&serde_json::json!({"signed_in": signed_in})))
-        }
-        Route::Dashboard => {
-            let path = if path == "/dashboard/" {
-                "/dashboard"
-            } else {
-                path
-            };
-            let (_, content_type, body) = (crate::dashboard::ASSETS.iter())
-                .find(|(p, _, _)| *p == path)
-                .ok_or_else(|| ApiError::NotFound("no such dashboard file".into()))?;
-            Ok(Served::Page(Page {
-                status: 200,
-                content_type,
-                body: body.as_bytes().to_vec(),
-                cookie: None,
-            }))
-        }
-        Route::DashboardLogin => {
-            let client = gw.clients.authenticate(req)?;
-            if !client.admin {
-                return Err(ApiError::Forbidden(
-                    "the dashboard needs an admin key (add-client-key --admin)".into(),
-                ));
-            }
-            let value = gw.sessions.issue(&client.id, now).ok_or_else(|| {
-                ApiError::NoAccount(
-                    "dashboard sessions need gateway.key beside config.yaml (llm-gateway init makes it); send the admin key as x-api-key instead".into(),
-                )
-            })?;
-            // Secure unless the page is served over plain HTTP to a browser on this machine
-            // (the client as `server.trusted_proxies` name it; a TLS proxy's
-            // `x-forwarded-proto: https` makes it Secure whoever sent it, which can only keep
-            // the cookie off plain HTTP).
-            let forwarded: Vec<&str> = (req.headers.iter())
-                .filter(|(n, _)| n == "x-forwarded-for")
-                .filter_map(|(_, v)| std::str::from_utf8(v).ok())
-                .collect();
-            let client_ip =
-                crate::access::client_address(names.peer, &forwarded, &gw.live().trusted_proxies);
-            let https = req
-                .header("x-forwarded-proto")
-                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
-            let secure = https || !client_ip.is_some_and(|ip| ip.is_loopback());
-            let cookie = format!(
-                "{}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Strict{}",
-                crate::dashboard::COOKIE,
-                crate::dashboard::SESSION_SECS,
-                if secure { "; Secure" } else { "" }
-            );
-            // A Secure cookie over plain HTTP is dropped by the browser: the page says so.
-            let body = serde_json::json!({"signed_in": true, "secure_cookie": secure});
-            Ok(Served::Page(Page {
-                status: 200,
-                content_type: JSON,
-                body: body.to_string().into_bytes(),
-                cookie: Some(cookie),
-            }))
-        }
-        Route::DashboardLogout => {
-            let cookie = format!(
-                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
-                crate::dashboard::COOKIE
-            );
-            Ok(Served::Page(Page {
-                status: 200,
-                content_type: JSON,
-                body: br#"{"signed_in":false}"#.to_vec(),
-                cookie: Some(cookie),
-            }))
-        }
-        _ => {
-            dashboard_access(gw, req, listener, now)?;
-            let name = path.strip_prefix("/admin/api/").unwrap_or("");
-            let value = crate::dashboard::api::answer(gw, name)
-                .ok_or_else(|| ApiError::NotFound(format!("no dashboard endpoint {name:?}")))?;
-            Ok(Page::json(&value))
-        }
-    }
-}
-
-/// Whether `req` may read the dashboard's data: keyless on the loopback admin listener, with a
-/// valid session cookie of an admin key still in force, or with an admin key.
-fn dashboard_access(
-    gw: &Gateway,
-    req: &Request,
-    listener: Listener,
-    now: u64,
-) -> Result<(), ApiError> {
-    let session = (req.header("cookie"))
-        .and_then(|c| crate::dashboard::cookie(c, crate::dashboard::COOKIE))
-        .and_then(|v| gw.sessions.valid(v, now))
-        .is_some_and(|id| gw.clients.is_active_admin(id));
-    if keyless(listener, req) || session {
-        return Ok(());
-    }
-    let client = gw.clients.authenticate(req)?;
-    if !client.admin {
-        return Err(ApiError::Forbidden(
-            "the dashboard's data needs an admin key or a dashboard session".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Whether `req` needs no key: on the loopback admin listener, addressed by this machine's
-/// name (a page elsewhere that rebinds its name to 127.0.0.1 sends its own, and needs a key).
-fn keyless(listener: Listener, req: &Request) -> bool {
-    listener == Listener::AdminLoopback && crate::dashboard::loopback_host(req.header("host"))
 }
 
 /// What the head alone decided.
@@ -582,7 +281,7 @@ fn admit(
         }
         Route::Ready => return Ok(Admitted::Local(ready(gw))),
         Route::Status | Route::Metrics => {
-            if !keyless(listener, req) {
+            if !crate::dashboard::routes::keyless(listener, req) {
                 let client = gw.clients.authenticate(req)?;
                 if !client.admin {
                     return Err(ApiError::Forbidden(
@@ -600,10 +299,11 @@ fn admit(
             }));
         }
         Route::Dashboard | Route::DashboardLogin | Route::DashboardLogout | Route::AdminApi => {
-            return Ok(Admitted::Local(dashboard(gw, req, route, listener, names)?));
+            let page = crate::dashboard::routes::serve(gw, req, route, listener, names)?;
+            return Ok(Admitted::Local(Served::Page(page)));
         }
         Route::KeyUsage => {
-            let caller = match keyless(listener, req) {
+            let caller = match crate::dashboard::routes::keyless(listener, req) {
                 true => None,
                 false => Some(gw.clients.authenticate(req)?),
             };
@@ -650,10 +350,10 @@ fn serve(
         mut permit,
     } = admitted;
     if !req.body.is_empty() {
-        check_encoding(req)?;
+        crate::shape::check_encoding(req)?;
         crate::json::check_text(&req.body).map_err(ApiError::BadRequest)?;
     }
-    let (converted, shape) = shape_request(gw, req, route, &mut names.format)?;
+    let (converted, shape) = crate::shape::shape_request(gw, req, route, &mut names.format)?;
     let req = converted.as_ref().unwrap_or(req);
     let session = match &shape {
         Shape::Responses(reply) => reply.session.as_deref(),
@@ -678,9 +378,10 @@ fn serve(
                 "the request body must name its `model` once, as a string".into(),
             ));
         }
-        Some(m) if m.len() > MAX_MODEL_NAME => {
+        Some(m) if m.len() > crate::shape::MAX_MODEL_NAME => {
             return Err(ApiError::BadRequest(format!(
-                "`model` is longer than {MAX_MODEL_NAME} bytes"
+                "`model` is longer than {} bytes",
+                crate::shape::MAX_MODEL_NAME
             )));
         }
         _ => {}
@@ -719,133 +420,6 @@ fn serve(
     }
     let (answer, pick) = answered?;
     Ok(Served::Upstream(answer, pick.map(Box::new), shape, permit))
-}
-
-/// The longest model name accepted: real ones are a few dozen bytes, and the name is kept in
-/// the ledger, the metrics' labels and the dashboard.
-const MAX_MODEL_NAME: usize = 256;
-
-/// A compressed request body is refused (415): the gateway reads and converts bodies, and
-/// decoding one would need a decompressor with its own bounds. Clients fall back to plain
-/// JSON (Codex sends plain JSON to custom providers).
-fn check_encoding(req: &Request) -> Result<(), ApiError> {
-    match req.header("content-encoding").map(str::trim) {
-        None | Some("") => Ok(()),
-        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(()),
-        Some(e) => Err(ApiError::Http {
-            status: 415,
-            message: format!(
-                "request bodies must not be compressed (content-encoding: {}): send plain JSON",
-                e.chars().take(40).collect::<String>()
-            ),
-        }),
-    }
-}
-
-/// Decides what goes upstream and what shape the answer takes. A body that clearly belongs
-/// to the other API than its path is served as what it is (an OpenAI body posted to
-/// /v1/messages is converted and answered in OpenAI's format, and the reverse), rather than
-/// failing upstream with a confusing 400. Returns the request to send when it differs from
-/// the client's.
-fn shape_request(
-    gw: &Gateway,
-    req: &Request,
-    route: Route,
-    format: &mut Format,
-) -> Result<(Option<Request>, Shape), ApiError> {
-    match route {
-        Route::Models if *format == Format::OpenAI => {
-            // OpenAI clients expect every model, not Anthropic's first page of 20. An alias the
-            // list shows is retrievable too: its target is asked for and named as the alias.
-            let id = req.path().strip_prefix("/v1/models/");
-            let live = gw.live();
-            let (target, alias) = match id {
-                None => ("/v1/models?limit=1000".to_string(), None),
-                Some(id) => match live.models.aliases.get(id) {
-                    Some(to) => (format!("/v1/models/{to}"), Some(id.to_string())),
-                    None => (req.path().to_string(), None),
-                },
-            };
-            let aliases = live.models.aliases.keys().cloned().collect();
-            Ok((
-                Some(derived(req, &target, req.body.clone())),
-                Shape::Models { aliases, alias },
-            ))
-        }
-        Route::Models => Ok((None, Shape::Anthropic)),
-        Route::Messages { count_tokens } => {
-            if count_tokens || body_format(&req.body)? != Some(Format::OpenAI) {
-                return Ok((None, Shape::Anthropic));
-            }
-            *format = Format::OpenAI;
-            convert(gw, req)
-        }
-        Route::Chat => {
-            if body_format(&req.body)? == Some(Format::Anthropic) {
-                *format = Format::Anthropic;
-                return Ok((
-                    Some(derived(req, "/v1/messages", req.body.clone())),
-                    Shape::Anthropic,
-                ));
-            }
-            convert(gw, req)
-        }
-        Route::Responses => {
-            let live = gw.live();
-            let options = openai::request::Options {
-                default_max_tokens: live.models.default_max_tokens,
-                aliases: &live.models.aliases,
-            };
-            let converted =
-                openai::responses::request::convert(&req.body, &options).map_err(|e| {
-                    ApiError::Invalid {
-                        message: e.message,
-                        param: e.param,
-                    }
-                })?;
-            let reply = openai::responses::Reply {
-                model: converted.requested_model,
-                custom_tools: converted.custom_tools,
-                session: converted.session,
-            };
-            Ok((
-                Some(derived(req, "/v1/messages", converted.body)),
-                Shape::Responses(Box::new(reply)),
-            ))
-        }
-        _ => Err(ApiError::NotFound("no route".into())),
-    }
-}
-
-/// An OpenAI Chat Completions request as the Anthropic request to send.
-fn convert(gw: &Gateway, req: &Request) -> Result<(Option<Request>, Shape), ApiError> {
-    let live = gw.live();
-    let options = openai::request::Options {
-        default_max_tokens: live.models.default_max_tokens,
-        aliases: &live.models.aliases,
-    };
-    let converted =
-        openai::request::convert(&req.body, &options).map_err(|e| ApiError::Invalid {
-            message: e.message,
-            param: e.param,
-        })?;
-    let shape = Shape::Chat {
-        include_usage: converted.include_usage,
-        model: converted.requested_model,
-    };
-    Ok((Some(derived(req, "/v1/messages", converted.body)), shape))
-}
-
-/// The client's request with another target and body (headers and framing kept).
-fn derived(req: &Request, target: &str, body: Vec<u8>) -> Request {
-    Request {
-        method: req.method.clone(),
-        target: target.to_string(),
-        minor_version: req.minor_version,
-        headers: req.headers.clone(),
-        body,
-        keep_alive: req.keep_alive,
-    }
 }
 
 /// `/ready`: 503 when no account could serve now. With shared state it also says whether

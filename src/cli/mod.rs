@@ -13,6 +13,7 @@ mod init;
 mod keys;
 mod oauth;
 mod ops;
+mod usage;
 
 use accounts::{
     AddApiKey, Change, DisableAccount, EnableAccount, ListAccounts, RemoveAccount, SetAccount,
@@ -20,7 +21,8 @@ use accounts::{
 };
 use keys::{AddClientKey, ListClientKeys, RevokeClientKey, UpdateClientKey};
 use oauth::{AddOAuth, OAuthCallback, OAuthStart};
-use ops::{HealthCheck, Status, Usage};
+use ops::{HealthCheck, Status};
+use usage::Usage;
 
 use crate::config::{self, ConfigError};
 use crate::encoding;
@@ -300,7 +302,7 @@ fn dispatch(path: &std::path::Path, command: Command) -> Result<(), CliError> {
         Command::ListClientKeys(cmd) => keys::list_client_keys(&path, cmd.json),
         Command::UpdateClientKey(cmd) => keys::update_client_key(&path, cmd),
         Command::RevokeClientKey(cmd) => keys::revoke_client_key(&path, cmd),
-        Command::Usage(cmd) => ops::usage(&path, cmd),
+        Command::Usage(cmd) => usage::usage(&path, cmd),
         Command::SetAccount(cmd) => set_account(&path, cmd),
         Command::Status(cmd) => ops::status(&path, cmd),
         Command::HealthCheck(cmd) => ops::health_check(&path, cmd),

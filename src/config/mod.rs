@@ -6,12 +6,15 @@
 //! `store` rewrites only the managed sections so operator comments elsewhere survive.
 
 mod egress;
+mod keys;
 mod managed;
+mod pricing;
 mod raw;
 mod validate;
 
 pub use crate::quota::QuotaSettings;
 pub use egress::{Egress, Trust};
+pub use keys::{ClientKey, KeyLimits, parse_time};
 pub use raw::*;
 pub use validate::validate;
 
@@ -334,46 +337,6 @@ impl Account {
             _ => None,
         }
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct ClientKey {
-    pub id: String,
-    pub name: String,
-    pub hash: [u8; 32],
-    pub enabled: bool,
-    pub admin: bool,
-    pub limits: KeyLimits,
-    /// Unix seconds after which the key is refused.
-    pub expires_at: Option<u64>,
-    pub revoked: bool,
-}
-
-/// What one gateway key may do. `None` is unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyLimits {
-    /// Empty: every model.
-    pub models: Vec<String>,
-    pub rpm: Option<u32>,
-    pub max_concurrent: Option<u32>,
-    /// Requests that may wait for a `max_concurrent` slot, in arrival order.
-    pub queue: Option<u32>,
-    pub daily_tokens: Option<u64>,
-    pub monthly_tokens: Option<u64>,
-    /// Nano-USD budgets: per UTC day, per week from Monday (UTC), per UTC month, in all.
-    pub daily_usd: Option<u64>,
-    pub weekly_usd: Option<u64>,
-    pub monthly_usd: Option<u64>,
-    pub total_usd: Option<u64>,
-}
-
-/// `2026-12-31` (midnight UTC) or an RFC 3339 UTC time, as Unix seconds.
-pub fn parse_time(text: &str) -> Option<u64> {
-    let text = text.trim();
-    if text.len() == 10 {
-        return crate::time::parse_rfc3339(&format!("{text}T00:00:00Z"));
-    }
-    crate::time::parse_rfc3339(text)
 }
 
 #[derive(Debug)]

@@ -8,6 +8,7 @@
 //! from `gateway.key`, so every instance accepts it).
 
 pub mod api;
+pub mod routes;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

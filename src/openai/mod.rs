@@ -283,6 +283,40 @@ impl<'de: 'a, 'a> Deserialize<'de> for PartOrOther<'a> {
     }
 }
 
+/// What an event stream is converted into for an OpenAI client.
+pub enum Converter {
+    Chat(stream::ChunkStream),
+    Responses(responses::stream::ResponseStream),
+}
+
+impl Converter {
+    pub fn event(&mut self, event: &[u8]) -> Vec<u8> {
+        match self {
+            Converter::Chat(c) => c.event(event),
+            Converter::Responses(r) => r.event(event),
+        }
+    }
+
+    pub fn closed(&self) -> bool {
+        match self {
+            Converter::Chat(c) => c.closed(),
+            Converter::Responses(r) => r.closed(),
+        }
+    }
+
+    pub fn end(&mut self, broke: Option<&str>) -> Vec<u8> {
+        match self {
+            Converter::Chat(c) => c.end(broke),
+            Converter::Responses(r) => r.end(broke),
+        }
+    }
+
+    /// Whether the conversion gave up on an answer too large to keep: the rest is not read.
+    pub fn gave_up(&self) -> bool {
+        matches!(self, Converter::Responses(r) if r.gave_up())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     //! Table tests from the fixtures in tests/data/openai/: one file per case of the spec.

@@ -275,6 +275,29 @@ pub fn model(m: &Value) -> Value {
     })
 }
 
+/// The upstream's model list (or one model) in OpenAI's shape, with our aliases.
+pub fn model_list(
+    v: &serde_json::Value,
+    aliases: &[String],
+    alias: Option<&str>,
+) -> serde_json::Value {
+    if v.get("data").is_some() {
+        let mut list = models(v);
+        if let Some(data) = list["data"].as_array_mut() {
+            data.extend(aliases.iter().map(|a| {
+                serde_json::json!({"id": a, "object": "model", "created": 0, "owned_by": "llm-gateway"})
+            }));
+        }
+        return list;
+    }
+    let mut model = model(v);
+    if let Some(alias) = alias {
+        model["id"] = alias.into();
+        model["owned_by"] = "llm-gateway".into();
+    }
+    model
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

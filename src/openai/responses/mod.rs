@@ -3,6 +3,7 @@
 //! made from a whole message), `stream` (Anthropic SSE → Responses events). Pure functions, no
 //! I/O; table-tested from fixtures in tests/data/openai/responses/.
 
+mod input;
 pub mod request;
 pub mod stream;
 
