@@ -135,7 +135,10 @@ fn the_dashboard_shows_each_panels_numbers_in_a_real_browser() {
     let alice = key(&gw, "alice", &["--monthly-usd", "10"]);
     let bob = key(&gw, "bob", &["--daily-tokens", "100000"]);
     let admin = gw.add_admin_key("ops");
+    let marked = key(&gw, "<img src=x onerror=\"window.__xss=1\">", &[]);
     gw.start();
+    // A client's model name and a key's name that are HTML: the page shows them as text.
+    assert_eq!(post(&gw, &marked, "<b>bold</b>", "html"), 200);
     // alice: one Opus request (18,375,000 nano-USD: see team::costs), bob: two Haiku.
     assert_eq!(post(&gw, &alice, "claude-opus-4-6", "first"), 200);
     assert_eq!(post(&gw, &bob, "claude-haiku-4-5", "one"), 200);
@@ -172,6 +175,7 @@ fn the_dashboard_shows_each_panels_numbers_in_a_real_browser() {
     for want in ["400", "bob", "failed over", "alpha (500)"] {
         assert!(trouble.contains(want), "{want:?} in trouble: {trouble}");
     }
+    // The HTML-named model is unpriced: it adds nothing to the cost charts.
     let total = 18_375_000 + 2 * 3_675_000;
     assert_eq!(
         p["daily_total"],
@@ -183,6 +187,8 @@ fn the_dashboard_shows_each_panels_numbers_in_a_real_browser() {
         total.to_string(),
         "the 24-hour chart's cost"
     );
+    assert_eq!(p["injected"], false, "names are text, not HTML");
+    assert!(keys.contains("<img src=x"), "{keys}");
     let legend = text("legend_by_model");
     assert!(
         legend.contains("claude-opus-4-6") && legend.contains("claude-haiku-4-5"),

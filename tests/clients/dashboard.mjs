@@ -46,6 +46,9 @@ try {
     daily_total: await page.$eval("#daily", (e) => e.getAttribute("data-total")),
     bars: await page.$$eval("#daily rect", (r) => r.length),
   };
+  // Names come from the config and from clients (model names): shown as text, never run.
+  panels.injected = await page.evaluate(
+    () => window.__xss !== undefined || document.querySelectorAll("main img, main b").length > 0);
   // The model view of the same charts.
   await page.selectOption("#by", "by_model");
   panels.legend_by_model = await text("#legend");

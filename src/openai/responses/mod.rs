@@ -346,6 +346,61 @@ mod tests {
             for (key, value) in case["completed"].as_object().expect("completed") {
                 assert_eq!(&last[key], value, "{name}: response.{key}");
             }
+            check_items(&name, &got);
+        }
+    }
+
+    /// What the SDK's stream accumulator relies on: each item is added at the next output
+    /// index, every event about it names its id and index, it is done once, and the deltas of a
+    /// text or arguments add up to what its done event says.
+    fn check_items(name: &str, events: &[Value]) {
+        let mut items: Vec<(String, String, String)> = Vec::new(); // (id, deltas, done)
+        for e in events {
+            let kind = e["type"].as_str().unwrap_or("");
+            let index = e["output_index"].as_u64().map(|i| i as usize);
+            match kind {
+                "response.output_item.added" => {
+                    assert_eq!(
+                        index,
+                        Some(items.len()),
+                        "{name}: added at the next index: {e}"
+                    );
+                    let id = e["item"]["id"].as_str().expect("an item id").to_string();
+                    items.push((id, String::new(), String::new()));
+                }
+                _ if e.get("item_id").is_some() => {
+                    let i = index.expect("an output_index");
+                    assert_eq!(
+                        e["item_id"].as_str(),
+                        Some(items[i].0.as_str()),
+                        "{name}: {e}"
+                    );
+                    let delta = e["delta"].as_str().unwrap_or("");
+                    items[i].1.push_str(delta);
+                    for done in ["text", "arguments"] {
+                        if let Some(t) = e[done].as_str() {
+                            items[i].2 = t.to_string();
+                        }
+                    }
+                }
+                "response.output_item.done" => {
+                    let i = index.expect("an output_index");
+                    assert_eq!(
+                        e["item"]["id"].as_str(),
+                        Some(items[i].0.as_str()),
+                        "{name}"
+                    );
+                }
+                _ => {}
+            }
+        }
+        for (id, deltas, done) in &items {
+            if !done.is_empty() && done != "{}" {
+                assert_eq!(
+                    deltas, done,
+                    "{name}: {id}'s deltas add up to its done event"
+                );
+            }
         }
     }
 
