@@ -50,6 +50,8 @@ struct KeyState {
     waiting: VecDeque<u64>,
     /// What the key's requests in flight may still cost (`Limiter::reserve`).
     reserved: Spend,
+    /// Its requests polling Redis for a slot another instance may free: at most its `queue`.
+    polling: u32,
 }
 
 #[derive(Default)]
@@ -216,6 +218,8 @@ impl Limiter {
             return Ok(None);
         };
         let mut slot = None;
+        // This request's place among the key's pollers, given back however the wait ends.
+        let mut polling: Option<Polling<'_>> = None;
         if let Some(max) = limits.max_concurrent {
             let mut waited = 0;
             loop {
@@ -224,11 +228,13 @@ impl Limiter {
                         std::thread::sleep(SLOT_GRACE_STEP);
                         waited += 1;
                     }
-                    // A key with a queue waits on: slots other instances hold free in time.
+                    // A key with a queue waits on, as many at once as its queue holds: slots
+                    // other instances hold free in time.
                     Ok(None)
-                        if limits.queue.is_some()
-                            && Instant::now() < deadline
-                            && !crate::watch::client_left() =>
+                        if Instant::now() < deadline
+                            && !crate::watch::client_left()
+                            && (polling.is_some()
+                                || self.start_polling(client, limits, &mut polling)) =>
                     {
                         std::thread::sleep(SLOT_GRACE_STEP * 10);
                     }
@@ -250,6 +256,29 @@ impl Limiter {
             });
         }
         Ok(slot)
+    }
+
+    /// Takes a place among `client`'s requests polling Redis for a slot, if its queue has one.
+    fn start_polling<'a>(
+        &'a self,
+        client: &Client,
+        limits: &KeyLimits,
+        polling: &mut Option<Polling<'a>>,
+    ) -> bool {
+        let Some(queue) = limits.queue else {
+            return false;
+        };
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let state = keys.entry(client.id.clone()).or_default();
+        if state.polling >= queue {
+            return false;
+        }
+        state.polling += 1;
+        *polling = Some(Polling {
+            limiter: self,
+            key: client.id.clone(),
+        });
+        true
     }
 
     /// This instance's counts: the minute window while Redis does not keep it, and requests
@@ -490,6 +519,21 @@ impl Limiter {
     /// Whether Redis counts for every instance now (else this instance counts alone).
     fn shared_up(&self) -> bool {
         self.shared.as_ref().is_some_and(|s| s.outage().is_none())
+    }
+}
+
+/// A request's place among its key's pollers for a shared slot.
+struct Polling<'a> {
+    limiter: &'a Limiter,
+    key: String,
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.limiter.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = keys.get_mut(&self.key) {
+            state.polling = state.polling.saturating_sub(1);
+        }
     }
 }
 

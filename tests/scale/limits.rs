@@ -218,3 +218,73 @@ fn a_keys_usd_budget_holds_under_parallel_requests_across_instances() {
     assert_eq!(admitted, 2, "{budget} holds two reservations: {statuses:?}");
     assert_eq!(up.requests().len(), admitted);
 }
+
+#[test]
+fn a_keys_queue_is_bounded_with_shared_state_too() {
+    // One slot, a queue of one: with the slot held, of three more requests one waits and two
+    // are refused at once. (With Redis the waiting request polls for a slot other instances
+    // may free; the queue still bounds how many wait, on each instance.)
+    let redis = RedisServer::start();
+    let (arrived_tx, arrived) = mpsc::channel::<()>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let up = FakeUpstream::start(move |req| {
+        if String::from_utf8_lossy(&req.body).contains("hold-me") {
+            let _ = arrived_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        }
+        answer(req)
+    });
+    let gw = shared_gateway(Config::new(up.base_url()), &redis);
+    let (_, key) = add_key(&gw, "queued", &["--max-concurrent", "1", "--queue", "1"]);
+    let gws = start_instances(gw, 1);
+    let addr = gws[0].addr();
+    thread::scope(|s| {
+        let held = s.spawn(|| {
+            post_anthropic(
+                addr,
+                &key,
+                &anthropic_body(SONNET, SMALL, false, "hold-me"),
+                &[],
+            )
+        });
+        arrived
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the slot is held");
+        let (done_tx, done) = mpsc::channel::<u16>();
+        let waiting: Vec<_> = (0..3)
+            .map(|i| {
+                let (done_tx, key) = (done_tx.clone(), &key);
+                s.spawn(move || {
+                    let body = anthropic_body(SONNET, SMALL, false, &format!("q{i}"));
+                    let status = post_anthropic(addr, key, &body, &[]).status;
+                    let _ = done_tx.send(status);
+                    status
+                })
+            })
+            .collect();
+        // While the slot is held, two answers come back at once: the queue holds one.
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        let early: Vec<u16> = (0..2)
+            .filter_map(|_| {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                done.recv_timeout(left).ok()
+            })
+            .collect();
+        let _ = release.send(());
+        assert_eq!(held.join().expect("held").status, 200);
+        let statuses: Vec<u16> = waiting
+            .into_iter()
+            .map(|w| w.join().expect("request"))
+            .collect();
+        assert_eq!(
+            early,
+            [429, 429],
+            "two refused while the slot was held: {statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 200).count(),
+            1,
+            "{statuses:?}"
+        );
+    });
+}
