@@ -41,7 +41,8 @@ static:
 	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL)
 	@ls -l target/$(MUSL)/release/llm-gateway
 
-# Gateway vs direct vs nginx on loopback (README: Performance); QUICK=1 for a short run.
+# Gateway vs direct vs nginx on loopback (README: Performance); QUICK=1 for a short run,
+# BINARY=static to serve with the static (musl) build.
 # Installs wrk and nginx from the package registry when missing.
 bench:
 	QUICK='$(QUICK)' CARGO='$(CARGO)' bash bench/run.sh

@@ -19,7 +19,8 @@
 #     CPU and commands per request. See the phase's own comment for what it can and cannot show.
 # With two or more cores, load generators run on core 0 and every server on core 1.
 #
-# Switches: QUICK=1 (short run), SCALE=0 (no scale phase), SCALE_BACKEND=local (the scale
+# Switches: QUICK=1 (short run), BINARY=static (serve with the static musl build, `make
+# static`, instead of the glibc release build), SCALE=0 (no scale phase), SCALE_BACKEND=local (the scale
 # phase's instances keep local state, no `state:` section: checks the load balancer and the
 # multi-instance start-up with a gateway that has no Redis backend), ONLY=PHASE[,PHASE...] (run
 # only these of json, sse, footprint, scale; such a partial run prints its figures and leaves
@@ -77,6 +78,16 @@ GW=$ROOT/target/release/llm-gateway
 MOCK=$ROOT/target/release/examples/mock_upstream
 SSEBENCH=$ROOT/target/release/examples/ssebench
 STATIC=$ROOT/target/$MUSL/release/llm-gateway
+GW_RELEASE=$GW
+case "${BINARY:-release}" in
+release) ;;
+static)
+    log "building the static binary to serve with (make static)"
+    make --no-print-directory static CARGO="$CARGO" >/dev/null || die "make static failed"
+    GW=$STATIC
+    ;;
+*) die "BINARY is release or static, not $BINARY" ;;
+esac
 
 sbin_path() { command -v "$1" || { [[ -x /usr/sbin/$1 ]] && echo "/usr/sbin/$1"; } || true; }
 apt_install() {
@@ -506,7 +517,7 @@ fi
 if phase footprint; then
     log "footprint and CLI start-up"
     put gateway_idle_rss_mb "$(calc 1 "$IDLE_RSS_KB / 1024")"
-    put release_binary_mb "$(calc 2 "$(stat -c %s "$GW") / 1048576")"
+    put release_binary_mb "$(calc 2 "$(stat -c %s "$GW_RELEASE") / 1048576")"
     if [[ -x $STATIC ]]; then
         put static_binary_mb "$(calc 2 "$(stat -c %s "$STATIC") / 1048576")"
     fi
