@@ -244,6 +244,53 @@ fn ping() -> Value {
     json!({"type": "ping"})
 }
 
+/// The usage the SDK tests' scripted answers report: prompt 10 + 2 + 3 = 15, completion 7.
+fn usage() -> Value {
+    json!({"input_tokens": 10, "cache_creation_input_tokens": 2,
+           "cache_read_input_tokens": 3, "output_tokens": 7})
+}
+
+/// A chunked SSE reply of these events.
+fn sse(events: Vec<Value>) -> crate::support::Reply {
+    crate::support::Reply::Sse {
+        events: events.into_iter().map(event).collect(),
+        gate: None,
+        framing: crate::support::Framing::Chunked,
+    }
+}
+
+/// A streamed text answer in `parts`, reporting `usage()`.
+fn text_stream(id: &str, parts: &[&str]) -> Vec<Value> {
+    let mut events = vec![
+        message_start(id, usage()),
+        block_start(0, json!({"type": "text", "text": ""})),
+        ping(),
+    ];
+    for part in parts {
+        events.push(block_delta(0, json!({"type": "text_delta", "text": part})));
+    }
+    events.push(block_stop(0));
+    events.push(
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                       "usage": {"output_tokens": 7}}),
+    );
+    events.push(json!({"type": "message_stop"}));
+    events
+}
+
+/// The scenario a request belongs to: the `[tag]` that opens its first user message.
+fn scenario(body: &Value) -> String {
+    let content = &body["messages"][0]["content"];
+    let text = content[0]["text"]
+        .as_str()
+        .or(content.as_str())
+        .unwrap_or_default();
+    text.strip_prefix('[')
+        .and_then(|t| t.split_once(']'))
+        .map(|(tag, _)| tag.to_string())
+        .unwrap_or_default()
+}
+
 /// `python3 SCRIPT BASE_URL KEY` for an SDK script against `gw`, with nothing configured from
 /// outside: no proxies, no OpenAI settings.
 fn python_sdk(script: &str, gw: &Gateway) -> std::process::Command {

@@ -235,17 +235,24 @@ pub fn message(tokens: Tokens) -> String {
 /// An Anthropic event stream reporting `tokens`: input and cache counts in `message_start`
 /// (with one output token so far), the final output count in `message_delta`.
 pub fn stream_events(tokens: Tokens) -> Vec<String> {
+    let usage = json!({"input_tokens": tokens.input,
+                       "cache_creation_input_tokens": tokens.cache_creation,
+                       "cache_read_input_tokens": tokens.cache_read});
+    stream_reporting(usage, tokens.output)
+}
+
+/// An Anthropic event stream of one text block whose `message_start` carries `usage` (and one
+/// output token so far) and whose `message_delta` says `output` tokens in all.
+pub fn stream_reporting(mut usage: Value, output: u64) -> Vec<String> {
     let event = |data: Value| {
         let name = data["type"].as_str().unwrap_or_default().to_string();
         format!("event: {name}\ndata: {data}\n\n")
     };
+    usage["output_tokens"] = 1.into();
     vec![
         event(json!({"type": "message_start", "message": {
             "id": "msg_01TeamStream", "type": "message", "role": "assistant", "model": SONNET,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": tokens.input, "output_tokens": 1,
-                      "cache_creation_input_tokens": tokens.cache_creation,
-                      "cache_read_input_tokens": tokens.cache_read}}})),
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage}})),
         event(
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         ),
@@ -255,7 +262,7 @@ pub fn stream_events(tokens: Tokens) -> Vec<String> {
         event(json!({"type": "content_block_stop", "index": 0})),
         event(
             json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-                     "usage": {"output_tokens": tokens.output}}),
+                     "usage": {"output_tokens": output}}),
         ),
         event(json!({"type": "message_stop"})),
     ]

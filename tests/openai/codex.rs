@@ -9,22 +9,14 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use super::{
-    anthropic_message, block_delta, block_start, block_stop, body_json, event, message_start,
+    anthropic_message, block_delta, block_start, block_stop, body_json, message_start, sse,
 };
-use crate::support::{Config, FakeUpstream, Framing, Gateway, Reply, TempDir, printed, run};
+use crate::support::{Config, FakeUpstream, Gateway, Reply, TempDir, printed, run};
 
 const CODEX: &str = "tests/clients/node_modules/.bin/codex";
 
 /// What the shell command prints, so the next request can be recognised by it.
 const PROOF: &str = "codex-ran-this-through-the-gateway";
-
-fn sse(events: Vec<Value>) -> Reply {
-    Reply::Sse {
-        events: events.into_iter().map(event).collect(),
-        gate: None,
-        framing: Framing::Chunked,
-    }
-}
 
 fn usage() -> Value {
     json!({"input_tokens": 100, "output_tokens": 20})

@@ -7,39 +7,14 @@
 use serde_json::{Value, json};
 
 use super::{
-    ALIAS_SECTION, anthropic_message, block_delta, block_start, block_stop, body_json, event,
-    message_start, ping, system_text,
+    ALIAS_SECTION, anthropic_message, block_delta, block_start, block_stop, body_json,
+    message_start, scenario, sse, system_text, text_stream, usage,
 };
 use crate::support::{
-    Config, FakeUpstream, Framing, Gateway, Recorded, Reply, assert_exit, call, require_python, run,
+    Config, FakeUpstream, Gateway, Recorded, Reply, assert_exit, call, require_python, run,
 };
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_responses.py");
-
-fn usage() -> Value {
-    json!({"input_tokens": 10, "cache_creation_input_tokens": 2,
-           "cache_read_input_tokens": 3, "output_tokens": 7})
-}
-
-fn sse(events: Vec<Value>) -> Reply {
-    Reply::Sse {
-        events: events.into_iter().map(event).collect(),
-        gate: None,
-        framing: Framing::Chunked,
-    }
-}
-
-fn scenario(body: &Value) -> String {
-    let content = &body["messages"][0]["content"];
-    let text = content[0]["text"]
-        .as_str()
-        .or(content.as_str())
-        .unwrap_or_default();
-    text.strip_prefix('[')
-        .and_then(|t| t.split_once(']'))
-        .map(|(tag, _)| tag.to_string())
-        .unwrap_or_default()
-}
 
 fn last_turn(body: &Value) -> &Value {
     body["messages"]
@@ -58,20 +33,7 @@ fn answer(req: &Recorded) -> Reply {
     let answered_tool = last_turn(&body)["content"][0]["type"] == "tool_result";
     match scenario(&body).as_str() {
         "r-plain" => text_message("msg_01Plain", "Hello from Claude"),
-        "r-stream" => {
-            let mut events = vec![
-                message_start("msg_01Stream", usage()),
-                block_start(0, json!({"type": "text", "text": ""})),
-                ping(),
-            ];
-            for part in ["one", " two", " three"] {
-                events.push(block_delta(0, json!({"type": "text_delta", "text": part})));
-            }
-            events.push(block_stop(0));
-            events.push(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}}));
-            events.push(json!({"type": "message_stop"}));
-            sse(events)
-        }
+        "r-stream" => sse(text_stream("msg_01Stream", &["one", " two", " three"])),
         "r-tools" if answered_tool => text_message("msg_01Answer", "Sunny, 21 degrees."),
         "r-tools" => Reply::json(
             200,

@@ -11,11 +11,11 @@
 use serde_json::{Value, json};
 
 use super::{
-    ALIAS_SECTION, anthropic_message, block_delta, block_start, block_stop, body_json, event,
-    message_start, ping,
+    ALIAS_SECTION, anthropic_message, block_delta, block_start, block_stop, body_json,
+    message_start, scenario, sse, text_stream, usage,
 };
 use crate::support::{
-    Config, FakeUpstream, Framing, Gateway, Recorded, Reply, assert_exit, require_python, run,
+    Config, FakeUpstream, Gateway, Recorded, Reply, assert_exit, require_python, run,
 };
 
 /// The script (run with `support::PYTHON`).
@@ -23,52 +23,6 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.
 
 /// The 1×1 PNG the script sends as a data URL.
 const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
-
-/// The usage every scripted answer reports: prompt 10 + 2 + 3 = 15, completion 7.
-fn usage() -> Value {
-    json!({"input_tokens": 10, "cache_creation_input_tokens": 2,
-           "cache_read_input_tokens": 3, "output_tokens": 7})
-}
-
-fn sse(events: Vec<Value>) -> Reply {
-    Reply::Sse {
-        events: events.into_iter().map(event).collect(),
-        gate: None,
-        framing: Framing::Chunked,
-    }
-}
-
-/// A streamed text answer.
-fn text_stream(id: &str, parts: &[&str]) -> Vec<Value> {
-    let mut events = vec![
-        message_start(id, usage()),
-        block_start(0, json!({"type": "text", "text": ""})),
-        ping(),
-    ];
-    for part in parts {
-        events.push(block_delta(0, json!({"type": "text_delta", "text": part})));
-    }
-    events.push(block_stop(0));
-    events.push(
-        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                       "usage": {"output_tokens": 7}}),
-    );
-    events.push(json!({"type": "message_stop"}));
-    events
-}
-
-/// The scenario a request belongs to: the `[tag]` that opens its first user message.
-fn scenario(body: &Value) -> String {
-    let content = &body["messages"][0]["content"];
-    let text = content[0]["text"]
-        .as_str()
-        .or(content.as_str())
-        .unwrap_or_default();
-    text.strip_prefix('[')
-        .and_then(|t| t.split_once(']'))
-        .map(|(tag, _)| tag.to_string())
-        .unwrap_or_default()
-}
 
 /// Whether the last turn carries tool results.
 fn answers_tools(body: &Value) -> bool {

@@ -14,14 +14,11 @@ use crate::team::{
 
 const SMALL: Tokens = Tokens::new(10, 2, 0, 0);
 
-#[test]
-fn a_keys_rpm_and_concurrency_hold_across_instances() {
-    // Three requests a minute means three in all, whichever instances they reach; one at a
-    // time means one in flight in all.
-    let redis = RedisServer::start();
+/// The team upstream, except that a request tagged `hold-me` says it arrived and waits there
+/// until the test releases it.
+fn holding_upstream() -> (FakeUpstream, mpsc::Receiver<()>, mpsc::Sender<()>) {
     let (arrived_tx, arrived) = mpsc::channel::<()>();
     let (release, release_rx) = mpsc::channel::<()>();
-    // A request tagged `hold` waits at the upstream until the test releases it.
     let up = FakeUpstream::start(move |req| {
         if String::from_utf8_lossy(&req.body).contains("hold-me") {
             let _ = arrived_tx.send(());
@@ -29,6 +26,15 @@ fn a_keys_rpm_and_concurrency_hold_across_instances() {
         }
         answer(req)
     });
+    (up, arrived, release)
+}
+
+#[test]
+fn a_keys_rpm_and_concurrency_hold_across_instances() {
+    // Three requests a minute means three in all, whichever instances they reach; one at a
+    // time means one in flight in all.
+    let redis = RedisServer::start();
+    let (up, arrived, release) = holding_upstream();
     let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, rpm_key) = add_key(&gw, "three-a-minute", &["--rpm", "3"]);
     let (_, one_key) = add_key(&gw, "one-at-a-time", &["--max-concurrent", "1"]);
@@ -225,15 +231,7 @@ fn a_keys_queue_is_bounded_with_shared_state_too() {
     // are refused at once. (With Redis the waiting request polls for a slot other instances
     // may free; the queue still bounds how many wait, on each instance.)
     let redis = RedisServer::start();
-    let (arrived_tx, arrived) = mpsc::channel::<()>();
-    let (release, release_rx) = mpsc::channel::<()>();
-    let up = FakeUpstream::start(move |req| {
-        if String::from_utf8_lossy(&req.body).contains("hold-me") {
-            let _ = arrived_tx.send(());
-            let _ = release_rx.recv_timeout(Duration::from_secs(10));
-        }
-        answer(req)
-    });
+    let (up, arrived, release) = holding_upstream();
     let gw = shared_gateway(Config::new(up.base_url()), &redis);
     let (_, key) = add_key(&gw, "queued", &["--max-concurrent", "1", "--queue", "1"]);
     let gws = start_instances(gw, 1);

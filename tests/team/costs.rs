@@ -71,32 +71,8 @@ fn answer(req: &Recorded) -> Reply {
     let usage = usage_of(k, !text.contains("nosplit"));
     let body: Value = serde_json::from_slice(&req.body).unwrap_or_default();
     if body["stream"] == true {
-        let event = |data: Value| {
-            format!(
-                "event: {}\ndata: {data}\n\n",
-                data["type"].as_str().unwrap_or("")
-            )
-        };
-        let mut start = usage.clone();
-        start["output_tokens"] = 1.into();
         return Reply::Sse {
-            events: vec![
-                event(
-                    json!({"type": "message_start", "message": {"id": "msg_c", "type": "message",
-                    "role": "assistant", "model": body["model"], "content": [], "usage": start}}),
-                ),
-                event(
-                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-                ),
-                event(
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}}),
-                ),
-                event(json!({"type": "content_block_stop", "index": 0})),
-                event(
-                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": k.1}}),
-                ),
-                event(json!({"type": "message_stop"})),
-            ],
+            events: super::stream_reporting(usage, k.1),
             gate: None,
             framing: crate::support::Framing::Chunked,
         };
@@ -454,6 +430,13 @@ fn usage_groups_by_week_and_month_and_filters_by_key() {
     }
     let v = usage(&gw, &["--by", "week"]);
     let monday = v["rows"][0]["week"].as_str().expect("week").to_string();
+    let day =
+        crate::support::accounts::unix_from_rfc3339(&format!("{monday}T00:00:00Z")) as u64 / 86_400;
+    assert_eq!(
+        (day + 3) % 7,
+        0,
+        "a week is labelled by its Monday: {monday}"
+    );
     let out = gw.run_cli(&["usage", "--key", "nobody"]);
     assert_eq!(out.status.code(), Some(6), "an unknown key is not found");
     let v = usage(&gw, &["--key", "bob", "--since", &monday]);
