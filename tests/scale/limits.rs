@@ -161,25 +161,27 @@ fn a_keys_daily_token_budget_is_spent_across_instances() {
     );
 }
 
-#[test]
-fn a_keys_budget_holds_under_parallel_requests_across_instances() {
-    // Ten requests at once, five to each of two instances, against one 100-token budget:
-    // each reserves what it may cost (max_tokens 40 plus its body at four bytes a token) in
-    // Redis while in flight, so only as many are admitted in all as the budget holds.
-    const PARALLEL: usize = 10;
+/// Requests sent at once in the budget tests, and their body.
+const PARALLEL: usize = 10;
+const BUDGET_BODY: &str =
+    r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// `PARALLEL` requests of `BUDGET_BODY` at once over two instances sharing Redis, each
+/// answered (once all have arrived, or after 2 s) with `input` and 40 output tokens; returns
+/// how many were admitted, checking every other was a 429 and only the admitted went upstream.
+fn admitted_at_once(flags: &[&str], input: u64) -> usize {
     let redis = RedisServer::start();
-    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
-        crate::support::Reply::json(
-            200,
-            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":10,"output_tokens":40}}"#,
-        )
+    let answer = format!(
+        r#"{{"id":"m","type":"message","content":[],"usage":{{"input_tokens":{input},"output_tokens":40}}}}"#
+    );
+    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), move |_| {
+        crate::support::Reply::json(200, &answer)
     });
     let gw = shared_gateway(Config::new(up.base_url()).read_timeout("10s"), &redis);
-    let (_, key) = add_key(&gw, "budgeted", &["--daily-tokens", "100"]);
+    let (_, key) = add_key(&gw, "budgeted", flags);
     let gws = start_instances(gw, 2);
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
     let statuses = in_parallel(PARALLEL, |i| {
-        post_anthropic(gws[i % 2].addr(), &key, body, &[]).status
+        post_anthropic(gws[i % 2].addr(), &key, BUDGET_BODY, &[]).status
     });
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(
@@ -187,9 +189,17 @@ fn a_keys_budget_holds_under_parallel_requests_across_instances() {
         PARALLEL,
         "{statuses:?}"
     );
+    assert_eq!(up.requests().len(), admitted, "{statuses:?}");
+    admitted
+}
+
+#[test]
+fn a_keys_budget_holds_under_parallel_requests_across_instances() {
+    // Ten requests at once, five to each of two instances, against one 100-token budget:
+    // each reserves what it may cost (max_tokens 40 plus its body at four bytes a token) in
+    // Redis while in flight, so only as many are admitted in all as the budget holds.
     // 62 tokens each may cost: 0 and 62 reserved are under 100, 124 is not, on either host.
-    assert_eq!(admitted, 2, "{statuses:?}");
-    assert_eq!(up.requests().len(), admitted);
+    assert_eq!(admitted_at_once(&["--daily-tokens", "100"], 10), 2);
 }
 
 #[test]
@@ -198,31 +208,13 @@ fn a_keys_usd_budget_holds_under_parallel_requests_across_instances() {
     // at four bytes a token at $3 per million, max_tokens 40 at $15), and the budget is two
     // such reservations. Each costs more than it reserved (100 input tokens), so once two
     // are settled the budget is spent whenever a late one arrives.
-    const PARALLEL: usize = 10;
-    let redis = RedisServer::start();
-    let (up, _) = FakeUpstream::meeting(PARALLEL, Duration::from_secs(2), |_| {
-        crate::support::Reply::json(
-            200,
-            r#"{"id":"m","type":"message","content":[],"usage":{"input_tokens":100,"output_tokens":40}}"#,
-        )
-    });
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":40,"messages":[{"role":"user","content":"hi"}]}"#;
-    let reserved = (body.len() as u64 / 4) * 3_000 + 40 * 15_000;
+    let reserved = (BUDGET_BODY.len() as u64 / 4) * 3_000 + 40 * 15_000;
     let budget = format!("0.{:09}", 2 * reserved);
-    let gw = shared_gateway(Config::new(up.base_url()).read_timeout("10s"), &redis);
-    let (_, key) = add_key(&gw, "budgeted", &["--daily-usd", &budget]);
-    let gws = start_instances(gw, 2);
-    let statuses = in_parallel(PARALLEL, |i| {
-        post_anthropic(gws[i % 2].addr(), &key, body, &[]).status
-    });
-    let admitted = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(
-        admitted + statuses.iter().filter(|s| **s == 429).count(),
-        PARALLEL,
-        "{statuses:?}"
+        admitted_at_once(&["--daily-usd", &budget], 100),
+        2,
+        "{budget} holds two reservations"
     );
-    assert_eq!(admitted, 2, "{budget} holds two reservations: {statuses:?}");
-    assert_eq!(up.requests().len(), admitted);
 }
 
 #[test]
